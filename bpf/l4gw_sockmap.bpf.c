@@ -1,0 +1,97 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * l4gw sockmap accelerator: an sk_skb stream-verdict program that redirects each
+ * received skb of an armed socket to the egress of its peer socket.
+ *
+ * Rules kept (reference/sockmap.md §7/§8; the numbers are §8's):
+ *  R1  Attached as BPF_SK_SKB_STREAM_VERDICT with no parser; redirect flags 0 (egress).
+ *  R2  Never SK_DROP: a missing peer or a failed redirect returns SK_PASS, so the bytes
+ *      stay readable and rmem-charged on the source (the window closes) instead of being
+ *      ACKed and freed. Both are counted as anomalies.
+ *  R3  A zero-length skb (pure FIN) is passed, never redirected: the backlog treats a
+ *      0-byte send as a hard error and would put EPIPE on the peer.
+ *  R4  Redirect through l4gw_targets (no program attached), which userspace fills before
+ *      l4gw_active, so the peer always exists once a verdict can run.
+ *  R13 Counting never changes the verdict; counters live in pre-created HASH entries
+ *      keyed by socket cookie (no LRU: eviction would corrupt the drain check).
+ */
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+/* Sized for userspace to override with bpf_map__set_max_entries() before load. */
+#define L4GW_MAX_SOCKS 65536
+
+struct l4gw_ctr {
+	__u64 bytes;	/* payload bytes redirected to the peer */
+	__u64 skbs;	/* skbs redirected */
+	__u64 passes;	/* payload skbs passed (no peer entry): anomaly */
+	__u64 fails;	/* redirect helper failures (passed): anomaly */
+	__u64 fin;	/* zero-length skbs passed */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, L4GW_MAX_SOCKS);
+	__type(key, __u64);
+	__type(value, __u64);
+} l4gw_targets SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, L4GW_MAX_SOCKS);
+	__type(key, __u64);
+	__type(value, __u64);
+} l4gw_active SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, L4GW_MAX_SOCKS);
+	__type(key, __u64);
+	__type(value, __u64);
+} l4gw_peers SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, L4GW_MAX_SOCKS);
+	__type(key, __u64);
+	__type(value, struct l4gw_ctr);
+} l4gw_ctrs SEC(".maps");
+
+SEC("sk_skb/stream_verdict")
+int l4gw_verdict(struct __sk_buff *skb)
+{
+	__u64 cookie = bpf_get_socket_cookie(skb);
+	struct l4gw_ctr *c = bpf_map_lookup_elem(&l4gw_ctrs, &cookie);
+	__u32 len = skb->len;
+	__u64 *peer;
+	__u64 key;
+	long verdict;
+
+	if (len == 0) {
+		if (c)
+			__sync_fetch_and_add(&c->fin, 1);
+		return SK_PASS;
+	}
+	peer = bpf_map_lookup_elem(&l4gw_peers, &cookie);
+	if (!peer) {
+		if (c)
+			__sync_fetch_and_add(&c->passes, 1);
+		return SK_PASS;
+	}
+	key = *peer;
+	verdict = bpf_sk_redirect_hash(skb, &l4gw_targets, &key, 0);
+	if (verdict != SK_PASS) {
+		/* The helper returns SK_DROP on a miss; the redirect was not set, so
+		 * SK_PASS keeps the bytes on the source. */
+		if (c)
+			__sync_fetch_and_add(&c->fails, 1);
+		return SK_PASS;
+	}
+	if (c) {
+		__sync_fetch_and_add(&c->bytes, len);
+		__sync_fetch_and_add(&c->skbs, 1);
+	}
+	return SK_PASS;
+}
+
+char LICENSE[] SEC("license") = "GPL";

@@ -1,0 +1,39 @@
+"""l4gw: a pluggable L4 (TCP and UDP) gateway.
+
+The public API for plugin authors is what ``__all__`` lists: the hook
+markers, the values hooks receive and return, and the config-schema pieces a
+plugin declares its ``[plugin.<name>]`` section with. Everything else in the
+``gateway`` package may change between releases.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+from .config import ClusterConfig, Config, Endpoint, ListenerConfig, RouteConfig
+from .flow import CloseReason, Flow, Refusal, Route
+from .relay_stats import RelayStats
+from .schema import Field, Invalid, Schema
+
+__version__ = "0.1.0"
+
+hookimpl = pluggy.HookimplMarker("l4gw")
+"""Mark a hook implementation: ``@gateway.hookimpl`` or ``@gateway.hookimpl(tryfirst=True)``."""
+
+__all__ = [
+    "CloseReason",
+    "ClusterConfig",
+    "Config",
+    "Endpoint",
+    "Field",
+    "Flow",
+    "Invalid",
+    "ListenerConfig",
+    "Refusal",
+    "RelayStats",
+    "Route",
+    "RouteConfig",
+    "Schema",
+    "__version__",
+    "hookimpl",
+]

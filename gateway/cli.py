@@ -1,0 +1,223 @@
+"""The ``l4gw`` command.
+
+Exit codes: 0 success; 1 the gateway could not run (a port in use, a plugin
+that failed to start); 2 the configuration is invalid (every problem listed
+with its key path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tomllib
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+import trio.lowlevel
+
+from . import __version__
+from . import config as config_mod
+from .config import Config, ConfigError
+from .plugin_manager import PluginError, Plugins
+from .plugin_manager import load as load_plugins
+
+EXIT_RUNTIME = 1
+EXIT_CONFIG = 2
+
+log = logging.getLogger("l4gw")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return EXIT_CONFIG
+    result: int = args.func(args)
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="l4gw", description="A pluggable L4 (TCP/UDP) gateway with TPROXY ingestion."
+    )
+    p.add_argument("--version", action="version", version=f"l4gw {__version__}")
+    sub = p.add_subparsers(metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the gateway", description="Run the gateway.")
+    run.add_argument("-c", "--config", required=True, help="TOML configuration file")
+    run.add_argument("--log-level", help="override [gateway] log_level")
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser(
+        "check", help="validate a configuration", description="Validate a configuration file."
+    )
+    check.add_argument("-c", "--config", required=True, help="TOML configuration file")
+    check.set_defaults(func=cmd_check)
+
+    demo = sub.add_parser(
+        "demo",
+        help="run the gateway in front of two built-in backends",
+        description="The embedded default: the gateway on loopback in front of two small "
+        "HTTP backends, round robin, one log line per connection. Ctrl-C stops it.",
+    )
+    demo.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
+    demo.add_argument(
+        "--telemetry",
+        choices=("console", "none"),
+        default="none",
+        help="print a span per connection on the console",
+    )
+    demo.set_defaults(func=cmd_demo)
+
+    plugins = sub.add_parser(
+        "plugins", help="list installed plugins", description="List installed plugins."
+    )
+    plugins.set_defaults(func=cmd_plugins)
+
+    _add_optional_commands(sub)
+    return p
+
+
+def _add_optional_commands(sub: Any) -> None:
+    """Subcommands that live in their own modules (TPROXY, accelerator)."""
+    for module in ("gateway.tproxy_cli", "gateway.accel_cli"):
+        try:
+            mod = __import__(module, fromlist=["register"])
+        except ImportError:
+            continue
+        mod.register(sub)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _disabled_plugins(path: str) -> list[str]:
+    """``[gateway] disable_plugins`` read before validation (it decides which
+    plugin schemas validation uses); errors surface in the full check."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+        value = raw.get("gateway", {}).get("disable_plugins", [])
+        return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+    except (OSError, tomllib.TOMLDecodeError, AttributeError):
+        return []
+
+
+def load_config(path: str) -> tuple[Config, Plugins]:
+    """Load plugins, then the file validated against their schemas.
+
+    Raises:
+        ConfigError, PluginError.
+    """
+    plugins = load_plugins(_disabled_plugins(path))
+    return config_mod.load(path, plugins.schemas()), plugins
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        load_config(args.config)
+    except ConfigError as exc:
+        print(exc.report(), file=sys.stderr)
+        return EXIT_CONFIG
+    except PluginError as exc:
+        print(f"{args.config}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print("ok")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        config, plugins = load_config(args.config)
+    except ConfigError as exc:
+        print(exc.report(), file=sys.stderr)
+        return EXIT_CONFIG
+    except PluginError as exc:
+        print(f"{args.config}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(args.log_level or config.gateway.log_level)
+    return run_gateway(config, plugins)
+
+
+def run_gateway(config: Config, plugins: Plugins) -> int:
+    from .server import Gateway
+
+    gateway = Gateway(config, plugins)
+    try:
+        trio.run(gateway.serve)
+    except (OSError, PluginError) as exc:
+        log.error("%s", exc)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import demo_config, free_port, http_backend
+    from .server import Gateway
+
+    setup_logging("info")
+    b1, b2 = free_port(), free_port()
+    raw = demo_config(args.port, b1, b2, args.telemetry)
+    plugins = load_plugins()
+    try:
+        config = config_mod.from_dict(raw, "<demo>", plugins.schemas())
+    except ConfigError as exc:  # pragma: no cover - the embedded config is tested
+        print(exc.report(), file=sys.stderr)
+        return EXIT_CONFIG
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(http_backend, "backend-1", b1)
+            await nursery.start(http_backend, "backend-2", b2)
+            gateway = Gateway(config, plugins)
+
+            async def serve_then_stop(*, task_status: Any) -> None:
+                await gateway.serve(task_status=task_status)
+                # The gateway has drained; stop the backends too.
+                nursery.cancel_scope.cancel()
+
+            await nursery.start(serve_then_stop)
+            print(
+                f"\nl4gw demo: the gateway listens on 127.0.0.1:{args.port} in front of two "
+                f"backends (127.0.0.1:{b1}, 127.0.0.1:{b2}), round robin.\n"
+                f"Try:  curl http://127.0.0.1:{args.port}/   (twice: each backend answers "
+                "in turn)\nCtrl-C stops it.\n",
+                flush=True,
+            )
+
+    try:
+        trio.run(main)
+    except OSError as exc:
+        log.error("%s", exc)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    try:
+        plugins = load_plugins()
+    except PluginError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_RUNTIME
+    for info in plugins.infos:
+        hooks = ", ".join(h.removeprefix("l4gw_") for h in info.hooks)
+        print(
+            f"{info.name:<14} {info.distribution} {info.version}  {info.module}\n    hooks: {hooks}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,491 @@
+"""The configuration file: its schema (the reference for every key) and loading.
+
+One TOML file. :func:`load` returns a frozen :class:`Config` or raises
+:class:`ConfigError` listing every problem with its key path, e.g.
+``cluster.api.endpoints[1]: not an address: "127.0.0.1"``. Durations are
+strings like "30s" or "500ms"; sizes are strings like "64KiB".
+
+The schemas below are the documentation of each key (see also
+``examples/gateway.toml``, which shows every key with a comment).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from . import schema as s
+from .schema import Field, Invalid, IPNetwork
+
+# --- the schema of each section ---------------------------------------------
+
+GATEWAY = {
+    "drain_timeout": Field(s.duration, 30.0, "SIGTERM: how long open connections may finish"),
+    "buffer_size": Field(s.size, 65536, "relay buffer per direction (the backpressure bound)"),
+    "admit_on_error": Field(
+        s.choice("closed", "open"), "closed", "a plugin raising in admit: refuse or ignore it"
+    ),
+    "route_on_error": Field(
+        s.choice("closed", "open"), "closed", "a plugin raising in route: refuse or ask the next"
+    ),
+    "log_connections": Field(s.boolean, False, "one log line per connection (the demo sets it)"),
+    "log_level": Field(s.choice("debug", "info", "warning", "error"), "info", "log threshold"),
+    "disable_plugins": Field(s.list_of(s.name), (), "installed plugins not to load, by name"),
+}
+
+LISTENER = {
+    "name": Field(s.name, doc="unique name, used by routes"),
+    "bind": Field(s.address, doc='"a.b.c.d:port" or "[addr]:port"'),
+    "protocol": Field(s.choice("tcp", "udp"), "tcp", "transport"),
+    "transparent": Field(s.boolean, False, "IP_TRANSPARENT: receive TPROXY'd traffic"),
+    "max_connections": Field(s.integer(1), 10000, "concurrent connections cap"),
+    "on_max_connections": Field(
+        s.choice("wait", "refuse"),
+        "wait",
+        "at the cap: leave new ones in the kernel backlog, or accept and reset them",
+    ),
+    "backlog": Field(s.integer(1, 65535), 4096, "listen(2) backlog"),
+    "peek_timeout": Field(s.duration, 1.0, "how long to wait for a TLS ClientHello"),
+    "peek_max": Field(s.size, 16389, "most bytes peeked for a ClientHello"),
+    "proxy_protocol": Field(s.boolean, False, "expect a PROXY v1/v2 header"),
+    "proxy_protocol_trusted": Field(
+        s.list_of(s.network), (), "CIDRs allowed to send a PROXY header"
+    ),
+    "session_idle_timeout": Field(s.duration, 30.0, "UDP: a session ends after this idle time"),
+    "max_sessions": Field(s.integer(1), 10000, "UDP: concurrent sessions cap"),
+}
+
+ROUTE_SPLIT = {
+    "cluster": Field(s.name, doc="cluster name"),
+    "weight": Field(s.integer(0, 1_000_000), 1, "share of new connections"),
+}
+
+ROUTE = {
+    "name": Field(s.name, "", "defaults to route<index>"),
+    "listener": Field(s.name, doc="the listener this route serves"),
+    "cluster": Field(s.name, "", "target cluster (or use clusters = [...] for a split)"),
+    "clusters": Field(s.list_of(s.table(ROUTE_SPLIT)), (), "weighted split across clusters"),
+    "destination": Field(s.list_of(s.network), (), "original destination CIDRs"),
+    "ports": Field(s.list_of(s.port), (), "original destination ports"),
+    "sni": Field(s.list_of(s.hostname_pattern), (), 'TLS SNI, exact or "*.domain"'),
+    "source": Field(s.list_of(s.network), (), "client CIDRs"),
+}
+
+ENDPOINT_TABLE = {
+    "address": Field(s.address, doc='"ip:port"'),
+    "weight": Field(s.integer(0, 1_000_000), 1, "relative share"),
+}
+
+HEALTH_CHECK = {
+    "interval": Field(s.duration, 5.0, "time between probes"),
+    "timeout": Field(s.duration, 1.0, "a probe slower than this fails"),
+    "healthy_threshold": Field(s.integer(1), 2, "successes that mark an endpoint healthy"),
+    "unhealthy_threshold": Field(s.integer(1), 2, "failures that mark it unhealthy"),
+    "send": Field(s.string, "", "bytes to send after connect (TCP) or as the probe (UDP)"),
+    "expect": Field(s.string, "", "the reply must start with this"),
+}
+
+OUTLIER = {
+    "consecutive_failures": Field(s.integer(1), 5, "connect failures in a row that eject"),
+    "ejection_time": Field(s.duration, 30.0, "how long an ejected endpoint stays out"),
+}
+
+
+def _endpoint(value: Any) -> Endpoint:
+    if isinstance(value, str):
+        host, port = s.address(value)
+        return Endpoint(host, port, 1)
+    if isinstance(value, Mapping):
+        t = s.table(ENDPOINT_TABLE)(value)
+        host, port = t["address"]
+        return Endpoint(host, port, t["weight"])
+    raise Invalid(
+        f'expected "ip:port" or {{address = "...", weight = N}}, got {s.type_name(value)}'
+    )
+
+
+CLUSTER = {
+    "endpoints": Field(s.list_of(_endpoint, min_items=1), doc="backends"),
+    "connect_timeout": Field(s.duration, 2.0, "per connect attempt"),
+    "idle_timeout": Field(s.duration, 300.0, "close a pair idle this long (0 = never)"),
+    "connect_attempts": Field(s.integer(1, 100), 3, "endpoints tried per connection"),
+    "connect_budget": Field(s.duration, 0.0, "total time for all attempts (0 = no limit)"),
+    "balance": Field(
+        s.choice("round_robin", "least_conn", "random_two", "maglev"),
+        "round_robin",
+        "how an endpoint is chosen",
+    ),
+    "on_no_healthy": Field(s.choice("refuse", "panic"), "refuse", "no healthy endpoint left"),
+    "health_check": Field(s.table(HEALTH_CHECK), None, "active health checks (off if absent)"),
+    "outlier": Field(s.table(OUTLIER), None, "passive ejection on connect failures"),
+    "upstream_source": Field(
+        s.choice("gateway", "client"), "gateway", "client: connect from the client's own IP"
+    ),
+    "proxy_protocol": Field(s.choice("none", "v1", "v2"), "none", "header sent to the backend"),
+    "proxy_protocol_traceparent": Field(s.boolean, True, "v2: carry the W3C traceparent in a TLV"),
+}
+
+INTERCEPT = {
+    "listener": Field(s.name, doc="a listener with transparent = true"),
+    "interfaces": Field(s.list_of(s.string), (), "ingress interfaces (empty: any)"),
+    "destination": Field(s.list_of(s.network, min_items=1), doc="intercepted destination CIDRs"),
+    "ports": Field(s.list_of(s.port), (), "intercepted destination ports (empty: all)"),
+    "protocol": Field(s.choice("tcp", "udp"), "tcp", "transport"),
+}
+
+TPROXY = {
+    "manage": Field(s.boolean, False, "l4gw run sets up at start and tears down at exit"),
+    "mark": Field(s.integer(1, 0xFFFFFFFF), 1, "fwmark for intercepted and return traffic"),
+    "table": Field(s.integer(1, 0xFFFFFFFE), 100, "policy-routing table id"),
+    "rule_priority": Field(s.integer(1, 32765), 10000, "priority of our ip rule"),
+    "intercept": Field(s.list_of(s.table(INTERCEPT)), (), "one per intercepted traffic class"),
+}
+
+TELEMETRY = {
+    "exporter": Field(s.choice("none", "console", "otlp"), "none", "where spans and metrics go"),
+    "sample_ratio": Field(s.number(0.0, 1.0), 1.0, "parent-based ratio sampler"),
+    "service_name": Field(s.string, "l4gw", "unless OTEL_SERVICE_NAME is set"),
+    "metrics_interval": Field(s.duration, 10.0, "OTLP metric export interval"),
+}
+
+ADMIN = {
+    "bind": Field(s.address, ("127.0.0.1", 9901), "admin HTTP endpoint"),
+    "token": Field(s.string, "", "bearer token required when set"),
+}
+
+TOP_LEVEL = {"gateway", "listener", "route", "cluster", "tproxy", "telemetry", "admin", "plugin"}
+
+
+# --- the runtime values -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A backend address with its balancing weight."""
+
+    host: str
+    port: int
+    weight: int = 1
+
+    def __str__(self) -> str:
+        return s.format_address(self.host, self.port)
+
+    @property
+    def family(self) -> socket.AddressFamily:
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    drain_timeout: float
+    buffer_size: int
+    admit_on_error: str
+    route_on_error: str
+    log_connections: bool
+    log_level: str
+    disable_plugins: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    name: str
+    host: str
+    port: int
+    protocol: str
+    transparent: bool
+    max_connections: int
+    on_max_connections: str
+    backlog: int
+    peek_timeout: float
+    peek_max: int
+    proxy_protocol: bool
+    proxy_protocol_trusted: tuple[IPNetwork, ...]
+    session_idle_timeout: float
+    max_sessions: int
+
+    @property
+    def bind(self) -> str:
+        return s.format_address(self.host, self.port)
+
+    @property
+    def family(self) -> socket.AddressFamily:
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    name: str
+    listener: str
+    clusters: tuple[tuple[str, int], ...]
+    """(cluster, weight) pairs; one pair for a plain ``cluster = "..."``."""
+    destination: tuple[IPNetwork, ...]
+    ports: frozenset[int]
+    sni: tuple[str, ...]
+    source: tuple[IPNetwork, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    name: str
+    endpoints: tuple[Endpoint, ...]
+    connect_timeout: float
+    idle_timeout: float
+    connect_attempts: int
+    connect_budget: float
+    balance: str
+    on_no_healthy: str
+    health_check: Mapping[str, Any] | None
+    outlier: Mapping[str, Any] | None
+    upstream_source: str
+    proxy_protocol: str
+    proxy_protocol_traceparent: bool
+
+
+@dataclass(frozen=True, slots=True)
+class InterceptConfig:
+    listener: str
+    interfaces: tuple[str, ...]
+    destination: tuple[IPNetwork, ...]
+    ports: tuple[int, ...]
+    protocol: str
+
+
+@dataclass(frozen=True, slots=True)
+class TproxyConfig:
+    manage: bool
+    mark: int
+    table: int
+    rule_priority: int
+    intercept: tuple[InterceptConfig, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryConfig:
+    exporter: str
+    sample_ratio: float
+    service_name: str
+    metrics_interval: float
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    host: str
+    port: int
+    token: str
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated file. Frozen: a reload builds a new one."""
+
+    path: str
+    gateway: GatewayConfig
+    listeners: tuple[ListenerConfig, ...]
+    routes: tuple[RouteConfig, ...]
+    clusters: Mapping[str, ClusterConfig]
+    tproxy: TproxyConfig | None = None
+    telemetry: TelemetryConfig = field(
+        default_factory=lambda: TelemetryConfig("none", 1.0, "l4gw", 10.0)
+    )
+    admin: AdminConfig | None = None
+    plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """Validated ``[plugin.<name>]`` sections, by plugin name."""
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    def listener(self, name: str) -> ListenerConfig:
+        for listener in self.listeners:
+            if listener.name == name:
+                return listener
+        raise KeyError(name)
+
+    def plugin(self, name: str) -> Mapping[str, Any]:
+        """A plugin's validated section (its schema's defaults when absent)."""
+        return self.plugins.get(name, MappingProxyType({}))
+
+
+class ConfigError(Exception):
+    """The file cannot be used. ``problems`` lists each one with its key path."""
+
+    def __init__(self, path: str, problems: list[str]) -> None:
+        super().__init__(f"{path}: " + "; ".join(problems))
+        self.path = path
+        self.problems = problems
+
+    def report(self) -> str:
+        return "\n".join(f"{self.path}: {p}" for p in self.problems)
+
+
+def load(path: str | Path, plugin_schemas: Mapping[str, s.Schema] | None = None) -> Config:
+    """Read, parse and validate a config file.
+
+    Args:
+        path: the TOML file.
+        plugin_schemas: ``{plugin name: schema}`` declared by loaded plugins.
+
+    Raises:
+        ConfigError: listing every problem found.
+    """
+    path = str(path)
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(path, [f"cannot read: {exc.strerror}"])
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, [f"not valid TOML: {exc}"])
+    return from_dict(raw, path, plugin_schemas or {})
+
+
+def from_dict(raw: Mapping[str, Any], path: str, plugin_schemas: Mapping[str, s.Schema]) -> Config:
+    """Validate an already parsed document (see :func:`load`)."""
+    problems: list[str] = []
+    for key in raw:
+        if key not in TOP_LEVEL:
+            problems.append(f"{key}: unknown section")
+
+    g = s.check_section(raw.get("gateway", {}), "gateway", GATEWAY, problems)
+    gateway = GatewayConfig(**g) if g else None
+
+    listeners: list[ListenerConfig] = []
+    for i, item in enumerate(_array(raw, "listener", problems)):
+        v = s.check_section(item, f"listener[{i}]", LISTENER, problems)
+        if v is None or "name" not in v or "bind" not in v:
+            continue
+        host, port = v.pop("bind")
+        listeners.append(ListenerConfig(host=host, port=port, **v))
+    _unique([li.name for li in listeners], "listener", "name", problems)
+    binds = [(li.protocol, li.host, li.port) for li in listeners if li.port]
+    _unique([f"{p} {s.format_address(h, n)}" for p, h, n in binds], "listener", "bind", problems)
+
+    clusters: dict[str, ClusterConfig] = {}
+    cluster_raw = raw.get("cluster", {})
+    if not isinstance(cluster_raw, Mapping):
+        problems.append("cluster: expected tables like [cluster.api]")
+        cluster_raw = {}
+    for cname, item in cluster_raw.items():
+        try:
+            s.name(cname)
+        except Invalid as exc:
+            problems.append(f"cluster.{cname}: {exc}")
+        v = s.check_section(item, f"cluster.{cname}", CLUSTER, problems)
+        if v is None or "endpoints" not in v:
+            continue
+        clusters[cname] = ClusterConfig(name=cname, **v)
+
+    listener_names = {li.name for li in listeners}
+    routes: list[RouteConfig] = []
+    for i, item in enumerate(_array(raw, "route", problems)):
+        where = f"route[{i}]"
+        v = s.check_section(item, where, ROUTE, problems)
+        if v is None or "listener" not in v:
+            continue
+        if v["listener"] not in listener_names:
+            problems.append(f'{where}.listener: no listener named "{v["listener"]}"')
+        split = tuple((c["cluster"], c["weight"]) for c in v["clusters"])
+        if v["cluster"] and split:
+            problems.append(f"{where}: give cluster or clusters, not both")
+        elif v["cluster"]:
+            split = ((v["cluster"], 1),)
+        elif not split:
+            problems.append(f"{where}.cluster: required")
+        for j, (cname, _) in enumerate(split):
+            if cname not in clusters and cname not in cluster_raw:
+                key = f"{where}.cluster" if v["cluster"] else f"{where}.clusters[{j}].cluster"
+                problems.append(f'{key}: no cluster named "{cname}"')
+        if split and not any(w for _, w in split):
+            problems.append(f"{where}.clusters: every weight is 0")
+        routes.append(
+            RouteConfig(
+                name=v["name"] or f"route{i}",
+                listener=v["listener"],
+                clusters=split,
+                destination=v["destination"],
+                ports=frozenset(v["ports"]),
+                sni=v["sni"],
+                source=v["source"],
+            )
+        )
+    _unique([r.name for r in routes], "route", "name", problems)
+
+    tproxy = None
+    if "tproxy" in raw:
+        t = s.check_section(raw["tproxy"], "tproxy", TPROXY, problems)
+        if t is not None:
+            intercepts = tuple(InterceptConfig(**i) for i in t.pop("intercept"))
+            tproxy = TproxyConfig(intercept=intercepts, **t)
+            by_name = {li.name: li for li in listeners}
+            for i, ic in enumerate(intercepts):
+                li = by_name.get(ic.listener)
+                where = f"tproxy.intercept[{i}].listener"
+                if li is None:
+                    problems.append(f'{where}: no listener named "{ic.listener}"')
+                elif not li.transparent:
+                    problems.append(f'{where}: listener "{li.name}" needs transparent = true')
+                elif li.protocol != ic.protocol:
+                    problems.append(
+                        f'{where}: listener "{li.name}" is {li.protocol}, not {ic.protocol}'
+                    )
+
+    tel = s.check_section(raw.get("telemetry", {}), "telemetry", TELEMETRY, problems)
+    telemetry = TelemetryConfig(**tel) if tel else None
+
+    admin = None
+    if "admin" in raw:
+        a = s.check_section(raw["admin"], "admin", ADMIN, problems)
+        if a is not None:
+            host, port = a["bind"]
+            admin = AdminConfig(host, port, a["token"])
+
+    plugins: dict[str, Mapping[str, Any]] = {}
+    plugin_raw = raw.get("plugin", {})
+    if not isinstance(plugin_raw, Mapping):
+        problems.append("plugin: expected tables like [plugin.accesslog]")
+        plugin_raw = {}
+    for pname in plugin_raw:
+        if pname not in plugin_schemas:
+            problems.append(f"plugin.{pname}: no installed plugin declares this section")
+    for pname, pschema in plugin_schemas.items():
+        pv = s.check_section(plugin_raw.get(pname, {}), f"plugin.{pname}", pschema, problems)
+        if pv is not None:
+            plugins[pname] = MappingProxyType(pv)
+
+    if problems or gateway is None or telemetry is None:
+        raise ConfigError(path, problems or ["invalid"])
+    return Config(
+        path=path,
+        gateway=gateway,
+        listeners=tuple(listeners),
+        routes=tuple(routes),
+        clusters=MappingProxyType(clusters),
+        tproxy=tproxy,
+        telemetry=telemetry,
+        admin=admin,
+        plugins=MappingProxyType(plugins),
+        raw=raw,
+    )
+
+
+def _array(raw: Mapping[str, Any], key: str, problems: list[str]) -> list[Any]:
+    value = raw.get(key, [])
+    if not isinstance(value, list):
+        problems.append(f"{key}: expected an array of tables like [[{key}]]")
+        return []
+    return value
+
+
+def _unique(values: list[str], section: str, key: str, problems: list[str]) -> None:
+    seen: set[str] = set()
+    for i, value in enumerate(values):
+        if value in seen:
+            problems.append(f'{section}[{i}].{key}: duplicate "{value}"')
+        seen.add(value)
+
+
+def is_loopback(host: str) -> bool:
+    return ipaddress.ip_address(host).is_loopback

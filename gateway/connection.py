@@ -1,0 +1,304 @@
+"""The path of one TCP connection, from accept to close (DESIGN.md, stages 1–8).
+
+Rules kept here:
+
+* Every connection is recorded exactly once, in :func:`handle`'s ``finally``:
+  byte counts, end time, close reason, the closed hook, the log line.
+* Nothing is connected upstream before admit and route said yes: the gateway
+  forwards only where the configuration sends it, never to the original
+  destination as such (no open relay).
+* Peeked bytes stay in the socket; only a PROXY header is consumed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from ipaddress import ip_address
+from typing import Any
+
+import trio
+from trio.lowlevel import wait_writable
+
+from . import proxy_protocol
+from .clienthello import ClientHello, parse_client_hello
+from .config import ClusterConfig, Config, ListenerConfig
+from .flow import CloseReason, Flow, Route
+from .peek import PeekFailed, peek, recv_exactly_queued
+from .plugin_manager import Plugins, Raised
+from .relay import CopyRelay, abort_on_close
+from .upstream import ConnectFailed, connect
+
+log = logging.getLogger("l4gw.conn")
+
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Runtime:
+    """What a connection needs, fixed at accept time: a reload builds a new one,
+    and connections already open keep theirs."""
+
+    config: Config
+    plugins: Plugins
+    copy: CopyRelay
+    flows: dict[int, Flow]
+    """Live flows of the process (shared across reloads; /connections reads it)."""
+    peek_sni: frozenset[str] = field(init=False)
+    """Listeners with at least one SNI route: only those peek the ClientHello."""
+    admit_open: bool = field(init=False)
+    route_open: bool = field(init=False)
+    relay_hook: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.peek_sni = frozenset(r.listener for r in self.config.routes if r.sni)
+        self.admit_open = self.config.gateway.admit_on_error == "open"
+        self.route_open = self.config.gateway.route_on_error == "open"
+        self.relay_hook = self.plugins.implements("l4gw_relay")
+
+
+def unmap(addr: Any) -> tuple[str, int]:
+    """(host, port) from a socket address; IPv4-mapped IPv6 becomes IPv4."""
+    host: str = addr[0]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return host, addr[1]
+
+
+async def handle(
+    rt: Runtime, lc: ListenerConfig, sock: socket.socket, peer: Any, draining: Callable[[], bool]
+) -> None:
+    """Serve one accepted connection; always closes ``sock``."""
+    try:
+        local = sock.getsockname()
+    except OSError:
+        # Reset between accept and now: nothing to record.
+        sock.close()
+        return
+    flow = Flow(next(_ids), lc.name, "tcp", unmap(peer), unmap(local))
+    rt.flows[flow.id] = flow
+    upstream: list[socket.socket] = []
+    try:
+        flow.close_reason = await _serve(rt, lc, sock, flow, upstream)
+    except trio.Cancelled:
+        flow.close_reason = CloseReason.DRAIN if draining() else CloseReason.INTERNAL_ERROR
+        raise
+    except Exception as exc:
+        log.exception("connection %d: internal error", flow.id)
+        flow.close_reason = CloseReason.INTERNAL_ERROR
+        flow.error = repr(exc)
+    finally:
+        for s in upstream:
+            s.close()
+        sock.close()
+        flow.ended = time.time()
+        del rt.flows[flow.id]
+        rt.plugins.observe("l4gw_connection_closed", flow=flow)
+        if rt.config.gateway.log_connections or flow.close_reason in CloseReason.FAILURES:
+            _log_close(flow)
+
+
+def _log_close(flow: Flow) -> None:
+    level = logging.WARNING if flow.close_reason in CloseReason.FAILURES else logging.INFO
+    log.log(
+        level,
+        "conn %d %s client=%s dst=%s route=%s endpoint=%s from_client=%d to_client=%d "
+        "%.1fms %s%s%s",
+        flow.id,
+        flow.listener,
+        _fmt(flow.client),
+        _fmt(flow.destination),
+        flow.route or "-",
+        flow.endpoint or "-",
+        flow.bytes_from_client,
+        flow.bytes_to_client,
+        flow.duration * 1000,
+        flow.close_reason,
+        f" by={flow.refused_by}" + (f"/{flow.refused_rule}" if flow.refused_rule else "")
+        if flow.refused_by
+        else "",
+        f" error={flow.error!r}" if flow.error else "",
+    )
+
+
+def _fmt(addr: tuple[str, int]) -> str:
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+
+
+async def _serve(
+    rt: Runtime, lc: ListenerConfig, sock: socket.socket, flow: Flow, upstream: list[socket.socket]
+) -> str:
+    plugins = rt.plugins
+    if lc.proxy_protocol:
+        bad = await _read_proxy_header(lc, sock, flow)
+        if bad:
+            return bad
+
+    plugins.observe("l4gw_connection_opened", flow=flow)
+
+    try:
+        admitted = await plugins.decide("l4gw_admit", rt.admit_open, flow=flow)
+    except Raised as exc:
+        flow.refused_by, flow.error = exc.plugin, repr(exc.error)
+        return CloseReason.PLUGIN_ERROR
+    if admitted is not None:
+        flow.refused_by, refusal = admitted
+        flow.refused_rule, flow.error = refusal.rule or None, refusal.reason
+        if refusal.reset:
+            abort_on_close(sock)
+        return CloseReason.REFUSED
+
+    if lc.name in rt.peek_sni:
+        await _peek_client_hello(lc, sock, flow)
+
+    try:
+        routed = await plugins.decide("l4gw_route", rt.route_open, flow=flow, config=rt.config)
+    except Raised as exc:
+        flow.refused_by, flow.error = exc.plugin, repr(exc.error)
+        return CloseReason.PLUGIN_ERROR
+    if routed is None:
+        flow.refused_by = "core"
+        return CloseReason.NO_ROUTE
+    route: Route = routed[1]
+    cluster = route.cluster
+    flow.route, flow.cluster = route.name, cluster.name
+    flow.add_event("routed", route=route.name, cluster=cluster.name)
+
+    up = await _connect(rt, cluster, route, flow)
+    if up is None:
+        return CloseReason.CONNECT_FAILED
+    upstream.append(up)
+
+    if cluster.proxy_protocol != "none":
+        await _send_all(up, _proxy_header(cluster, flow))
+
+    if rt.relay_hook:
+        offer = plugins.offer(
+            "l4gw_relay", flow=flow, client=sock, upstream=up, idle_timeout=cluster.idle_timeout
+        )
+        if offer is not None:
+            name, awaitable = offer
+            before = flow.bytes_from_client + flow.bytes_to_client
+            try:
+                reason: str = await awaitable
+                return reason
+            except Exception as exc:
+                if flow.bytes_from_client + flow.bytes_to_client != before:
+                    log.exception("plugin %s: relay failed mid-flow", name)
+                    flow.error = f"relay plugin {name}: {exc!r}"
+                    return CloseReason.INTERNAL_ERROR
+                log.warning("plugin %s: relay failed before any byte, copying: %r", name, exc)
+    flow.tier = "copy"
+    return await rt.copy.run(sock, up, flow, cluster.idle_timeout)
+
+
+async def _read_proxy_header(lc: ListenerConfig, sock: socket.socket, flow: Flow) -> str | None:
+    """Consume and apply a PROXY v1/v2 header; a close reason when it is bad."""
+    peer = ip_address(flow.client[0])
+    if not any(peer in net for net in lc.proxy_protocol_trusted):
+        flow.error = f"PROXY header expected from an untrusted source {flow.client[0]}"
+        return CloseReason.BAD_PROXY_HEADER
+    try:
+        header = await peek(
+            sock, proxy_protocol.parse, proxy_protocol.MAX_V2_LENGTH + 16, lc.peek_timeout
+        )
+        recv_exactly_queued(sock, header.length)
+    except (PeekFailed, proxy_protocol.ProxyProtocolError) as exc:
+        flow.error = f"bad PROXY header: {exc}"
+        return CloseReason.BAD_PROXY_HEADER
+    if header.command == "PROXY" and header.source and header.destination:
+        flow.client, flow.destination = header.source, header.destination
+    flow.trace_parent = header.traceparent
+    return None
+
+
+_NOT_TLS = ClientHello(sni=None, alpn=())
+
+
+def _parse_hello(cap: int) -> Callable[[bytes], ClientHello | int]:
+    def parse(data: bytes) -> ClientHello | int:
+        result = parse_client_hello(data, cap)
+        return _NOT_TLS if result is None else result
+
+    return parse
+
+
+async def _peek_client_hello(lc: ListenerConfig, sock: socket.socket, flow: Flow) -> None:
+    try:
+        hello = await peek(sock, _parse_hello(lc.peek_max), lc.peek_max, lc.peek_timeout)
+    except PeekFailed as exc:
+        # Routes without an SNI condition may still match.
+        flow.add_event("peek_failed", reason=str(exc))
+        return
+    flow.sni, flow.alpn = hello.sni, hello.alpn
+    flow.add_event("peeked", sni=hello.sni or "", alpn=",".join(hello.alpn))
+
+
+async def _connect(
+    rt: Runtime, cluster: ClusterConfig, route: Route, flow: Flow
+) -> socket.socket | None:
+    source = (flow.client[0], 0) if cluster.upstream_source == "client" else None
+    errors: list[str] = []
+    with trio.move_on_after(cluster.connect_budget or float("inf")):
+        for endpoint in route.endpoints[: cluster.connect_attempts]:
+            start = time.monotonic()
+            try:
+                sock = await connect(endpoint, cluster.connect_timeout, source)
+            except ConnectFailed as exc:
+                errors.append(f"{endpoint}: {exc}")
+                rt.plugins.observe(
+                    "l4gw_connect_attempt",
+                    flow=flow,
+                    endpoint=endpoint,
+                    error=str(exc),
+                    seconds=time.monotonic() - start,
+                )
+                continue
+            rt.plugins.observe(
+                "l4gw_connect_attempt",
+                flow=flow,
+                endpoint=endpoint,
+                error=None,
+                seconds=time.monotonic() - start,
+            )
+            flow.endpoint = str(endpoint)
+            return sock
+    if not route.endpoints:
+        errors.append("no endpoint available")
+    elif len(errors) < min(len(route.endpoints), cluster.connect_attempts):
+        errors.append(f"connect budget {cluster.connect_budget:g}s spent")
+    flow.error = "; ".join(errors)
+    return None
+
+
+def _proxy_header(cluster: ClusterConfig, flow: Flow) -> bytes:
+    src, dst = flow.client, flow.destination
+    if (":" in src[0]) != (":" in dst[0]):
+        # PROXY headers cannot mix families; say "unknown" rather than lie.
+        return (
+            b"PROXY UNKNOWN\r\n"
+            if cluster.proxy_protocol == "v1"
+            else (proxy_protocol.encode_v2(src, src, local=True))
+        )
+    if cluster.proxy_protocol == "v1":
+        return proxy_protocol.encode_v1(src, dst)
+    tlvs: list[tuple[int, bytes]] = []
+    if flow.sni:
+        tlvs.append((proxy_protocol.PP2_TYPE_AUTHORITY, flow.sni.encode()))
+    traceparent = flow.attributes.get("l4gw.traceparent")
+    if cluster.proxy_protocol_traceparent and isinstance(traceparent, str):
+        tlvs.append((proxy_protocol.PP2_TYPE_TRACEPARENT, traceparent.encode()))
+    return proxy_protocol.encode_v2(src, dst, tlvs=tlvs)
+
+
+async def _send_all(sock: socket.socket, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            await wait_writable(sock)

@@ -1,0 +1,186 @@
+"""The values plugins see: a connection's context, a route, a refusal.
+
+A :class:`Flow` is the one mutable record of a connection (or UDP session):
+the core fills it in stage by stage and hands it to every hook. Plugins read
+it and may add span attributes and events through :meth:`Flow.set_attribute`
+and :meth:`Flow.add_event`; they never see its sockets (the relay hook is the
+one exception, and it gets the sockets as separate arguments).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .relay_stats import RelayStats
+
+if TYPE_CHECKING:
+    from .config import ClusterConfig, Endpoint
+
+
+class CloseReason:
+    """Why a connection ended (the ``close_reason`` of logs, spans and metrics)."""
+
+    CLIENT_EOF = "client_eof"
+    BACKEND_EOF = "backend_eof"
+    CLIENT_RESET = "client_reset"
+    BACKEND_RESET = "backend_reset"
+    IDLE_TIMEOUT = "idle_timeout"
+    CONNECT_FAILED = "connect_failed"
+    REFUSED = "refused"
+    NO_ROUTE = "no_route"
+    DRAIN = "drain"
+    BAD_PROXY_HEADER = "bad_proxy_header"
+    PLUGIN_ERROR = "plugin_error"
+    OVER_CAPACITY = "over_capacity"
+    INTERNAL_ERROR = "internal_error"
+    # UDP sessions
+    SESSION_IDLE = "idle_timeout"
+    BACKEND_UNREACHABLE = "backend_unreachable"
+
+    #: reasons that mean the connection did not do what the client wanted
+    FAILURES = frozenset(
+        {
+            CONNECT_FAILED,
+            REFUSED,
+            NO_ROUTE,
+            BAD_PROXY_HEADER,
+            PLUGIN_ERROR,
+            OVER_CAPACITY,
+            INTERNAL_ERROR,
+            BACKEND_UNREACHABLE,
+        }
+    )
+
+
+class Flow(RelayStats):
+    """The context of one TCP connection or UDP session, as hooks see it.
+
+    ``bytes_from_client`` and ``bytes_to_client`` (from RelayStats) count
+    payload as it moves, whichever relay tier moves it.
+    """
+
+    __slots__ = (
+        "alpn",
+        "attributes",
+        "client",
+        "close_reason",
+        "cluster",
+        "destination",
+        "ended",
+        "endpoint",
+        "error",
+        "events",
+        "id",
+        "listener",
+        "refused_by",
+        "refused_rule",
+        "route",
+        "sni",
+        "started",
+        "started_monotonic",
+        "tier",
+        "trace_parent",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        id: int,
+        listener: str,
+        transport: str,
+        client: tuple[str, int],
+        destination: tuple[str, int],
+    ) -> None:
+        super().__init__()
+        self.id = id
+        """Process-unique, increasing."""
+        self.listener = listener
+        """Name of the listener that accepted it."""
+        self.transport = transport
+        """"tcp" or "udp"."""
+        self.client = client
+        """(ip, port) of the real client (from the socket, or a trusted PROXY header)."""
+        self.destination = destination
+        """(ip, port) the client was connecting to: the original destination under TPROXY."""
+        self.sni: str | None = None
+        """TLS server name, when a route needed the ClientHello peeked."""
+        self.alpn: tuple[str, ...] = ()
+        """TLS ALPN protocols offered, when peeked."""
+        self.route: str | None = None
+        """Name of the route chosen."""
+        self.cluster: str | None = None
+        """Name of the cluster chosen."""
+        self.endpoint: str | None = None
+        """The backend address connected to ("ip:port")."""
+        self.started = time.time()
+        """Wall-clock start (seconds since the epoch)."""
+        self.started_monotonic = time.monotonic()
+        self.ended: float | None = None
+        """Wall-clock end, set just before the closed hook."""
+        self.close_reason: str | None = None
+        """One of :class:`CloseReason`."""
+        self.tier: str | None = None
+        """Relay tier that moved the bytes last: "copy", "splice" or "sockmap"."""
+        self.refused_by: str | None = None
+        """Plugin that refused it (or "core")."""
+        self.refused_rule: str | None = None
+        """The rule that refused it, as the refusing plugin named it."""
+        self.error: str | None = None
+        """A short description of the error that ended it, if any."""
+        self.trace_parent: str | None = None
+        """W3C traceparent received in a PROXY v2 TLV, if any."""
+        self.attributes: dict[str, Any] = {}
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    @property
+    def spliced(self) -> bool:
+        """True when a kernel tier moved (some of) the bytes."""
+        return self.tier in ("splice", "sockmap")
+
+    @property
+    def duration(self) -> float:
+        return (self.ended or time.time()) - self.started
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        """Add an attribute to the connection's span; namespace keys (``myplugin.*``)."""
+        self.attributes[key] = value
+
+    def add_event(self, name: str, **attributes: Any) -> None:
+        """Add an event to the connection's span."""
+        self.events.append((name, attributes))
+
+    def __repr__(self) -> str:
+        return f"<Flow {self.id} {self.transport} {self.client} -> {self.destination}>"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A routing decision: where an admitted connection goes.
+
+    Attributes:
+        name: the route's name (for logs and spans).
+        cluster: the cluster's configuration.
+        endpoints: the endpoints to try, in order; the core tries at most
+            ``cluster.connect_attempts`` of them.
+    """
+
+    name: str
+    cluster: ClusterConfig
+    endpoints: tuple[Endpoint, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """An admit hook's "no".
+
+    Attributes:
+        reason: short text for the log.
+        rule: which rule refused (e.g. "per_client"), for logs and metrics.
+        reset: close with RST instead of FIN.
+    """
+
+    reason: str
+    rule: str = ""
+    reset: bool = False

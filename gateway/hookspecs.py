@@ -1,0 +1,175 @@
+"""The plugin hook contract: l4gw's public API for plugin authors.
+
+Every hook name starts with ``l4gw_``. Implement them with
+``@gateway.hookimpl`` in a module (or object) that your package registers in
+the ``l4gw.plugins`` entry-point group; the built-in plugins register exactly
+the same way.
+
+Three kinds of hooks:
+
+* **Lifecycle** (``l4gw_config_sections``, ``l4gw_configure``,
+  ``l4gw_startup``, ``l4gw_reopen``, ``l4gw_shutdown``): called once per
+  event, outside the connection path.
+* **Decisions** (``l4gw_admit``, ``l4gw_route``, ``l4gw_relay``): called per
+  connection, in plugin order (pluggy's: last registered first, ``tryfirst``
+  and ``trylast`` adjust); the first non-None result wins. An implementation
+  may be ``async def`` or return an awaitable; the core awaits it. Keep them
+  fast: they run on the connection's path.
+* **Observers** (``l4gw_connection_opened``, ``l4gw_connect_attempt``,
+  ``l4gw_connection_closed``): called for every plugin, each one's error
+  logged and isolated, so one failing observer cannot silence the others.
+  They must not block; hand I/O to a task started from ``l4gw_startup``.
+
+What a raising plugin causes is defined per hook below. The core logs the
+exception with the plugin's name every time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Mapping
+from socket import socket
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    import trio
+
+    from .config import Config, Endpoint
+    from .flow import Flow, Refusal, Route
+    from .schema import Schema
+
+PROJECT = "l4gw"
+hookspec = pluggy.HookspecMarker(PROJECT)
+
+
+@hookspec
+def l4gw_config_sections() -> Mapping[str, Schema] | None:
+    """Declare the config sections this plugin reads.
+
+    Called once, before the file is validated. Return ``{name: schema}``; the
+    file's ``[plugin.<name>]`` table is then checked against ``schema`` (a
+    mapping of key to :class:`gateway.Field`) and ``l4gw check`` reports its
+    problems with their key paths like the core's. A ``[plugin.X]`` table that
+    no plugin declares is an error.
+
+    Raises: a plugin raising here stops start-up (the error names the plugin).
+    """
+
+
+@hookspec
+def l4gw_configure(config: Config) -> None:
+    """Receive the validated configuration.
+
+    Called before start-up and again on every successful reload (SIGHUP),
+    before new connections use the new config; connections already open keep
+    the routing decisions made under the old one. Read your section with
+    ``config.plugin("<name>")``. Must not block.
+
+    Raises: at start-up, start-up fails; on reload, the reload is abandoned and
+    the running configuration stays.
+    """
+
+
+@hookspec
+def l4gw_startup(config: Config, nursery: trio.Nursery) -> Awaitable[None] | None:
+    """Start background work (health checks, log writers, store clients).
+
+    Called once, after ``l4gw_configure`` and before the listeners open.
+    Start long-lived tasks in ``nursery``; they are cancelled at shutdown,
+    after the drain. May be async (awaited before the listeners open: use it
+    to wait for a first health check, for example).
+
+    Raises: start-up fails with the plugin's name in the error.
+    """
+
+
+@hookspec
+def l4gw_connection_opened(flow: Flow) -> None:
+    """Observe a new connection (or UDP session), before admission.
+
+    ``flow`` has the listener, transport, client and original destination.
+    Observer: must not block. Raises: logged; the connection goes on.
+    """
+
+
+@hookspec
+def l4gw_admit(flow: Flow) -> Refusal | Awaitable[Refusal | None] | None:
+    """Accept or refuse a new connection before any of its bytes are read.
+
+    Return a :class:`gateway.Refusal` to refuse (the first one wins), None to
+    let it through. Rate limits, ACLs and connection caps live here.
+
+    Raises: with ``[gateway] admit_on_error = "closed"`` (default) the
+    connection is refused with close reason ``plugin_error``; with "open" the
+    raising plugin is skipped.
+    """
+
+
+@hookspec
+def l4gw_route(flow: Flow, config: Config) -> Route | Awaitable[Route | None] | None:
+    """Choose where an admitted connection goes.
+
+    ``flow.sni``/``flow.alpn`` are set when a route of the listener matches on
+    SNI (the core peeked the ClientHello). Return a :class:`gateway.Route`
+    (cluster and the endpoints to try, in order), or None to let the next
+    plugin decide. When no plugin routes, the connection closes with reason
+    ``no_route``: the gateway never forwards to a destination the config does
+    not name.
+
+    Raises: with ``[gateway] route_on_error = "closed"`` (default) the
+    connection is refused (``plugin_error``); with "open" the next plugin is
+    asked.
+    """
+
+
+@hookspec
+def l4gw_connect_attempt(flow: Flow, endpoint: Endpoint, error: str | None, seconds: float) -> None:
+    """Observe one upstream connect attempt: ``error`` is None on success.
+
+    Passive health (outlier ejection) and connect-latency metrics use this.
+    Observer: must not block. Raises: logged; the connection goes on.
+    """
+
+
+@hookspec
+def l4gw_relay(
+    flow: Flow, client: socket, upstream: socket, idle_timeout: float
+) -> Awaitable[str] | None:
+    """Take over moving the bytes of a routed, connected flow.
+
+    The one hook that sees sockets: both are connected, non-blocking, and any
+    PROXY header has been written. Return an awaitable that relays until the
+    flow ends, keeps ``flow.bytes_from_client``/``flow.bytes_to_client`` and
+    ``flow.tier`` current, and returns the close reason; or None to leave the
+    flow to the core's userspace relay. Do not close the sockets: the core
+    does.
+
+    Raises: before any byte moved, the core's relay takes the flow; after,
+    the flow closes with reason ``internal_error``.
+    """
+
+
+@hookspec
+def l4gw_connection_closed(flow: Flow) -> None:
+    """Observe the end of a connection; called exactly once per flow.
+
+    Also for refused ones: ``flow.close_reason`` says why it ended,
+    ``flow.refused_by``/``refused_rule`` who refused it, the byte counts and
+    ``flow.ended`` are final. Access logs and metrics live here.
+    Observer: must not block. Raises: logged; other observers still run.
+    """
+
+
+@hookspec
+def l4gw_reopen() -> None:
+    """Reopen files (SIGUSR1, for log rotation). Raises: logged."""
+
+
+@hookspec
+def l4gw_shutdown(config: Config) -> None:
+    """The gateway is stopping: listeners are closed and the drain is over.
+
+    Flush what must not be lost. Background tasks are cancelled right after.
+    Raises: logged; shutdown goes on.
+    """

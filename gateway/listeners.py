@@ -1,0 +1,142 @@
+"""Listening sockets and the accept loop.
+
+The accept loop keeps serving through the errors a busy or attacked server
+sees: running out of file descriptors (EMFILE/ENFILE: back off, the
+connections wait in the kernel backlog), a client that resets before it is
+accepted (ECONNABORTED) and transient kernel memory pressure.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+from trio.lowlevel import checkpoint, wait_readable
+
+from .config import ListenerConfig
+from .linux import IP_TRANSPARENT, IPV6_TRANSPARENT
+from .relay import abort_on_close
+
+log = logging.getLogger("l4gw.listener")
+
+_BACKOFF_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR})
+_ACCEPTS_PER_CHECKPOINT = 64
+
+
+def open_socket(lc: ListenerConfig) -> socket.socket:
+    """Bind and listen as ``lc`` says.
+
+    Raises:
+        OSError: with the listener's name and address in the message.
+    """
+    sock = socket.socket(lc.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if lc.family == socket.AF_INET6:
+            # Explicit, so that "0.0.0.0:p" and "[::]:p" can be two listeners.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if lc.transparent:
+            if lc.family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
+        sock.bind((lc.host, lc.port))
+        sock.listen(lc.backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"listener {lc.name} ({lc.bind}): {exc.strerror}") from exc
+    return sock
+
+
+class Listener:
+    """One open listener: its socket, its accept loop, its connection count."""
+
+    def __init__(self, config: ListenerConfig, sock: socket.socket) -> None:
+        self.config = config
+        self.sock = sock
+        self.active = 0
+        self.refused_over_cap = 0
+        self.scope = trio.CancelScope()
+        self._slot = trio.Event()
+        self._last_backoff_log = 0.0
+
+    def identity(self) -> tuple[Any, ...]:
+        """Listeners with the same identity keep their socket across a reload."""
+        c = self.config
+        return (c.name, c.protocol, c.host, c.port, c.transparent, c.backlog)
+
+    def close(self) -> None:
+        """Stop accepting now: the port is free when this returns."""
+        trio.lowlevel.notify_closing(self.sock)
+        self.sock.close()
+        self.scope.cancel()
+
+    def released(self) -> None:
+        self.active -= 1
+        if not self._slot.is_set():
+            self._slot.set()
+
+    async def accept_loop(
+        self, spawn: Callable[[Listener, socket.socket, Any], Awaitable[None] | None]
+    ) -> None:
+        """Accept until cancelled; ``spawn`` starts each connection's task."""
+        lsock = self.sock
+        accepted = 0
+        with self.scope:
+            try:
+                while True:
+                    cap = self.config.max_connections
+                    while self.active >= cap and self.config.on_max_connections == "wait":
+                        # Leave new connections in the kernel backlog.
+                        self._slot = trio.Event()
+                        await self._slot.wait()
+                    try:
+                        conn, peer = lsock.accept()
+                    except BlockingIOError:
+                        try:
+                            await wait_readable(lsock)
+                        except trio.ClosedResourceError:
+                            return
+                        continue
+                    except OSError as exc:
+                        if lsock.fileno() == -1:
+                            return
+                        if exc.errno in _SKIP_ERRNOS:
+                            continue
+                        if exc.errno in _BACKOFF_ERRNOS:
+                            self._log_backoff(exc)
+                            await trio.sleep(0.1)
+                            continue
+                        raise
+                    if self.active >= cap:
+                        self.refused_over_cap += 1
+                        abort_on_close(conn)
+                        conn.close()
+                        continue
+                    conn.setblocking(False)
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    self.active += 1
+                    spawn(self, conn, peer)
+                    accepted += 1
+                    if accepted == _ACCEPTS_PER_CHECKPOINT:
+                        accepted = 0
+                        await checkpoint()
+            finally:
+                lsock.close()
+
+    def _log_backoff(self, exc: OSError) -> None:
+        now = time.monotonic()
+        if now - self._last_backoff_log > 5:
+            self._last_backoff_log = now
+            log.error(
+                "listener %s: accept failed (%s); backing off, connections wait in the backlog",
+                self.config.name,
+                exc.strerror,
+            )

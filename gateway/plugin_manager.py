@@ -1,0 +1,215 @@
+"""Loading plugins and calling hooks the way the contract promises.
+
+pluggy is synchronous and its ``firstresult`` stops at the first non-None
+value, which for an ``async def`` implementation is a coroutine object even
+when it means "abstain". So decision hooks go through :meth:`Plugins.decide`,
+which walks the implementations in pluggy's order and awaits what is
+awaitable; observers go through :meth:`Plugins.observe`, which isolates each
+plugin's errors. The implementation lists are resolved once at load time:
+per connection there is no pluggy dispatch, only a loop over a tuple.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .schema import Schema
+
+log = logging.getLogger("l4gw.plugins")
+
+ENTRY_POINT_GROUP = "l4gw.plugins"
+
+
+class PluginError(Exception):
+    """A plugin failed where the gateway cannot go on (loading, start-up)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PluginInfo:
+    """What ``l4gw plugins`` shows for one loaded plugin."""
+
+    name: str
+    module: str
+    distribution: str
+    version: str
+    hooks: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Impl:
+    plugin: str
+    function: Callable[..., Any]
+    argnames: tuple[str, ...]
+
+
+class Raised(Exception):
+    """A decision hook raised; ``plugin`` names the culprit."""
+
+    def __init__(self, plugin: str, error: BaseException) -> None:
+        super().__init__(f"{plugin}: {error!r}")
+        self.plugin = plugin
+        self.error = error
+
+
+class Plugins:
+    """The loaded plugins and fast hook drivers."""
+
+    def __init__(self, pm: pluggy.PluginManager, infos: list[PluginInfo]) -> None:
+        self.pm = pm
+        self.infos = infos
+        self._impls: dict[str, tuple[_Impl, ...]] = {}
+        for name in dir(pm.hook):
+            if name.startswith("l4gw_"):
+                caller = getattr(pm.hook, name)
+                self._impls[name] = tuple(
+                    _Impl(i.plugin_name, i.function, tuple(i.argnames))
+                    for i in reversed(caller.get_hookimpls())
+                )
+
+    def implements(self, hook: str) -> bool:
+        return bool(self._impls.get(hook))
+
+    def schemas(self) -> dict[str, Schema]:
+        """Config sections declared by every plugin."""
+        out: dict[str, Schema] = {}
+        for impl in self._impls["l4gw_config_sections"]:
+            try:
+                sections = impl.function()
+            except Exception as exc:
+                raise PluginError(f"plugin {impl.plugin}: l4gw_config_sections: {exc!r}")
+            for section, fields in (sections or {}).items():
+                if section in out:
+                    raise PluginError(f"plugin {impl.plugin}: section {section} declared twice")
+                out[section] = fields
+        return out
+
+    def call_all(self, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:
+        """Call every implementation; let errors propagate wrapped in PluginError."""
+        results = []
+        for impl in self._impls[hook]:
+            try:
+                results.append((impl.plugin, impl.function(*[kwargs[a] for a in impl.argnames])))
+            except Exception as exc:
+                raise PluginError(f"plugin {impl.plugin}: {hook}: {exc!r}") from exc
+        return results
+
+    async def _first_after(self, hook: str, skip: int, **kwargs: Any) -> tuple[str, Any] | None:
+        impls = self._impls[hook]
+        for index in range(skip + 1, len(impls)):
+            impl = impls[index]
+            try:
+                result = impl.function(*[kwargs[a] for a in impl.argnames])
+                if inspect.isawaitable(result):
+                    result = await result
+            except Exception as exc:
+                raise _Failed(index, impl.plugin, exc)
+            if result is not None:
+                return impl.plugin, result
+        return None
+
+    async def decide(self, hook: str, fail_open: bool, **kwargs: Any) -> tuple[str, Any] | None:
+        """Drive a decision hook applying its failure policy.
+
+        With ``fail_open`` a raising plugin is logged and skipped; otherwise
+        :class:`Raised` propagates (the caller refuses the connection).
+        """
+        skip = -1
+        while True:
+            try:
+                return await self._first_after(hook, skip, **kwargs)
+            except _Failed as failed:
+                log.error(
+                    "plugin %s raised in %s: %r",
+                    failed.plugin,
+                    hook,
+                    failed.error,
+                    exc_info=failed.error,
+                )
+                if not fail_open:
+                    raise Raised(failed.plugin, failed.error)
+                skip = failed.index
+
+    def offer(self, hook: str, **kwargs: Any) -> tuple[str, Any] | None:
+        """The first non-None result, not awaited (the relay hook's awaitable
+        is the relay itself: the caller awaits it). A raising plugin is
+        logged and skipped."""
+        for impl in self._impls[hook]:
+            try:
+                result = impl.function(*[kwargs[a] for a in impl.argnames])
+            except Exception:
+                log.exception("plugin %s raised in %s", impl.plugin, hook)
+                continue
+            if result is not None:
+                return impl.plugin, result
+        return None
+
+    def observe(self, hook: str, **kwargs: Any) -> None:
+        """Call every observer; one failing plugin cannot break the others."""
+        for impl in self._impls[hook]:
+            try:
+                impl.function(*[kwargs[a] for a in impl.argnames])
+            except Exception:
+                log.exception("plugin %s raised in %s", impl.plugin, hook)
+
+
+class _Failed(Exception):
+    def __init__(self, index: int, plugin: str, error: BaseException) -> None:
+        super().__init__(plugin)
+        self.index = index
+        self.plugin = plugin
+        self.error = error
+
+
+def load(disabled: Iterable[str] = (), extra: Mapping[str, object] | None = None) -> Plugins:
+    """Load every plugin of the ``l4gw.plugins`` entry-point group.
+
+    Args:
+        disabled: plugin (entry point) names not to load.
+        extra: ``{name: plugin object}`` registered as well (tests, embedding).
+
+    Raises:
+        PluginError: a plugin failed to import or does not fit the contract.
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    blocked = set(disabled)
+    infos: list[PluginInfo] = []
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        if ep.name in blocked or pm.has_plugin(ep.name):
+            continue
+        try:
+            plugin = ep.load()
+            pm.register(plugin, name=ep.name)
+        except Exception as exc:
+            raise PluginError(f"plugin {ep.name} ({ep.value}) failed to load: {exc!r}") from exc
+        dist = ep.dist
+        infos.append(
+            PluginInfo(
+                name=ep.name,
+                module=ep.value,
+                distribution=dist.name if dist else "?",
+                version=dist.version if dist else "?",
+                hooks=_hooks_of(pm, plugin),
+            )
+        )
+    for name, plugin in (extra or {}).items():
+        pm.register(plugin, name=name)
+        infos.append(PluginInfo(name, repr(plugin), "(embedded)", "", _hooks_of(pm, plugin)))
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(str(exc)) from exc
+    return Plugins(pm, infos)
+
+
+def _hooks_of(pm: pluggy.PluginManager, plugin: object) -> tuple[str, ...]:
+    callers = pm.get_hookcallers(plugin) or []
+    return tuple(sorted(c.name for c in callers))

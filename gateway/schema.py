@@ -1,0 +1,313 @@
+"""A small declarative schema for TOML sections, with key-path errors.
+
+The core config and every plugin's ``[plugin.<name>]`` section are checked
+with the same pieces, so ``l4gw check`` reports a plugin's mistakes exactly
+like the core's: one line per problem, ``<key path>: <what is wrong>``.
+
+Rules kept here:
+
+* Converters are plain functions ``value -> converted`` that raise
+  :class:`Invalid`; they never see the key path, :func:`check_section` adds it.
+* Every problem is collected; nothing stops at the first error.
+* Unknown keys are errors (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Invalid(Exception):
+    """A value does not convert. ``problems`` holds ``(sub path, message)`` pairs."""
+
+    def __init__(self, message: str = "", problems: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.problems: list[tuple[str, str]] = list(problems) or [("", message)]
+
+
+Converter = Callable[[Any], Any]
+
+REQUIRED: Any = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """One key of a section.
+
+    Attributes:
+        convert: turns the TOML value into the runtime value or raises Invalid.
+        default: used when the key is absent; ``REQUIRED`` makes it mandatory.
+        doc: one line for the reference documentation.
+    """
+
+    convert: Converter
+    default: Any = REQUIRED
+    doc: str = ""
+
+
+Schema = Mapping[str, Field]
+
+
+def check_section(
+    raw: Any, path: str, schema: Schema, problems: list[str]
+) -> dict[str, Any] | None:
+    """Validate one table against ``schema``.
+
+    Returns the converted values (defaults filled in), or None when ``raw`` is
+    not a table at all. Problems are appended to ``problems`` as
+    ``"path.key: message"``.
+    """
+    if not isinstance(raw, Mapping):
+        problems.append(f"{path}: expected a table, got {type_name(raw)}")
+        return None
+    out: dict[str, Any] = {}
+    for key in raw:
+        if key not in schema:
+            problems.append(f"{join(path, key)}: unknown key")
+    for key, field in schema.items():
+        if key not in raw:
+            if field.default is REQUIRED:
+                problems.append(f"{join(path, key)}: required")
+            else:
+                out[key] = field.default
+            continue
+        try:
+            out[key] = field.convert(raw[key])
+        except Invalid as exc:
+            for sub, message in exc.problems:
+                problems.append(f"{join(path, key)}{sub}: {message}")
+    return out
+
+
+def join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def type_name(value: Any) -> str:
+    return {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean",
+        list: "an array",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
+
+
+# --- converters -------------------------------------------------------------
+
+
+def boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise Invalid(f"expected true or false, got {type_name(value)}")
+    return value
+
+
+def string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise Invalid(f"expected a string, got {type_name(value)}")
+    return value
+
+
+def name(value: Any) -> str:
+    text = string(value)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", text):
+        raise Invalid(f"not a name (letters, digits, '_', '.', '-'): {text!r}")
+    return text
+
+
+def integer(low: int | None = None, high: int | None = None) -> Converter:
+    def convert(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise Invalid(f"expected an integer, got {type_name(value)}")
+        if low is not None and value < low:
+            raise Invalid(f"must be at least {low}, got {value}")
+        if high is not None and value > high:
+            raise Invalid(f"must be at most {high}, got {value}")
+        return value
+
+    return convert
+
+
+def number(low: float | None = None, high: float | None = None) -> Converter:
+    def convert(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise Invalid(f"expected a number, got {type_name(value)}")
+        if low is not None and value < low:
+            raise Invalid(f"must be at least {low}, got {value}")
+        if high is not None and value > high:
+            raise Invalid(f"must be at most {high}, got {value}")
+        return float(value)
+
+    return convert
+
+
+def choice(*options: str) -> Converter:
+    def convert(value: Any) -> str:
+        if value not in options:
+            shown = ", ".join(f'"{o}"' for o in options)
+            raise Invalid(f"must be one of {shown}, got {value!r}")
+        return str(value)
+
+    return convert
+
+
+_DURATION = re.compile(r"(?P<n>\d+(?:\.\d+)?)(?P<unit>ms|us|s|m|h)")
+_DURATION_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Parse "30s", "500ms", "1m30s", "2h" into seconds. Raises ValueError."""
+    pos, total = 0, 0.0
+    text = text.strip()
+    while pos < len(text):
+        m = _DURATION.match(text, pos)
+        if not m:
+            raise ValueError(f'not a duration (like "30s", "500ms", "5m"): "{text}"')
+        total += float(m["n"]) * _DURATION_UNITS[m["unit"]]
+        pos = m.end()
+    if not text:
+        raise ValueError('not a duration (like "30s", "500ms", "5m"): ""')
+    return total
+
+
+def duration(value: Any) -> float:
+    """A duration in seconds; ``0`` is allowed bare (it needs no unit)."""
+    if value == 0 and not isinstance(value, bool):
+        return 0.0
+    if not isinstance(value, str):
+        raise Invalid(f'expected a duration string like "30s", got {type_name(value)}')
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise Invalid(str(exc))
+
+
+_SIZE = re.compile(r"(?P<n>\d+)\s*(?P<unit>B|KiB|MiB|GiB|KB|MB|GB|k|K|M|G)?")
+_SIZE_UNITS = {
+    None: 1,
+    "B": 1,
+    "KiB": 1024,
+    "k": 1024,
+    "K": 1024,
+    "MiB": 1024**2,
+    "M": 1024**2,
+    "GiB": 1024**3,
+    "G": 1024**3,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+}
+
+
+def size(value: Any) -> int:
+    """A byte count: an integer, or a string like "64KiB", "1MiB", "512B"."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if not isinstance(value, str):
+        raise Invalid(f'expected a size like "64KiB", got {type_name(value)}')
+    m = _SIZE.fullmatch(value.strip())
+    if not m:
+        raise Invalid(f'not a size (like "64KiB", "1MiB"): "{value}"')
+    return int(m["n"]) * _SIZE_UNITS[m["unit"]]
+
+
+def list_of(item: Converter, *, min_items: int = 0) -> Converter:
+    def convert(value: Any) -> tuple[Any, ...]:
+        if not isinstance(value, list):
+            raise Invalid(f"expected an array, got {type_name(value)}")
+        if len(value) < min_items:
+            raise Invalid(f"needs at least {min_items} item{'s' if min_items > 1 else ''}")
+        out: list[Any] = []
+        problems: list[tuple[str, str]] = []
+        for i, element in enumerate(value):
+            try:
+                out.append(item(element))
+            except Invalid as exc:
+                problems.extend((f"[{i}]{sub}", msg) for sub, msg in exc.problems)
+        if problems:
+            raise Invalid(problems=problems)
+        return tuple(out)
+
+    return convert
+
+
+def table(schema: Schema) -> Converter:
+    """A nested table checked against its own schema."""
+
+    def convert(value: Any) -> dict[str, Any]:
+        problems: list[str] = []
+        out = check_section(value, "", schema, problems)
+        if problems or out is None:
+            raise Invalid(problems=[_split(p) for p in problems])
+        return out
+
+    return convert
+
+
+def _split(problem: str) -> tuple[str, str]:
+    # check_section with an empty path yields "key: message" or ": message".
+    key, _, message = problem.partition(": ")
+    return ((f".{key}" if key else ""), message)
+
+
+# --- network values ---------------------------------------------------------
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """Split "1.2.3.4:80" or "[::1]:80" into a canonical (host, port). Raises ValueError."""
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise ValueError
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv6Address(host)
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            raise ValueError
+        ip = ipaddress.IPv4Address(host)
+    if not port.isdigit() or not 0 <= int(port) <= 65535 or (len(port) > 1 and port[0] == "0"):
+        raise ValueError
+    return str(ip), int(port)
+
+
+def address(value: Any) -> tuple[str, int]:
+    """An "ip:port" or "[ipv6]:port" string."""
+    text = string(value)
+    try:
+        return split_host_port(text)
+    except ValueError:
+        raise Invalid(f'not an address: "{text}" (expected "1.2.3.4:80" or "[::1]:80")')
+
+
+def network(value: Any) -> IPNetwork:
+    text = string(value)
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise Invalid(f'not a CIDR: "{text}"')
+
+
+def port(value: Any) -> int:
+    result: int = integer(1, 65535)(value)
+    return result
+
+
+def hostname_pattern(value: Any) -> str:
+    """An SNI name or "*.suffix" wildcard, stored lower-case."""
+    text = string(value).lower().rstrip(".")
+    body = text[2:] if text.startswith("*.") else text
+    if not body or not re.fullmatch(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*", body):
+        raise Invalid(f'not a host name or "*.domain" pattern: "{value}"')
+    return text
+
+
+def format_address(host: str, port_: int) -> str:
+    """The inverse of :func:`split_host_port`: IPv6 hosts are bracketed."""
+    return f"[{host}]:{port_}" if ":" in host else f"{host}:{port_}"

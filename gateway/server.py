@@ -1,0 +1,199 @@
+"""The gateway process: listeners, connections, signals, reload and drain.
+
+Task tree (every task has an owner):
+
+    root ─ signal loop
+         └ background (plugins' tasks from l4gw_startup)
+             └ connections (one task per connection)
+                 └ accepting (one accept loop per listener, each in its own
+                              cancel scope so a reload can close one)
+
+Shutdown (SIGTERM/SIGINT) cancels ``accepting`` (listeners close, the kernel
+refuses new connections), waits up to ``drain_timeout`` for ``connections``
+to finish, cancels what is left (close reason "drain"), calls
+``l4gw_shutdown`` and cancels the background tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from . import config as config_mod
+from .config import Config, ConfigError
+from .connection import Runtime, handle
+from .flow import Flow
+from .listeners import Listener, open_socket
+from .plugin_manager import PluginError, Plugins
+from .relay import CopyRelay
+
+log = logging.getLogger("l4gw")
+
+
+class Gateway:
+    """One gateway process serving ``config`` with ``plugins``."""
+
+    def __init__(self, config: Config, plugins: Plugins) -> None:
+        self.flows: dict[int, Flow] = {}
+        self.runtime = Runtime(config, plugins, CopyRelay(config.gateway.buffer_size), self.flows)
+        self.listeners: dict[str, Listener] = {}
+        self.ready = False
+        self.draining = False
+        self.started_plugins = False
+        self.on_reload: list[Callable[[Config], None]] = []
+        self._stop = trio.Event()
+        self._idle = trio.Event()
+        self._accepting: trio.Nursery | None = None
+        self._connections: trio.Nursery | None = None
+
+    @property
+    def config(self) -> Config:
+        return self.runtime.config
+
+    @property
+    def plugins(self) -> Plugins:
+        return self.runtime.plugins
+
+    def stop(self) -> None:
+        """Begin the drain (what SIGTERM does)."""
+        self._stop.set()
+
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until stopped; ``task_status.started()`` once every listener is open."""
+        config = self.config
+        unsupported = [li.name for li in config.listeners if li.protocol != "tcp"]
+        if unsupported:
+            raise PluginError(f"listeners {unsupported}: UDP is not supported by this version")
+        self.plugins.call_all("l4gw_configure", config=config)
+        async with trio.open_nursery() as root:
+            root.start_soon(self._signal_loop)
+            async with trio.open_nursery() as background:
+                for _, result in self.plugins.call_all(
+                    "l4gw_startup", config=config, nursery=background
+                ):
+                    if result is not None:
+                        await result
+                self.started_plugins = True
+                async with trio.open_nursery() as connections:
+                    self._connections = connections
+                    async with trio.open_nursery() as accepting:
+                        self._accepting = accepting
+                        for lc in config.listeners:
+                            self._open(lc)
+                        self.ready = True
+                        log.info(
+                            "ready: %s",
+                            ", ".join(f"{li.name}={li.bind}" for li in config.listeners),
+                        )
+                        task_status.started()
+                        await self._stop.wait()
+                        self.ready = False
+                        accepting.cancel_scope.cancel()
+                    await self._drain(connections)
+                self.plugins.observe("l4gw_shutdown", config=self.config)
+                background.cancel_scope.cancel()
+            root.cancel_scope.cancel()
+        log.info("stopped")
+
+    async def _drain(self, connections: trio.Nursery) -> None:
+        timeout = self.config.gateway.drain_timeout
+        if self.flows:
+            log.info("draining %d connections (up to %gs)", len(self.flows), timeout)
+            with trio.move_on_after(timeout):
+                while self.flows:
+                    self._idle = trio.Event()
+                    await self._idle.wait()
+        if self.flows:
+            log.warning("drain timeout: closing %d connections", len(self.flows))
+        self.draining = True
+        connections.cancel_scope.cancel()
+
+    def _open(self, lc: config_mod.ListenerConfig) -> None:
+        assert self._accepting is not None
+        listener = Listener(lc, open_socket(lc))
+        self.listeners[lc.name] = listener
+        self._accepting.start_soon(listener.accept_loop, self._spawn)
+
+    def _spawn(self, listener: Listener, conn: socket.socket, peer: Any) -> None:
+        assert self._connections is not None
+        self._connections.start_soon(self._connection, listener, conn, peer)
+
+    async def _connection(self, listener: Listener, conn: socket.socket, peer: Any) -> None:
+        try:
+            await handle(self.runtime, listener.config, conn, peer, self._is_draining)
+        finally:
+            listener.released()
+            if not self.flows:
+                self._idle.set()
+
+    def _is_draining(self) -> bool:
+        return self.draining
+
+    async def _signal_loop(self) -> None:
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+        with trio.open_signal_receiver(*signals) as received:
+            async for signum in received:
+                if signum == signal.SIGHUP:
+                    self.reload()
+                elif signum == signal.SIGUSR1:
+                    self.plugins.observe("l4gw_reopen")
+                elif self._stop.is_set():
+                    log.warning("second stop signal: closing everything now")
+                    self.draining = True
+                    if self._connections is not None:
+                        self._connections.cancel_scope.cancel()
+                else:
+                    log.info("%s: stopping", signal.Signals(signum).name)
+                    self.stop()
+
+    def reload(self) -> bool:
+        """Re-read the config file; on any problem keep the running config.
+
+        Returns:
+            True when the new configuration is in force.
+        """
+        old = self.config
+        try:
+            new = config_mod.load(old.path, self.plugins.schemas())
+        except ConfigError as exc:
+            log.error("reload failed; the running config stays:\n%s", exc.report())
+            return False
+        try:
+            self.plugins.call_all("l4gw_configure", config=new)
+        except PluginError as exc:
+            log.error("reload failed; the running config stays: %s", exc)
+            self.plugins.call_all("l4gw_configure", config=old)
+            return False
+        copy = self.runtime.copy
+        if new.gateway.buffer_size != old.gateway.buffer_size:
+            copy = CopyRelay(new.gateway.buffer_size)
+        self.runtime = Runtime(new, self.plugins, copy, self.flows)
+        self._update_listeners(new)
+        for callback in self.on_reload:
+            callback(new)
+        log.info("reloaded %s", new.path)
+        return True
+
+    def _update_listeners(self, new: Config) -> None:
+        wanted = {lc.name: lc for lc in new.listeners}
+        for name, listener in list(self.listeners.items()):
+            lc = wanted.get(name)
+            keep = lc is not None and Listener(lc, listener.sock).identity() == listener.identity()
+            if keep and lc is not None:
+                listener.config = lc
+                del wanted[name]
+            else:
+                listener.close()
+                del self.listeners[name]
+                log.info("listener %s closed", name)
+        for lc in wanted.values():
+            try:
+                self._open(lc)
+                log.info("listener %s opened on %s", lc.name, lc.bind)
+            except OSError as exc:
+                log.error("%s", exc)

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Sets up a fresh Debian/Ubuntu machine for l4gw: system packages, then a
+# virtual environment in .venv with l4gw (editable) and its test tools.
+#
+#   scripts/install.sh            system packages + venv with test extras
+#   scripts/install.sh --runtime  only what the gateway needs at run time
+#                                 (the Containerfile's runtime stage)
+#
+# Idempotent: a second run installs nothing new.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+mode=${1:-dev}
+venv=${L4GW_VENV:-$here/.venv}
+
+runtime_pkgs=(python3 python3-venv libbpf1 libnftables1 nftables iproute2 ca-certificates)
+# Kernel tiers need the BPF object compiled; tests need real peers
+# (nginx, haproxy, redis, dnsmasq, dig, iperf3, wrk) and container tools.
+dev_pkgs=(clang llvm libbpf-dev linux-libc-dev make gcc python3-dev
+          nginx-light haproxy redis-server dnsmasq-base dnsutils iperf3 wrk
+          iputils-ping procps psmisc curl)
+
+sudo_() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+want=("${runtime_pkgs[@]}")
+[ "$mode" = "--runtime" ] || want+=("${dev_pkgs[@]}")
+missing=()
+for p in "${want[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install: apt packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  sudo_ apt-get update -qq
+  sudo_ apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# Debian starts these on install; the tests start their own instances.
+for svc in nginx haproxy redis-server; do
+  if command -v systemctl >/dev/null && systemctl is-active -q "$svc" 2>/dev/null; then
+    sudo_ systemctl disable --now "$svc" >/dev/null 2>&1 || true
+  fi
+done
+
+if [ "$mode" = "--runtime" ]; then
+  exit 0
+fi
+
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+"$venv/bin/pip" install -q --upgrade pip
+"$venv/bin/pip" install -q -e "$here[test]"
+# The example third-party plugin is installed like any other package, so
+# the tests prove that loading by entry point works.
+for ex in "$here"/examples/plugin-*/; do
+  [ -f "$ex/pyproject.toml" ] && "$venv/bin/pip" install -q -e "$ex"
+done
+make -s -C "$here/bpf" || echo "install: BPF object not built (the sockmap tier will say why at run time)"
+echo "install: ready ($venv)"

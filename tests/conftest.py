@@ -1,0 +1,42 @@
+"""Shared fixtures: gateway processes, and the privileged-test policy.
+
+A test marked ``privileged`` (namespaces, nftables, BPF) is skipped only when
+not root *and* not under CI; under CI a privileged test that cannot run fails.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from gwproc import GatewayProcess
+
+IS_ROOT = os.geteuid() == 0
+IN_CI = bool(os.environ.get("CI"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if IS_ROOT or IN_CI:
+        return
+    skip = pytest.mark.skip(reason="needs root (and CI is unset)")
+    for item in items:
+        if "privileged" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
+    """Factory: ``gateway(config_text, name="gw")`` starts ``l4gw run`` and waits until ready."""
+    started: list[GatewayProcess] = []
+
+    def start(config: str, name: str = "gw", wait_ready: bool = True, **kw: object) -> GatewayProcess:
+        gw = GatewayProcess(tmp_path, config, name, **kw)  # type: ignore[arg-type]
+        started.append(gw)
+        return gw.start(wait_ready=wait_ready)
+
+    yield start
+    for gw in started:
+        gw.stop()

