@@ -5,11 +5,17 @@
  *
  * Rules kept (reference/sockmap.md §7/§8; the numbers are §8's):
  *  R1  Attached as BPF_SK_SKB_STREAM_VERDICT with no parser; redirect flags 0 (egress).
- *  R2  Never SK_DROP: a missing peer or a failed redirect returns SK_PASS, so the bytes
+ *  R2  Never SK_DROP for payload: a missing peer or a failed redirect returns SK_PASS, so the bytes
  *      stay readable and rmem-charged on the source (the window closes) instead of being
  *      ACKed and freed. Both are counted as anomalies.
- *  R3  A zero-length skb (pure FIN) is passed, never redirected: the backlog treats a
- *      0-byte send as a hard error and would put EPIPE on the peer.
+ *  R3  A zero-length skb (pure FIN) is never redirected: the backlog treats a 0-byte
+ *      send as a hard error and would put EPIPE on the peer. It is not passed either,
+ *      unlike §8 R3 says: when this socket's own redirect backlog (ingress_skb) is
+ *      non-empty, sk_psock_verdict_apply queues a PASSed skb behind it, the worker
+ *      "sends" it out of this socket with len 0 and sets EPIPE here, killing the
+ *      reverse direction [measured on 6.18: FIN on A while B->A streamed]. Dropping
+ *      a 0-byte skb loses no payload (tcp_eat_skb is a no-op for len 0) and the FIN
+ *      state is already in sk_shutdown (RDHUP, recv() == 0).
  *  R4  Redirect through l4gw_targets (no program attached), which userspace fills before
  *      l4gw_active, so the peer always exists once a verdict can run.
  *  R13 Counting never changes the verdict; counters live in pre-created HASH entries
@@ -70,7 +76,7 @@ int l4gw_verdict(struct __sk_buff *skb)
 	if (len == 0) {
 		if (c)
 			__sync_fetch_and_add(&c->fin, 1);
-		return SK_PASS;
+		return SK_DROP;
 	}
 	peer = bpf_map_lookup_elem(&l4gw_peers, &cookie);
 	if (!peer) {

@@ -84,14 +84,15 @@ async def handle(
     upstream: list[socket.socket] = []
     try:
         flow.close_reason = await _serve(rt, lc, sock, flow, upstream)
-    except trio.Cancelled:
-        flow.close_reason = CloseReason.DRAIN if draining() else CloseReason.INTERNAL_ERROR
-        raise
     except Exception as exc:
         log.exception("connection %d: internal error", flow.id)
         flow.close_reason = CloseReason.INTERNAL_ERROR
         flow.error = repr(exc)
     finally:
+        if flow.close_reason is None:
+            # Cancelled (possibly inside an exception group): only the drain
+            # cancels connections.
+            flow.close_reason = CloseReason.DRAIN if draining() else CloseReason.INTERNAL_ERROR
         for s in upstream:
             s.close()
         sock.close()
@@ -289,9 +290,8 @@ def _proxy_header(cluster: ClusterConfig, flow: Flow) -> bytes:
     tlvs: list[tuple[int, bytes]] = []
     if flow.sni:
         tlvs.append((proxy_protocol.PP2_TYPE_AUTHORITY, flow.sni.encode()))
-    traceparent = flow.attributes.get("l4gw.traceparent")
-    if cluster.proxy_protocol_traceparent and isinstance(traceparent, str):
-        tlvs.append((proxy_protocol.PP2_TYPE_TRACEPARENT, traceparent.encode()))
+    if cluster.proxy_protocol_traceparent and flow.traceparent_out:
+        tlvs.append((proxy_protocol.PP2_TYPE_TRACEPARENT, flow.traceparent_out.encode()))
     return proxy_protocol.encode_v2(src, dst, tlvs=tlvs)
 
 

@@ -71,6 +71,7 @@ class Flow(RelayStats):
         "ended",
         "endpoint",
         "error",
+        "event_times",
         "events",
         "id",
         "listener",
@@ -81,7 +82,9 @@ class Flow(RelayStats):
         "started",
         "started_monotonic",
         "tier",
+        "trace_id",
         "trace_parent",
+        "traceparent_out",
         "transport",
     )
 
@@ -131,8 +134,18 @@ class Flow(RelayStats):
         """A short description of the error that ended it, if any."""
         self.trace_parent: str | None = None
         """W3C traceparent received in a PROXY v2 TLV, if any."""
+        self.trace_id: str | None = None
+        """Hex trace id of the connection's span when it is sampled (for access logs);
+        set by the telemetry plugin when the connection opens, else None."""
+        self.traceparent_out: str | None = None
+        """W3C traceparent to send upstream in the PROXY v2 TRACEPARENT TLV; set by the
+        telemetry plugin (after a successful connect) for clusters that send one."""
         self.attributes: dict[str, Any] = {}
+        """Span attributes added by plugins (:meth:`set_attribute`)."""
         self.events: list[tuple[str, dict[str, Any]]] = []
+        """Span events ``(name, attributes)`` in order (:meth:`add_event`)."""
+        self.event_times: list[int] = []
+        """Wall-clock time (ns since the epoch) of each entry of ``events``, same index."""
 
     @property
     def spliced(self) -> bool:
@@ -148,8 +161,9 @@ class Flow(RelayStats):
         self.attributes[key] = value
 
     def add_event(self, name: str, **attributes: Any) -> None:
-        """Add an event to the connection's span."""
+        """Add an event, stamped with the current time, to the connection's span."""
         self.events.append((name, attributes))
+        self.event_times.append(time.time_ns())
 
     def __repr__(self) -> str:
         return f"<Flow {self.id} {self.transport} {self.client} -> {self.destination}>"

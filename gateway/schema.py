@@ -60,13 +60,14 @@ def check_section(
     """Validate one table against ``schema``.
 
     Returns the converted values (defaults filled in), or None when ``raw`` is
-    not a table at all. Problems are appended to ``problems`` as
+    not a table or any of its keys has a problem. Problems are appended to ``problems`` as
     ``"path.key: message"``.
     """
     if not isinstance(raw, Mapping):
         problems.append(f"{path}: expected a table, got {type_name(raw)}")
         return None
     out: dict[str, Any] = {}
+    before = len(problems)
     for key in raw:
         if key not in schema:
             problems.append(f"{join(path, key)}: unknown key")
@@ -82,7 +83,7 @@ def check_section(
         except Invalid as exc:
             for sub, message in exc.problems:
                 problems.append(f"{join(path, key)}{sub}: {message}")
-    return out
+    return out if len(problems) == before else None
 
 
 def join(path: str, key: str) -> str:

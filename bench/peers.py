@@ -1,0 +1,268 @@
+"""The processes a benchmark run starts: backends, proxies, and their cleanup.
+
+Rules kept here:
+
+* Everything listens on 127.0.0.1 only, on ports the kernel picked free.
+* Every child is started in its own session (so a Ctrl-C at the terminal
+  reaches only the benchmark, which then stops the children in order) and is
+  registered in a :class:`Children` that terminates, then kills, each of
+  them, whatever happened.
+* Readiness is the listening socket in ``/proc/net/tcp``, not a probe
+  connection: a probe through a proxy would reach iperf3's server and
+  disturb its control protocol.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LOOPBACK = "127.0.0.1"
+_TCP_LISTEN = "0A"
+
+
+class Children:
+    """The child processes of one run; :meth:`stop_all` is safe to call twice."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, argv: Sequence[str], cwd: Path | None = None) -> Child:
+        """Start ``argv`` with stdout and stderr in ``<workdir>/<name>.log``."""
+        log_path = self.workdir / f"{name}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                list(argv),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=cwd,
+                start_new_session=True,
+            )
+        self.procs.append((name, proc))
+        return Child(name, proc, log_path)
+
+    def stop_all(self, timeout: float = 5.0) -> None:
+        """SIGTERM every live child, then SIGKILL what is left after ``timeout``."""
+        for _, proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for _, proc in reversed(self.procs):
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+
+
+class Child:
+    """One started process and its log."""
+
+    def __init__(self, name: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+        self.name = name
+        self.proc = proc
+        self.log_path = log_path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def check_alive(self) -> None:
+        """Raise with the log's tail when the process has exited."""
+        if self.proc.poll() is not None:
+            tail = self.log()[-2000:]
+            raise RuntimeError(f"{self.name} exited ({self.proc.returncode}):\n{tail}")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the process and its reaped children so far."""
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        # Fields 14-17 of proc(5): utime stime cutime cstime (index 0 here is field 3).
+        ticks = sum(int(f) for f in fields[11:15])
+        return ticks / os.sysconf("SC_CLK_TCK")
+
+    def wait_listening(self, ports: Sequence[int], timeout: float = 15.0) -> None:
+        """Wait until every port in ``ports`` has a listening socket on 127.0.0.1."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_alive()
+            if set(ports) <= listening_ports():
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: {list(ports)} not listening:\n{self.log()}")
+            time.sleep(0.02)
+
+
+def listening_ports() -> set[int]:
+    """Ports with a TCP listener bound to 127.0.0.1 or 0.0.0.0 (IPv4)."""
+    ports: set[int] = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        parts = line.split()
+        local, state = parts[1], parts[3]
+        host, port = local.split(":")
+        if state == _TCP_LISTEN and host in ("0100007F", "00000000"):
+            ports.add(int(port, 16))
+    return ports
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+# --- backends ----------------------------------------------------------------
+
+
+def nginx_config(workdir: Path, port: int) -> str:
+    """One worker returning a small static 200 on ``/``; every file in ``workdir``."""
+    return f"""
+daemon off;
+master_process on;
+worker_processes 1;
+pid {workdir}/nginx.pid;
+error_log {workdir}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {workdir}/nginx-body;
+    proxy_temp_path {workdir}/nginx-proxy;
+    fastcgi_temp_path {workdir}/nginx-fastcgi;
+    uwsgi_temp_path {workdir}/nginx-uwsgi;
+    scgi_temp_path {workdir}/nginx-scgi;
+    # nginx closes a keepalive connection after 1000 requests by default,
+    # which would turn the keepalive load into a partly reconnecting one.
+    keepalive_requests 10000000;
+    keepalive_timeout 75s;
+    server {{
+        listen {LOOPBACK}:{port} reuseport backlog=4096;
+        location / {{
+            default_type text/plain;
+            return 200 "hello from the bench backend\\n";
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx(children: Children, port: int) -> Child:
+    cfg = children.workdir / "nginx.conf"
+    cfg.write_text(nginx_config(children.workdir, port))
+    child = children.start("nginx", ["nginx", "-c", str(cfg), "-p", str(children.workdir)])
+    child.wait_listening([port])
+    return child
+
+
+def start_iperf3_server(children: Children, port: int) -> Child:
+    child = children.start("iperf3-server", ["iperf3", "-s", "-B", LOOPBACK, "-p", str(port)])
+    child.wait_listening([port])
+    return child
+
+
+# --- proxies -----------------------------------------------------------------
+
+
+def gateway_config(routes: dict[str, tuple[int, int]], extra: str = "") -> str:
+    """An ``l4gw`` config: one listener and one single-endpoint cluster per route.
+
+    Args:
+        routes: ``{name: (listen_port, backend_port)}``.
+        extra: lines added to the ``[gateway]`` table.
+    """
+    parts = [f'[gateway]\ndrain_timeout = "1s"\nlog_level = "warning"\n{extra}\n']
+    for name, (listen, backend) in routes.items():
+        parts.append(
+            f"""
+[[listener]]
+name = "{name}"
+bind = "{LOOPBACK}:{listen}"
+max_connections = 20000
+
+[[route]]
+listener = "{name}"
+cluster = "{name}"
+
+[cluster.{name}]
+endpoints = ["{LOOPBACK}:{backend}"]
+connect_timeout = "2s"
+idle_timeout = "60s"
+"""
+        )
+    return "".join(parts)
+
+
+def start_gateway(
+    children: Children,
+    name: str,
+    routes: dict[str, tuple[int, int]],
+    extra: str = "",
+    reuseport: bool = False,
+) -> Child:
+    """A real ``l4gw run -c FILE`` (with ``reuseport``: through the bench's
+    SO_REUSEPORT wrapper, so that several processes can share the ports)."""
+    cfg = children.workdir / f"{name}.toml"
+    cfg.write_text(gateway_config(routes, extra))
+    if reuseport:
+        argv = [sys.executable, str(Path(__file__).with_name("reuseport_gateway.py"))]
+    else:
+        argv = [sys.executable, "-m", "gateway.cli"]
+    child = children.start(name, [*argv, "run", "-c", str(cfg)], cwd=ROOT)
+    child.wait_listening([listen for listen, _ in routes.values()])
+    return child
+
+
+def haproxy_config(routes: dict[str, tuple[int, int]], nbthread: int | None) -> str:
+    """HAProxy in ``mode tcp``: one frontend/backend pair per route.
+
+    Args:
+        routes: ``{name: (listen_port, backend_port)}``.
+        nbthread: threads; None keeps HAProxy's default (one per CPU it may
+            run on, since 2.5).
+    """
+    threads = f"    nbthread {nbthread}\n" if nbthread else ""
+    out = [
+        "global\n"
+        f"{threads}"
+        "    maxconn 8000\n"
+        "defaults\n"
+        "    mode tcp\n"
+        "    timeout connect 2s\n"
+        "    timeout client 60s\n"
+        "    timeout server 60s\n"
+    ]
+    for name, (listen, backend) in routes.items():
+        out.append(
+            f"frontend fe_{name}\n"
+            f"    bind {LOOPBACK}:{listen}\n"
+            f"    default_backend be_{name}\n"
+            f"backend be_{name}\n"
+            f"    server s1 {LOOPBACK}:{backend}\n"
+        )
+    return "".join(out)
+
+
+def start_haproxy(
+    children: Children, name: str, routes: dict[str, tuple[int, int]], nbthread: int | None
+) -> Child:
+    cfg = children.workdir / f"{name}.cfg"
+    cfg.write_text(haproxy_config(routes, nbthread))
+    # -db: stay in the foreground without a master process, so SIGTERM ends it.
+    child = children.start(name, ["haproxy", "-f", str(cfg), "-db"])
+    child.wait_listening([listen for listen, _ in routes.values()])
+    return child

@@ -1,0 +1,376 @@
+#!/usr/bin/env python3
+"""Benchmark the gateway core against a direct connection and HAProxy.
+
+One run starts the backends (an iperf3 server, an nginx returning a small
+200) and the proxies (``l4gw run`` and ``haproxy -db`` in mode tcp, both
+single-threaded), then runs every load against every path in interleaved
+rounds: round r runs each load on the paths in an order rotated by r, so
+slow drift of the machine (thermal, other tenants) spreads over all paths
+instead of landing on one. It prints a table of medians with the
+gateway÷direct and gateway÷haproxy ratios, and optionally writes JSON.
+
+    .venv/bin/python bench/run.py                      # the full run (~4 min)
+    .venv/bin/python bench/run.py --quick              # smoke: 1 s each, 1 round
+    .venv/bin/python bench/run.py --only wrk-close --paths gateway,gateway-x2
+
+Everything is on 127.0.0.1; every child process is stopped on exit,
+including Ctrl-C and SIGTERM. See bench/README.md for what the numbers mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from loads import DEFAULT_LOADS, LOADS, Load, LoadFailed, Metrics, run_load
+from peers import (
+    ROOT,
+    Child,
+    Children,
+    free_port,
+    start_gateway,
+    start_haproxy,
+    start_iperf3_server,
+    start_nginx,
+)
+
+PATHS = ("direct", "gateway", "haproxy", "haproxy-mt", "gateway-x2")
+DEFAULT_PATHS = ("direct", "gateway", "haproxy")
+PATH_NOTES = {
+    "direct": "client -> backend",
+    "gateway": "l4gw run, one process (one trio thread), copy relay",
+    "haproxy": "haproxy mode tcp, nbthread 1",
+    "haproxy-mt": "haproxy mode tcp, default nbthread (one per CPU)",
+    "gateway-x2": "two l4gw processes sharing the ports with SO_REUSEPORT",
+}
+TOOLS = ("iperf3", "wrk", "nginx", "haproxy")
+
+
+@dataclass
+class Path_:
+    """One way from the client to the backends."""
+
+    name: str
+    ports: dict[str, int]
+    """Backend kind ("iperf", "http") -> the port the client connects to."""
+    procs: list[Child] = field(default_factory=list)
+    """The proxy processes whose CPU time is measured (none for direct)."""
+
+    def cpu_seconds(self) -> float:
+        return sum(p.cpu_seconds() for p in self.procs)
+
+    def check_alive(self) -> None:
+        for p in self.procs:
+            p.check_alive()
+
+
+class _Stop(Exception):
+    """SIGTERM: unwind through the ``finally`` that stops the children."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        print(f"bench: missing tools {missing}: run scripts/install.sh", file=sys.stderr)
+        return 2
+    loads = [LOADS[name] for name in args.only]
+    workdir = Path(tempfile.mkdtemp(prefix="l4gw-bench-"))
+    children = Children(workdir)
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        raise _Stop()
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        paths = _start(children, args, {load.backend for load in loads})
+        if args.warmup > 0:
+            _log(f"warm-up {args.warmup:g}s per path and load")
+            for load in loads:
+                for path in paths:
+                    _measure(load, path, args.warmup)
+        samples = _rounds(loads, paths, args)
+        report = _report(args, loads, paths, samples)
+        print(_table(report))
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+            _log(f"wrote {args.json}")
+        return 0
+    except (KeyboardInterrupt, _Stop):
+        _log("interrupted: stopping the children")
+        return 130
+    except (LoadFailed, RuntimeError) as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        children.stop_all()
+        if args.keep:
+            _log(f"logs and configs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per measurement (5)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (3)")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per cell (1)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 s, 1 round, no warm-up")
+    p.add_argument(
+        "--only",
+        default=",".join(DEFAULT_LOADS),
+        help=f"comma-separated loads, of {', '.join(LOADS)} (default: {','.join(DEFAULT_LOADS)})",
+    )
+    p.add_argument(
+        "--paths",
+        default=",".join(DEFAULT_PATHS),
+        help=f"comma-separated paths, of {', '.join(PATHS)} (default: {','.join(DEFAULT_PATHS)})",
+    )
+    p.add_argument("--gateway-extra", default="", help="TOML lines added to the [gateway] table")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.duration, args.rounds, args.warmup = 1.0, 1, 0.0
+    args.only = [x for x in args.only.split(",") if x]
+    args.paths = [x for x in args.paths.split(",") if x]
+    for name in args.only:
+        if name not in LOADS:
+            p.error(f"unknown load {name!r}; loads: {', '.join(LOADS)}")
+    for name in args.paths:
+        if name not in PATHS:
+            p.error(f"unknown path {name!r}; paths: {', '.join(PATHS)}")
+    if args.duration < 1 or args.rounds < 1:
+        p.error("--duration must be >= 1 and --rounds >= 1")
+    return args
+
+
+def _start(children: Children, args: argparse.Namespace, backends: set[str]) -> list[Path_]:
+    targets: dict[str, int] = {}
+    if "iperf" in backends:
+        targets["iperf"] = free_port()
+        start_iperf3_server(children, targets["iperf"])
+    if "http" in backends:
+        targets["http"] = free_port()
+        start_nginx(children, targets["http"])
+    paths: list[Path_] = []
+    for name in args.paths:
+        if name == "direct":
+            paths.append(Path_(name, dict(targets)))
+            continue
+        routes = {kind: (free_port(), port) for kind, port in targets.items()}
+        ports = {kind: listen for kind, (listen, _) in routes.items()}
+        if name == "gateway":
+            procs = [start_gateway(children, name, routes, args.gateway_extra)]
+        elif name == "gateway-x2":
+            procs = [
+                start_gateway(children, f"{name}-{i}", routes, args.gateway_extra, reuseport=True)
+                for i in (1, 2)
+            ]
+        else:
+            procs = [start_haproxy(children, name, routes, 1 if name == "haproxy" else None)]
+        paths.append(Path_(name, ports, procs))
+    _log("paths: " + "; ".join(f"{p.name} {p.ports}" for p in paths))
+    return paths
+
+
+def _measure(load: Load, path: Path_, seconds: float) -> Metrics:
+    path.check_alive()
+    cpu0, t0 = path.cpu_seconds(), time.monotonic()
+    metrics = run_load(load, path.ports[load.backend], seconds)
+    cpu1, t1 = path.cpu_seconds(), time.monotonic()
+    path.check_alive()
+    if path.procs:
+        metrics["proxy_cpu_pct"] = 100 * (cpu1 - cpu0) / (t1 - t0)
+    return metrics
+
+
+Samples = dict[str, dict[str, list[Metrics]]]
+
+
+def _rounds(loads: list[Load], paths: list[Path_], args: argparse.Namespace) -> Samples:
+    samples: Samples = {load.name: {p.name: [] for p in paths} for load in loads}
+    for r in range(args.rounds):
+        for load in loads:
+            shift = r % len(paths)
+            for path in paths[shift:] + paths[:shift]:
+                m = _measure(load, path, args.duration)
+                samples[load.name][path.name].append(m)
+                shown = ", ".join(f"{k}={m[k]:.4g}" for k in _shown_keys(load, m))
+                _log(f"round {r + 1}/{args.rounds} {load.name:16} {path.name:11} {shown}")
+    return samples
+
+
+def _shown_keys(load: Load, m: Metrics) -> list[str]:
+    keys = [metric.key for metric in load.metrics] + ["proxy_cpu_pct"]
+    keys += [k for k in ("connect_errors", "write_errors", "timeouts", "non_2xx") if m.get(k)]
+    return [k for k in keys if k in m]
+
+
+def _report(
+    args: argparse.Namespace, loads: list[Load], paths: list[Path_], samples: Samples
+) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for load in loads:
+        per_path: dict[str, Any] = {}
+        for path in paths:
+            runs = samples[load.name][path.name]
+            keys = sorted({k for run in runs for k in run})
+            per_path[path.name] = {
+                "median": {k: statistics.median(run[k] for run in runs if k in run) for k in keys},
+                "min": {k: min(run[k] for run in runs if k in run) for k in keys},
+                "max": {k: max(run[k] for run in runs if k in run) for k in keys},
+                "samples": runs,
+            }
+        results[load.name] = {
+            "description": load.description,
+            "metrics": [
+                {"key": m.key, "label": m.label, "higher_is_better": m.higher_is_better}
+                for m in load.metrics
+            ],
+            "paths": per_path,
+        }
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "settings": {
+            "duration_s": args.duration,
+            "rounds": args.rounds,
+            "warmup_s": args.warmup,
+            "paths": {p.name: PATH_NOTES[p.name] for p in paths},
+            "gateway_extra": args.gateway_extra,
+            "gateway_plugins": _gateway_plugins(),
+        },
+        "results": results,
+    }
+
+
+def _table(report: dict[str, Any]) -> str:
+    """Medians per load and metric, with the gateway's ratios (Markdown)."""
+    results: dict[str, Any] = report["results"]
+    paths = list(next(iter(results.values()))["paths"])
+    ratio_cols = [
+        (a, b)
+        for a, b in (("gateway", "direct"), ("gateway", "haproxy"))
+        if a in paths and b in paths
+    ]
+    head = ["load", "metric", *paths, *(f"gw÷{b}" for _, b in ratio_cols)]
+    rows: list[list[str]] = []
+    for name, res in results.items():
+        per_path = res["paths"]
+        metrics = [(m["key"], m["label"]) for m in res["metrics"]]
+        metrics.append(("proxy_cpu_pct", "proxy CPU %"))
+        for i, (key, label) in enumerate(metrics):
+            cells = [name if i == 0 else "", label]
+            values: dict[str, float] = {}
+            for path in paths:
+                med = per_path[path]["median"].get(key)
+                if med is None:
+                    cells.append("-")
+                    continue
+                values[path] = med
+                cells.append(_fmt(med, per_path[path]["min"][key], per_path[path]["max"][key]))
+            for a, b in ratio_cols:
+                ok = a in values and b in values and values[b] > 0
+                cells.append(f"{values[a] / values[b]:.2f}" if ok else "-")
+            rows.append(cells)
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    m = report["machine"]
+    s = report["settings"]
+    out = [
+        f"{report['date']}  {m['cpu_model']} x{m['nproc']}  kernel {m['kernel']}  "
+        f"Python {m['python']}  trio {m['trio']}",
+        f"{s['rounds']} round(s) x {s['duration_s']:g} s per cell, median (spread = "
+        "(max-min)/2 over rounds, shown when > 2%); ratios of medians "
+        "(for p99, > 1 means slower)",
+        "",
+        line(head),
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+        *(line(r) for r in rows),
+    ]
+    return "\n".join(out)
+
+
+def _fmt(median: float, lo: float, hi: float) -> str:
+    text = f"{median:.3g}" if median < 100 else f"{median:.0f}"
+    spread = (hi - lo) / 2 / median if median else 0.0
+    return f"{text} ±{spread * 100:.0f}%" if spread > 0.02 else text
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers come from."""
+    model = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "trio": _version_of("trio"),
+        "tools": {
+            "haproxy": _first_line(["haproxy", "-v"]),
+            "nginx": _first_line(["nginx", "-v"]),
+            "wrk": _first_line(["wrk", "-v"]),
+            "iperf3": _first_line(["iperf3", "--version"]),
+        },
+    }
+
+
+def _version_of(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "?"
+
+
+def _first_line(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    text = (done.stdout or done.stderr).strip()
+    return text.splitlines()[0] if text else "?"
+
+
+def _gateway_plugins() -> list[str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "plugins"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+    return [line.split()[0] for line in done.stdout.splitlines() if line and not line[0].isspace()]
+
+
+def _log(text: str) -> None:
+    print(f"bench: {text}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
