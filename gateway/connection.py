@@ -141,17 +141,9 @@ async def _serve(
 
     plugins.observe("l4gw_connection_opened", flow=flow)
 
-    try:
-        admitted = await plugins.decide("l4gw_admit", rt.admit_open, flow=flow)
-    except Raised as exc:
-        flow.refused_by, flow.error = exc.plugin, repr(exc.error)
-        return CloseReason.PLUGIN_ERROR
-    if admitted is not None:
-        flow.refused_by, refusal = admitted
-        flow.refused_rule, flow.error = refusal.rule or None, refusal.reason
-        if refusal.reset:
-            abort_on_close(sock)
-        return CloseReason.REFUSED
+    refused = await _refused(rt, sock, flow, "l4gw_admit", flow=flow)
+    if refused:
+        return refused
 
     if lc.name in rt.peek_sni:
         await _peek_client_hello(lc, sock, flow)
@@ -168,6 +160,10 @@ async def _serve(
     cluster = route.cluster
     flow.route, flow.cluster = route.name, cluster.name
     flow.add_event("routed", route=route.name, cluster=cluster.name)
+
+    refused = await _refused(rt, sock, flow, "l4gw_routed", flow=flow, route=route)
+    if refused:
+        return refused
 
     up = await _connect(rt, cluster, route, flow)
     if up is None:
@@ -194,7 +190,27 @@ async def _serve(
                     return CloseReason.INTERNAL_ERROR
                 log.warning("plugin %s: relay failed before any byte, copying: %r", name, exc)
     flow.tier = "copy"
-    return await rt.copy.run(sock, up, flow, cluster.idle_timeout)
+    closed = await rt.copy.run(sock, up, flow, cluster.idle_timeout)
+    assert closed is not None  # None only when a promotion was asked for
+    return closed
+
+
+async def _refused(
+    rt: Runtime, sock: socket.socket, flow: Flow, hook: str, **kwargs: Any
+) -> str | None:
+    """Run a refusal hook (admit, routed); the close reason when it refuses."""
+    try:
+        refused = await rt.plugins.decide(hook, rt.admit_open, **kwargs)
+    except Raised as exc:
+        flow.refused_by, flow.error = exc.plugin, repr(exc.error)
+        return CloseReason.PLUGIN_ERROR
+    if refused is None:
+        return None
+    flow.refused_by, refusal = refused
+    flow.refused_rule, flow.error = refusal.rule or None, refusal.reason
+    if refusal.reset:
+        abort_on_close(sock)
+    return CloseReason.REFUSED
 
 
 async def _read_proxy_header(lc: ListenerConfig, sock: socket.socket, flow: Flow) -> str | None:

@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Final
 
 import trio
@@ -49,6 +52,25 @@ def abort_on_close(sock: socket.socket) -> None:
         pass
 
 
+@dataclass(frozen=True, slots=True)
+class Promotion:
+    """When a flow leaves the copy tier for a kernel tier.
+
+    Attributes:
+        after_bytes: promote once this many bytes moved (both directions).
+        at: promote at this ``trio.current_time()`` (checked when bytes move).
+    """
+
+    after_bytes: int
+    at: float
+
+    def due(self, stats: RelayStats) -> bool:
+        return (
+            stats.bytes_from_client + stats.bytes_to_client >= self.after_bytes
+            or trio.current_time() >= self.at
+        )
+
+
 class CopyRelay:
     """The copy tier; one instance per process holds the shared scratch buffer."""
 
@@ -62,21 +84,24 @@ class CopyRelay:
         upstream: socket.socket,
         stats: RelayStats,
         idle_timeout: float,
-    ) -> str:
+        promotion: Promotion | None = None,
+    ) -> str | None:
         """Relay until both directions ended, one side reset, or the pair idled.
 
+        With ``promotion``, return None as soon as it is due while both
+        directions are still open: at that point no byte is held in
+        userspace, so a kernel tier can take the sockets over in order.
+
         Returns:
-            The close reason (a :class:`CloseReason` value).
+            The close reason (a :class:`CloseReason` value), or None when promoted.
         """
-        first_eof: list[str] = []
-        scope = trio.CancelScope()
-        state = _State(scope, idle_timeout)
-        with scope:
-            state.touch()
+        pair = _Pair(idle_timeout, promotion)
+        with pair.scope:
+            pair.touch()
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._pump, upstream, client, stats, False, state, first_eof)
-                    await self._pump(client, upstream, stats, True, state, first_eof)
+                    nursery.start_soon(self._pump, upstream, client, stats, False, pair)
+                    await self._pump(client, upstream, stats, True, pair)
             except _Reset as reset:
                 return reset.reason
             except BaseExceptionGroup as group:
@@ -87,9 +112,11 @@ class CopyRelay:
                 first = resets.exceptions[0]
                 assert isinstance(first, _Reset)
                 return first.reason
-        if scope.cancelled_caught:
+        if pair.promoted:
+            return None
+        if pair.scope.cancelled_caught:
             return CloseReason.IDLE_TIMEOUT
-        return first_eof[0] if first_eof else CloseReason.CLIENT_EOF
+        return pair.first_eof or CloseReason.CLIENT_EOF
 
     async def _pump(
         self,
@@ -97,25 +124,25 @@ class CopyRelay:
         dst: socket.socket,
         stats: RelayStats,
         from_client: bool,
-        state: _State,
-        first_eof: list[str],
+        pair: _Pair,
     ) -> None:
         view = self._view
         size = len(view)
         chunks = 0
         src_reset = CloseReason.CLIENT_RESET if from_client else CloseReason.BACKEND_RESET
         dst_reset = CloseReason.BACKEND_RESET if from_client else CloseReason.CLIENT_RESET
-        while True:
+        while not pair.promoted:
             try:
                 n = src.recv_into(view, size)
             except BlockingIOError:
-                await wait_readable(src)
+                with pair.waiting(from_client):
+                    await wait_readable(src)
                 continue
             except OSError:
                 abort_on_close(dst)
                 raise _Reset(src_reset)
             if n == 0:
-                first_eof.append(CloseReason.CLIENT_EOF if from_client else CloseReason.BACKEND_EOF)
+                pair.eof(CloseReason.CLIENT_EOF if from_client else CloseReason.BACKEND_EOF)
                 try:
                     dst.shutdown(socket.SHUT_WR)
                 except OSError:
@@ -144,22 +171,53 @@ class CopyRelay:
                 stats.bytes_from_client += n
             else:
                 stats.bytes_to_client += n
-            state.touch()
+            pair.touch()
+            if pair.promotion is not None and pair.promotion.due(stats):
+                pair.promote()
+                return
             chunks += 1
             if chunks == _CHUNKS_PER_CHECKPOINT:
                 chunks = 0
                 await checkpoint()
 
 
-class _State:
-    """The idle deadline shared by both directions of one pair."""
+class _Pair:
+    """State shared by the two directions of one pair: idle deadline, EOFs, promotion."""
 
-    __slots__ = ("idle", "scope")
+    __slots__ = ("first_eof", "idle", "promoted", "promotion", "reading", "scope")
 
-    def __init__(self, scope: trio.CancelScope, idle: float) -> None:
-        self.scope = scope
+    def __init__(self, idle: float, promotion: Promotion | None) -> None:
+        self.scope = trio.CancelScope()
         self.idle = idle
+        self.promotion = promotion
+        self.promoted = False
+        self.first_eof: str | None = None
+        # The cancel scope of each direction's read wait, while it waits.
+        self.reading: dict[bool, trio.CancelScope] = {}
 
     def touch(self) -> None:
         if self.idle:
             self.scope.deadline = trio.current_time() + self.idle
+
+    def eof(self, reason: str) -> None:
+        if self.first_eof is None:
+            self.first_eof = reason
+        # A half-closed pair stays in this tier: kernel tiers need both open.
+        self.promotion = None
+
+    def promote(self) -> None:
+        self.promoted = True
+        # Wake the other direction only if it is waiting to read: then it
+        # holds no bytes. One that is writing finishes, then sees the flag.
+        for scope in self.reading.values():
+            scope.cancel()
+
+    @contextmanager
+    def waiting(self, direction: bool) -> Iterator[None]:
+        scope = trio.CancelScope()
+        self.reading[direction] = scope
+        try:
+            with scope:
+                yield
+        finally:
+            del self.reading[direction]

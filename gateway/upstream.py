@@ -40,7 +40,10 @@ async def connect(
             bind was not allowed.
     """
     family = endpoint.family
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:  # EMFILE/ENFILE: out of descriptors
+        raise ConnectFailed(f"no socket: {exc.strerror}")
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -7,6 +7,7 @@ import pytest
 from gateway import config as config_mod
 from gateway.config import ConfigError
 from gateway.schema import parse_duration, size
+
 from gwproc import l4gw
 
 GOOD = """

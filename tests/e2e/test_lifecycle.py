@@ -7,8 +7,15 @@ import signal
 
 import trio
 
-from backends import AFTER_EOF, HEADER, ScriptedBackend, check_exchange, digest, recv_all
-from backends import scripted_exchange
+from backends import (
+    AFTER_EOF,
+    HEADER,
+    ScriptedBackend,
+    check_exchange,
+    digest,
+    recv_all,
+    scripted_exchange,
+)
 from gwproc import free_port
 from relay_helpers import payload
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import trio
 
-from backends import AFTER_EOF, CONCURRENT, FIRST, ScriptedBackend, check_exchange, scripted_exchange
+from backends import (
+    AFTER_EOF,
+    CONCURRENT,
+    FIRST,
+    ScriptedBackend,
+    check_exchange,
+    scripted_exchange,
+)
 from gwproc import free_port
 
 KiB, MiB = 1024, 1024 * 1024
