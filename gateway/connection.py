@@ -31,7 +31,7 @@ from .flow import CloseReason, Flow, Route
 from .peek import PeekFailed, peek, recv_exactly_queued
 from .plugin_manager import Plugins, Raised
 from .relay import CopyRelay, abort_on_close
-from .upstream import ConnectFailed, connect
+from .upstream import ConnectFailed, ResetAfterConnect, connect
 
 log = logging.getLogger("l4gw.conn")
 
@@ -141,7 +141,7 @@ async def _serve(
 
     plugins.observe("l4gw_connection_opened", flow=flow)
 
-    refused = await _refused(rt, sock, flow, "l4gw_admit", flow=flow)
+    refused = await _refused(rt, sock, flow, "l4gw_admit")
     if refused:
         return refused
 
@@ -161,13 +161,15 @@ async def _serve(
     flow.route, flow.cluster = route.name, cluster.name
     flow.add_event("routed", route=route.name, cluster=cluster.name)
 
-    refused = await _refused(rt, sock, flow, "l4gw_routed", flow=flow, route=route)
+    refused = await _refused(rt, sock, flow, "l4gw_routed", route=route)
     if refused:
         return refused
 
     up = await _connect(rt, cluster, route, flow)
-    if up is None:
-        return CloseReason.CONNECT_FAILED
+    if isinstance(up, str):
+        if up == CloseReason.BACKEND_RESET:
+            abort_on_close(sock)
+        return up
     upstream.append(up)
 
     if cluster.proxy_protocol != "none":
@@ -196,11 +198,11 @@ async def _serve(
 
 
 async def _refused(
-    rt: Runtime, sock: socket.socket, flow: Flow, hook: str, **kwargs: Any
+    rt: Runtime, sock: socket.socket, flow: Flow, hook: str, **more: Any
 ) -> str | None:
     """Run a refusal hook (admit, routed); the close reason when it refuses."""
     try:
-        refused = await rt.plugins.decide(hook, rt.admit_open, **kwargs)
+        refused = await rt.plugins.decide(hook, rt.admit_open, flow=flow, **more)
     except Raised as exc:
         flow.refused_by, flow.error = exc.plugin, repr(exc.error)
         return CloseReason.PLUGIN_ERROR
@@ -257,7 +259,8 @@ async def _peek_client_hello(lc: ListenerConfig, sock: socket.socket, flow: Flow
 
 async def _connect(
     rt: Runtime, cluster: ClusterConfig, route: Route, flow: Flow
-) -> socket.socket | None:
+) -> socket.socket | str:
+    """The connected upstream socket, or the close reason when none could be had."""
     source = (flow.client[0], 0) if cluster.upstream_source == "client" else None
     errors: list[str] = []
     with trio.move_on_after(cluster.connect_budget or float("inf")):
@@ -274,6 +277,9 @@ async def _connect(
                     error=str(exc),
                     seconds=time.monotonic() - start,
                 )
+                if isinstance(exc, ResetAfterConnect):
+                    flow.endpoint, flow.error = str(endpoint), str(exc)
+                    return CloseReason.BACKEND_RESET
                 continue
             rt.plugins.observe(
                 "l4gw_connect_attempt",
@@ -289,7 +295,7 @@ async def _connect(
     elif len(errors) < min(len(route.endpoints), cluster.connect_attempts):
         errors.append(f"connect budget {cluster.connect_budget:g}s spent")
     flow.error = "; ".join(errors)
-    return None
+    return CloseReason.CONNECT_FAILED
 
 
 def _proxy_header(cluster: ClusterConfig, flow: Flow) -> bytes:
@@ -299,7 +305,7 @@ def _proxy_header(cluster: ClusterConfig, flow: Flow) -> bytes:
         return (
             b"PROXY UNKNOWN\r\n"
             if cluster.proxy_protocol == "v1"
-            else (proxy_protocol.encode_v2(src, src, local=True))
+            else (proxy_protocol.encode_v2(None, None, local=True))
         )
     if cluster.proxy_protocol == "v1":
         return proxy_protocol.encode_v1(src, dst)
