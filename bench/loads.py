@@ -93,8 +93,8 @@ def parse_iperf3(output: str) -> Metrics:
     doc = json.loads(output)
     if "error" in doc:
         raise ValueError(doc["error"])
-    bps = float(doc["end"]["sum_received"]["bits_per_second"])
-    return {"gbit_s": bps / 1e9}
+    received = doc["end"]["sum_received"]
+    return {"gbit_s": float(received["bits_per_second"]) / 1e9, "bytes": float(received["bytes"])}
 
 
 _GBITS = Metric("gbit_s", "Gbit/s", True)

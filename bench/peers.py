@@ -35,7 +35,13 @@ class Children:
         self.workdir = workdir
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
 
-    def start(self, name: str, argv: Sequence[str], cwd: Path | None = None) -> Child:
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Child:
         """Start ``argv`` with stdout and stderr in ``<workdir>/<name>.log``."""
         log_path = self.workdir / f"{name}.log"
         with open(log_path, "wb") as log:
@@ -45,6 +51,7 @@ class Children:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 cwd=cwd,
+                env={**os.environ, **env} if env else None,
                 start_new_session=True,
             )
         self.procs.append((name, proc))
@@ -88,13 +95,19 @@ class Child:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the process and its reaped children so far."""
+        user, system = self.cpu_times()
+        return user + system
+
+    def cpu_times(self) -> tuple[float, float]:
+        """(user, system) CPU seconds of the process and its reaped children so far."""
         try:
             fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
-            return 0.0
+            return 0.0, 0.0
         # Fields 14-17 of proc(5): utime stime cutime cstime (index 0 here is field 3).
-        ticks = sum(int(f) for f in fields[11:15])
-        return ticks / os.sysconf("SC_CLK_TCK")
+        utime, stime, cutime, cstime = (int(f) for f in fields[11:15])
+        tick = os.sysconf("SC_CLK_TCK")
+        return (utime + cutime) / tick, (stime + cstime) / tick
 
     def wait_listening(self, ports: Sequence[int], timeout: float = 15.0) -> None:
         """Wait until every port in ``ports`` has a listening socket on 127.0.0.1."""
@@ -213,16 +226,25 @@ def start_gateway(
     routes: dict[str, tuple[int, int]],
     extra: str = "",
     reuseport: bool = False,
+    src: Path | None = None,
 ) -> Child:
-    """A real ``l4gw run -c FILE`` (with ``reuseport``: through the bench's
-    SO_REUSEPORT wrapper, so that several processes can share the ports)."""
+    """A real ``l4gw run -c FILE``.
+
+    Args:
+        reuseport: through the bench's SO_REUSEPORT wrapper, so that several
+            processes can share the ports.
+        src: run the ``gateway`` and ``l4gw_plugins`` packages found in this
+            directory instead of the working tree's (A/B of a code change:
+            copy the tree before the change there).
+    """
     cfg = children.workdir / f"{name}.toml"
     cfg.write_text(gateway_config(routes, extra))
     if reuseport:
         argv = [sys.executable, str(Path(__file__).with_name("reuseport_gateway.py"))]
     else:
         argv = [sys.executable, "-m", "gateway.cli"]
-    child = children.start(name, [*argv, "run", "-c", str(cfg)], cwd=ROOT)
+    env = {"PYTHONPATH": str(src)} if src else None
+    child = children.start(name, [*argv, "run", "-c", str(cfg)], cwd=src or ROOT, env=env)
     child.wait_listening([listen for listen, _ in routes.values()])
     return child
 

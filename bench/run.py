@@ -50,16 +50,27 @@ from peers import (
     start_nginx,
 )
 
-PATHS = ("direct", "gateway", "haproxy", "haproxy-mt", "gateway-x2")
-DEFAULT_PATHS = ("direct", "gateway", "haproxy")
+PATHS = ("direct", "gateway", "gateway-copy", "haproxy", "haproxy-mt", "gateway-x2")
+DEFAULT_PATHS = ("direct", "gateway", "gateway-copy", "haproxy")
 PATH_NOTES = {
     "direct": "client -> backend",
-    "gateway": "l4gw run, one process (one trio thread), copy relay",
+    "gateway": "l4gw run, one process (one trio thread), installed plugins, default config",
+    "gateway-copy": "the same with the relay plugin disabled: every byte through the core's "
+    "copy relay",
     "haproxy": "haproxy mode tcp, nbthread 1",
     "haproxy-mt": "haproxy mode tcp, default nbthread (one per CPU)",
     "gateway-x2": "two l4gw processes sharing the ports with SO_REUSEPORT",
 }
 TOOLS = ("iperf3", "wrk", "nginx", "haproxy")
+# Ratio columns of the table (numerator, denominator), shown when both ran.
+RATIOS = (
+    ("gateway", "direct"),
+    ("gateway", "haproxy"),
+    ("gateway-copy", "haproxy"),
+    ("gateway-x2", "gateway"),
+    ("haproxy-mt", "haproxy"),
+)
+_COPY_ONLY = 'disable_plugins = ["relay"]\n'
 
 
 @dataclass
@@ -72,8 +83,9 @@ class Path_:
     procs: list[Child] = field(default_factory=list)
     """The proxy processes whose CPU time is measured (none for direct)."""
 
-    def cpu_seconds(self) -> float:
-        return sum(p.cpu_seconds() for p in self.procs)
+    def cpu_times(self) -> tuple[float, float]:
+        times = [p.cpu_times() for p in self.procs]
+        return sum(u for u, _ in times), sum(s for _, s in times)
 
     def check_alive(self) -> None:
         for p in self.procs:
@@ -143,11 +155,21 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help=f"comma-separated paths, of {', '.join(PATHS)} (default: {','.join(DEFAULT_PATHS)})",
     )
     p.add_argument("--gateway-extra", default="", help="TOML lines added to the [gateway] table")
+    p.add_argument(
+        "--gateway-src",
+        action="append",
+        default=[],
+        metavar="LABEL=DIR",
+        help="add a path gw-LABEL: l4gw run from DIR/gateway and DIR/l4gw_plugins\n"
+        "(A/B a code change in one interleaved run; repeatable)",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
     args = p.parse_args(argv)
     if args.quick:
         args.duration, args.rounds, args.warmup = 1.0, 1, 0.0
+    # Other work on the machine moves every number: say how busy it was.
+    args.loadavg_at_start = Path("/proc/loadavg").read_text().split()[0]
     args.only = [x for x in args.only.split(",") if x]
     args.paths = [x for x in args.paths.split(",") if x]
     for name in args.only:
@@ -156,6 +178,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     for name in args.paths:
         if name not in PATHS:
             p.error(f"unknown path {name!r}; paths: {', '.join(PATHS)}")
+    args.sources = {}
+    for item in args.gateway_src:
+        label, _, src = item.partition("=")
+        if not label or not (Path(src) / "gateway" / "cli.py").is_file():
+            p.error(f"--gateway-src {item!r}: want LABEL=DIR with DIR/gateway/cli.py")
+        args.sources[f"gw-{label}"] = Path(src).resolve()
+        PATH_NOTES[f"gw-{label}"] = f"l4gw run from {src}"
+    args.paths += list(args.sources)
     if args.duration < 1 or args.rounds < 1:
         p.error("--duration must be >= 1 and --rounds >= 1")
     return args
@@ -178,6 +208,12 @@ def _start(children: Children, args: argparse.Namespace, backends: set[str]) -> 
         ports = {kind: listen for kind, (listen, _) in routes.items()}
         if name == "gateway":
             procs = [start_gateway(children, name, routes, args.gateway_extra)]
+        elif name == "gateway-copy":
+            extra = _COPY_ONLY + args.gateway_extra
+            procs = [start_gateway(children, name, routes, extra)]
+        elif name in args.sources:
+            src = args.sources[name]
+            procs = [start_gateway(children, name, routes, args.gateway_extra, src=src)]
         elif name == "gateway-x2":
             procs = [
                 start_gateway(children, f"{name}-{i}", routes, args.gateway_extra, reuseport=True)
@@ -192,12 +228,22 @@ def _start(children: Children, args: argparse.Namespace, backends: set[str]) -> 
 
 def _measure(load: Load, path: Path_, seconds: float) -> Metrics:
     path.check_alive()
-    cpu0, t0 = path.cpu_seconds(), time.monotonic()
+    (user0, sys0), t0 = path.cpu_times(), time.monotonic()
     metrics = run_load(load, path.ports[load.backend], seconds)
-    cpu1, t1 = path.cpu_seconds(), time.monotonic()
+    (user1, sys1), t1 = path.cpu_times(), time.monotonic()
     path.check_alive()
     if path.procs:
-        metrics["proxy_cpu_pct"] = 100 * (cpu1 - cpu0) / (t1 - t0)
+        # CPU per unit of work is the number to compare code changes by: it
+        # moves far less than throughput when other work shares the machine.
+        cpu = (user1 - user0) + (sys1 - sys0)
+        metrics["proxy_cpu_pct"] = 100 * cpu / (t1 - t0)
+        if cpu > 0:
+            # On loopback the kernel time includes the peers' receive path.
+            metrics["proxy_sys_pct"] = 100 * (sys1 - sys0) / cpu
+        if metrics.get("requests"):
+            metrics["proxy_us_per_req"] = 1e6 * cpu / metrics["requests"]
+        if metrics.get("bytes"):
+            metrics["proxy_ms_per_gb"] = 1e3 * cpu / (metrics["bytes"] / 1e9)
     return metrics
 
 
@@ -218,7 +264,8 @@ def _rounds(loads: list[Load], paths: list[Path_], args: argparse.Namespace) -> 
 
 
 def _shown_keys(load: Load, m: Metrics) -> list[str]:
-    keys = [metric.key for metric in load.metrics] + ["proxy_cpu_pct"]
+    keys = [metric.key for metric in load.metrics]
+    keys += ["proxy_cpu_pct", "proxy_us_per_req", "proxy_ms_per_gb"]
     keys += [k for k in ("connect_errors", "write_errors", "timeouts", "non_2xx") if m.get(k)]
     return [k for k in keys if k in m]
 
@@ -248,7 +295,7 @@ def _report(
         }
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
+        "machine": {**machine(), "loadavg_at_start": args.loadavg_at_start},
         "settings": {
             "duration_s": args.duration,
             "rounds": args.rounds,
@@ -265,19 +312,25 @@ def _table(report: dict[str, Any]) -> str:
     """Medians per load and metric, with the gateway's ratios (Markdown)."""
     results: dict[str, Any] = report["results"]
     paths = list(next(iter(results.values()))["paths"])
-    ratio_cols = [
-        (a, b)
-        for a, b in (("gateway", "direct"), ("gateway", "haproxy"))
-        if a in paths and b in paths
-    ]
-    head = ["load", "metric", *paths, *(f"gw÷{b}" for _, b in ratio_cols)]
+    ratio_cols = [(a, b) for a, b in RATIOS if a in paths and b in paths]
+    sources = [p for p in paths if p.startswith("gw-")]
+    ratio_cols += [(p, sources[0]) for p in sources[1:]]
+    short = {"gateway": "gw", "gateway-copy": "copy", "gateway-x2": "gw-x2"}
+    head = ["load", "metric", *paths, *(f"{short.get(a, a)}÷{b}" for a, b in ratio_cols)]
     rows: list[list[str]] = []
     for name, res in results.items():
         per_path = res["paths"]
         metrics = [(m["key"], m["label"]) for m in res["metrics"]]
         metrics.append(("proxy_cpu_pct", "proxy CPU %"))
-        for i, (key, label) in enumerate(metrics):
-            cells = [name if i == 0 else "", label]
+        metrics.append(("proxy_us_per_req", "proxy CPU µs/req"))
+        metrics.append(("proxy_ms_per_gb", "proxy CPU ms/GB"))
+        metrics.append(("proxy_sys_pct", "proxy CPU in kernel %"))
+        first = True
+        for key, label in metrics:
+            if all(key not in per_path[path]["median"] for path in paths):
+                continue
+            cells = [name if first else "", label]
+            first = False
             values: dict[str, float] = {}
             for path in paths:
                 med = per_path[path]["median"].get(key)
@@ -299,7 +352,9 @@ def _table(report: dict[str, Any]) -> str:
     s = report["settings"]
     out = [
         f"{report['date']}  {m['cpu_model']} x{m['nproc']}  kernel {m['kernel']}  "
-        f"Python {m['python']}  trio {m['trio']}",
+        f"Python {m['python']}  trio {m['trio']}  "
+        f"load average {m['loadavg_at_start']} at start, {m['loadavg']} at end",
+        f"gateway plugins: {', '.join(s['gateway_plugins'])}",
         f"{s['rounds']} round(s) x {s['duration_s']:g} s per cell, median (spread = "
         "(max-min)/2 over rounds, shown when > 2%); ratios of medians "
         "(for p99, > 1 means slower)",
@@ -325,6 +380,7 @@ def machine() -> dict[str, Any]:
             model = line.split(":", 1)[1].strip()
             break
     return {
+        "loadavg": Path("/proc/loadavg").read_text().split()[0],
         "nproc": len(os.sched_getaffinity(0)),
         "cpu_model": model,
         "kernel": platform.release(),

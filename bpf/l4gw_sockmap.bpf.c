@@ -18,6 +18,17 @@
  *      state is already in sk_shutdown (RDHUP, recv() == 0).
  *  R4  Redirect through l4gw_targets (no program attached), which userspace fills before
  *      l4gw_active, so the peer always exists once a verdict can run.
+ *  R12 Backpressure by credit: userspace keeps l4gw_credit[cookie].limit at "bytes the
+ *      peer has written + high watermark". A payload skb that would take the redirected
+ *      count past it is *held*: passed to this socket's own queue, where it is charged to
+ *      the receive buffer, so the TCP window closes and the sender stops. The redirect
+ *      backlog (which no socket is charged for) is thereby bounded by the watermark plus
+ *      one skb, whatever the poll rate of userspace.
+ *      Held bytes reach the peer through userspace (it reads them once the backlog has
+ *      drained, writes them to the peer, then adds them to credit.forwarded). Until
+ *      held == forwarded every further skb is held too, so the stream cannot reorder:
+ *      verdicts of one socket are serialised under its lock, so this check and the
+ *      count it compares against cannot interleave with another verdict of the socket.
  *  R13 Counting never changes the verdict; counters live in pre-created HASH entries
  *      keyed by socket cookie (no LRU: eviction would corrupt the drain check).
  */
@@ -32,7 +43,15 @@ struct l4gw_ctr {
 	__u64 skbs;	/* skbs redirected */
 	__u64 passes;	/* payload skbs passed (no peer entry): anomaly */
 	__u64 fails;	/* redirect helper failures (passed): anomaly */
-	__u64 fin;	/* zero-length skbs passed */
+	__u64 fin;	/* zero-length skbs seen (dropped: R3) */
+	__u64 held;	/* payload bytes held for userspace (R12) */
+	__u64 holds;	/* skbs held */
+};
+
+/* Written by userspace only. */
+struct l4gw_credit {
+	__u64 limit;		/* redirect while bytes + len <= limit */
+	__u64 forwarded;	/* held bytes userspace has written to the peer */
 };
 
 struct {
@@ -63,11 +82,19 @@ struct {
 	__type(value, struct l4gw_ctr);
 } l4gw_ctrs SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, L4GW_MAX_SOCKS);
+	__type(key, __u64);
+	__type(value, struct l4gw_credit);
+} l4gw_credit SEC(".maps");
+
 SEC("sk_skb/stream_verdict")
 int l4gw_verdict(struct __sk_buff *skb)
 {
 	__u64 cookie = bpf_get_socket_cookie(skb);
 	struct l4gw_ctr *c = bpf_map_lookup_elem(&l4gw_ctrs, &cookie);
+	struct l4gw_credit *credit;
 	__u32 len = skb->len;
 	__u64 *peer;
 	__u64 key;
@@ -82,6 +109,12 @@ int l4gw_verdict(struct __sk_buff *skb)
 	if (!peer) {
 		if (c)
 			__sync_fetch_and_add(&c->passes, 1);
+		return SK_PASS;
+	}
+	credit = bpf_map_lookup_elem(&l4gw_credit, &cookie);
+	if (c && credit && (c->held != credit->forwarded || c->bytes + len > credit->limit)) {
+		c->held += len;
+		c->holds += 1;
 		return SK_PASS;
 	}
 	key = *peer;

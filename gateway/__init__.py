@@ -2,7 +2,10 @@
 
 The public API for plugin authors is what ``__all__`` lists: the hook
 markers, the values hooks receive and return, and the config-schema pieces a
-plugin declares its ``[plugin.<name>]`` section with. Everything else in the
+plugin declares its ``[plugin.<name>]`` section with (:class:`Field` and the
+converters of :mod:`gateway.schema`: ``duration``, ``size``, ``integer``,
+``number``, ``boolean``, ``string``, ``name``, ``choice``, ``list_of``,
+``table``, ``address``, ``network``, ``port``). Everything else in the
 ``gateway`` package may change between releases.
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import pluggy
 
+from . import schema
 from .config import ClusterConfig, Config, Endpoint, ListenerConfig, RouteConfig
 from .flow import CloseReason, Flow, Refusal, Route
 from .relay_stats import RelayStats
@@ -36,4 +40,5 @@ __all__ = [
     "Schema",
     "__version__",
     "hookimpl",
+    "schema",
 ]

@@ -144,6 +144,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{args.config}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(args.log_level or config.gateway.log_level)
+    if config.tproxy is not None and config.tproxy.manage:
+        from .tproxy import TproxyError, managed
+
+        try:
+            # [tproxy] manage = true: rules up before the listeners, down after the drain.
+            with managed(config):
+                return run_gateway(config, plugins)
+        except TproxyError as exc:
+            log.error("tproxy: %s", exc)
+            return EXIT_RUNTIME
     return run_gateway(config, plugins)
 
 

@@ -431,6 +431,19 @@ def from_dict(raw: Mapping[str, Any], path: str, plugin_schemas: Mapping[str, s.
                     problems.append(
                         f'{where}: listener "{li.name}" is {li.protocol}, not {ic.protocol}'
                     )
+                elif li.port == 0:
+                    problems.append(f'{where}: listener "{li.name}" needs a fixed port for TPROXY')
+                else:
+                    # A listener socket has one family (IPv6 ones are V6ONLY), so TPROXY
+                    # can hand it only destinations of that family.
+                    version = 6 if li.family == socket.AF_INET6 else 4
+                    other = [str(n) for n in ic.destination if n.version != version]
+                    if other:
+                        problems.append(
+                            f"tproxy.intercept[{i}].destination: {', '.join(other)} cannot reach "
+                            f'the IPv{version} listener "{li.name}"; intercept them in another '
+                            f"[[tproxy.intercept]] with an IPv{10 - version} listener"
+                        )
 
     tel = s.check_section(raw.get("telemetry", {}), "telemetry", TELEMETRY, problems)
     telemetry = TelemetryConfig(**tel) if tel else None

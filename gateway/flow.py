@@ -58,7 +58,9 @@ class Flow(RelayStats):
     """The context of one TCP connection or UDP session, as hooks see it.
 
     ``bytes_from_client`` and ``bytes_to_client`` (from RelayStats) count
-    payload as it moves, whichever relay tier moves it.
+    payload as it moves, whichever relay tier moves it. For a UDP session
+    ``datagrams_from_client`` and ``datagrams_to_client`` count the datagrams
+    forwarded each way (they stay 0 for TCP).
     """
 
     __slots__ = (
@@ -67,6 +69,8 @@ class Flow(RelayStats):
         "client",
         "close_reason",
         "cluster",
+        "datagrams_from_client",
+        "datagrams_to_client",
         "destination",
         "ended",
         "endpoint",
@@ -117,6 +121,10 @@ class Flow(RelayStats):
         """Name of the cluster chosen."""
         self.endpoint: str | None = None
         """The backend address connected to ("ip:port")."""
+        self.datagrams_from_client = 0
+        """UDP: datagrams received from the client and sent upstream."""
+        self.datagrams_to_client = 0
+        """UDP: datagrams received from the upstream and sent to the client."""
         self.started = time.time()
         """Wall-clock start (seconds since the epoch)."""
         self.started_monotonic = time.monotonic()

@@ -10,11 +10,12 @@ Three kinds of hooks:
 * **Lifecycle** (``l4gw_config_sections``, ``l4gw_configure``,
   ``l4gw_startup``, ``l4gw_reopen``, ``l4gw_shutdown``): called once per
   event, outside the connection path.
-* **Decisions** (``l4gw_admit``, ``l4gw_route``, ``l4gw_relay``): called per
-  connection, in plugin order (pluggy's: last registered first, ``tryfirst``
-  and ``trylast`` adjust); the first non-None result wins. An implementation
-  may be ``async def`` or return an awaitable; the core awaits it. Keep them
-  fast: they run on the connection's path.
+* **Decisions** (``l4gw_admit``, ``l4gw_route``, ``l4gw_routed``,
+  ``l4gw_relay``): called per connection, in plugin order (pluggy's: last
+  registered first, ``tryfirst`` and ``trylast`` adjust); the first non-None
+  result wins. An implementation may be ``async def`` or return an
+  awaitable; the core awaits it. Keep them fast: they run on the
+  connection's path.
 * **Observers** (``l4gw_connection_opened``, ``l4gw_connect_attempt``,
   ``l4gw_connection_closed``): called for every plugin, each one's error
   logged and isolated, so one failing observer cannot silence the others.
@@ -120,6 +121,29 @@ def l4gw_route(flow: Flow, config: Config) -> Route | Awaitable[Route | None] | 
     Raises: with ``[gateway] route_on_error = "closed"`` (default) the
     connection is refused (``plugin_error``); with "open" the next plugin is
     asked.
+    """
+
+
+@hookspec
+def l4gw_routed(flow: Flow, route: Route) -> Refusal | Awaitable[Refusal | None] | None:
+    """Accept or refuse a routed connection before anything is connected upstream.
+
+    Called after ``l4gw_route`` chose ``route`` (``flow.route`` and
+    ``flow.cluster`` are set), before the first connect attempt. Return a
+    :class:`gateway.Refusal` to refuse (the first one wins), None to let it
+    through. Limits that depend on the route or the cluster live here
+    (per-route rates, per-cluster connection caps): ``l4gw_admit`` runs
+    before routing and cannot know them. Keep it fast, like admit.
+
+    Example::
+
+        @hookimpl
+        def l4gw_routed(flow, route):
+            if route.cluster.name == "batch" and busy():
+                return Refusal("batch cluster busy", rule="batch_busy")
+
+    Raises: handled like ``l4gw_admit`` (``[gateway] admit_on_error``):
+    refused with ``plugin_error`` when "closed", the plugin skipped when "open".
     """
 
 

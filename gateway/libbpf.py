@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno as _errno
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any, Final
 
 __all__ = [
@@ -31,12 +32,16 @@ __all__ = [
     "BPF_SK_SKB_STREAM_VERDICT",
     "BpfError",
     "BpfObject",
+    "KernelObject",
     "install_logging",
+    "kernel_objects",
     "link_create",
     "map_delete_elem",
+    "map_fd_by_id",
     "map_get_next_key",
     "map_lookup_elem",
     "map_update_elem",
+    "object_exists",
     "prog_attach",
     "prog_detach",
 ]
@@ -77,6 +82,15 @@ int bpf_map_get_next_key(int fd, const void *key, void *next_key);
 int bpf_prog_attach(int prog_fd, int attachable_fd, int type, unsigned int flags);
 int bpf_prog_detach2(int prog_fd, int attachable_fd, int type);
 int bpf_link_create(int prog_fd, int target_fd, int attach_type, const void *opts);
+
+int bpf_prog_get_next_id(__u32 start_id, __u32 *next_id);
+int bpf_map_get_next_id(__u32 start_id, __u32 *next_id);
+int bpf_link_get_next_id(__u32 start_id, __u32 *next_id);
+int bpf_prog_get_fd_by_id(__u32 id);
+int bpf_map_get_fd_by_id(__u32 id);
+int bpf_link_get_fd_by_id(__u32 id);
+int bpf_btf_get_fd_by_id(__u32 id);
+int bpf_obj_get_info_by_fd(int bpf_fd, void *info, __u32 *info_len);
 """
 
 _ffi: Any = None
@@ -129,24 +143,34 @@ def version() -> str:
     return str(ffi.string(lib.libbpf_version_string()).decode())
 
 
-def install_logging(logger: logging.Logger = log) -> None:
+_levels: dict[int, int] = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
+
+
+def install_logging(logger: logging.Logger = log, *, ceiling: int = logging.WARNING) -> None:
     """Route libbpf's messages to ``logger`` (WARN→warning, INFO→info, DEBUG→debug).
 
     Call before opening an object so open- and load-time messages (the verifier
-    log of a rejected program) are captured. Idempotent.
+    log of a rejected program) are captured. The callback is installed once; a
+    later call only changes ``ceiling``.
 
     Args:
-        logger: Where libbpf's messages go.
+        logger: Where libbpf's messages go (fixed by the first call).
+        ceiling: The highest level a libbpf message is logged at. A caller that
+            reports a failed load in one line of its own passes ``logging.DEBUG``,
+            so the verifier's many lines are there with ``--log-level debug``
+            and do not drown that one line otherwise.
     """
     global _print_cb
+    _levels.update(
+        {0: min(logging.WARNING, ceiling), 1: min(logging.INFO, ceiling), 2: logging.DEBUG}
+    )
     ffi, lib = _load()
     if _print_cb is not None:
         return
-    levels = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
 
     @ffi.callback("int(int, const char *, void *)")  # type: ignore[untyped-decorator]
     def _cb(level: int, fmt: Any, ap: Any) -> int:
-        lvl = levels.get(level, logging.DEBUG)
+        lvl = _levels.get(level, logging.DEBUG)
         if not logger.isEnabledFor(lvl):
             return 0
         buf = ffi.new("char[]", 4096)
@@ -281,3 +305,111 @@ def map_get_next_key(fd: int, key: bytes | None, key_size: int) -> bytes | None:
         return None
     _check(ret, "bpf_map_get_next_key")
     return bytes(ffi.buffer(out, key_size))
+
+
+# --- enumerating the kernel's BPF objects (needs CAP_SYS_ADMIN) ---------------------
+
+# linux/bpf.h struct bpf_prog_info: name[16] at offset 64 (layout fixed by the UAPI);
+# struct bpf_map_info: name[16] at 24; struct bpf_link_info: prog_id (u32) at 8. The
+# buffers are zeroed and no longer than what we read: the kernel copies
+# min(its size, ours) and ignores the rest.
+_PROG_INFO_LEN: Final = 80
+_PROG_NAME_AT: Final = 64
+_MAP_INFO_LEN: Final = 40
+_MAP_NAME_AT: Final = 24
+_LINK_INFO_LEN: Final = 12
+_LINK_PROG_AT: Final = 8
+_OBJ_NAME_LEN: Final = 16
+
+
+@dataclass(frozen=True, slots=True)
+class KernelObject:
+    """One BPF program, map or link that exists in the kernel right now.
+
+    Attributes:
+        kind: "prog", "map" or "link".
+        id: The kernel's id (unique while the object lives; ids are not reused soon).
+        name: The object's name (a link has none: ``link→prog <id>``).
+        prog_id: For a link, the id of its program; else 0.
+    """
+
+    kind: str
+    id: int
+    name: str
+    prog_id: int = 0
+
+
+def _info(fd: int, size: int) -> bytes:
+    ffi, lib = _load()
+    buf = ffi.new("char[]", size)
+    length = ffi.new("__u32 *", size)
+    _check(lib.bpf_obj_get_info_by_fd(fd, buf, length), "bpf_obj_get_info_by_fd")
+    return bytes(ffi.buffer(buf, size))
+
+
+def _name(raw: bytes, at: int) -> str:
+    return raw[at : at + _OBJ_NAME_LEN].split(b"\0", 1)[0].decode(errors="replace")
+
+
+def kernel_objects(kind: str) -> list[KernelObject]:
+    """Every BPF object of ``kind`` ("prog", "map", "link") in the kernel.
+
+    Objects that vanish while we walk the ids are skipped.
+
+    Raises:
+        BpfError: ``EPERM`` without CAP_SYS_ADMIN.
+    """
+    ffi, lib = _load()
+    next_id = getattr(lib, f"bpf_{kind}_get_next_id")
+    fd_by_id = getattr(lib, f"bpf_{kind}_get_fd_by_id")
+    out: list[KernelObject] = []
+    current = 0
+    nxt = ffi.new("__u32 *")
+    while True:
+        ret = next_id(current, nxt)
+        if ret == -_errno.ENOENT:
+            return out
+        _check(ret, f"bpf_{kind}_get_next_id")
+        current = int(nxt[0])
+        fd = fd_by_id(current)
+        if fd == -_errno.ENOENT:
+            continue
+        _check(fd, f"bpf_{kind}_get_fd_by_id")
+        try:
+            if kind == "prog":
+                raw = _info(fd, _PROG_INFO_LEN)
+                out.append(KernelObject(kind, current, _name(raw, _PROG_NAME_AT)))
+            elif kind == "map":
+                raw = _info(fd, _MAP_INFO_LEN)
+                out.append(KernelObject(kind, current, _name(raw, _MAP_NAME_AT)))
+            else:
+                raw = _info(fd, _LINK_INFO_LEN)
+                prog = int.from_bytes(raw[_LINK_PROG_AT : _LINK_PROG_AT + 4], "little")
+                out.append(KernelObject(kind, current, f"link→prog {prog}", prog))
+        finally:
+            os.close(fd)
+
+
+def object_exists(kind: str, object_id: int) -> bool:
+    """Whether the BPF object ``kind`` ("prog", "map", "link", "btf") ``object_id`` exists.
+
+    Raises:
+        BpfError: ``EPERM`` without CAP_SYS_ADMIN.
+    """
+    _, lib = _load()
+    fd = getattr(lib, f"bpf_{kind}_get_fd_by_id")(object_id)
+    if fd == -_errno.ENOENT:
+        return False
+    _check(fd, f"bpf_{kind}_get_fd_by_id")
+    os.close(fd)
+    return True
+
+
+def map_fd_by_id(map_id: int) -> int:
+    """An fd of the map with id ``map_id`` (the caller closes it).
+
+    Raises:
+        BpfError: ``ENOENT`` when it no longer exists; ``EPERM`` without CAP_SYS_ADMIN.
+    """
+    _, lib = _load()
+    return _check(lib.bpf_map_get_fd_by_id(map_id), "bpf_map_get_fd_by_id")

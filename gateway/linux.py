@@ -30,3 +30,31 @@ TCP_WINDOW_CLAMP: int = getattr(socket, "TCP_WINDOW_CLAMP", 10)
 TCP_INFO: int = getattr(socket, "TCP_INFO", 11)
 # asm-generic/socket.h: SO_RCVLOWAT = 18
 SO_RCVLOWAT: int = getattr(socket, "SO_RCVLOWAT", 18)
+
+# --- TPROXY plumbing (gateway/tproxy.py, gateway/sockdiag.py) ---
+# linux/capability.h: CAP_NET_ADMIN = 12 (a bit of CapEff in /proc/self/status)
+CAP_NET_ADMIN: int = 12
+# linux/rtnetlink.h: RT_SCOPE_HOST = 254 (an IPv4 "local" route has host scope)
+RT_SCOPE_HOST: int = 254
+# linux/rtnetlink.h: RTN_LOCAL = 2 (route type: deliver locally)
+RTN_LOCAL: int = 2
+# linux/fib_rules.h: FR_ACT_TO_TBL = 1 (rule action: look up a table)
+FR_ACT_TO_TBL: int = 1
+# linux/netlink.h: NETLINK_SOCK_DIAG = 4
+NETLINK_SOCK_DIAG: int = getattr(socket, "NETLINK_SOCK_DIAG", 4)
+# linux/sock_diag.h: SOCK_DIAG_BY_FAMILY = 20
+SOCK_DIAG_BY_FAMILY: int = 20
+# linux/inet_diag.h: INET_DIAG_SOCKOPT = 22 (struct inet_diag_sockopt, kernel >= 5.10)
+INET_DIAG_SOCKOPT: int = 22
+# net/tcp_states.h: TCP_LISTEN = 10
+TCP_LISTEN: int = 10
+
+# --- UDP sessions (gateway/udp.py, gateway/udp_sockets.py) ---
+# asm-generic/socket.h: SO_RCVBUFFORCE = 33 (SO_RCVBUF past net.core.rmem_max, CAP_NET_ADMIN)
+SO_RCVBUFFORCE: int = getattr(socket, "SO_RCVBUFFORCE", 33)
+# linux/in.h: IP_PKTINFO = 8 (struct in_pktinfo: the local address a datagram was sent to,
+# and on send the source address to use)
+IP_PKTINFO: int = getattr(socket, "IP_PKTINFO", 8)
+# linux/in6.h: IPV6_RECVPKTINFO = 49, IPV6_PKTINFO = 50 (struct in6_pktinfo)
+IPV6_RECVPKTINFO: int = getattr(socket, "IPV6_RECVPKTINFO", 49)
+IPV6_PKTINFO: int = getattr(socket, "IPV6_PKTINFO", 50)

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Final
 
@@ -126,6 +124,25 @@ class CopyRelay:
         from_client: bool,
         pair: _Pair,
     ) -> None:
+        if pair.promotion is None:
+            # Nothing will ever promote this pair (promotion is only ever
+            # cleared), so nothing needs a scope to wake this direction by.
+            await self._copy(src, dst, stats, from_client, pair)
+            return
+        # One scope per direction, not one per read wait: a request/response
+        # flow waits to read once per chunk, and entering a cancel scope costs
+        # about as much as relaying a small chunk (bench/README.md).
+        with pair.wake_scope(from_client):
+            await self._copy(src, dst, stats, from_client, pair)
+
+    async def _copy(
+        self,
+        src: socket.socket,
+        dst: socket.socket,
+        stats: RelayStats,
+        from_client: bool,
+        pair: _Pair,
+    ) -> None:
         view = self._view
         size = len(view)
         chunks = 0
@@ -135,8 +152,11 @@ class CopyRelay:
             try:
                 n = src.recv_into(view, size)
             except BlockingIOError:
-                with pair.waiting(from_client):
+                pair.reading.add(from_client)
+                try:
                     await wait_readable(src)
+                finally:
+                    pair.reading.discard(from_client)
                 continue
             except OSError:
                 abort_on_close(dst)
@@ -184,7 +204,7 @@ class CopyRelay:
 class _Pair:
     """State shared by the two directions of one pair: idle deadline, EOFs, promotion."""
 
-    __slots__ = ("first_eof", "idle", "promoted", "promotion", "reading", "scope")
+    __slots__ = ("first_eof", "idle", "promoted", "promotion", "reading", "scope", "wake")
 
     def __init__(self, idle: float, promotion: Promotion | None) -> None:
         self.scope = trio.CancelScope()
@@ -192,8 +212,10 @@ class _Pair:
         self.promotion = promotion
         self.promoted = False
         self.first_eof: str | None = None
-        # The cancel scope of each direction's read wait, while it waits.
-        self.reading: dict[bool, trio.CancelScope] = {}
+        # The directions (from_client) waiting to read right now.
+        self.reading: set[bool] = set()
+        # Each direction's scope, around its whole pump (see wake_scope).
+        self.wake: dict[bool, trio.CancelScope] = {}
 
     def touch(self) -> None:
         if self.idle:
@@ -209,15 +231,12 @@ class _Pair:
         self.promoted = True
         # Wake the other direction only if it is waiting to read: then it
         # holds no bytes. One that is writing finishes, then sees the flag.
-        for scope in self.reading.values():
-            scope.cancel()
+        # (Cancelled while parked in wait_readable, it leaves its scope and
+        # returns; already woken, it sees the flag before it reads again.)
+        for direction in self.reading:
+            self.wake[direction].cancel()
 
-    @contextmanager
-    def waiting(self, direction: bool) -> Iterator[None]:
-        scope = trio.CancelScope()
-        self.reading[direction] = scope
-        try:
-            with scope:
-                yield
-        finally:
-            del self.reading[direction]
+    def wake_scope(self, direction: bool) -> trio.CancelScope:
+        """The scope promote() cancels to wake ``direction`` from a read wait."""
+        scope = self.wake[direction] = trio.CancelScope()
+        return scope

@@ -4,14 +4,17 @@ Task tree (every task has an owner):
 
     root ─ signal loop
          └ background (plugins' tasks from l4gw_startup)
-             └ connections (one task per connection)
+             └ connections (one task per connection; each UDP listener,
+                 │             whose sessions live in its own nursery)
                  └ accepting (one accept loop per listener, each in its own
                               cancel scope so a reload can close one)
 
 Shutdown (SIGTERM/SIGINT) cancels ``accepting`` (listeners close, the kernel
 refuses new connections), waits up to ``drain_timeout`` for ``connections``
 to finish, cancels what is left (close reason "drain"), calls
-``l4gw_shutdown`` and cancels the background tasks.
+``l4gw_shutdown`` and cancels the background tasks. UDP listeners stop
+opening sessions at the drain but keep their socket until it ends: open
+sessions still get their replies.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from .flow import Flow
 from .listeners import Listener, open_socket
 from .plugin_manager import PluginError, Plugins
 from .relay import CopyRelay
+from .udp import UdpListener
+from .udp_sockets import open_udp_socket
 
 log = logging.getLogger("l4gw")
 
@@ -41,7 +46,7 @@ class Gateway:
     def __init__(self, config: Config, plugins: Plugins) -> None:
         self.flows: dict[int, Flow] = {}
         self.runtime = Runtime(config, plugins, CopyRelay(config.gateway.buffer_size), self.flows)
-        self.listeners: dict[str, Listener] = {}
+        self.listeners: dict[str, Listener | UdpListener] = {}
         self.ready = False
         self.draining = False
         self.started_plugins = False
@@ -66,9 +71,6 @@ class Gateway:
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Run until stopped; ``task_status.started()`` once every listener is open."""
         config = self.config
-        unsupported = [li.name for li in config.listeners if li.protocol != "tcp"]
-        if unsupported:
-            raise PluginError(f"listeners {unsupported}: UDP is not supported by this version")
         self.plugins.call_all("l4gw_configure", config=config)
         async with trio.open_nursery() as root:
             root.start_soon(self._signal_loop)
@@ -79,6 +81,10 @@ class Gateway:
                     if result is not None:
                         await result
                 self.started_plugins = True
+                if config.admin is not None:
+                    from . import admin
+
+                    await background.start(admin.serve, self)
                 async with trio.open_nursery() as connections:
                     self._connections = connections
                     async with trio.open_nursery() as accepting:
@@ -94,6 +100,9 @@ class Gateway:
                         await self._stop.wait()
                         self.ready = False
                         accepting.cancel_scope.cancel()
+                        for listener in self.listeners.values():
+                            if isinstance(listener, UdpListener):
+                                listener.stop_accepting()
                     await self._drain(connections)
                 self.plugins.observe("l4gw_shutdown", config=self.config)
                 background.cancel_scope.cancel()
@@ -115,6 +124,15 @@ class Gateway:
 
     def _open(self, lc: config_mod.ListenerConfig) -> None:
         assert self._accepting is not None
+        if lc.protocol == "udp":
+            assert self._connections is not None
+            udp = UdpListener(
+                lc, open_udp_socket(lc), self._current_runtime, self._is_draining, self._released
+            )
+            self.listeners[lc.name] = udp
+            # In ``connections``, not ``accepting``: the drain keeps it serving open sessions.
+            self._connections.start_soon(udp.run)
+            return
         listener = Listener(lc, open_socket(lc))
         self.listeners[lc.name] = listener
         self._accepting.start_soon(listener.accept_loop, self._spawn)
@@ -133,6 +151,13 @@ class Gateway:
 
     def _is_draining(self) -> bool:
         return self.draining
+
+    def _current_runtime(self) -> Runtime:
+        return self.runtime
+
+    def _released(self) -> None:
+        if not self.flows:
+            self._idle.set()
 
     async def _signal_loop(self) -> None:
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)

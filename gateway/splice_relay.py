@@ -151,6 +151,7 @@ async def _pump(
     pending = 0
     eof = False
     more = False
+    drained = False
     chunks = 0
     while True:
         progressed = False
@@ -175,6 +176,7 @@ async def _pump(
                     progressed = True
                     flow.touch()
                     more = n == want and _inq(src_fd) > 0
+                    drained = n < want
         if pending:
             flags = _SPLICE_FLAGS | (os.SPLICE_F_MORE if more and not eof else 0)
             try:
@@ -206,7 +208,13 @@ async def _pump(
             return
         if progressed:
             chunks += 1
-            if chunks % _CHUNKS_PER_CHECKPOINT == 0:
+            if drained and not pending:
+                # The read took less than it could, so the source is (nearly always)
+                # empty: wait for it rather than spend a splice on EAGAIN. Readiness
+                # is level-triggered, so bytes that came meanwhile wake us at once.
+                drained = False
+                await trio.lowlevel.wait_readable(src_fd)
+            elif chunks % _CHUNKS_PER_CHECKPOINT == 0:
                 await trio.lowlevel.checkpoint()
         elif pending:
             await trio.lowlevel.wait_writable(dst_fd)

@@ -30,7 +30,7 @@ import hashlib
 import heapq
 import random
 from collections.abc import Callable, Sequence
-from typing import Final, Protocol
+from typing import Final, Generic, Protocol, TypeVar
 
 from gateway import Endpoint
 
@@ -63,43 +63,74 @@ class Balancer(Protocol):
         ...
 
 
-class SmoothRoundRobin:
-    """nginx's smooth weighted round robin.
+class Weighted(Protocol):
+    """Anything with a weight: endpoints, and a route's clusters."""
+
+    @property
+    def weight(self) -> int: ...
+
+
+W = TypeVar("W", bound=Weighted)
+
+
+class SmoothWeighted(Generic[W]):
+    """nginx's smooth weighted round robin over any weighted, hashable items.
 
     Each pick adds every candidate's weight to its running score, takes the
     highest, and subtracts the total from the winner: over any window of
-    ``sum(weights)`` picks each endpoint gets exactly its weight, spread out.
+    ``sum(weights)`` picks each item gets exactly its weight, spread out
+    (5:1:1 gives a a b a c a a). Items missing from one call keep their score.
     """
 
     def __init__(self) -> None:
-        self._score: dict[Endpoint, int] = {}
+        self.score: dict[W, int] = {}
 
-    def pick(self, candidates: Sequence[Endpoint]) -> Endpoint:
-        score = self._score
+    def pick(self, candidates: Sequence[W]) -> W:
+        score = self.score
         total = 0
         best = candidates[0]
-        best_score = None
-        for e in candidates:
-            s = score.get(e, 0) + e.weight
-            score[e] = s
-            total += e.weight
+        best_score: int | None = None
+        for item in candidates:
+            s = score.get(item, 0) + item.weight
+            score[item] = s
+            total += item.weight
             if best_score is None or s > best_score:
-                best, best_score = e, s
+                best, best_score = item, s
         score[best] -= total
         return best
+
+
+class SmoothRoundRobin:
+    """The ``round_robin`` balancer: smooth weighted round robin."""
+
+    def __init__(self) -> None:
+        self._rr: SmoothWeighted[Endpoint] = SmoothWeighted()
+
+    def pick(self, candidates: Sequence[Endpoint]) -> Endpoint:
+        return self._rr.pick(candidates)
 
     def order(
         self, candidates: Sequence[Endpoint], load: Load, client: bytes, count: int
     ) -> tuple[Endpoint, ...]:
-        best = self.pick(candidates)
+        best = self._rr.pick(candidates)
         if count == 1 or len(candidates) == 1:
             return (best,)
         # Fallbacks: the ones the next picks would choose (highest score first).
-        score = self._score
-        rest = heapq.nlargest(
-            count - 1, (e for e in candidates if e != best), key=lambda e: score.get(e, 0)
-        )
+        score = self._rr.score
+        rest = heapq.nlargest(count - 1, _rest(candidates, best), key=lambda e: score.get(e, 0))
         return (best, *rest)
+
+
+def _rest(candidates: Sequence[Endpoint], *taken: Endpoint) -> list[Endpoint]:
+    """``candidates`` without one occurrence of each taken endpoint.
+
+    By position, not by value: an endpoint listed twice in a cluster is
+    tried twice (a config may repeat one to retry it).
+    """
+    rest = list(candidates)
+    for e in taken:
+        rest.remove(e)
+    return rest
 
 
 def _less_loaded(a: Endpoint, b: Endpoint, load: Load) -> bool:
@@ -115,7 +146,7 @@ class LeastConn:
     """
 
     def __init__(self) -> None:
-        self._ties = SmoothRoundRobin()
+        self._ties: SmoothWeighted[Endpoint] = SmoothWeighted()
 
     def order(
         self, candidates: Sequence[Endpoint], load: Load, client: bytes, count: int
@@ -135,7 +166,7 @@ class LeastConn:
         if count == 1 or len(candidates) == 1:
             return (chosen,)
         rest = heapq.nsmallest(
-            count - 1, (e for e in candidates if e != chosen), key=lambda e: loads[e] / e.weight
+            count - 1, _rest(candidates, chosen), key=lambda e: loads[e] / e.weight
         )
         return (chosen, *rest)
 
@@ -166,7 +197,7 @@ class RandomTwo:
         chosen, other = (b, a) if _less_loaded(b, a, load) else (a, b)
         if count == 1:
             return (chosen,)
-        rest = [e for e in candidates if e != chosen and e != other]
+        rest = [e for i, e in enumerate(candidates) if i != first and i != second]
         rng.shuffle(rest)
         return (chosen, other, *rest)[:count]
 
@@ -264,12 +295,7 @@ class Maglev:
                         return tuple(out)
                 elif out and step - found_at >= _FALLBACK_WALK:
                     break
-        for e in candidates:
-            if len(out) == want:
-                break
-            if e not in out:
-                out.append(e)
-        return tuple(out)
+        return (*out, *_rest(candidates, *out))[:want]
 
 
 def make_balancer(algorithm: str, endpoints: Sequence[Endpoint]) -> Balancer:

@@ -1,33 +1,63 @@
-"""Built-in routing: match ``[[route]]`` tables, pick endpoints round robin.
+"""Built-in routing: match ``[[route]]`` tables, split, balance, skip the unhealthy.
 
 Routes are matched in file order; the first whose every condition holds wins
 (listener, original destination CIDR, destination port, SNI exact or
 ``*.domain``, client CIDR; an absent condition matches everything). A route
-may split new connections across clusters by weight. The endpoints of the
-chosen cluster are offered in round-robin order: the first is the one to
-use, the rest are where the core retries when a connect fails.
+may split new connections across clusters by weight (smooth weighted round
+robin: a 9:1 canary split sends exactly 1 of every 10). The chosen cluster's
+``balance`` algorithm (plugins/balance.py) orders its available endpoints:
+the first is the one to use, the rest are where the core retries when a
+connect fails, up to ``connect_attempts``.
+
+Rules kept here:
+
+* **Only available endpoints are offered**: healthy by the active checks and
+  not ejected (plugins/health.py), weight above zero. When none is left,
+  ``on_no_healthy = "refuse"`` returns the route with no endpoint (the core
+  closes the connection, "no endpoint available"), and ``"panic"`` offers
+  all of them anyway: a health check that is wrong everywhere must not take
+  the whole service down.
+* **Active connections are counted here**, per (cluster, endpoint), from a
+  successful connect attempt to the connection's close, for least_conn and
+  random_two.
+* **A reload keeps balancer state** (round-robin position, Maglev table) for
+  every cluster whose endpoints and algorithm did not change.
 """
 
 from __future__ import annotations
 
-import random
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from gateway import ClusterConfig, Config, Endpoint, Flow, Route, RouteConfig, hookimpl
 
+from .balance import Balancer, SmoothWeighted, make_balancer
+from .health import Health
+from .health import plugin as health_plugin
+
+log = logging.getLogger("l4gw.routing")
+
 IPAddress = IPv4Address | IPv6Address
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
+class _Split:
+    """One cluster of a route's weighted split (hashed by identity)."""
+
+    cluster: ClusterConfig
+    weight: int
+
+
+@dataclass(eq=False)
 class _Compiled:
     config: RouteConfig
-    clusters: tuple[ClusterConfig, ...]
-    weights: tuple[int, ...]
+    splits: tuple[_Split, ...]
     exact_sni: frozenset[str]
     wildcard_sni: tuple[str, ...]
     """Suffixes with their leading dot: "*.example.org" -> ".example.org"."""
+    rr: SmoothWeighted[_Split] = field(default_factory=SmoothWeighted)
 
     def matches(self, flow: Flow, dst: IPAddress, src: IPAddress) -> bool:
         c = self.config
@@ -45,18 +75,10 @@ class _Compiled:
                 return False
         return True
 
-
-class RoundRobin:
-    """Endpoint order per cluster: rotate by one for each new connection."""
-
-    def __init__(self) -> None:
-        self._next: dict[str, int] = {}
-
-    def order(self, cluster: ClusterConfig) -> tuple[Endpoint, ...]:
-        endpoints = cluster.endpoints
-        i = self._next.get(cluster.name, 0) % len(endpoints)
-        self._next[cluster.name] = i + 1
-        return endpoints[i:] + endpoints[:i]
+    def pick_cluster(self) -> ClusterConfig:
+        if len(self.splits) == 1:
+            return self.splits[0].cluster
+        return self.rr.pick([s for s in self.splits if s.weight > 0]).cluster
 
 
 class Router:
@@ -69,47 +91,147 @@ class Router:
             wild = tuple(p[1:] for p in rc.sni if p.startswith("*."))
             compiled = _Compiled(
                 config=rc,
-                clusters=tuple(config.clusters[name] for name, _ in rc.clusters),
-                weights=tuple(w for _, w in rc.clusters),
+                splits=tuple(_Split(config.clusters[name], w) for name, w in rc.clusters),
                 exact_sni=frozenset(sni),
                 wildcard_sni=wild,
             )
             self.by_listener.setdefault(rc.listener, []).append(compiled)
 
-    def match(self, flow: Flow) -> _Compiled | None:
+    def match(self, flow: Flow, src: IPAddress) -> _Compiled | None:
         routes = self.by_listener.get(flow.listener)
         if not routes:
             return None
         dst = ip_address(flow.destination[0])
-        src = ip_address(flow.client[0])
         for route in routes:
             if route.matches(flow, dst, src):
                 return route
         return None
 
 
-def pick_cluster(clusters: Sequence[ClusterConfig], weights: Sequence[int]) -> ClusterConfig:
-    if len(clusters) == 1:
-        return clusters[0]
-    return random.choices(clusters, weights=weights)[0]
+@dataclass(eq=False)
+class _ClusterState:
+    endpoints: tuple[Endpoint, ...]
+    balance: str
+    balancer: Balancer
+    members: tuple[Endpoint, ...]
+    """Endpoints with a weight above zero."""
 
 
-_router: Router | None = None
-_balancer = RoundRobin()
+class Routing:
+    """The routing plugin: route table, balancers, active-connection counts.
+
+    Args:
+        health: where endpoint availability comes from.
+    """
+
+    def __init__(self, health: Health) -> None:
+        self.health = health
+        self.router: Router | None = None
+        self.clusters: dict[str, _ClusterState] = {}
+        self.active: dict[tuple[str, str, int], int] = {}
+        """Open connections per (cluster, host, port)."""
+        self._open: dict[int, tuple[str, str, int]] = {}
+        self._panicking: set[str] = set()
+
+    def load_of(self, cluster: str, endpoint: Endpoint) -> int:
+        return self.active.get((cluster, endpoint.host, endpoint.port), 0)
+
+    def configure(self, config: Config) -> None:
+        clusters: dict[str, _ClusterState] = {}
+        for name, cc in config.clusters.items():
+            old = self.clusters.get(name)
+            if old is not None and old.endpoints == cc.endpoints and old.balance == cc.balance:
+                clusters[name] = old
+                continue
+            clusters[name] = _ClusterState(
+                endpoints=cc.endpoints,
+                balance=cc.balance,
+                balancer=make_balancer(cc.balance, cc.endpoints),
+                members=tuple(e for e in cc.endpoints if e.weight > 0),
+            )
+        self.clusters = clusters
+        self.router = Router(config)
+
+    def route(self, flow: Flow) -> Route | None:
+        if self.router is None:
+            return None
+        src = ip_address(flow.client[0])
+        matched = self.router.match(flow, src)
+        if matched is None:
+            return None
+        cluster = matched.pick_cluster()
+        return Route(matched.config.name, cluster, self.endpoints(cluster, flow, src.packed))
+
+    def endpoints(self, cluster: ClusterConfig, flow: Flow, client: bytes) -> tuple[Endpoint, ...]:
+        """The endpoints of ``cluster`` to try for ``flow``, in order."""
+        state = self.clusters.get(cluster.name)
+        if state is None:
+            return ()
+        candidates: Sequence[Endpoint] = self.health.filter(cluster.name, state.members)
+        if not candidates:
+            candidates = self._no_healthy(cluster, flow, state)
+            if not candidates:
+                return ()
+        elif cluster.name in self._panicking:
+            self._panicking.discard(cluster.name)
+            log.warning("cluster %s: endpoints available again, panic mode over", cluster.name)
+        name = cluster.name
+        return state.balancer.order(
+            candidates, lambda e: self.load_of(name, e), client, cluster.connect_attempts
+        )
+
+    def _no_healthy(
+        self, cluster: ClusterConfig, flow: Flow, state: _ClusterState
+    ) -> Sequence[Endpoint]:
+        if cluster.on_no_healthy != "panic":
+            flow.add_event("no_healthy_endpoint", cluster=cluster.name)
+            return ()
+        if cluster.name not in self._panicking:
+            self._panicking.add(cluster.name)
+            log.warning(
+                "cluster %s: no healthy endpoint, panic mode: trying all of them", cluster.name
+            )
+        flow.add_event("panic", cluster=cluster.name)
+        return state.members or cluster.endpoints
+
+    def connected(self, flow: Flow, endpoint: Endpoint) -> None:
+        if flow.cluster is None:
+            return
+        key = (flow.cluster, endpoint.host, endpoint.port)
+        self.active[key] = self.active.get(key, 0) + 1
+        self._open[flow.id] = key
+
+    def closed(self, flow: Flow) -> None:
+        key = self._open.pop(flow.id, None)
+        if key is None:
+            return
+        left = self.active.get(key, 0) - 1
+        if left > 0:
+            self.active[key] = left
+        else:
+            self.active.pop(key, None)
+
+    # -- hooks ---------------------------------------------------------------
+
+    @hookimpl
+    def l4gw_configure(self, config: Config) -> None:
+        self.configure(config)
+
+    @hookimpl(trylast=True)
+    def l4gw_route(self, flow: Flow, config: Config) -> Route | None:
+        return self.route(flow)
+
+    @hookimpl
+    def l4gw_connect_attempt(
+        self, flow: Flow, endpoint: Endpoint, error: str | None, seconds: float
+    ) -> None:
+        if error is None:
+            self.connected(flow, endpoint)
+
+    @hookimpl
+    def l4gw_connection_closed(self, flow: Flow) -> None:
+        self.closed(flow)
 
 
-@hookimpl
-def l4gw_configure(config: Config) -> None:
-    global _router
-    _router = Router(config)
-
-
-@hookimpl(trylast=True)
-def l4gw_route(flow: Flow, config: Config) -> Route | None:
-    if _router is None:
-        return None
-    matched = _router.match(flow)
-    if matched is None:
-        return None
-    cluster = pick_cluster(matched.clusters, matched.weights)
-    return Route(matched.config.name, cluster, _balancer.order(cluster))
+plugin = Routing(health_plugin)
+"""The instance the ``routing`` entry point registers."""

@@ -5,6 +5,8 @@
 #   scripts/install.sh            system packages + venv with test extras
 #   scripts/install.sh --runtime  only what the gateway needs at run time
 #                                 (the Containerfile's runtime stage)
+#   scripts/install.sh --build    run time + the BPF/wheel toolchain, no venv
+#                                 (the Containerfile's build stage)
 #
 # Idempotent: a second run installs nothing new.
 set -euo pipefail
@@ -15,15 +17,24 @@ venv=${L4GW_VENV:-$here/.venv}
 
 runtime_pkgs=(python3 python3-venv libbpf1 libnftables1 nftables iproute2 ca-certificates)
 # Kernel tiers need the BPF object compiled; tests need real peers
-# (nginx, haproxy, redis, dnsmasq, dig, iperf3, wrk) and container tools.
-dev_pkgs=(clang llvm libbpf-dev linux-libc-dev make gcc python3-dev
+# (nginx, haproxy, redis, dnsmasq, dig, iperf3, wrk) and container tools
+# (the container test builds and runs the image with podman, from a base
+# made with debootstrap when no registry is reachable; runc because crun
+# refuses hybrid cgroup layouts).
+build_pkgs=(clang llvm libbpf-dev linux-libc-dev make gcc python3-dev)
+dev_pkgs=("${build_pkgs[@]}"
           nginx-light haproxy redis-server dnsmasq-base dnsutils iperf3 wrk
-          iputils-ping procps psmisc curl)
+          iputils-ping procps psmisc curl
+          podman buildah runc debootstrap)
 
 sudo_() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 want=("${runtime_pkgs[@]}")
-[ "$mode" = "--runtime" ] || want+=("${dev_pkgs[@]}")
+case "$mode" in
+  --runtime) ;;
+  --build) want+=("${build_pkgs[@]}") ;;
+  *) want+=("${dev_pkgs[@]}") ;;
+esac
 missing=()
 for p in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -41,7 +52,7 @@ for svc in nginx haproxy redis-server; do
   fi
 done
 
-if [ "$mode" = "--runtime" ]; then
+if [ "$mode" = "--runtime" ] || [ "$mode" = "--build" ]; then
   exit 0
 fi
 

@@ -9,6 +9,7 @@ venv=${L4GW_VENV:-$here/.venv}
 echo "== ruff"
 "$venv/bin/ruff" check .
 "$venv/bin/ruff" format --check gateway plugins
+"$venv/bin/hadolint" Containerfile
 echo "== mypy (strict)"
 "$venv/bin/mypy" gateway plugins
 echo "== pytest"

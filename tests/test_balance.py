@@ -17,8 +17,8 @@ from l4gw_plugins.balance import (
     Maglev,
     RandomTwo,
     SmoothRoundRobin,
-    make_balancer,
     maglev_table,
+    make_balancer,
 )
 
 PICKS = 10_000
@@ -203,3 +203,12 @@ def test_maglev_weight_zero_gets_nothing_and_ipv6_clients_hash() -> None:
 def test_unknown_algorithm() -> None:
     with pytest.raises(ValueError):
         make_balancer("nope", endpoints(1))
+
+
+@pytest.mark.parametrize("algorithm", ["round_robin", "least_conn", "random_two", "maglev"])
+def test_an_endpoint_listed_twice_is_tried_twice(algorithm: str) -> None:
+    """A config may repeat an endpoint to retry it (the connect-budget test does)."""
+    e = Endpoint("10.0.0.1", 80)
+    balancer = make_balancer(algorithm, [e, e, e])
+    assert balancer.order([e, e, e], lambda _: 0, CLIENT, 3) == (e, e, e)
+    assert balancer.order([e, e, e], lambda _: 0, CLIENT, 2) == (e, e)

@@ -13,7 +13,8 @@ import trio
 
 from gateway.relay_stats import RelayStats
 from gateway.splice_relay import PIPE_SIZE, splice_relay, splice_self_test
-from tests.relay_helpers import (
+
+from relay_helpers import (
     Topology,
     abort,
     expect_reset,

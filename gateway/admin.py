@@ -1,0 +1,314 @@
+"""The admin HTTP endpoint (``[admin] bind``): health, readiness, metrics, live flows, config.
+
+Paths (GET or HEAD):
+
+* ``/healthz``: 200 while the process's loop answers.
+* ``/readyz``: 200 once plugins started and every listener is open, 503
+  before that and while draining (a load balancer stops sending).
+* ``/metrics``: Prometheus text of the gateway's OpenTelemetry metrics.
+* ``/connections``: the live flows as JSON, with their byte counts as of now.
+* ``/config``: the running configuration as JSON, secrets redacted.
+
+Rules kept here:
+
+* **Bounded and boring.** One request per connection (``Connection: close``),
+  a request head of at most :data:`MAX_HEAD` bytes read within
+  :data:`READ_TIMEOUT`; anything else gets a 4xx and the socket closes. An
+  admin client can never take the gateway down: every error of a request
+  stays in that request's task.
+* **A token guards what is not a probe.** With ``[admin] token`` set, every
+  path except ``/healthz`` and ``/readyz`` needs ``Authorization: Bearer
+  <token>`` (compared in constant time).
+* **Nothing secret leaves.** ``/config`` masks the admin token, every key
+  named like a password, token, secret or key, and the password of any
+  ``scheme://user:password@host`` URL.
+* **The loop never blocks on it.** Building the Prometheus text runs in a
+  worker thread; the flow snapshot is taken without an await in between, so
+  it is consistent.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from . import telemetry
+from .flow import Flow
+
+if TYPE_CHECKING:
+    from .server import Gateway
+
+log = logging.getLogger("l4gw.admin")
+
+MAX_HEAD = 16384
+READ_TIMEOUT = 5.0
+SEND_TIMEOUT = 10.0
+PROBES = frozenset({"/healthz", "/readyz"})
+"""Paths open without the token (orchestrator probes carry no credentials)."""
+
+REDACTED = "<redacted>"
+_SECRET_KEY = re.compile(
+    r"pass(word|wd|phrase)?|token|secret|api[_-]?key|private[_-]?key|credential", re.I
+)
+_URL_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^:/@\s]*:)([^@/\s]*)(@)", re.I)
+
+
+# --- decisions on plain values (unit-tested) --------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    path: str
+    query: str
+    headers: Mapping[str, str]
+    """Lower-case names."""
+
+
+class BadRequest(ValueError):
+    """The request head cannot be served (400)."""
+
+
+def parse_head(head: bytes) -> Request:
+    """Parse an HTTP/1.x request head (request line and headers, no body).
+
+    Raises:
+        BadRequest: malformed request line or header.
+    """
+    try:
+        text = head.decode("latin-1")
+    except UnicodeDecodeError as exc:  # pragma: no cover - latin-1 decodes everything
+        raise BadRequest(str(exc))
+    lines = text.split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise BadRequest(f"bad request line {lines[0][:80]!r}")
+    method, target, _ = parts
+    if not target.startswith("/"):
+        raise BadRequest("target must be a path")
+    path, _, query = target.partition("?")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            raise BadRequest(f"bad header line {line[:80]!r}")
+        headers[name.lower()] = value.strip()
+    return Request(method, path, query, headers)
+
+
+def authorized(request: Request, token: str) -> bool:
+    """True when no token is configured, the path is a probe, or the bearer matches."""
+    if not token or request.path in PROBES:
+        return True
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """A copy of a parsed config with secrets masked (see the module rules)."""
+    if isinstance(value, Mapping):
+        return {str(k): redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v, key) for v in value]
+    if key and _SECRET_KEY.search(key) and value not in ("", None):
+        return REDACTED
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(lambda m: m.group(1) + REDACTED + m.group(3), value)
+    return value
+
+
+def flow_record(flow: Flow, now: float) -> dict[str, Any]:
+    """One live flow as ``/connections`` shows it."""
+    return {
+        "id": flow.id,
+        "listener": flow.listener,
+        "transport": flow.transport,
+        "client": _addr(flow.client),
+        "destination": _addr(flow.destination),
+        "sni": flow.sni,
+        "route": flow.route,
+        "cluster": flow.cluster,
+        "endpoint": flow.endpoint,
+        "bytes_from_client": flow.bytes_from_client,
+        "bytes_to_client": flow.bytes_to_client,
+        "age_seconds": round(max(0.0, now - flow.started), 3),
+        "tier": flow.tier,
+        "spliced": flow.spliced,
+        "trace_id": flow.trace_id,
+    }
+
+
+def connections_document(flows: Iterable[Flow], now: float) -> dict[str, Any]:
+    records = [flow_record(f, now) for f in flows]
+    records.sort(key=lambda r: int(r["id"]))
+    return {"count": len(records), "connections": records}
+
+
+def readiness(gateway: Gateway) -> tuple[bool, dict[str, Any]]:
+    """Ready when plugins started, every configured listener is open and no drain began."""
+    wanted = [li.name for li in gateway.config.listeners]
+    missing = [name for name in wanted if name not in gateway.listeners]
+    ready = bool(gateway.ready and gateway.started_plugins and not missing)
+    return ready, {
+        "ready": ready,
+        "plugins_started": gateway.started_plugins,
+        "listeners_open": sorted(gateway.listeners),
+        "listeners_missing": missing,
+        "draining": gateway.draining,
+    }
+
+
+def _addr(addr: tuple[str, int]) -> str:
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+
+
+# --- the server ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+def _json(status: int, document: Any) -> Response:
+    body = json.dumps(document, indent=2, default=str).encode() + b"\n"
+    return Response(status, body)
+
+
+def _text(status: int, text: str) -> Response:
+    return Response(status, text.encode(), "text/plain; charset=utf-8")
+
+
+async def serve(gateway: Gateway, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the admin endpoint of ``gateway`` until cancelled.
+
+    ``task_status.started(port)`` once listening (the port, for ``bind`` port 0).
+
+    Raises:
+        OSError: the address cannot be bound (the message names it).
+    """
+    admin = gateway.config.admin
+    assert admin is not None
+    try:
+        listeners = await trio.open_tcp_listeners(admin.port, host=admin.host)
+    except OSError as exc:
+        raise OSError(exc.errno, f"admin endpoint ({admin.host}:{admin.port}): {exc.strerror}")
+    port = listeners[0].socket.getsockname()[1]
+    log.info("admin endpoint on http://%s/", _addr((admin.host, port)))
+    task_status.started(port)
+
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            await _handle(gateway, stream)
+        except Exception:
+            log.exception("admin request failed")
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    await trio.serve_listeners(handle, listeners)
+
+
+async def _handle(gateway: Gateway, stream: trio.SocketStream) -> None:
+    head = b""
+    response: Response | None = None
+    request: Request | None = None
+    with trio.move_on_after(READ_TIMEOUT) as scope:
+        while b"\r\n\r\n" not in head:
+            if len(head) > MAX_HEAD:
+                response = _text(431, "request head too large\n")
+                break
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                return
+            head += chunk
+    if scope.cancelled_caught:
+        response = _text(408, "request timeout\n")
+    if response is None:
+        try:
+            request = parse_head(head.split(b"\r\n\r\n", 1)[0])
+        except BadRequest as exc:
+            response = _text(400, f"{exc}\n")
+    if response is None:
+        assert request is not None
+        response = await _respond(gateway, request)
+    with trio.move_on_after(SEND_TIMEOUT):
+        await stream.send_all(
+            _encode(response, head_only=request is not None and request.method == "HEAD")
+        )
+
+
+def _encode(response: Response, head_only: bool) -> bytes:
+    lines = [
+        f"HTTP/1.1 {response.status} {_REASONS.get(response.status, 'Unknown')}",
+        f"Content-Type: {response.content_type}",
+        f"Content-Length: {len(response.body)}",
+        "Cache-Control: no-store",
+        "Connection: close",
+        *(f"{name}: {value}" for name, value in response.headers),
+    ]
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + response.body
+
+
+async def _respond(gateway: Gateway, request: Request) -> Response:
+    if request.method not in ("GET", "HEAD"):
+        return Response(405, b"", "text/plain", (("Allow", "GET, HEAD"),))
+    admin = gateway.config.admin
+    if not authorized(request, admin.token if admin is not None else ""):
+        return Response(
+            401, b"bearer token required\n", "text/plain", (("WWW-Authenticate", "Bearer"),)
+        )
+    path = request.path
+    if path == "/healthz":
+        return _text(200, "ok\n")
+    if path == "/readyz":
+        ready, document = readiness(gateway)
+        return _json(200 if ready else 503, document)
+    if path == "/metrics":
+        return await _metrics()
+    if path == "/connections":
+        return _json(200, connections_document(list(gateway.flows.values()), time.time()))
+    if path == "/config":
+        config = gateway.config
+        return _json(200, {"path": config.path, "config": redact(config.raw)})
+    if path == "/":
+        return _json(200, {"paths": ["/healthz", "/readyz", "/metrics", "/connections", "/config"]})
+    return _text(404, "not found\n")
+
+
+async def _metrics() -> Response:
+    current = telemetry.current()
+    if current is None or current.registry is None:
+        return _text(503, "metrics unavailable: the telemetry plugin is not loaded\n")
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    body = await trio.to_thread.run_sync(current.prometheus_text)
+    return Response(200, body, CONTENT_TYPE_LATEST)

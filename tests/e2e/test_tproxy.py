@@ -1,0 +1,770 @@
+"""TPROXY end to end: client, gateway (the router) and backend in three network namespaces.
+
+A real ``l4gw run`` inside the gateway namespace receives connections to service
+addresses that exist nowhere (198.18.2.0/24, fd00:2::/64) through TPROXY, and the
+backends see the client as it is (``upstream_source = "client"``) or read it from a
+PROXY header. State checks read the kernel with ``nft`` and ``ip`` directly, not
+through l4gw's own code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import socket
+import ssl
+import struct
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from gateway import proxy_protocol
+from gateway.nftables import Nftables, NftablesError
+
+from gwproc import L4GW, GatewayProcess, l4gw
+from netns import (
+    BACKEND4,
+    BACKEND6,
+    CLIENT4,
+    CLIENT6,
+    ELSEWHERE4,
+    ELSEWHERE6,
+    GW_BACKEND_SIDE4,
+    GW_BACKEND_SIDE6,
+    GW_CLIENT_SIDE4,
+    GW_CLIENT_SIDE6,
+    Topology,
+    inside,
+    tcp_connect,
+    tcp_listen,
+)
+from netns import topology as topology  # the fixture
+
+pytestmark = [pytest.mark.privileged, pytest.mark.timeout(60)]
+
+SVC_A4, SVC_B4, SVC_A6, SVC_B6 = "198.18.2.10", "198.18.2.20", "fd00:2::10", "fd00:2::20"
+NGINX_PORT, PEER_PORT, PP_PORT = 8080, 9090, 9191
+
+
+def config(manage: bool = False, pp_version: str = "v2", extra: str = "") -> str:
+    """Two transparent listeners (IPv4, IPv6), four service addresses routed to two
+    backends per family, and [tproxy] intercepting 198.18.2-3.x / fd00:2-3:: port 80, 443."""
+    return f"""
+[gateway]
+log_connections = true
+drain_timeout = "1s"
+
+[[listener]]
+name = "tp4"
+bind = "0.0.0.0:15001"
+transparent = true
+
+[[listener]]
+name = "tp6"
+bind = "[::]:15001"
+transparent = true
+
+[[route]]
+name = "tls-a4"
+listener = "tp4"
+destination = ["{SVC_A4}/32"]
+ports = [443]
+sni = ["api.example.test"]
+cluster = "pp4"
+
+[[route]]
+name = "tls-a6"
+listener = "tp6"
+destination = ["{SVC_A6}/128"]
+ports = [443]
+sni = ["api.example.test"]
+cluster = "pp6"
+
+[[route]]
+name = "svc-a4"
+listener = "tp4"
+destination = ["{SVC_A4}/32"]
+ports = [80]
+cluster = "nginx4"
+
+[[route]]
+name = "svc-b4"
+listener = "tp4"
+destination = ["{SVC_B4}/32"]
+cluster = "peer4"
+
+[[route]]
+name = "svc-a6"
+listener = "tp6"
+destination = ["{SVC_A6}/128"]
+ports = [80]
+cluster = "nginx6"
+
+[[route]]
+name = "svc-b6"
+listener = "tp6"
+destination = ["{SVC_B6}/128"]
+cluster = "peer6"
+
+[cluster.nginx4]
+endpoints = ["{BACKEND4}:{NGINX_PORT}"]
+upstream_source = "client"
+
+[cluster.nginx6]
+endpoints = ["[{BACKEND6}]:{NGINX_PORT}"]
+upstream_source = "client"
+
+[cluster.peer4]
+endpoints = ["{BACKEND4}:{PEER_PORT}"]
+upstream_source = "client"
+
+[cluster.peer6]
+endpoints = ["[{BACKEND6}]:{PEER_PORT}"]
+upstream_source = "client"
+
+[cluster.pp4]
+endpoints = ["{BACKEND4}:{PP_PORT}"]
+proxy_protocol = "{pp_version}"
+
+[cluster.pp6]
+endpoints = ["[{BACKEND6}]:{PP_PORT}"]
+proxy_protocol = "{pp_version}"
+
+[tproxy]
+manage = {str(manage).lower()}
+
+[[tproxy.intercept]]
+listener = "tp4"
+interfaces = ["gw-cli"]
+destination = ["198.18.2.0/24", "198.18.3.0/24"]
+ports = [80, 443]
+
+[[tproxy.intercept]]
+listener = "tp6"
+interfaces = ["gw-cli"]
+destination = ["fd00:2::/64", "fd00:3::/64"]
+ports = [80, 443]
+{extra}
+"""
+
+
+# --- backends and clients -------------------------------------------------------------------
+
+
+@dataclass
+class PeerServer:
+    """Replies with one JSON line: the peer it accepted and the PROXY header it parsed."""
+
+    name: str
+    proxy_protocol: bool = False
+    seen: list[dict[str, Any]] = field(default_factory=list)
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            peer = stream.socket.getpeername()
+            info: dict[str, Any] = {"name": self.name, "peer": [peer[0], peer[1]]}
+            self.seen.append(info)
+            try:
+                rest = b""
+                if self.proxy_protocol:
+                    info["proxy"], rest = await self._read_header(stream)
+                # Read to the client's EOF first: closing with unread bytes would reset.
+                info["received"] = len(rest) + len(await _receive_all(stream))
+                await stream.send_all(json.dumps(info).encode() + b"\n")
+            except trio.BrokenResourceError:
+                pass
+
+    async def _read_header(self, stream: trio.SocketStream) -> tuple[dict[str, Any] | str, bytes]:
+        """The parsed header and the bytes read after it."""
+        buf = b""
+        while True:
+            try:
+                result = proxy_protocol.parse(buf)
+            except proxy_protocol.ProxyProtocolError as exc:
+                return f"error: {exc}", buf
+            if not isinstance(result, int):
+                header = {
+                    "version": result.version,
+                    "source": list(result.source or ()),
+                    "destination": list(result.destination or ()),
+                    "authority": result.tlv(proxy_protocol.PP2_TYPE_AUTHORITY) is not None
+                    and result.authority,
+                }
+                return header, buf[result.length :]
+            chunk = await stream.receive_some(result - len(buf))
+            if not chunk:
+                return "error: EOF inside the header", buf
+            buf += chunk
+
+
+async def _receive_all(stream: trio.SocketStream, limit: int = 1 << 20) -> bytes:
+    data = b""
+    with trio.fail_after(10):
+        while len(data) < limit and (chunk := await stream.receive_some(65536)):
+            data += chunk
+    return data
+
+
+async def serve(
+    nursery: trio.Nursery, ns: str, server: PeerServer, *binds: tuple[str, int]
+) -> None:
+    for host, port in binds:
+        listener = tcp_listen(ns, host, port)
+        nursery.start_soon(trio.serve_listeners, server.handle, [listener])
+
+
+async def exchange(
+    ns: str, host: str, port: int, send: bytes = b""
+) -> tuple[tuple[str, int], bytes]:
+    """Connect from ``ns``, send, half-close, read to EOF: (our local address, the reply)."""
+    stream = await tcp_connect(ns, host, port)
+    async with stream:
+        local = stream.socket.getsockname()
+        if send:
+            await stream.send_all(send)
+        await stream.send_eof()
+        chunks = []
+        with trio.fail_after(10):
+            while chunk := await stream.receive_some(65536):
+                chunks.append(chunk)
+    return (local[0], local[1]), b"".join(chunks)
+
+
+async def ask(
+    ns: str, host: str, port: int, send: bytes = b""
+) -> tuple[tuple[str, int], dict[str, Any]]:
+    local, reply = await exchange(ns, host, port, send)
+    return local, json.loads(reply)
+
+
+async def refused_or_closed(ns: str, host: str, port: int) -> bytes:
+    """What a client gets from a connection the gateway refuses: b"" (EOF) or b"reset"."""
+    try:
+        _, reply = await exchange(ns, host, port, b"hello")
+    except (OSError, trio.BrokenResourceError):
+        return b"reset"
+    return reply
+
+
+def client_hello(server_name: str) -> bytes:
+    ctx = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    conn = ctx.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    with pytest.raises(ssl.SSLWantReadError):
+        conn.do_handshake()
+    return outgoing.read()
+
+
+class Nginx:
+    """nginx in the backend namespace: own config, pid and logs in a temp dir; killed by the
+    topology's teardown (it is started through ``Topology.popen``)."""
+
+    def __init__(self, topo: Topology, workdir: Path) -> None:
+        self.dir = workdir / "nginx"
+        self.dir.mkdir()
+        self.access_log = self.dir / "access.log"
+        d = self.dir
+        temp = " ".join(
+            f"{kind}_temp_path {d}/{kind};"
+            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        (d / "nginx.conf").write_text(
+            f"""
+daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 64; }}
+http {{
+    log_format peer '$remote_addr $remote_port -> $server_addr:$server_port "$request" $status';
+    access_log {d}/access.log peer;
+    {temp}
+    server {{
+        listen {BACKEND4}:{NGINX_PORT};
+        listen [{BACKEND6}]:{NGINX_PORT};
+        location / {{ default_type text/plain; return 200 "$remote_addr\\n"; }}
+    }}
+}}
+"""
+        )
+        self.proc = topo.popen(
+            topo.backend,
+            "nginx",
+            "-e",
+            str(d / "error.log"),
+            "-p",
+            str(d),
+            "-c",
+            str(d / "nginx.conf"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self._wait_ready(topo)
+
+    def _wait_ready(self, topo: Topology) -> None:
+        deadline = time.monotonic() + 10
+        for host in (BACKEND4, BACKEND6):
+            while True:
+                with inside(topo.backend):
+                    probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+                with probe:
+                    if probe.connect_ex((host, NGINX_PORT)) == 0:
+                        break
+                assert self.proc.poll() is None, (self.dir / "error.log").read_text()
+                assert time.monotonic() < deadline, "nginx did not start"
+                time.sleep(0.05)
+
+    def log_lines(self) -> list[str]:
+        return self.access_log.read_text().splitlines() if self.access_log.exists() else []
+
+
+# --- kernel state, read with nft and ip -----------------------------------------------------
+
+
+def _strip_handles(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip_handles(v) for k, v in value.items() if k != "handle"}
+    if isinstance(value, list):
+        return [_strip_handles(v) for v in value]
+    return value
+
+
+def kernel_state(topo: Topology) -> dict[str, Any]:
+    """The gateway namespace's nftables ruleset, ip rules and routes tagged proto 244 or in
+    table 100 (handles stripped: they change on every atomic replace)."""
+    gw = topo.gateway
+    nft = json.loads(topo.exec(gw, "nft", "-j", "list", "ruleset", check=True).stdout)
+    state: dict[str, Any] = {
+        "nft": [_strip_handles(item) for item in nft["nftables"] if "metainfo" not in item]
+    }
+    for v in ("4", "6"):
+        rules = json.loads(topo.exec(gw, "ip", "-j", f"-{v}", "rule", check=True).stdout)
+        state[f"rules{v}"] = [
+            r for r in rules if r.get("table") not in ("local", "main", "default")
+        ]
+        routes = json.loads(
+            topo.exec(gw, "ip", "-j", f"-{v}", "route", "show", "table", "all", check=True).stdout
+        )
+        state[f"routes{v}"] = [
+            r for r in routes if r.get("protocol") == "244" or r.get("table") == "100"
+        ]
+    return state
+
+
+def assert_set_up(state: dict[str, Any], mark: str = "0x1", table: str = "100") -> None:
+    tables = [i["table"] for i in state["nft"] if "table" in i]
+    assert tables == [{"family": "inet", "name": "l4gw"}]
+    comments = [i["rule"]["comment"] for i in state["nft"] if "rule" in i]
+    assert len(comments) == 5 and all(c.startswith("l4gw ") for c in comments)
+    assert any("tproxy" in json.dumps(i) for i in state["nft"] if "rule" in i)
+    for v in ("4", "6"):
+        assert state[f"rules{v}"] == [
+            {"priority": 10000, "src": "all", "fwmark": mark, "table": table, "protocol": "244"}
+        ]
+        assert [(r["type"], r["dst"], r["dev"], r.get("table")) for r in state[f"routes{v}"]] == [
+            ("local", "default", "lo", table)
+        ]
+
+
+def assert_clean(state: dict[str, Any]) -> None:
+    assert state == {"nft": [], "rules4": [], "rules6": [], "routes4": [], "routes6": []}
+
+
+def tproxy(
+    topo: Topology, gw: GatewayProcess, action: str, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    return l4gw("tproxy", action, "-c", str(gw.config_path), *extra, netns=topo.gateway)
+
+
+def hostport(host: str, port: int) -> str:
+    """An address as the gateway's log writes it."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+StartGateway = Callable[..., GatewayProcess]
+
+
+# --- tests ----------------------------------------------------------------------------------
+
+
+async def test_intercepted_clients_reach_backends_as_themselves(
+    topology: Topology, gateway: StartGateway, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Client -> service address (not the gateway) -> TPROXY -> l4gw -> backend, which sees the
+    client's own IP (nginx and a trio server; IPv4 and IPv6); two services, two clusters; the
+    gateway logs the real client and the original destination; [tproxy] manage = true sets up
+    at start and tears down at exit."""
+    topo = topology
+    nginx = Nginx(topo, tmp_path)
+    peers = PeerServer("peer")
+    await serve(nursery, topo.backend, peers, (BACKEND4, PEER_PORT), (BACKEND6, PEER_PORT))
+    gw = gateway(config(manage=True), netns=topo.gateway)
+    assert_set_up(kernel_state(topo))
+
+    for svc_a, svc_b, client in ((SVC_A4, SVC_B4, CLIENT4), (SVC_A6, SVC_B6, CLIENT6)):
+        local, body = await exchange(topo.client, svc_a, 80, b"GET / HTTP/1.0\r\nHost: a\r\n\r\n")
+        assert local[0] == client
+        assert body.startswith(b"HTTP/1.1 200") and body.endswith(f"\r\n\r\n{client}\n".encode())
+        local_b, reply = await ask(topo.client, svc_b, 80, b"hi")
+        assert reply["name"] == "peer" and reply["peer"][0] == client
+        for local_addr, svc, route in ((local, svc_a, "svc-a"), (local_b, svc_b, "svc-b")):
+            pattern = (
+                rf"client={re.escape(hostport(*local_addr))} dst={re.escape(hostport(svc, 80))} "
+                rf"route={route}{'6' if ':' in client else '4'} "
+            )
+            await trio.to_thread.run_sync(gw.wait_log, pattern)
+
+    lines = nginx.log_lines()
+    assert len(lines) == 2
+    assert lines[0].startswith(f"{CLIENT4} ") and f"-> {BACKEND4}:{NGINX_PORT}" in lines[0]
+    assert lines[1].startswith(f"{CLIENT6} ") and f"-> {BACKEND6}:{NGINX_PORT}" in lines[1]
+    assert [p["peer"][0] for p in peers.seen] == [CLIENT4, CLIENT6]
+
+    assert gw.stop() == 0
+    assert "tproxy: torn down" in gw.log
+    assert_clean(kernel_state(topo))
+
+
+@pytest.mark.parametrize("version", ["v2", "v1"])
+async def test_proxy_protocol_carries_client_destination_and_sni(
+    topology: Topology, gateway: StartGateway, nursery: trio.Nursery, version: str
+) -> None:
+    """The backend parses the PROXY header (gateway.proxy_protocol.parse) and finds the client's
+    IP and port and the original destination; v2 carries the peeked SNI as AUTHORITY."""
+    topo = topology
+    backend = PeerServer("pp", proxy_protocol=True)
+    await serve(nursery, topo.backend, backend, (BACKEND4, PP_PORT), (BACKEND6, PP_PORT))
+    gw = gateway(config(pp_version=version), netns=topo.gateway)
+    assert tproxy(topo, gw, "setup").returncode == 0
+    hello = client_hello("api.example.test")
+    for svc, client in ((SVC_A4, CLIENT4), (SVC_A6, CLIENT6)):
+        local, reply = await ask(topo.client, svc, 443, hello)
+        assert local[0] == client
+        header = reply["proxy"]
+        assert header["version"] == int(version[1])
+        assert header["source"] == [client, local[1]]
+        assert header["destination"] == [svc, 443]
+        assert header["authority"] == ("api.example.test" if version == "v2" else False)
+        # Without transparent upstream the backend's peer is the gateway itself.
+        assert reply["peer"][0] in (GW_BACKEND_SIDE4, GW_BACKEND_SIDE6)
+    await trio.to_thread.run_sync(gw.wait_log, r"conn \d+ tp6 .* route=tls-a6 ")
+
+
+async def test_no_route_is_refused_and_never_connected(
+    topology: Topology, gateway: StartGateway, nursery: trio.Nursery
+) -> None:
+    """An intercepted destination that no route allows: refused (no_route, logged), and nothing
+    connects to that destination, which is real and reachable."""
+    topo = topology
+    elsewhere = PeerServer("elsewhere")
+    await serve(nursery, topo.backend, elsewhere, (ELSEWHERE4, 80), (ELSEWHERE6, 80))
+    # Without interception, the router forwards the client there: the listener counts it.
+    for host, client in ((ELSEWHERE4, CLIENT4), (ELSEWHERE6, CLIENT6)):
+        _, reply = await ask(topo.client, host, 80)
+        assert reply["peer"][0] == client
+    assert len(elsewhere.seen) == 2
+
+    gw = gateway(config(), netns=topo.gateway)
+    assert tproxy(topo, gw, "setup").returncode == 0
+    for host in (ELSEWHERE4, ELSEWHERE6):
+        assert await refused_or_closed(topo.client, host, 80) in (b"", b"reset")
+    text = await trio.to_thread.run_sync(gw.wait_log, r"no_route by=core", 10, 2)
+    assert re.search(
+        rf"client={CLIENT4}:\d+ dst={ELSEWHERE4}:80 route=- endpoint=- .* no_route", text
+    )
+    assert re.search(rf"client=\[{CLIENT6}\]:\d+ dst=\[{ELSEWHERE6}\]:80 route=- .* no_route", text)
+    assert len(elsewhere.seen) == 2
+
+
+async def test_setup_twice_status_teardown(topology: Topology, tmp_path: Path) -> None:
+    """setup, setup again (same state), status (matches), a changed config (converges),
+    teardown (nothing of ours left), teardown again (nothing to do)."""
+    topo = topology
+    gw = GatewayProcess(tmp_path, config(), netns=topo.gateway)  # the config file only
+    assert_clean(kernel_state(topo))
+    status = tproxy(topo, gw, "status")
+    assert status.returncode == 1 and "not installed" in status.stdout
+
+    first = tproxy(topo, gw, "setup")
+    assert first.returncode == 0, first.stderr
+    assert "created nftables table inet l4gw" in first.stdout
+    after_first = kernel_state(topo)
+    assert_set_up(after_first)
+    second = tproxy(topo, gw, "setup")
+    assert second.returncode == 0 and "added" not in second.stdout
+    assert kernel_state(topo) == after_first
+
+    status = tproxy(topo, gw, "status")
+    assert status.returncode == 0, status.stdout
+    assert f"status: matches {gw.config_path}" in status.stdout
+    assert status.stdout.count("installed  ") == 4
+
+    gw.write_config(config().replace("manage = false", "manage = false\nmark = 7\ntable = 200"))
+    status = tproxy(topo, gw, "status")
+    assert status.returncode == 1 and "STALE" in status.stdout and "MISSING" in status.stdout
+    changed = tproxy(topo, gw, "setup")
+    assert changed.returncode == 0, changed.stderr
+    assert "removed stale ip -4 rule fwmark 0x1 lookup 100" in changed.stdout
+    assert_set_up(kernel_state(topo), mark="0x7", table="200")
+
+    down = tproxy(topo, gw, "teardown")
+    assert down.returncode == 0 and "removed nftables table inet l4gw" in down.stdout
+    assert_clean(kernel_state(topo))
+    again = tproxy(topo, gw, "teardown")
+    assert again.returncode == 0 and "nothing to remove" in again.stdout
+
+
+async def test_kill9_leftovers_cleaned_by_teardown_and_by_next_start(
+    topology: Topology, gateway: StartGateway, tmp_path: Path
+) -> None:
+    topo = topology
+    reference = GatewayProcess(tmp_path, config(manage=True), name="ref", netns=topo.gateway)
+    assert tproxy(topo, reference, "setup").returncode == 0
+    expected = kernel_state(topo)
+    assert tproxy(topo, reference, "teardown").returncode == 0
+
+    gw = gateway(config(manage=True), name="gw1", netns=topo.gateway)
+    assert kernel_state(topo) == expected
+    assert gw.proc is not None
+    gw.proc.kill()
+    gw.wait()
+    assert kernel_state(topo) == expected  # SIGKILL: nothing ran at exit
+    # Fail closed: with the rules left and no gateway, clients are reset, not routed onward.
+    assert await refused_or_closed(topo.client, SVC_B4, 80) == b"reset"
+
+    # The next start converges from the leftovers: the same state as one clean setup.
+    gw2 = gateway(config(manage=True), name="gw2", netns=topo.gateway)
+    assert kernel_state(topo) == expected
+    assert gw2.proc is not None
+    gw2.proc.kill()
+    gw2.wait()
+
+    # Also when the next start runs another config: what the killed one left is removed.
+    other = config(manage=True).replace("manage = true", "manage = true\nmark = 7\ntable = 200")
+    gw2 = gateway(other, name="gw3", netns=topo.gateway)
+    assert_set_up(kernel_state(topo), mark="0x7", table="200")
+    assert "removed stale ip -4 rule fwmark 0x1 lookup 100 priority 10000" in gw2.log
+    assert gw2.proc is not None
+    gw2.proc.kill()
+    gw2.wait()
+
+    down = tproxy(topo, gw2, "teardown")
+    assert down.returncode == 0, down.stderr
+    assert down.stdout.count("removed ") == 5  # the table, 2 rules, 2 routes
+    assert_clean(kernel_state(topo))
+
+
+async def test_doctor_finds_each_seeded_misconfiguration(
+    topology: Topology, gateway: StartGateway
+) -> None:
+    """Clean on a good setup; each seeded problem reported as FAIL with a one-line fix; clean
+    again once they are repaired."""
+    topo = topology
+    gw = gateway(config(), netns=topo.gateway)
+    assert tproxy(topo, gw, "setup").returncode == 0
+
+    def doctor(expect_ok: bool) -> str:
+        result = tproxy(topo, gw, "doctor")
+        assert (result.returncode == 0) == expect_ok, result.stdout + result.stderr
+        return result.stdout
+
+    well = doctor(True)
+    assert "doctor: all well" in well
+    assert "listener tp6 ([::]:15001): listening, transparent" in well
+
+    def run(*argv: str) -> Callable[[], object]:
+        return lambda: topo.exec(topo.gateway, *argv, check=True)
+
+    def sysctl(key: str, value: str) -> Callable[[], object]:
+        return lambda: topo.sysctl(topo.gateway, key, value)
+
+    mangle = (
+        "add table ip mangle; add chain ip mangle pre { type filter hook prerouting priority -150; "
+        "}; add rule ip mangle pre tcp dport 80 tproxy to :15999"
+    )
+    # (what doctor must say, what its fix line must say, seed, repair)
+    seeds: list[tuple[str, str, Callable[[], object], Callable[[], object]]] = [
+        (
+            "IPv4 fwmark rule missing",
+            "ip -4 rule add fwmark 0x1 lookup 100 priority 10000",
+            run("ip", "-4", "rule", "del", "fwmark", "1", "lookup", "100", "priority", "10000"),
+            lambda: tproxy(topo, gw, "setup"),
+        ),
+        (
+            "IPv6 local route missing",
+            "ip -6 route add local default dev lo table 100",
+            run("ip", "-6", "route", "del", "local", "default", "dev", "lo", "table", "100"),
+            lambda: None,  # the setup above repairs it too
+        ),
+        (
+            "rp_filter=1 (strict) on gw-cli",
+            "sysctl -w net.ipv4.conf.gw-cli.rp_filter=2",
+            sysctl("net.ipv4.conf.gw-cli.rp_filter", "1"),
+            sysctl("net.ipv4.conf.gw-cli.rp_filter", "0"),
+        ),
+        (
+            "src_valid_mark=1 on gw-be",
+            "net.ipv4.conf.all.src_valid_mark=0",
+            sysctl("net.ipv4.conf.all.src_valid_mark", "1"),
+            sysctl("net.ipv4.conf.all.src_valid_mark", "0"),
+        ),
+        (
+            "IPv6 forwarding is off",
+            "sysctl -w net.ipv6.conf.all.forwarding=1",
+            sysctl("net.ipv6.conf.all.forwarding", "0"),
+            sysctl("net.ipv6.conf.all.forwarding", "1"),
+        ),
+        (
+            "conflict: nftables table ip mangle also does TPROXY",
+            "nft delete table ip mangle",
+            run("nft", mangle),
+            run("nft", "delete", "table", "ip", "mangle"),
+        ),
+        (
+            "conflict: IPv4 ip rule priority 10000 is also used",
+            "rule_priority",
+            run("ip", "-4", "rule", "add", "priority", "10000", "lookup", "main"),
+            run("ip", "-4", "rule", "del", "priority", "10000", "lookup", "main"),
+        ),
+    ]
+    for _, _, seed, _ in seeds:
+        seed()
+    lines = doctor(False).splitlines()
+    for problem, fix, _, _ in seeds:
+        found = [i for i, line in enumerate(lines) if line.startswith("FAIL") and problem in line]
+        assert found, (problem, lines)
+        fix_line = lines[found[0] + 1].strip()
+        assert fix_line.startswith("fix: ") and fix in fix_line, (problem, fix_line)
+    for _, _, _, repair in reversed(seeds):
+        repair()
+    assert "doctor: all well" in doctor(True)
+
+    # Without CAP_NET_ADMIN (bounding set dropped before exec).
+    command = shlex.join([*L4GW, "tproxy", "doctor", "-c", str(gw.config_path)])
+    nocap = topo.exec(topo.gateway, "capsh", "--drop=cap_net_admin", "--", "-c", command)
+    assert nocap.returncode == 1
+    assert "FAIL  CAP_NET_ADMIN: missing" in nocap.stdout
+
+    # A listener that is not transparent holding the port.
+    gw.stop()
+    with inside(topo.gateway):
+        plain = socket.socket()
+    with plain:
+        plain.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        plain.bind(("0.0.0.0", 15001))
+        plain.listen()
+        out = doctor(False)
+        assert (
+            "FAIL  listener tp4 (0.0.0.0:15001): the socket listening there is not transparent"
+            in out
+        )
+    out = doctor(True)  # nothing listens: a warning, not a failure
+    assert "warn  listener tp4 (0.0.0.0:15001): nothing listens yet" in out
+
+
+async def test_bad_proxy_headers_are_refused_and_the_gateway_keeps_serving(
+    topology: Topology, gateway: StartGateway, nursery: trio.Nursery
+) -> None:
+    topo = topology
+    backend = PeerServer("plain")
+    await serve(nursery, topo.backend, backend, (BACKEND4, PEER_PORT))
+    extra = f"""
+[[listener]]
+name = "pp4"
+bind = "{GW_CLIENT_SIDE4}:7000"
+proxy_protocol = true
+proxy_protocol_trusted = ["{CLIENT4}/32"]
+peek_timeout = "2s"
+
+[[listener]]
+name = "pp6"
+bind = "[{GW_CLIENT_SIDE6}]:7000"
+proxy_protocol = true
+proxy_protocol_trusted = ["{CLIENT4}/32"]
+
+[[route]]
+name = "pp4"
+listener = "pp4"
+cluster = "plain"
+
+[[route]]
+name = "pp6"
+listener = "pp6"
+cluster = "plain"
+
+[cluster.plain]
+endpoints = ["{BACKEND4}:{PEER_PORT}"]
+"""
+    gw = gateway(config(extra=extra), netns=topo.gateway)
+    good = proxy_protocol.encode_v2(("198.18.0.99", 5555), ("198.18.2.99", 443))
+    cases = [
+        ("truncated", good[:20], GW_CLIENT_SIDE4, "bad PROXY header: "),
+        (
+            "bad signature",
+            b"GET / HTTP/1.0\r\n\r\n",
+            GW_CLIENT_SIDE4,
+            "no PROXY protocol signature",
+        ),
+        (
+            "v2 length over the cap",
+            proxy_protocol.V2_SIGNATURE + b"\x21\x11" + struct.pack("!H", 0xFFFF),
+            GW_CLIENT_SIDE4,
+            "v2 length over limit",
+        ),
+        (
+            "v2 unknown family",
+            proxy_protocol.V2_SIGNATURE + b"\x21\x41" + struct.pack("!H", 12) + bytes(12),
+            GW_CLIENT_SIDE4,
+            "v2 unknown address family",
+        ),
+        (
+            "v1 IPv6 address in a TCP4 line",
+            b"PROXY TCP4 fd00::2 198.18.2.99 5555 443\r\n",
+            GW_CLIENT_SIDE4,
+            "v1 bad IPv4 address",
+        ),
+        ("untrusted source", good, GW_CLIENT_SIDE6, f"untrusted source {CLIENT6}"),
+    ]
+    for n, (what, data, host, reason) in enumerate(cases, 1):
+        try:
+            _, reply = await exchange(topo.client, host, 7000, data)
+        except (OSError, trio.BrokenResourceError):
+            reply = b"reset"
+        assert reply in (b"", b"reset"), what
+        text = await trio.to_thread.run_sync(gw.wait_log, r"bad_proxy_header", 10, n)
+        last = [line for line in text.splitlines() if "bad_proxy_header" in line][-1]
+        assert reason in last, (what, last)
+    assert backend.seen == []
+
+    # Still serving: a good header is consumed and its addresses are the flow's.
+    _, reply = await ask(topo.client, GW_CLIENT_SIDE4, 7000, good + b"payload")
+    assert reply["peer"][0] == GW_BACKEND_SIDE4
+    await trio.to_thread.run_sync(
+        gw.wait_log, r"conn \d+ pp4 client=198\.18\.0\.99:5555 dst=198\.18\.2\.99:443 route=pp4"
+    )
+
+
+def test_nftables_binding_errors_carry_nfts_message_and_change_nothing(topology: Topology) -> None:
+    with inside(topology.gateway), Nftables() as nft:
+        table = {"family": "inet", "name": "l4gw-binding-test"}
+        with pytest.raises(NftablesError, match="No such file or directory"):
+            nft.run(
+                [
+                    {"add": {"table": table}},
+                    {"add": {"chain": {"family": "inet", "table": "absent", "name": "c"}}},
+                ]
+            )
+        # One transaction: the table of the failed batch was not created either.
+        assert not [i for i in nft.ruleset() if "table" in i]
+        nft.run([{"add": {"table": table}}])
+        assert [i["table"]["name"] for i in nft.ruleset() if "table" in i] == ["l4gw-binding-test"]
+        with pytest.raises(NftablesError):
+            nft.run([{"bogus": {}}])

@@ -1,0 +1,168 @@
+"""The routing plugin on plain values: matching, splits, health, panic, active counts."""
+
+from __future__ import annotations
+
+import tomllib
+from collections import Counter
+
+from gateway import Config, Endpoint, Flow
+from gateway.config import from_dict
+from l4gw_plugins.health import CheckSpec, Health
+from l4gw_plugins.routing import Routing
+
+BASE = """
+[[listener]]
+name = "public"
+bind = "127.0.0.1:1"
+
+[[route]]
+name = "canary"
+listener = "public"
+ports = [443]
+clusters = [{ cluster = "stable", weight = 9 }, { cluster = "next", weight = 1 }]
+
+[[route]]
+name = "main"
+listener = "public"
+cluster = "api"
+
+[cluster.stable]
+endpoints = ["10.0.0.1:80"]
+
+[cluster.next]
+endpoints = ["10.0.0.2:80"]
+
+[cluster.api]
+endpoints = ["10.0.1.1:80", { address = "10.0.1.2:80", weight = 3 }, "10.0.1.3:80"]
+connect_attempts = 2
+"""
+
+
+def config(extra: str = "") -> Config:
+    return from_dict(tomllib.loads(BASE + extra), "t", {})
+
+
+def flow(n: int, port: int = 80, client: str = "192.0.2.1") -> Flow:
+    return Flow(n, "public", "tcp", (client, 40000 + n), ("203.0.113.1", port))
+
+
+def routing(extra: str = "") -> tuple[Routing, Health, Config]:
+    health = Health()
+    r = Routing(health)
+    c = config(extra)
+    r.configure(c)
+    return r, health, c
+
+
+def test_canary_split_is_exact() -> None:
+    r, _, _ = routing()
+    clusters = Counter()
+    for i in range(100):
+        route = r.route(flow(i, port=443))
+        assert route is not None and route.name == "canary"
+        clusters[route.cluster.name] += 1
+    assert clusters == {"stable": 90, "next": 10}
+
+
+def test_weighted_round_robin_with_fallbacks() -> None:
+    r, _, c = routing()
+    firsts = Counter()
+    for i in range(50):
+        route = r.route(flow(i))
+        assert route is not None and route.name == "main"
+        assert len(route.endpoints) == 2 and len(set(route.endpoints)) == 2
+        firsts[str(route.endpoints[0])] += 1
+    assert firsts == {"10.0.1.1:80": 10, "10.0.1.2:80": 30, "10.0.1.3:80": 10}
+
+
+def _down(health: Health, cluster: str, *addrs: str) -> None:
+    spec = CheckSpec("tcp", 1, 1, 1, 1, b"", b"")
+    for addr in addrs:
+        host, port = addr.split(":")
+        health.record((cluster, host, int(port)), spec, "connect: refused")
+
+
+def test_unhealthy_endpoints_are_not_offered() -> None:
+    r, health, _ = routing()
+    _down(health, "api", "10.0.1.2:80")
+    seen = set()
+    for i in range(20):
+        route = r.route(flow(i))
+        assert route is not None
+        seen.update(str(e) for e in route.endpoints)
+    assert seen == {"10.0.1.1:80", "10.0.1.3:80"}
+
+
+def test_no_healthy_refuses_or_panics() -> None:
+    r, health, _ = routing()
+    _down(health, "api", "10.0.1.1:80", "10.0.1.2:80", "10.0.1.3:80")
+    f = flow(1)
+    route = r.route(f)
+    assert route is not None and route.endpoints == ()
+    assert f.events[-1][0] == "no_healthy_endpoint"
+
+    r, health, _ = routing('on_no_healthy = "panic"\n')
+    _down(health, "api", "10.0.1.1:80", "10.0.1.2:80", "10.0.1.3:80")
+    route = r.route(flow(2))
+    assert route is not None and len(route.endpoints) == 2
+
+
+def test_weight_zero_is_drained() -> None:
+    extra = (
+        '[cluster.drain]\nendpoints = [{ address = "10.0.2.1:80", weight = 0 }, "10.0.2.2:80"]\n'
+    )
+    raw = tomllib.loads(BASE + extra)
+    raw["route"][1]["cluster"] = "drain"
+    r = Routing(Health())
+    r.configure(from_dict(raw, "t", {}))
+    for i in range(10):
+        route = r.route(flow(i))
+        assert route is not None and [str(e) for e in route.endpoints] == ["10.0.2.2:80"]
+
+
+def test_active_connections_steer_least_conn() -> None:
+    raw = tomllib.loads(BASE)
+    raw["cluster"]["api"]["balance"] = "least_conn"
+    r = Routing(Health())
+    r.configure(from_dict(raw, "t", {}))
+    a, b, c = (Endpoint("10.0.1.1", 80), Endpoint("10.0.1.2", 80, 3), Endpoint("10.0.1.3", 80))
+    flows = [flow(i) for i in range(5)]
+    for f in flows:
+        f.cluster = "api"
+    # a: 2 open, b (weight 3): 3 open, c: 0 open -> c; close c's share -> ...
+    for f, e in zip(flows, [a, a, b, b, b], strict=True):
+        r.connected(f, e)
+    route = r.route(flow(10))
+    assert route is not None and route.endpoints[0] == c
+    assert r.load_of("api", a) == 2 and r.load_of("api", b) == 3
+    for f in flows:
+        r.closed(f)
+        r.closed(f)  # a second close of the same flow is ignored
+    assert r.active == {}
+
+
+def test_maglev_sticks_to_the_client() -> None:
+    raw = tomllib.loads(BASE)
+    raw["cluster"]["api"]["balance"] = "maglev"
+    r = Routing(Health())
+    r.configure(from_dict(raw, "t", {}))
+    for client in ("192.0.2.1", "192.0.2.77", "2001:db8::1"):
+        first = {r.route(flow(i, client=client)).endpoints[0] for i in range(20)}  # type: ignore[union-attr]
+        assert len(first) == 1
+
+
+def test_reload_keeps_unchanged_balancers() -> None:
+    r, _, c = routing()
+    before = dict(r.clusters)
+    raw = tomllib.loads(BASE)
+    raw["cluster"]["next"]["endpoints"] = ["10.0.0.3:80"]
+    r.configure(from_dict(raw, "t", {}))
+    assert r.clusters["api"] is before["api"]
+    assert r.clusters["stable"] is before["stable"]
+    assert r.clusters["next"] is not before["next"]
+
+
+def test_no_match_abstains() -> None:
+    r, _, _ = routing()
+    f = Flow(1, "other-listener", "tcp", ("192.0.2.1", 1), ("203.0.113.1", 80))
+    assert r.route(f) is None
