@@ -8,6 +8,7 @@ with its key path).
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 import tomllib
@@ -161,6 +162,7 @@ def run_gateway(config: Config, plugins: Plugins) -> int:
     from .server import Gateway
 
     gateway = Gateway(config, plugins)
+    tune_gc()
     try:
         trio.run(gateway.serve)
     except (OSError, PluginError) as exc:
@@ -169,6 +171,18 @@ def run_gateway(config: Config, plugins: Plugins) -> int:
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def tune_gc() -> None:
+    """Keep the cyclic GC off the connection path.
+
+    Everything imported and configured so far lives as long as the process:
+    freezing it spares every collection from walking it, and a higher
+    first-generation threshold makes collections rarer (connections make few
+    cycles). Measured: -7% CPU per connection (bench/README.md).
+    """
+    gc.freeze()
+    gc.set_threshold(20000, 50, 100)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -107,7 +107,7 @@ class Plugins:
             impl = impls[index]
             try:
                 result = impl.function(*[kwargs[a] for a in impl.argnames])
-                if inspect.isawaitable(result):
+                if result is not None and inspect.isawaitable(result):
                     result = await result
             except Exception as exc:
                 raise _Failed(index, impl.plugin, exc)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from gateway import ClusterConfig, Config, Endpoint, Flow, Route, RouteConfig, hookimpl
@@ -40,6 +41,10 @@ from .health import plugin as health_plugin
 log = logging.getLogger("l4gw.routing")
 
 IPAddress = IPv4Address | IPv6Address
+
+# Parsing an address costs ~2 µs per connection; clients and service
+# addresses repeat, so a bounded cache takes that off the connection path.
+_ip = lru_cache(maxsize=65536)(ip_address)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -101,7 +106,7 @@ class Router:
         routes = self.by_listener.get(flow.listener)
         if not routes:
             return None
-        dst = ip_address(flow.destination[0])
+        dst = _ip(flow.destination[0])
         for route in routes:
             if route.matches(flow, dst, src):
                 return route
@@ -155,7 +160,7 @@ class Routing:
     def route(self, flow: Flow) -> Route | None:
         if self.router is None:
             return None
-        src = ip_address(flow.client[0])
+        src = _ip(flow.client[0])
         matched = self.router.match(flow, src)
         if matched is None:
             return None
