@@ -27,9 +27,10 @@ from trio.lowlevel import wait_writable
 from . import proxy_protocol
 from .clienthello import ClientHello, parse_client_hello
 from .config import ClusterConfig, Config, ListenerConfig
+from .decisions import choose_route, refusal, where, why
 from .flow import CloseReason, Flow, Route
 from .peek import PeekFailed, peek, recv_exactly_queued
-from .plugin_manager import Plugins, Raised
+from .plugin_manager import Plugins
 from .relay import CopyRelay, abort_on_close
 from .upstream import ConnectFailed, ResetAfterConnect, connect
 
@@ -107,27 +108,15 @@ def _log_close(flow: Flow) -> None:
     level = logging.WARNING if flow.close_reason in CloseReason.FAILURES else logging.INFO
     log.log(
         level,
-        "conn %d %s client=%s dst=%s route=%s endpoint=%s from_client=%d to_client=%d "
-        "%.1fms %s%s%s",
+        "conn %d %s from_client=%d to_client=%d %.1fms %s%s",
         flow.id,
-        flow.listener,
-        _fmt(flow.client),
-        _fmt(flow.destination),
-        flow.route or "-",
-        flow.endpoint or "-",
+        where(flow),
         flow.bytes_from_client,
         flow.bytes_to_client,
         flow.duration * 1000,
         flow.close_reason,
-        f" by={flow.refused_by}" + (f"/{flow.refused_rule}" if flow.refused_rule else "")
-        if flow.refused_by
-        else "",
-        f" error={flow.error!r}" if flow.error else "",
+        why(flow),
     )
-
-
-def _fmt(addr: tuple[str, int]) -> str:
-    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
 
 
 async def _serve(
@@ -141,29 +130,21 @@ async def _serve(
 
     plugins.observe("l4gw_connection_opened", flow=flow)
 
-    refused = await _refused(rt, sock, flow, "l4gw_admit")
+    refused = await refusal(rt, flow, "l4gw_admit")
     if refused:
-        return refused
+        return _refuse(sock, refused)
 
     if lc.name in rt.peek_sni:
         await _peek_client_hello(lc, sock, flow)
 
-    try:
-        routed = await plugins.decide("l4gw_route", rt.route_open, flow=flow, config=rt.config)
-    except Raised as exc:
-        flow.refused_by, flow.error = exc.plugin, repr(exc.error)
-        return CloseReason.PLUGIN_ERROR
-    if routed is None:
-        flow.refused_by = "core"
-        return CloseReason.NO_ROUTE
-    route: Route = routed[1]
+    route = await choose_route(rt, flow)
+    if isinstance(route, str):
+        return route
     cluster = route.cluster
-    flow.route, flow.cluster = route.name, cluster.name
-    flow.add_event("routed", route=route.name, cluster=cluster.name)
 
-    refused = await _refused(rt, sock, flow, "l4gw_routed", route=route)
+    refused = await refusal(rt, flow, "l4gw_routed", route=route)
     if refused:
-        return refused
+        return _refuse(sock, refused)
 
     up = await _connect(rt, cluster, route, flow)
     if isinstance(up, str):
@@ -197,22 +178,11 @@ async def _serve(
     return closed
 
 
-async def _refused(
-    rt: Runtime, sock: socket.socket, flow: Flow, hook: str, **more: Any
-) -> str | None:
-    """Run a refusal hook (admit, routed); the close reason when it refuses."""
-    try:
-        refused = await rt.plugins.decide(hook, rt.admit_open, flow=flow, **more)
-    except Raised as exc:
-        flow.refused_by, flow.error = exc.plugin, repr(exc.error)
-        return CloseReason.PLUGIN_ERROR
-    if refused is None:
-        return None
-    flow.refused_by, refusal = refused
-    flow.refused_rule, flow.error = refusal.rule or None, refusal.reason
-    if refusal.reset:
+def _refuse(sock: socket.socket, refused: tuple[str, bool]) -> str:
+    reason, reset = refused
+    if reset:
         abort_on_close(sock)
-    return CloseReason.REFUSED
+    return reason
 
 
 async def _read_proxy_header(lc: ListenerConfig, sock: socket.socket, flow: Flow) -> str | None:

@@ -59,9 +59,9 @@ from trio.lowlevel import checkpoint, notify_closing, wait_readable, wait_writab
 from . import connection
 from .config import ClusterConfig, ListenerConfig
 from .connection import Runtime
+from .decisions import choose_route, refusal, where, why
 from .flow import CloseReason, Flow, Route
 from .linux import IP_PKTINFO, IPV6_PKTINFO
-from .plugin_manager import Raised
 from .udp_sessions import (
     MAX_DATAGRAM,
     DatagramQueue,
@@ -456,27 +456,19 @@ class UdpListener:
         plugins = rt.plugins
         plugins.observe("l4gw_connection_opened", flow=flow)
 
-        refused = await _refused(rt, flow, "l4gw_admit")
+        refused = await refusal(rt, flow, "l4gw_admit")
         if refused:
-            return self._tombstone(session, refused)
+            return self._tombstone(session, refused[0])
 
-        try:
-            routed = await plugins.decide("l4gw_route", rt.route_open, flow=flow, config=rt.config)
-        except Raised as exc:
-            flow.refused_by, flow.error = exc.plugin, repr(exc.error)
-            return self._tombstone(session, CloseReason.PLUGIN_ERROR)
-        if routed is None:
-            flow.refused_by = "core"
-            return self._tombstone(session, CloseReason.NO_ROUTE)
-        route: Route = routed[1]
+        route = await choose_route(rt, flow)
+        if isinstance(route, str):
+            return self._tombstone(session, route)
         cluster = route.cluster
-        flow.route, flow.cluster = route.name, cluster.name
-        flow.add_event("routed", route=route.name, cluster=cluster.name)
 
         if plugins.implements("l4gw_routed"):
-            refused = await _refused(rt, flow, "l4gw_routed", route=route)
+            refused = await refusal(rt, flow, "l4gw_routed", route=route)
             if refused:
-                return self._tombstone(session, refused)
+                return self._tombstone(session, refused[0])
 
         if cluster.proxy_protocol == "v1":
             flow.error = 'PROXY protocol v1 has no UDP form: use proxy_protocol = "v2"'
@@ -742,32 +734,13 @@ def _drop_upstream(session: UdpSession) -> None:
         session.tuple = None
 
 
-async def _refused(rt: Runtime, flow: Flow, hook: str, **more: Any) -> str | None:
-    """Run a refusal hook (admit, routed); the close reason when it refuses."""
-    try:
-        refused = await rt.plugins.decide(hook, rt.admit_open, flow=flow, **more)
-    except Raised as exc:
-        flow.refused_by, flow.error = exc.plugin, repr(exc.error)
-        return CloseReason.PLUGIN_ERROR
-    if refused is None:
-        return None
-    flow.refused_by, refusal = refused
-    flow.refused_rule, flow.error = refusal.rule or None, refusal.reason
-    return CloseReason.REFUSED
-
-
 def _log_close(flow: Flow, dropped: int) -> None:
     level = logging.WARNING if flow.close_reason in CloseReason.FAILURES else logging.INFO
     log.log(
         level,
-        "udp session %d %s client=%s dst=%s route=%s endpoint=%s from_client=%d/%dB "
-        "to_client=%d/%dB dropped=%d %.1fms %s%s%s",
+        "udp session %d %s from_client=%d/%dB to_client=%d/%dB dropped=%d %.1fms %s%s",
         flow.id,
-        flow.listener,
-        _fmt(flow.client),
-        _fmt(flow.destination),
-        flow.route or "-",
-        flow.endpoint or "-",
+        where(flow),
         flow.datagrams_from_client,
         flow.bytes_from_client,
         flow.datagrams_to_client,
@@ -775,12 +748,5 @@ def _log_close(flow: Flow, dropped: int) -> None:
         dropped,
         flow.duration * 1000,
         flow.close_reason,
-        f" by={flow.refused_by}" + (f"/{flow.refused_rule}" if flow.refused_rule else "")
-        if flow.refused_by
-        else "",
-        f" error={flow.error!r}" if flow.error else "",
+        why(flow),
     )
-
-
-def _fmt(addr: tuple[str, int]) -> str:
-    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
