@@ -92,10 +92,12 @@ def _add_optional_commands(sub: Any) -> None:
         mod.register(sub)
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, workers: int = 1) -> None:
+    # With several workers each line says which process wrote it.
+    pid = " [%(process)d]" if workers > 1 else ""
     logging.basicConfig(
         level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s{pid} %(name)s: %(message)s",
         stream=sys.stderr,
     )
 
@@ -144,7 +146,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except PluginError as exc:
         print(f"{args.config}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    setup_logging(args.log_level or config.gateway.log_level)
+    setup_logging(args.log_level or config.gateway.log_level, config.gateway.workers)
     if config.tproxy is not None and config.tproxy.manage:
         from .tproxy import TproxyError, managed
 
@@ -159,9 +161,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def run_gateway(config: Config, plugins: Plugins) -> int:
+    if config.gateway.workers > 1:
+        from .workers import supervise
+
+        return supervise(config.gateway.workers, lambda i: run_one(config, plugins, i))
+    return run_one(config, plugins, 0)
+
+
+def run_one(config: Config, plugins: Plugins, worker: int) -> int:
+    """Serve in this process (worker ``worker`` of ``[gateway] workers``)."""
     from .server import Gateway
 
-    gateway = Gateway(config, plugins)
+    gateway = Gateway(config, plugins, worker)
     tune_gc()
     try:
         trio.run(gateway.serve)

@@ -37,6 +37,11 @@ GATEWAY = {
     "log_connections": Field(s.boolean, False, "one log line per connection (the demo sets it)"),
     "log_level": Field(s.choice("debug", "info", "warning", "error"), "info", "log threshold"),
     "disable_plugins": Field(s.list_of(s.name), (), "installed plugins not to load, by name"),
+    "workers": Field(
+        s.integer(1, 64),
+        1,
+        "processes sharing the TCP listeners (SO_REUSEPORT); UDP and admin run in the first",
+    ),
 }
 
 LISTENER = {
@@ -190,6 +195,7 @@ class GatewayConfig:
     log_connections: bool
     log_level: str
     disable_plugins: tuple[str, ...]
+    workers: int
 
 
 @dataclass(frozen=True, slots=True)

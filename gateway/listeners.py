@@ -29,8 +29,8 @@ _SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.E
 _ACCEPTS_PER_CHECKPOINT = 64
 
 
-def open_socket(lc: ListenerConfig) -> socket.socket:
-    """Bind and listen as ``lc`` says.
+def open_socket(lc: ListenerConfig, reuse_port: bool = False) -> socket.socket:
+    """Bind and listen as ``lc`` says; ``reuse_port`` when worker processes share it.
 
     Raises:
         OSError: with the listener's name and address in the message.
@@ -38,6 +38,9 @@ def open_socket(lc: ListenerConfig) -> socket.socket:
     sock = socket.socket(lc.family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            # The kernel spreads new connections over the workers' sockets.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if lc.family == socket.AF_INET6:
             # Explicit, so that "0.0.0.0:p" and "[::]:p" can be two listeners.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)

@@ -43,7 +43,9 @@ log = logging.getLogger("l4gw")
 class Gateway:
     """One gateway process serving ``config`` with ``plugins``."""
 
-    def __init__(self, config: Config, plugins: Plugins) -> None:
+    def __init__(self, config: Config, plugins: Plugins, worker: int = 0) -> None:
+        self.worker = worker
+        """Index of this process among ``[gateway] workers`` (0 serves UDP and admin)."""
         self.flows: dict[int, Flow] = {}
         self.runtime = Runtime(config, plugins, CopyRelay(config.gateway.buffer_size), self.flows)
         self.listeners: dict[str, Listener | UdpListener] = {}
@@ -81,7 +83,7 @@ class Gateway:
                     if result is not None:
                         await result
                 self.started_plugins = True
-                if config.admin is not None:
+                if config.admin is not None and self.worker == 0:
                     from . import admin
 
                     await background.start(admin.serve, self)
@@ -89,7 +91,7 @@ class Gateway:
                     self._connections = connections
                     async with trio.open_nursery() as accepting:
                         self._accepting = accepting
-                        for lc in config.listeners:
+                        for lc in self._mine(config):
                             self._open(lc)
                         self.ready = True
                         log.info(
@@ -122,6 +124,11 @@ class Gateway:
         self.draining = True
         connections.cancel_scope.cancel()
 
+    def _mine(self, config: Config) -> list[config_mod.ListenerConfig]:
+        """The listeners this process opens: UDP sessions live in one worker,
+        since the session table is per process."""
+        return [lc for lc in config.listeners if self.worker == 0 or lc.protocol == "tcp"]
+
     def _open(self, lc: config_mod.ListenerConfig) -> None:
         assert self._accepting is not None
         if lc.protocol == "udp":
@@ -133,7 +140,7 @@ class Gateway:
             # In ``connections``, not ``accepting``: the drain keeps it serving open sessions.
             self._connections.start_soon(udp.run)
             return
-        listener = Listener(lc, open_socket(lc))
+        listener = Listener(lc, open_socket(lc, reuse_port=self.config.gateway.workers > 1))
         self.listeners[lc.name] = listener
         self._accepting.start_soon(listener.accept_loop, self._spawn)
 
@@ -205,7 +212,7 @@ class Gateway:
         return True
 
     def _update_listeners(self, new: Config) -> None:
-        wanted = {lc.name: lc for lc in new.listeners}
+        wanted = {lc.name: lc for lc in self._mine(new)}
         for name, listener in list(self.listeners.items()):
             lc = wanted.get(name)
             keep = lc is not None and Listener(lc, listener.sock).identity() == listener.identity()

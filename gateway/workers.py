@@ -1,0 +1,109 @@
+"""``[gateway] workers = N``: N gateway processes sharing the TCP listeners.
+
+One trio loop is one core. With ``workers > 1`` the ``l4gw run`` process
+becomes a small supervisor: it forks the workers (each opens the TCP
+listeners with SO_REUSEPORT, so the kernel spreads new connections over
+them), forwards SIGTERM/SIGINT/SIGHUP/SIGUSR1 to every worker, restarts a
+worker that dies on its own (with a back-off), and exits once all workers
+have exited after a stop. Worker 0 alone serves UDP listeners and the admin
+endpoint (a UDP session table is per process). Workers die with the
+supervisor (PR_SET_PDEATHSIG), so a kill -9 of the supervisor leaves no
+orphan serving stale config.
+
+State that must be shared across workers (global rate limits) belongs in a
+real store (the Redis backend), as across hosts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+
+log = logging.getLogger("l4gw.workers")
+
+_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+# linux/prctl.h: PR_SET_PDEATHSIG = 1
+_PR_SET_PDEATHSIG = 1
+_RESTART_BACKOFF = (0.1, 5.0)
+
+
+def supervise(count: int, run_worker: Callable[[int], int]) -> int:
+    """Fork ``count`` workers running ``run_worker(index)``; return when all are done.
+
+    Returns:
+        0 after a requested stop, 1 when the workers could not be kept running.
+    """
+    children: dict[int, int] = {}
+    stopping = False
+    backoff = _RESTART_BACKOFF[0]
+
+    def spawn(index: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                for signum in _FORWARDED:
+                    signal.signal(signum, signal.SIG_DFL)
+                _die_with_parent()
+                code = run_worker(index)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        children[pid] = index
+
+    def forward(signum: int, frame: object) -> None:
+        nonlocal stopping
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for pid in children:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    for index in range(count):
+        spawn(index)
+    previous = {signum: signal.signal(signum, forward) for signum in _FORWARDED}
+    log.info("supervising %d workers: %s", count, ", ".join(map(str, children)))
+    failed = False
+    try:
+        while children:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            if pid not in children:
+                continue
+            index = children.pop(pid)
+            if stopping:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            log.error(
+                "worker %d (pid %d) exited with %d; restarting in %gs", index, pid, code, backoff
+            )
+            if code == 2:  # a config error will not go away by itself
+                failed = True
+                forward(signal.SIGTERM, None)
+                continue
+            time.sleep(backoff)
+            backoff = min(backoff * 2, _RESTART_BACKOFF[1])
+            if not stopping:
+                spawn(index)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 1 if failed else 0
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the supervisor is already gone
+        os._exit(0)
