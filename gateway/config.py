@@ -364,6 +364,10 @@ def from_dict(raw: Mapping[str, Any], path: str, plugin_schemas: Mapping[str, s.
         if v is None or "name" not in v or "bind" not in v:
             continue
         host, port = v.pop("bind")
+        if v["protocol"] == "udp" and v["proxy_protocol"]:
+            problems.append(
+                f"listener[{i}].proxy_protocol: a UDP listener cannot take PROXY headers"
+            )
         listeners.append(ListenerConfig(host=host, port=port, **v))
     _unique([li.name for li in listeners], "listener", "name", problems)
     binds = [(li.protocol, li.host, li.port) for li in listeners if li.port]

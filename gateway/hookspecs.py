@@ -21,6 +21,11 @@ Three kinds of hooks:
   logged and isolated, so one failing observer cannot silence the others.
   They must not block; hand I/O to a task started from ``l4gw_startup``.
 
+A UDP session is a flow like a TCP connection (``flow.transport == "udp"``):
+opened, admit, route and routed run once, for its first datagram; later
+datagrams follow the session without hook calls; closed runs when it ends.
+The relay hook is TCP only.
+
 What a raising plugin causes is defined per hook below. The core logs the
 exception with the plugin's name every time.
 """

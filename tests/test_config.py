@@ -95,6 +95,8 @@ def test_good_config_values():
         (('transparent = false', 'transparent = "no"'),
          "listener[0].transparent: expected true or false"),
         (('[gateway]', '[gateway]\n[bogus]'), "bogus: unknown section"),
+        (('protocol = "tcp"', 'protocol = "udp"\nproxy_protocol = true'),
+         "listener[0].proxy_protocol: a UDP listener cannot take PROXY headers"),
     ],
 )
 def test_each_problem_named_by_key_path(edit, expected):
