@@ -16,6 +16,7 @@ import pluggy
 from . import schema
 from .config import ClusterConfig, Config, Endpoint, ListenerConfig, RouteConfig
 from .flow import CloseReason, Flow, Refusal, Route
+from .relay import abort_on_close
 from .relay_stats import RelayStats
 from .schema import Field, Invalid, Schema
 
@@ -39,6 +40,7 @@ __all__ = [
     "RouteConfig",
     "Schema",
     "__version__",
+    "abort_on_close",
     "hookimpl",
     "schema",
 ]

@@ -20,16 +20,14 @@ Rules kept here:
 from __future__ import annotations
 
 import socket
-import struct
 from collections.abc import Callable
 from typing import Final
 
 import trio
 from trio.lowlevel import wait_readable, wait_writable
 
-from gateway import CloseReason, RelayStats
+from gateway import CloseReason, RelayStats, abort_on_close
 
-_LINGER_RESET: Final = struct.pack("ii", 1, 0)
 _CHUNK: Final = 16384
 
 
@@ -64,13 +62,6 @@ def burst_for(rate: int) -> int:
 class _Reset(Exception):
     def __init__(self, reason: str) -> None:
         self.reason = reason
-
-
-def _reset_on_close(sock: socket.socket) -> None:
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    except OSError:
-        pass
 
 
 async def shaped_relay(
@@ -156,7 +147,7 @@ async def _pump(
         except BlockingIOError:
             continue
         except OSError:
-            _reset_on_close(dst)
+            abort_on_close(dst)
             raise _Reset(src_reset)
         if n == 0:
             first_eof.append(CloseReason.CLIENT_EOF if from_client else CloseReason.BACKEND_EOF)
@@ -173,7 +164,7 @@ async def _pump(
             except BlockingIOError:
                 await wait_writable(dst)
             except OSError:
-                _reset_on_close(src)
+                abort_on_close(src)
                 raise _Reset(dst_reset)
         if from_client:
             stats.bytes_from_client += n
