@@ -11,7 +11,7 @@ reports three things, each from where it is true:
   kernel frees what no process holds, and nothing is pinned);
 * **running gateways**: the status each running gateway publishes once a
   second in ``<status_dir>/<pid>.json`` (flows per tier now and in total,
-  kernel-path bytes, watchdog clamps, aborts, self-test results).
+  kernel-path bytes, held bytes and holds, aborts, self-test results).
 
 Exit status: 0 when every kernel tier the policy lists is usable here, 1 when
 one is not (flows would use the next tier), 2 when the config is invalid.

@@ -58,3 +58,9 @@ IP_PKTINFO: int = getattr(socket, "IP_PKTINFO", 8)
 # linux/in6.h: IPV6_RECVPKTINFO = 49, IPV6_PKTINFO = 50 (struct in6_pktinfo)
 IPV6_RECVPKTINFO: int = getattr(socket, "IPV6_RECVPKTINFO", 49)
 IPV6_PKTINFO: int = getattr(socket, "IPV6_PKTINFO", 50)
+
+# --- telemetry (gateway/telemetry_pipe.py, gateway/telemetry_exporter.py) ---
+# asm-generic/socket.h: SO_SNDBUFFORCE = 32 (SO_SNDBUF past net.core.wmem_max, CAP_NET_ADMIN)
+SO_SNDBUFFORCE: int = getattr(socket, "SO_SNDBUFFORCE", 32)
+# linux/prctl.h: PR_SET_PDEATHSIG = 1 (signal sent to this process when its parent dies)
+PR_SET_PDEATHSIG: int = 1

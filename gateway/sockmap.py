@@ -4,22 +4,25 @@ Userspace never sees the payload; it arms the flow, watches for FIN/RST, bounds 
 kernel backlog and tears the flow down. reference/sockmap.md §7 is the procedure and
 §8 the rules; the ones this module keeps (numbers are §8's):
 
-- R4/R5  Arm transactionally with two sockhashes: counters and peers first, then
-  ``l4gw_targets`` (no program) for both sockets, then ``l4gw_active`` (verdict).
+- R4/R5  Arm transactionally with two sockhashes: counters, credit and peers first,
+  then ``l4gw_targets`` (no program) for both sockets, then ``l4gw_active`` (verdict).
   Only ESTABLISHED sockets; any failure rolls back and raises :class:`ArmError`
   so the caller falls back to splice(2).
 - R6     Kick both sockets with ``SO_RCVLOWAT=1`` right after arming, or bytes queued
   before insertion stall until the next segment.
 - R7/R8  Never read or write payload on an armed socket, except the bytes the program
   *held* (R12), and then only while the redirect backlog toward the peer is empty; watch
-  the sockets through a per-flow epoll set registered for ``EPOLLRDHUP`` only (ERR/HUP
-  are implicit), so the per-skb ``EPOLLIN`` wakeups of the redirect path never wake us.
+  the sockets through a per-flow epoll set registered for ``EPOLLRDHUP`` (ERR/HUP are
+  implicit), adding ``EPOLLIN`` only while a side holds bytes (then nothing of it is
+  redirected, so the per-skb wakeups of the redirect path still never wake us) and
+  ``EPOLLOUT`` only while held bytes wait for room in the peer.
 - R9     Half-close X→Y only after ``written(Y) >= received(X) - consumed(X) - 1``
   (the 1 is the FIN); written = ``tcpi_bytes_acked + SIOCOUTQ`` minus its arming
   snapshot. On drain timeout (no progress), abort.
 - R10    Tear down drain → ``l4gw_active`` → ``l4gw_targets`` → (caller's) close;
   never remove a socket whose redirect backlog is not empty, unless the flow is being
-  reset anyway.
+  reset anyway. A cancelled flow leaves ``l4gw_active`` first and ends with FINs only
+  if nothing was in flight, else with RSTs.
 - R11    ERR/HUP-with-error or RST on either side: ``SO_LINGER{1,0}`` on both, so the
   caller's close sends RSTs; bytes ACKed into a dead socket are never reported as a
   clean FIN.
@@ -34,7 +37,8 @@ kernel backlog and tears the flow down. reference/sockmap.md §7 is the procedur
   kernel is at most the watermark plus one skb per direction, plus X's receive buffer,
   whatever the watchdog's period. A backlog above the hard cap (a bug) resets the flow.
 - R13/14 Counters live in the program's ``l4gw_ctrs`` keyed by ``SO_COOKIE``, created
-  at arming and deleted at teardown, and are cross-checked with ``TCP_INFO``.
+  at arming and deleted at teardown, and are cross-checked with ``TCP_INFO``
+  (redirected + forwarded-held = what the destination's TCP accepted).
 - R15    Enable only after :meth:`Accelerator.self_test` passes (the caller decides).
 - R16    The program is attached with a bpf_link when the kernel allows (it detaches
   when the process dies); nothing is pinned, so nothing outlives the process.
@@ -567,6 +571,29 @@ class Accelerator:
         stats.bytes_from_client = base_from + b.written()
         stats.bytes_to_client = base_to + a.written()
 
+    def _quiesce(self, a: _Side, b: _Side) -> bool:
+        """Stop the verdicts of a cancelled flow; True when nothing was in flight.
+
+        The caller cancelled (a drain, an admin kill). Removing both sockets from
+        ``l4gw_active`` stops new verdicts while ``l4gw_targets`` keeps the psocks,
+        so no backlog is destroyed (R10). If then every byte redirected or held has
+        reached the other socket, a normal close tells the truth and the flow ends
+        with FINs, as in the other tiers; otherwise it is reset.
+        """
+        for side in (a, b):
+            try:
+                libbpf.map_delete_elem(self._fd[_ACTIVE], _u64(side.cookie))
+            except BpfError:
+                return False
+        try:
+            for x, y in ((a, b), (b, a)):
+                ctr = self._ctr(x.cookie)
+                if x.pending or ctr[5] != x.forwarded or ctr[0] != y.written() - x.forwarded:
+                    return False
+        except OSError:
+            return False
+        return True
+
     def _finish(
         self,
         a: _Side,
@@ -578,6 +605,8 @@ class Accelerator:
         reason: str,
     ) -> None:
         t = self._totals
+        if not clean and reason == "cancelled":
+            clean = self._quiesce(a, b)
         ca, cb = self._ctr(a.cookie), self._ctr(b.cookie)
         try:
             self._fold(a, b, stats, base_from, base_to)
@@ -870,7 +899,7 @@ def _loopback_pair(rcvbuf: int | None = None) -> tuple[socket.socket, socket.soc
 
 
 # A small watermark, so the canary's slow reader makes the program hold bytes.
-_CANARY_LIMITS: Final = Limits(high_watermark=256 << 10, hard_cap=64 << 20)
+_CANARY_LIMITS: Final = Limits(high_watermark=64 << 10, hard_cap=64 << 20)
 # What may be in flight above the watermark: the skb that crossed it (a loopback GSO
 # skb is at most 64 KiB; generous, since BIG TCP raises that).
 _SKB_MARGIN: Final = 512 << 10
@@ -884,7 +913,7 @@ async def _canary_flow(acc: Accelerator) -> str | None:
     client = trio.socket.from_stdlib_socket(client_s)
     backend = trio.socket.from_stdlib_socket(backend_s)
     pre_up, banner = _seq(3004, 1), _seq(777, 2)
-    bulk, reply = _seq(4 << 20, 3), _seq(256 << 10, 4)
+    bulk, reply = _seq(2 << 20, 3), _seq(256 << 10, 4)
     outcome: list[str] = []
     report = FlowReport()
     try:

@@ -57,14 +57,18 @@ log = logging.getLogger("l4gw.relay")
 
 TIERS: Final = ("sockmap", "splice", "copy")
 KERNEL_TIERS: Final = ("sockmap", "splice")
-#: The default preference order, from bench/relay_tiers.py on a 2-core VM (see
-#: docs/accelerator.md): splice beats copy on bulk; sockmap loses to splice on bulk
-#: throughput and CPU here, and it needs root and bounds its backlog only loosely, so
-#: it is opt-in.
-DEFAULT_TIERS: Final = ("splice", "copy")
+#: The default preference order, from bench/relay_tiers.py (docs/accelerator.md):
+#: sockmap moved request/response about twice as fast as splice or copy (and faster
+#: than HAProxy) at a tenth of the CPU, so long-lived flows go there when the host
+#: allows it; bulk flows go to splice (``sockmap_for_bulk``), which matched or beat
+#: sockmap's throughput at two thirds of its CPU; both beat copy. Without the
+#: privileges for BPF the sockmap tier is simply off (one info line at start-up).
+DEFAULT_TIERS: Final = ("sockmap", "splice", "copy")
 DEFAULT_STATUS_DIR: Final = "/run/l4gw"
 BPFFS: Final = Path("/sys/fs/bpf")
 _PUBLISH_EVERY: Final = 1.0
+#: Bytes over which a promoted flow's rate is measured (Policy.is_bulk).
+BULK_WINDOW: Final = 256 << 10
 # Accelerator.relay's own abort reasons; the core knows them as internal errors.
 _SOCKMAP_ABORTS: Final = frozenset({"backlog_cap", "drain_timeout", "anomaly"})
 
@@ -90,6 +94,18 @@ SCHEMA: Final[Mapping[str, Field]] = {
     ),
     "promote_after": Field(
         s.duration, 1.0, "promote a flow out of copy once it is this old (0: at once)"
+    ),
+    "bulk_rate": Field(
+        s.size,
+        16 << 20,
+        "a promoted flow that moves at least this many bytes per second (measured "
+        "over its next 256 KiB) is bulk",
+    ),
+    "sockmap_for_bulk": Field(
+        s.boolean,
+        False,
+        "also give sockmap the bulk flows (by default they go to splice, which moved "
+        "bulk as fast at less CPU in our measurements: docs/accelerator.md)",
     ),
     "sockmap_object": Field(
         s.string, "", "the BPF object of the sockmap tier (default: the one installed)"
@@ -126,16 +142,35 @@ class Policy:
         tiers: Preference order, always ending with "copy".
         after_bytes: Promote once this many bytes moved (both directions).
         after_seconds: Promote once the flow is this old.
+        sockmap_for_bulk: Whether bulk flows may use sockmap.
+        bulk_rate: Bytes per second (over the copy phase) that make a flow bulk.
     """
 
     tiers: tuple[str, ...]
     after_bytes: int
     after_seconds: float
+    sockmap_for_bulk: bool = False
+    bulk_rate: int = 16 << 20
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any]) -> Policy:
         values = {key: section.get(key, f.default) for key, f in SCHEMA.items()}
-        return cls(values["tiers"], values["promote_after_bytes"], values["promote_after"])
+        return cls(
+            values["tiers"],
+            values["promote_after_bytes"],
+            values["promote_after"],
+            values["sockmap_for_bulk"],
+            values["bulk_rate"],
+        )
+
+    def is_bulk(self, moved: int, seconds: float) -> bool:
+        """Whether a flow that moved ``moved`` bytes in ``seconds`` is bulk.
+
+        Measured right after the promotion, over :data:`BULK_WINDOW`: a chatty
+        request/response flow reaches ``after_bytes`` too, but slowly (a 64-byte
+        ping-pong moves about 2 MB/s); a transfer moves the window in a millisecond.
+        """
+        return moved >= self.bulk_rate * max(seconds, 1e-3)
 
     @property
     def immediate(self) -> bool:
@@ -151,6 +186,23 @@ def plan(tiers: tuple[str, ...], enabled: frozenset[str]) -> tuple[str, ...]:
         enabled: Kernel tiers whose self-test passed.
     """
     return tuple(t for t in tiers if t in KERNEL_TIERS and t in enabled)
+
+
+def tiers_for(plan_: tuple[str, ...], bulk: bool, sockmap_for_bulk: bool) -> tuple[str, ...]:
+    """The kernel tiers one promoted flow tries.
+
+    A bulk flow (:meth:`Policy.is_bulk`) skips sockmap, unless ``sockmap_for_bulk``,
+    when splice is there to take it: on the measured host splice moved bulk as fast
+    at less CPU, while sockmap won request/response.
+
+    Args:
+        plan_: The enabled kernel tiers in preference order.
+        bulk: The flow is bulk.
+        sockmap_for_bulk: The policy's ``sockmap_for_bulk``.
+    """
+    if bulk and not sockmap_for_bulk and "splice" in plan_:
+        return tuple(t for t in plan_ if t != "sockmap")
+    return plan_
 
 
 def fallback(tiers: tuple[str, ...], enabled: frozenset[str], tier: str) -> str:
@@ -241,11 +293,11 @@ def probe(tier: str, section: Mapping[str, Any]) -> Probe:
     return Probe(tier, None, time.monotonic() - start, acc)
 
 
-def remove_stale(status_dir: Path) -> list[str]:
+def remove_stale(status_dir: Path | None) -> list[str]:
     """Remove what a gateway that died without cleaning up left: status files of dead
     processes and ``l4gw*`` pins under /sys/fs/bpf. Returns what was removed."""
     removed: list[str] = []
-    if status_dir.is_dir():
+    if status_dir is not None and status_dir.is_dir():
         for path in status_dir.glob("*.json"):
             if path.stem.isdigit() and not pid_alive(int(path.stem)):
                 with contextlib.suppress(OSError):
@@ -286,12 +338,17 @@ class RelayTiers:
         self._buffer_size = 65536
         self.status_path: Path | None = None
         self.config_path = ""
+        self.tiers_explicit = False
+        self.status_dir_explicit = False
 
     # lifecycle --------------------------------------------------------------------
 
     def configure(self, config: Config) -> None:
         self.section = config.plugin("relay")
         self.config_path = config.path
+        raw = config.raw.get("plugin", {}).get("relay", {})
+        self.tiers_explicit = isinstance(raw, Mapping) and "tiers" in raw
+        self.status_dir_explicit = isinstance(raw, Mapping) and "status_dir" in raw
         new = Policy.from_section(self.section)
         if self.started:
             late = [t for t in new.tiers if t in KERNEL_TIERS and t not in self.policy.tiers]
@@ -311,7 +368,9 @@ class RelayTiers:
 
     async def startup(self, nursery: trio.Nursery) -> None:
         status_dir = str(self.section.get("status_dir", DEFAULT_STATUS_DIR))
-        removed = await trio.to_thread.run_sync(remove_stale, Path(status_dir or "/nonexistent"))
+        removed = await trio.to_thread.run_sync(
+            remove_stale, Path(status_dir) if status_dir else None
+        )
         for what in removed:
             log.info("relay: removed %s left by a gateway that is gone", what)
         for name in KERNEL_TIERS:
@@ -330,7 +389,10 @@ class RelayTiers:
         for name in KERNEL_TIERS:
             state = self.tiers[name]
             if state.configured and not state.enabled:
-                log.warning(
+                # A tier the operator asked for is a warning; the default list
+                # trying sockmap on a host that does not allow BPF is not.
+                log.log(
+                    logging.WARNING if self.tiers_explicit else logging.INFO,
                     "relay: %s tier disabled: %s; flows use %s instead",
                     name,
                     state.why_not,
@@ -387,6 +449,8 @@ class RelayTiers:
                 "tiers": list(self.policy.tiers),
                 "promote_after_bytes": self.policy.after_bytes,
                 "promote_after": self.policy.after_seconds,
+                "sockmap_for_bulk": self.policy.sockmap_for_bulk,
+                "bulk_rate": self.policy.bulk_rate,
             },
             "tiers": tiers,
             "promotions": self.promotions,
@@ -403,7 +467,15 @@ class RelayTiers:
             tmp.write_text(json.dumps(self.status(), indent=1))
             os.replace(tmp, path)
         except OSError as exc:
-            log.warning("relay: cannot publish the status in %s: %s", path.parent, exc)
+            # The default directory is not writable for an unprivileged gateway:
+            # that is expected and only costs "l4gw accel status" its counters.
+            log.log(
+                logging.WARNING if self.status_dir_explicit else logging.INFO,
+                "relay: cannot publish the status in %s (l4gw accel status will not "
+                "see this gateway's counters): %s",
+                path.parent,
+                exc.strerror or exc,
+            )
             self.status_path = None
 
     def _unpublish(self) -> None:
@@ -427,14 +499,17 @@ class RelayTiers:
     ) -> str:
         policy, tiers = self.policy, self.plan
         if not policy.immediate:
-            at = (
-                trio.current_time()
-                + policy.after_seconds
-                - (time.monotonic() - flow.started_monotonic)
-            )
+            age = time.monotonic() - flow.started_monotonic
+            at = trio.current_time() + policy.after_seconds - age
             promotion = Promotion(policy.after_bytes, at)
             with self._in(flow, "copy"):
                 closed = await self.copy.run(client, upstream, flow, idle_timeout, promotion)
+                if closed is None and tiers_for(tiers, True, policy.sockmap_for_bulk) != tiers:
+                    # Whether it is bulk decides the tier: watch how fast it moves now
+                    # (its average would count the think time of a request/response
+                    # flow, or the quiet start of a download).
+                    closed, bulk = await self._measure(client, upstream, flow, idle_timeout)
+                    tiers = tiers_for(tiers, bulk, policy.sockmap_for_bulk)
             if closed is not None:
                 return closed
             self.promotions += 1
@@ -471,6 +546,18 @@ class RelayTiers:
             closed = await self.copy.run(client, upstream, flow, idle_timeout)
         assert closed is not None
         return closed
+
+    async def _measure(
+        self, client: socket.socket, upstream: socket.socket, flow: Flow, idle_timeout: float
+    ) -> tuple[str | None, bool]:
+        """Copy on until the flow moved ``BULK_WINDOW`` more bytes or the time that
+        takes at ``bulk_rate`` passed; returns (close reason or None, bulk)."""
+        policy = self.policy
+        began, before = trio.current_time(), flow.bytes_from_client + flow.bytes_to_client
+        window = Promotion(before + BULK_WINDOW, began + BULK_WINDOW / policy.bulk_rate)
+        closed = await self.copy.run(client, upstream, flow, idle_timeout, window)
+        moved = flow.bytes_from_client + flow.bytes_to_client - before
+        return closed, policy.is_bulk(moved, trio.current_time() - began)
 
     @contextlib.contextmanager
     def _in(self, flow: Flow, tier: str, entered: bool = True) -> Any:

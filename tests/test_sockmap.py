@@ -50,8 +50,9 @@ pytestmark = [
 
 @pytest.fixture(scope="session")
 def bpf_object() -> Path:
-    if not DEFAULT_OBJECT.is_file():
-        subprocess.run(["make", "-C", str(ROOT / "bpf")], check=True)
+    src = ROOT / "bpf" / "l4gw_sockmap.bpf.c"
+    if not DEFAULT_OBJECT.is_file() or DEFAULT_OBJECT.stat().st_mtime < src.stat().st_mtime:
+        subprocess.run(["make", "-s", "-C", str(ROOT / "bpf")], check=True)
     return DEFAULT_OBJECT
 
 

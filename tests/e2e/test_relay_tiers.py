@@ -29,6 +29,7 @@ import pytest
 import trio
 
 from gateway import libbpf, proxy_protocol
+from gateway.sockmap import DEFAULT_OBJECT
 
 import gwproc
 from backends import (
@@ -47,6 +48,7 @@ from relay_helpers import payload
 KiB, MiB = 1024, 1024 * 1024
 HEADER = 17  # the scripted exchange's header, counted in from_client
 HERE = Path(__file__).resolve().parent.parent / "testplugins"
+ROOT = HERE.parent.parent
 BPFFS = Path("/sys/fs/bpf")
 
 pytestmark = [pytest.mark.privileged, pytest.mark.timeout(60)]
@@ -84,6 +86,15 @@ idle_timeout = "30s"
 [plugin.relay]
 {relay}
 """
+
+
+@pytest.fixture(scope="module", autouse=True)
+def bpf_object() -> None:
+    """The sockmap tier's object, built from the current source (scripts/install.sh
+    builds it too; a stale one would fail the canary for want of a map)."""
+    src = ROOT / "bpf" / "l4gw_sockmap.bpf.c"
+    if not DEFAULT_OBJECT.is_file() or DEFAULT_OBJECT.stat().st_mtime < src.stat().st_mtime:
+        subprocess.run(["make", "-s", "-C", str(ROOT / "bpf")], check=True)
 
 
 # --- the kernel side: what a gateway process holds -----------------------------------
@@ -291,13 +302,14 @@ async def test_tier_byte_exact_and_counted(
         for t in tiers:
             assert t[1] == "sockmap" or (t[1] == "splice" and t[6] == "1"), t
     else:
-        assert big[1] in ("sockmap", "splice") and MiB <= int(big[5]) < 2 * MiB, big
+        # Promoted for its bytes, so bulk: splice takes it, not sockmap.
+        assert big[1] == "splice" == big[4] and MiB <= int(big[5]) < 2 * MiB, big
         small = [t for t in tiers if int(t[2]) + int(t[3]) < MiB]
         assert small and all(t[1] == "copy" and t[4] == "-" for t in small)
 
     st = rg.status()
     assert st["active"] == (tier != "copy")
-    if tier in ("sockmap", "promoted"):
+    if tier == "sockmap":
         assert st["tiers"]["sockmap"]["enabled"], st
         acc = st["tiers"]["sockmap"]["accelerator"]
         # Through the redirect path, or held by the program and forwarded by the gateway.
@@ -305,6 +317,44 @@ async def test_tier_byte_exact_and_counted(
         assert moved >= 2 * 64 * MiB - 2 * MiB and acc["counter_mismatches"] == 0, acc
         assert acc["close_reasons"].get("anomaly", 0) == 0
         await trio.to_thread.run_sync(rg.wait_maps_empty)
+
+
+async def test_long_lived_flow_promoted_by_age_goes_to_sockmap(
+    nursery: trio.Nursery, relay_gateway: Callable[..., RelayGateway]
+) -> None:
+    """A request/response flow outlives promote_after: sockmap takes it (the tier that
+    wins request/response), with the bytes moved in copy before counted once."""
+    eport = await nursery.start(echo_server)
+    rg = relay_gateway(
+        'tiers = ["sockmap", "splice"]\npromote_after = "300ms"\npromote_after_bytes = "1GiB"',
+        eport,
+    )
+    sent = 0
+    with trio.fail_after(20):
+        s = await trio.open_tcp_stream("127.0.0.1", port_of(rg))
+        async with s:
+            start = trio.current_time()
+            i = 0
+            while trio.current_time() - start < 1.0:
+                msg = payload(100 + i, 60 + i)
+                await s.send_all(msg)
+                got = bytearray()
+                while len(got) < len(msg):
+                    got += await s.receive_some(1 << 16)
+                assert got == msg
+                sent += len(msg)
+                i += 1
+                await trio.sleep(0.02)
+            await s.send_eof()
+            assert await recv_all(s) == b""
+    text = await trio.to_thread.run_sync(rg.proc.wait_log, r"tierlog conn=")
+    (record,) = [m.groups() for m in TIERLOG.finditer(text)]
+    assert record[1] == "sockmap" == record[4], record
+    assert 0 < int(record[5]) < sent  # promoted mid-flow, after some copying
+    assert (int(record[2]), int(record[3])) == (sent, sent)
+    ((from_client, to_client),) = rg.flows()[0]
+    assert (from_client, to_client) == (sent, sent)
+    await trio.to_thread.run_sync(rg.wait_maps_empty)
 
 
 # --- PROXY v2 header, then the kernel tier ---------------------------------------------
@@ -406,24 +456,30 @@ async def test_missing_object_one_line_then_splice(
     assert st["splice"]["enabled"]
 
 
+@pytest.mark.parametrize("explicit", [True, False], ids=["tiers_set", "default_tiers"])
 async def test_no_bpf_capability_falls_back(
     nursery: trio.Nursery,
     gateway: Callable[..., GatewayProcess],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     plugin_env: dict[str, str],
+    explicit: bool,
 ) -> None:
-    """T22: without CAP_BPF/CAP_SYS_ADMIN the load is refused; the gateway says so once."""
+    """T22: without CAP_BPF/CAP_SYS_ADMIN the load is refused and the gateway says so in
+    one line: a warning when the config asks for sockmap, info when only the default
+    list tries it; flows use splice."""
     backend = ScriptedBackend()
     bport = await nursery.start(backend.run)
     port = free_port()
-    relay = f'tiers = ["sockmap", "splice"]\npromote_after_bytes = 0\nstatus_dir = "{tmp_path}/st"'
-    text = config(port, bport, relay)
+    relay = f'promote_after_bytes = 0\nstatus_dir = "{tmp_path}/st"'
+    if explicit:
+        relay = f'tiers = ["sockmap", "splice"]\n{relay}'
     setpriv = ["setpriv", "--bounding-set", "-bpf,-sys_admin,-perfmon"]
     monkeypatch.setattr(gwproc, "L4GW", [*setpriv, *gwproc.L4GW])
-    gw = gateway(text, name="nocap", env=plugin_env)
+    gw = gateway(config(port, bport, relay), name="nocap", env=plugin_env)
     lines = [line for line in gw.log.splitlines() if "sockmap" in line]
     assert len(lines) == 1 and "not permitted" in lines[0] and "use splice" in lines[0], lines
+    assert (" WARNING " if explicit else " INFO ") in lines[0]
     with trio.fail_after(20):
         sent, got = await scripted_exchange("127.0.0.1", port, 2 * MiB, 2 * MiB, 6)
         await check_exchange(backend, 6, sent, got, 2 * MiB)
