@@ -8,6 +8,8 @@ Paths (GET or HEAD):
 * ``/metrics``: Prometheus text of the gateway's OpenTelemetry metrics.
 * ``/connections``: the live flows as JSON, with their byte counts as of now.
 * ``/config``: the running configuration as JSON, secrets redacted.
+* ``/status``: what plugins report through ``l4gw_status`` (the relay
+  tiers: enabled or why not, flows per tier, kernel-path bytes, ...).
 
 Rules kept here:
 
@@ -52,6 +54,7 @@ MAX_HEAD = 16384
 READ_TIMEOUT = 5.0
 SEND_TIMEOUT = 10.0
 PROBES = frozenset({"/healthz", "/readyz"})
+PATHS = ("/healthz", "/readyz", "/metrics", "/connections", "/config", "/status")
 """Paths open without the token (orchestrator probes carry no credentials)."""
 
 REDACTED = "<redacted>"
@@ -299,8 +302,10 @@ async def _respond(gateway: Gateway, request: Request) -> Response:
     if path == "/config":
         config = gateway.config
         return _json(200, {"path": config.path, "config": redact(config.raw)})
+    if path == "/status":
+        return _json(200, gateway.plugins.collect("l4gw_status"))
     if path == "/":
-        return _json(200, {"paths": ["/healthz", "/readyz", "/metrics", "/connections", "/config"]})
+        return _json(200, {"paths": [*PATHS]})
     return _text(404, "not found\n")
 
 

@@ -17,7 +17,7 @@ Three kinds of hooks:
   awaitable; the core awaits it. Keep them fast: they run on the
   connection's path.
 * **Observers** (``l4gw_connection_opened``, ``l4gw_connect_attempt``,
-  ``l4gw_connection_closed``): called for every plugin, each one's error
+  ``l4gw_connection_closed``, ``l4gw_status``): called for every plugin, each one's error
   logged and isolated, so one failing observer cannot silence the others.
   They must not block; hand I/O to a task started from ``l4gw_startup``.
 
@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Mapping
 from socket import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -187,6 +187,16 @@ def l4gw_connection_closed(flow: Flow) -> None:
     ``flow.refused_by``/``refused_rule`` who refused it, the byte counts and
     ``flow.ended`` are final. Access logs and metrics live here.
     Observer: must not block. Raises: logged; other observers still run.
+    """
+
+
+@hookspec
+def l4gw_status() -> Mapping[str, Any] | None:
+    """Report this plugin's state for the admin endpoint's ``/status``.
+
+    Return a JSON-serialisable mapping (shown under the plugin's name), or
+    None to show nothing. Called on the trio thread per request: cheap, must
+    not block. Raises: logged; ``/status`` shows the error for this plugin.
     """
 
 

@@ -151,6 +151,21 @@ class Plugins:
                 return impl.plugin, result
         return None
 
+    def collect(self, hook: str, **kwargs: Any) -> dict[str, Any]:
+        """Every plugin's non-None answer by plugin name; an error is logged and
+        reported in its place, so one failing plugin cannot hide the others."""
+        out: dict[str, Any] = {}
+        for impl in self._impls[hook]:
+            try:
+                result = impl.function(*[kwargs[a] for a in impl.argnames])
+            except Exception as exc:
+                log.exception("plugin %s raised in %s", impl.plugin, hook)
+                out[impl.plugin] = {"error": repr(exc)}
+                continue
+            if result is not None:
+                out[impl.plugin] = result
+        return out
+
     def observe(self, hook: str, **kwargs: Any) -> None:
         """Call every observer; one failing plugin cannot break the others."""
         for impl in self._impls[hook]:

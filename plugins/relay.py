@@ -602,6 +602,11 @@ def status() -> dict[str, Any]:
 
 
 @hookimpl
+def l4gw_status() -> dict[str, Any]:
+    return status()
+
+
+@hookimpl
 def l4gw_config_sections() -> Mapping[str, Mapping[str, Field]]:
     return {"relay": SCHEMA}
 

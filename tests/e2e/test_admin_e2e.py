@@ -85,7 +85,7 @@ async def test_probes_and_token(admin_gateway):
     ready = json.loads(body)
     assert ready["ready"] is True
     assert ready["listeners_open"] == ["public"]
-    for path in ("/metrics", "/connections", "/config"):
+    for path in ("/metrics", "/connections", "/config", "/status"):
         status, headers, _ = await get(admin, path, token=None)
         assert status == 401, path
         assert headers["WWW-Authenticate"] == "Bearer"
@@ -95,6 +95,16 @@ async def test_probes_and_token(admin_gateway):
     assert (await get(admin, "/healthz", method="POST"))[0] == 405
     status, headers, body = await get(admin, "/healthz", token=None, method="HEAD")
     assert (status, body, headers["Content-Length"]) == (200, b"", "3")
+
+
+async def test_status_shows_relay_tiers(admin_gateway):
+    _, _, admin = admin_gateway
+    document = await get_json(admin, "/status")
+    tiers = document["relay"]["tiers"]
+    assert set(tiers) == {"sockmap", "splice", "copy"}
+    assert tiers["copy"]["enabled"] is True
+    for tier in tiers.values():  # enabled, or a reason why not
+        assert tier["enabled"] or tier["why_not"]
 
 
 async def test_config_is_redacted(admin_gateway):
