@@ -30,7 +30,7 @@ from typing import Final
 import trio
 from trio.lowlevel import checkpoint, wait_readable, wait_writable
 
-from .flow import CloseReason
+from .flow import CloseReason, Flow
 from .relay_stats import RelayStats
 
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
@@ -164,6 +164,9 @@ class CopyRelay:
                 abort_on_close(dst)
                 raise _Reset(src_reset)
             if n == 0:
+                if pair.first_eof is None and isinstance(stats, Flow):
+                    # The flow's span shows when it became half-closed, and by whom.
+                    stats.add_event("half_closed", by="client" if from_client else "backend")
                 pair.eof(CloseReason.CLIENT_EOF if from_client else CloseReason.BACKEND_EOF)
                 try:
                     dst.shutdown(socket.SHUT_WR)

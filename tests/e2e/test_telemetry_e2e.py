@@ -241,13 +241,9 @@ async def test_spans_and_metrics_over_http(receiver, nursery, gateway, tmp_path)
         assert a["l4gw.tier"] == "copy"
         assert "error.type" not in a
         assert span.status_code != STATUS_ERROR
-        assert event_names(span) == [
-            "tagger.seen",
-            "admitted",
-            "routed",
-            "connect_attempt",
-            "closed",
-        ]
+        names = event_names(span)
+        assert names[-2:] == ["half_closed", "closed"]  # one side's FIN, then the end
+        assert names[:-2] == ["tagger.seen", "admitted", "routed", "connect_attempt"]
         check_event_times(span)
         (attempt,) = children(receiver, span)
         assert attempt.kind == SPAN_KIND_CLIENT
@@ -516,3 +512,82 @@ def test_disabled_telemetry_loads_no_sdk():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 0, result.stderr
+
+
+def exporter_pid(log: str) -> int:
+    match = re.search(r"exporter pid (\d+)", log)
+    assert match, log
+    return int(match.group(1))
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+async def wait_gone(pid: int, seconds: float) -> None:
+    deadline = trio.current_time() + seconds
+    while process_alive(pid):
+        assert trio.current_time() < deadline, f"exporter {pid} still running"
+        await trio.sleep(0.05)
+
+
+async def test_console_exporter_prints_spans(nursery, gateway):
+    """``exporter = "console"`` (what ``l4gw demo --telemetry console`` uses)."""
+    backend = ScriptedBackend()
+    bport = await nursery.start(backend.run)
+    port = free_port()
+    gw = gateway(
+        f"""
+[gateway]
+drain_timeout = "1s"
+
+[[listener]]
+name = "public"
+bind = "127.0.0.1:{port}"
+
+[[route]]
+listener = "public"
+cluster = "api"
+
+[cluster.api]
+endpoints = ["127.0.0.1:{bport}"]
+
+[telemetry]
+exporter = "console"
+""",
+        env={"OTEL_BSP_SCHEDULE_DELAY": "50", "OTEL_TRACES_EXPORTER": "", "OTEL_SERVICE_NAME": ""},
+    )
+    client_port, got = await exchange(port, 10, 20, 5)
+    assert got == payload(20, 6)
+    log = await trio.to_thread.run_sync(lambda: gw.wait_log(r'"name": "tcp proxy"', 15))
+    assert f'"client.port": {client_port}' in log
+    assert '"name": "tcp connect api"' in log
+    assert gw.stop(timeout=10) == 0
+    await wait_gone(exporter_pid(log), 5)
+
+
+async def test_exporter_process_ends_with_the_gateway(receiver, nursery, gateway):
+    """Stopped: the exporter delivers the last spans and exits. Killed: it exits too."""
+    backend = ScriptedBackend()
+    bport = await nursery.start(backend.run)
+    ports = {name: free_port() for name in ("public", "nowhere", "dead", "guarded")}
+    text = config(ports, bport, closed_port())
+    # A long schedule delay: only the final flush can deliver the span in time.
+    gw = gateway(text, env=otel_env(receiver.http_endpoint, OTEL_BSP_SCHEDULE_DELAY="60000"))
+    pid = exporter_pid(gw.log)
+    assert process_alive(pid)
+    client_port, _ = await exchange(ports["public"], 10, 10, 1)
+    assert gw.stop(timeout=10) == 0
+    await wait_gone(pid, 5)
+    by_client_port(server_spans(receiver), client_port)
+
+    killed = gateway(text, name="killed", env=otel_env(receiver.http_endpoint))
+    pid = exporter_pid(killed.log)
+    assert killed.proc is not None
+    killed.proc.kill()
+    killed.proc.wait()
+    await wait_gone(pid, 10)
