@@ -124,28 +124,29 @@ def load_config(path: str) -> tuple[Config, Plugins]:
     return config_mod.load(path, plugins.schemas()), plugins
 
 
-def cmd_check(args: argparse.Namespace) -> int:
+def load_or_report(path: str) -> tuple[Config, Plugins] | None:
+    """:func:`load_config`, printing every problem to stderr instead of raising."""
     try:
-        load_config(args.config)
+        return load_config(path)
     except ConfigError as exc:
         print(exc.report(), file=sys.stderr)
-        return EXIT_CONFIG
     except PluginError as exc:
-        print(f"{args.config}: {exc}", file=sys.stderr)
+        print(f"{path}: {exc}", file=sys.stderr)
+    return None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    if load_or_report(args.config) is None:
         return EXIT_CONFIG
     print("ok")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    try:
-        config, plugins = load_config(args.config)
-    except ConfigError as exc:
-        print(exc.report(), file=sys.stderr)
+    loaded = load_or_report(args.config)
+    if loaded is None:
         return EXIT_CONFIG
-    except PluginError as exc:
-        print(f"{args.config}: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    config, plugins = loaded
     setup_logging(args.log_level or config.gateway.log_level, config.gateway.workers)
     if config.tproxy is not None and config.tproxy.manage:
         from .tproxy import TproxyError, managed
