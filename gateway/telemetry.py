@@ -9,12 +9,16 @@ Rules kept here:
 * **Off costs nothing.** With no exporter for either signal and no admin
   endpoint, :func:`setup` returns None without importing the SDK, and the
   plugin records nothing per connection.
-* **Export never runs on the trio thread.** Spans go through a
-  BatchSpanProcessor (its own thread), metrics through a periodic reader (its
-  own thread) and the Prometheus reader, which ``/metrics`` pulls from a worker
-  thread. Nothing here calls ``force_flush`` on the loop (conventions.md A.9).
-  The OTLP span exporters are the SDK's with a faster encoder
-  (:mod:`gateway.otlp_encode`): the export thread shares the GIL with the loop.
+* **Span export runs in a process of its own.** Finished spans are plain
+  records (:mod:`gateway.telemetry_records`) that the trio thread sends in
+  batches to the exporter process (:mod:`gateway.telemetry_pipe`,
+  :mod:`gateway.telemetry_exporter`), which encodes and posts them: no
+  export thread in the gateway competes with the loop for the GIL (that
+  cost a third of the connections per second, docs/observability.md).
+  Metrics stay in-process: observable instruments read plain counters, a
+  periodic reader (its own thread) exports them, and ``/metrics`` is pulled
+  from a worker thread. Nothing here calls ``force_flush`` on the loop
+  (conventions.md A.9).
 * **A collector that is down costs spans, never service.** The span queue is
   bounded; a span that would overflow it, and every span of a batch the
   exporter could not deliver, is counted (``l4gw.telemetry.spans.dropped``) and
@@ -51,11 +55,11 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.metrics.export import Metric, MetricExporter, MetricsData
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
-    from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.trace import Tracer
     from prometheus_client import CollectorRegistry
 
-    from .telemetry_export import CountingMetricExporter, CountingSpanExporter
+    from .telemetry_export import CountingMetricExporter
+    from .telemetry_pipe import ExporterPipe
 
 log = logging.getLogger("l4gw.telemetry")
 
@@ -75,6 +79,16 @@ DEFAULT_PROTOCOL = "http/protobuf"
 
 DEFAULT_QUEUE_SIZE = 2048
 """Spans waiting for export (the SDK's default, ``OTEL_BSP_MAX_QUEUE_SIZE``)."""
+
+DEFAULT_BATCH_SIZE = 512
+"""Spans per export request (the SDK's default, ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE``)."""
+
+DEFAULT_SCHEDULE_DELAY = 5.0
+"""Seconds a partial batch waits (the SDK's default, ``OTEL_BSP_SCHEDULE_DELAY`` = 5000 ms)."""
+
+EXPORTER_NICE = 5
+"""Niceness of the exporter process: under CPU contention the relay comes first,
+spans wait (and are counted as dropped if the queue overflows)."""
 
 # --- decisions on plain values (unit-tested) ----------------------------------------------------
 
@@ -139,13 +153,28 @@ def metric_interval_ms(config: TelemetryConfig, env: Mapping[str, str]) -> float
     return config.metrics_interval * 1000.0
 
 
+def _positive(env: Mapping[str, str], name: str, default: float) -> float:
+    try:
+        value = float(env.get(name, "") or default)
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
 def queue_size(env: Mapping[str, str]) -> int:
     """``OTEL_BSP_MAX_QUEUE_SIZE`` when valid, else the SDK's default."""
-    try:
-        value = int(env.get("OTEL_BSP_MAX_QUEUE_SIZE", DEFAULT_QUEUE_SIZE))
-    except ValueError:
-        return DEFAULT_QUEUE_SIZE
-    return value if value > 0 else DEFAULT_QUEUE_SIZE
+    return int(_positive(env, "OTEL_BSP_MAX_QUEUE_SIZE", DEFAULT_QUEUE_SIZE))
+
+
+def batch_size(env: Mapping[str, str]) -> int:
+    """``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` when valid (at most the queue size), else the SDK's."""
+    size = int(_positive(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", DEFAULT_BATCH_SIZE))
+    return min(size, queue_size(env))
+
+
+def schedule_delay(env: Mapping[str, str]) -> float:
+    """``OTEL_BSP_SCHEDULE_DELAY`` (ms) in seconds when valid, else the SDK's default."""
+    return _positive(env, "OTEL_BSP_SCHEDULE_DELAY", DEFAULT_SCHEDULE_DELAY * 1000) / 1000
 
 
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
@@ -274,15 +303,15 @@ class Telemetry:
     sample_ratio: float | None = None
     """The ratio of the parent-based sampler built from the file; None when
     ``OTEL_TRACES_SAMPLER`` chose another (then only the SDK's sampler decides)."""
+    spans: ExporterPipe | None = None
+    """Where finished span records go: batched to the exporter process."""
     span_processor: SpanProcessor | None = None
-    """Where finished spans go (the bounded batch processor); the plugin hands its
-    spans here directly (see ``l4gw_plugins.telemetry`` for why)."""
+    """An SDK span processor to hand spans to instead of :attr:`spans` (tests drive
+    the plugin against the SDK's in-memory exporter this way)."""
     metric_producers: list[Callable[[], Sequence[Metric]]] = field(default_factory=list)
     """Called at each collection, on the reader's thread: metrics aggregated outside
     the SDK's instruments (the plugin's histograms), added to the "l4gw" scope."""
-    _exporters: list[CountingSpanExporter | CountingMetricExporter] = field(
-        default_factory=list, repr=False
-    )
+    _exporters: list[CountingMetricExporter] = field(default_factory=list, repr=False)
     _stopped: bool = field(default=False, repr=False)
 
     def inject(self, data: MetricsData | None) -> MetricsData | None:
@@ -329,9 +358,10 @@ class Telemetry:
         return generate_latest(self.registry)
 
     def shutdown(self, timeout: float = EXIT_FLUSH_TIMEOUT) -> None:
-        """Flush and stop the providers within ``timeout`` seconds; idempotent.
+        """Flush and stop spans and metrics within about ``timeout`` seconds; idempotent.
 
-        Blocking: call after the loop (atexit does), never on it. An exporter
+        Blocking: call after the loop (atexit does), never on it. The span
+        exporter process and the metric exporters flush side by side; one
         whose last export failed gives up at once; if the flush still runs
         out of time (the collector went away at the last moment), every
         exporter is cut short, so a stopping gateway never hangs on telemetry.
@@ -345,8 +375,9 @@ class Telemetry:
         flush = threading.Thread(target=self._stop_providers, name="l4gw-telemetry-flush")
         flush.daemon = True
         flush.start()
+        spans_ok = self.spans.close(timeout) if self.spans is not None else True
         flush.join(timeout)
-        if flush.is_alive():
+        if flush.is_alive() or not spans_ok:
             for exporter in self._exporters:
                 exporter.abort()
             flush.join(1.0)
@@ -431,9 +462,15 @@ def setup(
             metrics_api.set_meter_provider(telemetry.meter_provider)
         atexit.register(telemetry.shutdown)
         _current = telemetry
+    pipe = telemetry.spans
     log.info(
-        "telemetry: traces=%s metrics=%s%s sample_ratio=%s",
+        "telemetry: traces=%s%s metrics=%s%s sample_ratio=%s",
         traces if traces != "otlp" else f"otlp/{otlp_protocol('traces', env)}",
+        ""
+        if pipe is None
+        else f" (exporter pid {pipe.pid})"
+        if pipe.pid is not None
+        else " (exporter thread)",
         metrics if metrics != "otlp" else f"otlp/{otlp_protocol('metrics', env)}",
         " +/metrics" if prometheus else "",
         env.get("OTEL_TRACES_SAMPLER") or config.sample_ratio,
@@ -441,39 +478,54 @@ def setup(
     return telemetry
 
 
+def exporter_settings(
+    traces: str, resource: Any, env: Mapping[str, str], log_level: int = logging.WARNING
+) -> dict[str, Any]:
+    """What the span exporter process is told at start (plain values, see
+    :mod:`gateway.telemetry_exporter`).
+
+    Raises:
+        ValueError: an unsupported OTLP protocol.
+    """
+    from .telemetry_records import clean
+
+    return {
+        "exporter": traces,
+        "protocol": otlp_protocol("traces", env) if traces == "otlp" else "",
+        "resource": (clean(resource.attributes), resource.schema_url or ""),
+        "queue_size": queue_size(env),
+        "batch_size": batch_size(env),
+        "delay": schedule_delay(env),
+        "exit_timeout": max(0.5, EXIT_FLUSH_TIMEOUT - 1.0),
+        "log_level": log_level,
+        "nice": EXPORTER_NICE,
+    }
+
+
 def _setup_traces(telemetry: Telemetry, resource: Any, env: Mapping[str, str]) -> None:
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
+
+    from .telemetry_pipe import ENV_MODE, ExporterPipe
+    from .telemetry_records import record_span_processor
 
     sampler: Sampler | None = None
     if not env.get("OTEL_TRACES_SAMPLER"):
         sampler = ParentBased(TraceIdRatioBased(telemetry.config.sample_ratio))
         telemetry.sample_ratio = telemetry.config.sample_ratio
     # sampler=None: the SDK reads OTEL_TRACES_SAMPLER(_ARG) itself.
-    from .telemetry_export import BoundedSpanProcessor, CountingSpanExporter
-
     provider = TracerProvider(resource=resource, sampler=sampler, shutdown_on_exit=False)
-    inner = _span_exporter(telemetry.traces, env)
-    exporter = CountingSpanExporter(inner, telemetry.stats)
-    limit = queue_size(env)
-    batch = BatchSpanProcessor(exporter, max_queue_size=limit)
-    processor = BoundedSpanProcessor(batch, exporter, limit, telemetry.stats)
-    provider.add_span_processor(processor)
-    telemetry.span_processor = processor
+    settings = exporter_settings(
+        telemetry.traces, resource, env, logging.getLogger().getEffectiveLevel()
+    )
+    mode = "thread" if env.get(ENV_MODE, "").strip().lower() == "thread" else "process"
+    pipe = ExporterPipe(settings, telemetry.stats, mode)
+    pipe.start()
+    # Other plugins' own spans (through the global provider) take the same way out.
+    provider.add_span_processor(record_span_processor(pipe.add))
+    telemetry.spans = pipe
     telemetry.tracer_provider = provider
     telemetry.tracer = provider.get_tracer("l4gw", __version__, schema_url=SCHEMA_URL)
-    telemetry._exporters.append(exporter)
-
-
-def _span_exporter(kind: str, env: Mapping[str, str]) -> SpanExporter:
-    if kind == "console":
-        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
-
-        return ConsoleSpanExporter()
-    from .telemetry_export import fast_span_exporter
-
-    return fast_span_exporter(otlp_protocol("traces", env))
 
 
 def _setup_metrics(

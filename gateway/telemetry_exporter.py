@@ -1,4 +1,4 @@
-"""The span exporter process: span records in from the gateway, OTLP (or console) out.
+"""The span exporter process: records in from the gateway, OTLP (or console) out.
 
 ``python -m gateway.telemetry_exporter FD`` is started by the gateway
 (:mod:`gateway.telemetry_pipe`) with one end of a ``SOCK_SEQPACKET`` socket
@@ -11,8 +11,10 @@ Messages (each one datagram of the socket pair, first byte the kind, the rest
 ``marshal`` data, both ends the same interpreter):
 
 * gateway → exporter: ``H`` the settings (first message, once), ``S`` a list
-  of span records (:mod:`gateway.telemetry_records`), ``F`` "export what you
-  hold now"; end of file means the gateway is stopping.
+  of records (the gateway's flow and attempt records,
+  :mod:`gateway.telemetry_flows`, and other plugins' span records,
+  :mod:`gateway.telemetry_records`), ``F`` "export what you hold now"; end
+  of file means the gateway is stopping.
 * exporter → gateway: ``T`` the cumulative counts (received, exported,
   dropped by reason) and the last exporter error, after each export and
   before exiting.
@@ -52,6 +54,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .linux import PR_SET_PDEATHSIG
+from .telemetry_flows import spans_of
 from .telemetry_records import SpanRecord, to_readable
 
 if TYPE_CHECKING:
@@ -117,7 +121,7 @@ class _ErrorLog(logging.Handler):
 
 
 class RecordExporter(Protocol):
-    """Delivers batches of span records somewhere."""
+    """Delivers batches of records (span, flow or attempt records) somewhere."""
 
     def export(self, records: Sequence[SpanRecord]) -> bool:
         """True when the batch was delivered."""
@@ -164,14 +168,14 @@ class _HttpRecords:
         client = getattr(self.sdk, "_client", None)
         if client is None or not hasattr(client, "export"):
             # Not the exporter this was written against: its own (slower) path.
-            spans = [to_readable(r, self.resource) for r in records]
+            spans = [to_readable(spans_of(r), self.resource) for r in records]
             return self.sdk.export(spans) is SpanExportResult.SUCCESS
         return bool(client.export(self.encoder.encode_records(records, self.resource)).success)
 
     def shutdown(self) -> None:
         if not self.stopped:
             self.stopped = True
-            self.sdk.shutdown()
+            self.sdk.shutdown()  # type: ignore[no-untyped-call]
 
 
 class _GrpcRecords:
@@ -216,11 +220,12 @@ class _ConsoleRecords:
 
         self.resource = resource
         self.sdk = ConsoleSpanExporter()
+        self.names: dict[tuple[str, Any], str] = {}
 
     def export(self, records: Sequence[SpanRecord]) -> bool:
         from opentelemetry.sdk.trace.export import SpanExportResult
 
-        spans = [to_readable(r, self.resource) for r in records]
+        spans = [to_readable(spans_of(r, self.names), self.resource) for r in records]
         return self.sdk.export(spans) is SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
@@ -231,11 +236,17 @@ class _ConsoleRecords:
 
 
 class ExportLoop:
-    """The batch processor of the exporter process (or thread).
+    """The batch processor of the exporter process (or of the fallback thread).
 
-    A reader thread moves records from the socket into the bounded queue;
-    :meth:`run` exports batches in the calling thread until the socket ends.
+    One thread does everything: it reads messages from the socket while the
+    queue waits for a full batch or for its delay, and exports in between.
+    While an export is in progress, new batches wait in the socket's buffer
+    (the gateway counts what does not fit as dropped); with no second thread
+    there is no hand-over between threads per message.
     """
+
+    IDLE_WAKEUP = 1.0
+    """Seconds between two looks at :meth:`close` when nothing arrives."""
 
     def __init__(self, sock: socket.socket, settings: Mapping[str, Any]) -> None:
         self.sock = sock
@@ -246,85 +257,92 @@ class ExportLoop:
         self.counts = Counts()
         self.exporter = record_exporter(settings)
         self._queue: collections.deque[SpanRecord] = collections.deque()
-        self._cond = threading.Condition()
         self._closing = False
         self._flush = False
+        self._first_at = 0.0
+        self._deadline = 0.0
         self._failing = False
-        self._send_lock = threading.Lock()
 
-    # --- the reader (its own thread) -------------------------------------------------------
+    def close(self) -> None:
+        """Finish: export what is queued (bounded) and return from :meth:`run`.
 
-    def read(self) -> None:
-        """Read messages until the socket ends; then ask :meth:`run` to finish."""
+        May be called from a signal handler or another thread. The bound
+        starts now: an export in progress (a collector that went away,
+        retries with backoff) is cut short when it runs out.
+        """
+        if self._closing:
+            return
+        self._deadline = time.monotonic() + self.exit_timeout
+        self._closing = True
+        watchdog = threading.Timer(self.exit_timeout, self._abort)
+        watchdog.daemon = True
+        watchdog.start()
+
+    def run(self) -> None:
+        """Read and export until the socket ends (or :meth:`close`), then the final flush."""
         # One buffer for every message: recv(n) would allocate n bytes each time.
         buffer = bytearray(MAX_MESSAGE)
         view = memoryview(buffer)
-        try:
-            while True:
-                n = self.sock.recv_into(buffer)
-                if not n:
-                    break
-                kind = view[:1]
-                if kind == MSG_SPANS:
-                    self._enqueue(marshal.loads(view[1:n]))
-                elif kind == MSG_FLUSH:
-                    with self._cond:
-                        self._flush = True
-                        self._cond.notify()
-        except OSError:
-            pass
-        except Exception:
-            log.exception("telemetry exporter: bad message from the gateway")
+        sock, queue = self.sock, self._queue
+        while not self._closing:
+            if self._flush:
+                self._flush = False
+                batches = self._take_all()
+                for batch in batches:
+                    self._export(batch)
+                if not batches:
+                    self.report()
+                continue
+            if len(queue) >= self.batch_size:
+                self._export(self._take())
+                self._first_at = time.monotonic()
+                continue
+            timeout = self.IDLE_WAKEUP
+            if queue:
+                # A partial batch waits at most ``delay`` from its first span.
+                timeout = self._first_at + self.delay - time.monotonic()
+                if timeout <= 0:
+                    self._export(self._take())
+                    self._first_at = time.monotonic()
+                    continue
+            sock.settimeout(min(timeout, self.IDLE_WAKEUP))
+            try:
+                n = sock.recv_into(buffer)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not n:
+                break  # end of file: the gateway is stopping (or gone)
+            self._receive(view, n)
         self.close()
-
-    def close(self) -> None:
-        """Finish: export what is queued (bounded) and return from :meth:`run`."""
-        with self._cond:
-            self._closing = True
-            self._cond.notify()
-
-    def _enqueue(self, records: list[SpanRecord]) -> None:
-        with self._cond:
-            self.counts.received += len(records)
-            room = self.queue_size - len(self._queue)
-            if room < len(records):
-                self.counts.drop(DROP_QUEUE_FULL, len(records) - max(room, 0))
-                records = records[: max(room, 0)]
-            self._queue.extend(records)
-            if len(self._queue) >= self.batch_size:
-                self._cond.notify()
-
-    # --- the exporter (the calling thread) -------------------------------------------------
-
-    def run(self) -> None:
-        """Export batches until the socket ends, then the bounded final flush."""
-        next_export = time.monotonic() + self.delay
-        while True:
-            with self._cond:
-                while not (
-                    self._closing
-                    or self._flush
-                    or len(self._queue) >= self.batch_size
-                    or (self._queue and time.monotonic() >= next_export)
-                ):
-                    timeout = next_export - time.monotonic() if self._queue else None
-                    if timeout is not None and timeout <= 0:
-                        break
-                    self._cond.wait(timeout)
-                if self._closing:
-                    break
-                flush, self._flush = self._flush, False
-                batches = [self._take()] if not flush else self._take_all()
-            for batch in batches:
-                self._export(batch)
-            if flush and not batches:
-                self.report()
-            next_export = time.monotonic() + self.delay
         self._final_flush()
 
+    def _receive(self, view: memoryview, n: int) -> None:
+        kind = view[:1]
+        try:
+            if kind == MSG_SPANS:
+                self._enqueue(marshal.loads(view[1:n]))
+            elif kind == MSG_FLUSH:
+                self._flush = True
+        except Exception as exc:  # a message this version cannot read: skip it
+            self.counts.last_error = f"unreadable message from the gateway: {exc!r}"[:300]
+
+    def _enqueue(self, records: list[SpanRecord]) -> None:
+        self.counts.received += len(records)
+        queue = self._queue
+        room = self.queue_size - len(queue)
+        if room < len(records):
+            self.counts.drop(DROP_QUEUE_FULL, len(records) - max(room, 0))
+            records = records[: max(room, 0)]
+        if records and not queue:
+            self._first_at = time.monotonic()
+        queue.extend(records)
+
     def _take(self) -> list[SpanRecord]:
-        n = min(self.batch_size, len(self._queue))
-        return [self._queue.popleft() for _ in range(n)]
+        queue = self._queue
+        n = min(self.batch_size, len(queue))
+        return [queue.popleft() for _ in range(n)]
 
     def _take_all(self) -> list[list[SpanRecord]]:
         batches = []
@@ -348,25 +366,19 @@ class ExportLoop:
         self.report()
 
     def _final_flush(self) -> None:
-        with self._cond:
-            batches = self._take_all()
+        batches = self._take_all()
         if self._failing:
             # The collector did not take the last batch: waiting for it again
             # would only delay the gateway's exit.
             self.counts.drop(DROP_STOPPING, sum(len(b) for b in batches))
             batches = []
-        deadline = time.monotonic() + self.exit_timeout
-        watchdog = threading.Timer(self.exit_timeout, self._abort)
-        watchdog.daemon = True
-        watchdog.start()
         try:
             for i, batch in enumerate(batches):
-                if time.monotonic() >= deadline or self._failing:
+                if time.monotonic() >= self._deadline or self._failing:
                     self.counts.drop(DROP_STOPPING, sum(len(b) for b in batches[i:]))
                     break
                 self._export(batch)
         finally:
-            watchdog.cancel()
             self.exporter.shutdown()
         self.report(final=True)
 
@@ -378,25 +390,12 @@ class ExportLoop:
     def report(self, final: bool = False) -> None:
         """Send the counts to the gateway (which may be gone: then nothing to do)."""
         try:
-            with self._send_lock:
-                self.sock.send(self.counts.message(final), socket.MSG_DONTWAIT)
+            self.sock.send(self.counts.message(final), socket.MSG_DONTWAIT)
         except OSError:
             pass
 
 
-def serve(sock: socket.socket, settings: Mapping[str, Any]) -> ExportLoop:
-    """Run an export loop on ``sock`` until the socket ends (blocking)."""
-    loop = ExportLoop(sock, settings)
-    reader = threading.Thread(target=loop.read, name="l4gw-telemetry-reader", daemon=True)
-    reader.start()
-    loop.run()
-    return loop
-
-
 # --- the process ---------------------------------------------------------------------------
-
-# linux/prctl.h: PR_SET_PDEATHSIG = 1
-_PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent(parent: int, loop: list[ExportLoop]) -> None:
@@ -410,9 +409,11 @@ def _die_with_parent(parent: int, loop: list[ExportLoop]) -> None:
     signal.signal(signal.SIGTERM, on_term)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     except (OSError, AttributeError):
         pass
+    # The gateway started this process with both blocked (telemetry_pipe._spawn).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -431,24 +432,37 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    niceness = int(settings.get("nice", 0))
-    if niceness:
-        try:
-            os.nice(niceness)
-        except OSError:
-            pass
+    _step_aside(int(settings.get("nice", 0)))
     loop = ExportLoop(sock, settings)
     loops.append(loop)
     _fold_exporter_logs(loop.counts)
     if os.getppid() != parent:  # the gateway died before the handler was in place
         loop.close()
-    reader = threading.Thread(target=loop.read, name="l4gw-telemetry-reader", daemon=True)
-    reader.start()
     loop.run()
     sys.stdout.flush()
     # A retry still sleeping in a non-daemon thread of an SDK exporter must not
     # keep the process alive past the bounded flush.
     os._exit(0)
+
+
+def _step_aside(niceness: int) -> None:
+    """Lower this process's priority below the gateway's.
+
+    SCHED_BATCH: a batch of spans arriving wakes the exporter without
+    preempting the gateway that sent it (a woken task may otherwise take the
+    sender's CPU at once); ``niceness`` gives it a smaller share when CPU is
+    short. Spans wait (and, past the queue bound, are counted as dropped);
+    connections do not.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (OSError, AttributeError):
+        pass
+    if niceness:
+        try:
+            os.nice(niceness)
+        except OSError:
+            pass
 
 
 def _fold_exporter_logs(counts: Counts) -> None:

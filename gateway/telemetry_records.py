@@ -24,7 +24,7 @@ Rules kept here:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ def clean_value(value: Any) -> Any:
     if isinstance(value, bool):
         return bool(value)
     if isinstance(value, str):
-        return str(value)
+        return str.__str__(value)  # the text, not a subclass's __str__ (Enum's "Name.X")
     if isinstance(value, int):
         return int(value)
     if isinstance(value, float):
@@ -231,46 +231,18 @@ def to_readable(record: SpanRecord, resource: Resource) -> ReadableSpan:
     )
 
 
-class ProcessorSink:
-    """Hands records to an SDK span processor as SDK spans (tests, in-memory export).
-
-    The exporter process is the normal destination; this sink exists so the
-    recorder can be driven against the SDK's own in-memory exporter.
-    """
-
-    def __init__(self, processor: SpanProcessor, resource: Resource) -> None:
-        self.processor = processor
-        self.resource = resource
-
-    def add(self, record: SpanRecord) -> None:
-        self.processor.on_end(to_readable(record, self.resource))
-
-
-class RecordSpanProcessor:
-    """An SDK span processor forwarding sampled spans as records (other plugins' spans).
+def record_span_processor(add: Callable[[SpanRecord], None]) -> SpanProcessor:
+    """An SDK span processor handing sampled spans on as records (other plugins' spans).
 
     Plugins that create their own spans through the global tracer provider
     share the gateway's pipeline: their spans reach the same exporter process.
     """
+    from opentelemetry.sdk.trace import SpanProcessor
 
-    def __init__(self, add: Callable[[SpanRecord], None]) -> None:
-        self._add = add
+    class RecordSpanProcessor(SpanProcessor):
+        def on_end(self, span: ReadableSpan) -> None:
+            context = span.context
+            if context is not None and context.trace_flags.sampled:
+                add(from_readable(span))
 
-    def on_start(self, span: Any, parent_context: Any = None) -> None:
-        pass
-
-    def on_end(self, span: ReadableSpan) -> None:
-        context = span.context
-        if context is not None and context.trace_flags.sampled:
-            self._add(from_readable(span))
-
-    def shutdown(self) -> None:
-        pass
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return True
-
-
-def records_of(spans: Sequence[ReadableSpan]) -> list[SpanRecord]:
-    """Records of SDK spans, in order."""
-    return [from_readable(span) for span in spans]
+    return RecordSpanProcessor()

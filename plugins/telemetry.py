@@ -19,6 +19,12 @@ Everything goes through the hook contract, like any third-party plugin:
   plugin and rule, and whatever plugins added with ``flow.set_attribute``),
   adds ``flow.events`` with their own timestamps, sets error status for the
   :attr:`CloseReason.FAILURES` and ends the span.
+* ``l4gw_startup`` starts the span pipe's task (partial batches, the
+  exporter's counts); ``l4gw_shutdown`` delivers what is left, bounded.
+
+The spans' exact content (names, attributes, events, status) is
+:mod:`gateway.telemetry_flows`: the hooks capture plain values, the exporter
+process makes the spans.
 
 Attribute names follow OpenTelemetry semantic conventions v1.44.0 for a proxy
 (conventions.md A.2): ``client.*`` is the real client, ``server.*`` the
@@ -33,16 +39,20 @@ Rules kept here:
   its first line: no SDK is loaded, nothing is allocated.
 * **The trio thread does bookkeeping, not telemetry.** Measured with the SDK
   as designed (an SDK ``Span`` per connection, a synchronous instrument call
-  per measurement) telemetry cost several times what relaying a short
-  connection costs (bench/telemetry_overhead.py; the SDK spends 7-10 µs per
-  instrument call and validates every attribute under a lock). So: the
-  sampling decision is the SDK sampler's, but a sampled connection is kept
-  as plain values and handed to the batch processor as a finished
-  ``ReadableSpan`` when it ends (the processor and exporters are the SDK's);
-  counters are plain integers read by observable instruments, histograms are
-  bucket arrays added to each collection. The cost per connection is a few
-  dict operations; nothing is formatted, validated or logged for a
-  connection that is not sampled.
+  per measurement, a batch processor thread encoding and posting) telemetry
+  cost several times what relaying a short connection costs
+  (bench/telemetry_overhead.py; the SDK spends 7-10 µs per instrument call
+  and validates every attribute under a lock, and an export thread competes
+  with the loop for the GIL). So: the sampling decision is the SDK
+  sampler's (or, for the file's ratio, the same comparison inline), but a
+  sampled connection is kept as plain ints and handed on as a plain tuple
+  of the values it already has (a flow record, :mod:`gateway.telemetry_flows`)
+  when it ends; the exporter *process* makes the span of it, encodes and
+  posts it. A connection that is not sampled keeps no trace state at all
+  unless a cluster propagates traceparents. Counters are plain integers read by observable
+  instruments, histograms are bucket arrays added to each collection. The
+  cost per connection is a few dict operations and two tuples; nothing is
+  formatted, validated or logged for a connection that is not sampled.
 * **A flow is recorded exactly once**: the closed hook pops it.
 """
 
@@ -50,30 +60,32 @@ from __future__ import annotations
 
 import bisect
 import logging
-import threading
+import random
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from gateway import CloseReason, Config, Endpoint, Flow, __version__, hookimpl
 from gateway import telemetry as tel
+from gateway.telemetry_flows import ATTEMPT, FLOW, span_name
+from gateway.telemetry_records import Scope, SpanRecord, format_trace_state
 
 if TYPE_CHECKING:
+    import trio
     from opentelemetry.metrics import CallbackOptions, Observation
     from opentelemetry.sdk.metrics.export import Metric
-    from opentelemetry.sdk.trace import Event
-    from opentelemetry.trace import SpanContext
 
 log = logging.getLogger("l4gw.telemetry")
 
 Attributes = dict[str, Any]
 
-_FAILURES = CloseReason.FAILURES
 _TRACE_ID_LIMIT = (1 << 64) - 1
 """TraceIdRatioBased compares the low 64 bits of the trace id with its bound."""
 DURATION_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0)
 """Connection lifetimes, seconds (conventions.md A.5: the SDK's default buckets are for ms)."""
 CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+SCOPE: Scope = ("l4gw", __version__, tel.SCHEMA_URL, None)
+"""The instrumentation scope of the plugin's spans."""
 
 
 # --- metrics aggregated without the SDK's instruments (pure, unit-tested) --------------------
@@ -105,7 +117,18 @@ class Histogram:
         s[4 + bisect.bisect_left(self.bounds, value)] += 1
 
     def snapshot(self) -> list[tuple[Attributes, list[float]]]:
-        return [(dict(zip(self.keys, k, strict=True)), list(s)) for k, s in self.series.items()]
+        """A copy of every series; safe from another thread than :meth:`record`'s.
+
+        Each copy is one C-level call under the GIL. A series copied halfway
+        through a :meth:`record` takes its buckets' sum as its count (its sum,
+        min and max may already include that observation).
+        """
+        out = []
+        for k, s in list(self.series.items()):
+            series = list(s)
+            series[0] = sum(series[4:])
+            out.append((dict(zip(self.keys, k, strict=True)), series))
+        return out
 
 
 def histogram_metric(
@@ -134,32 +157,44 @@ def histogram_metric(
     )
 
 
-class _Live:
-    """What the recorder keeps of one open flow."""
+class _Trace:
+    """What the recorder keeps of a traced flow (sampled, or propagated upstream)."""
 
-    __slots__ = ("admitted", "attempts", "context", "flow", "key", "parent")
+    __slots__ = ("admitted", "attempts", "parent_id", "sampled", "span_id", "state", "trace_id")
 
-    def __init__(self, flow: Flow, key: tuple[str, str]) -> None:
-        self.flow = flow
-        self.key = key
-        """(listener, transport): the series of ``l4gw.connection.active``."""
-        self.context: SpanContext | None = None
-        """The SERVER span's context; None when tracing is off."""
-        self.parent: SpanContext | None = None
+    def __init__(
+        self, trace_id: int, span_id: int, sampled: bool, state: str | None, parent_id: int
+    ) -> None:
+        self.trace_id = trace_id
+        self.span_id = span_id
+        """The SERVER span's id."""
+        self.sampled = sampled
+        self.state = state
+        """The sampler's W3C trace state, if any."""
+        self.parent_id = parent_id
+        """The span id of the traceparent received; 0 for a new trace."""
         self.admitted = 0
-        self.attempts: list[tuple[int, str, str | None]] = []
+        self.attempts: list[tuple[int, str, str | None]] | None = None
         """(end ns, endpoint, error) of each connect attempt, for the events."""
 
 
 class Recorder:
-    """Spans and metrics for every flow of one process."""
+    """Spans and metrics for every flow of one process.
+
+    Threads: the hooks run on the trio thread, the only writer of every map
+    below; the metric readers (their own threads) take copies, each one a
+    single C-level call under the GIL (``list(d.items())``), so no lock is
+    taken per connection. A histogram series copied in the middle of an
+    update reports its buckets' sum as its count; its sum, min and max may
+    then include one observation its buckets do not yet, for that collection.
+    """
 
     def __init__(self, telemetry: tel.Telemetry, config: Config) -> None:
         self.telemetry = telemetry
         self.start_ns = time.time_ns()
-        self._lock = threading.Lock()
-        """Guards every map below against the metric reader threads."""
-        self._live: dict[int, _Live] = {}
+        self._live: dict[int, Flow] = {}
+        """Open flows (``l4gw.io`` counts their bytes so far)."""
+        self._traces: dict[int, _Trace] = {}
         self._active: dict[tuple[str, str], int] = {}
         self._closed: dict[tuple[str, str, str], int] = {}
         self._refused: dict[tuple[str, str, str, str, str], int] = {}
@@ -180,7 +215,7 @@ class Recorder:
             CONNECT_BUCKETS,
         )
         self._listener_attrs: dict[str, Attributes] = {}
-        self._attempt_names: dict[tuple[str, str | None], str] = {}
+        self._endpoints: dict[tuple[str, int], str] = {}
         self._traceparent_clusters: frozenset[str] = frozenset()
         self.reconfigure(config)
         self._tracing = self._setup_tracing()
@@ -200,42 +235,34 @@ class Recorder:
 
     def _setup_tracing(self) -> bool:
         t = self.telemetry
-        if t.tracer_provider is None or t.span_processor is None:
-            return False
-        from opentelemetry import trace
-        from opentelemetry.sdk.trace import Event, ReadableSpan
-        from opentelemetry.sdk.trace.sampling import Decision, TraceIdRatioBased
-        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-        from opentelemetry.trace import (
-            NonRecordingSpan,
-            SpanContext,
-            SpanKind,
-            Status,
-            StatusCode,
-            TraceFlags,
-        )
-
         provider = t.tracer_provider
+        if provider is None:
+            return False
+        emit: Callable[[SpanRecord], None]
+        if t.span_processor is not None:
+            from gateway.telemetry_flows import ProcessorSink
+
+            emit = ProcessorSink(t.span_processor, provider.resource).add
+        elif t.spans is not None:
+            emit = t.spans.add
+        else:
+            return False
+        from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+        from opentelemetry.sdk.trace.sampling import Decision, TraceIdRatioBased
+
+        self._emit = emit
         self._sampler = provider.sampler
         self._ratio_bound: int | None = None
         if t.sample_ratio is not None:
             self._ratio_bound = TraceIdRatioBased.get_bound_for_rate(t.sample_ratio)
-        self._ids = provider.id_generator
-        self._resource = provider.resource
-        self._on_end = t.span_processor.on_end
-        self._scope = InstrumentationScope("l4gw", __version__, tel.SCHEMA_URL)
-        self._SpanContext = SpanContext
-        self._ReadableSpan = ReadableSpan
-        self._Event = Event
-        self._Status = Status
-        self._ERROR = StatusCode.ERROR
-        self._OK = Status(StatusCode.UNSET)
-        self._SERVER, self._CLIENT = SpanKind.SERVER, SpanKind.CLIENT
-        self._SAMPLED = TraceFlags(TraceFlags.SAMPLED)
-        self._NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
-        self._NonRecordingSpan = NonRecordingSpan
+        ids = provider.id_generator
+        if type(ids) is RandomIdGenerator:
+            # Its own calls, without the method frames (a zero id is invalid).
+            self._trace_id: Callable[[], int] = lambda: random.getrandbits(128) or 1
+            self._span_id: Callable[[], int] = lambda: random.getrandbits(64) or 1
+        else:  # OTEL_PYTHON_ID_GENERATOR chose another
+            self._trace_id, self._span_id = ids.generate_trace_id, ids.generate_span_id
         self._RECORD_AND_SAMPLE = Decision.RECORD_AND_SAMPLE
-        self._set_span_in_context = trace.set_span_in_context
         return True
 
     def _setup_metrics(self) -> None:
@@ -248,8 +275,7 @@ class Recorder:
             series: dict[Any, int], keys: tuple[str, ...]
         ) -> Callable[[CallbackOptions], Iterable[Observation]]:
             def callback(options: CallbackOptions) -> Iterable[Observation]:
-                with self._lock:
-                    items = list(series.items())
+                items = list(series.items())  # one atomic copy (see the class docstring)
                 return [Observation(v, dict(zip(keys, k, strict=True))) for k, v in items]
 
             return callback
@@ -293,241 +319,184 @@ class Recorder:
         )
         self.telemetry.metric_producers.append(self._histograms)
 
-    # --- hooks -----------------------------------------------------------------------------
+    # --- hooks (the trio thread) -----------------------------------------------------------
 
     def opened(self, flow: Flow) -> None:
+        self._live[flow.id] = flow
         key = (flow.listener, flow.transport)
-        live = _Live(flow, key)
+        active = self._active
+        active[key] = active.get(key, 0) + 1
         if self._tracing:
-            self._start_trace(flow, live)
-        with self._lock:
-            self._live[flow.id] = live
-            self._active[key] = self._active.get(key, 0) + 1
+            trace = self._start_trace(flow)
+            if trace is not None:
+                self._traces[flow.id] = trace
 
     def admitted(self, flow: Flow) -> None:
-        live = self._live.get(flow.id)
-        if live is not None and live.context is not None and live.context.trace_flags.sampled:
-            live.admitted = time.time_ns()
+        trace = self._traces.get(flow.id)
+        if trace is not None and trace.sampled:
+            trace.admitted = time.time_ns()
 
     def connect_attempt(
         self, flow: Flow, endpoint: Endpoint, error: str | None, seconds: float
     ) -> None:
+        address = self._endpoints.get((endpoint.host, endpoint.port))
+        if address is None:
+            if len(self._endpoints) > 4096:
+                self._endpoints.clear()
+            address = self._endpoints[(endpoint.host, endpoint.port)] = str(endpoint)
         cluster = flow.cluster or ""
         if self.metrics:
-            with self._lock:
-                self.connect.record(
-                    (cluster, str(endpoint), None if error is None else CloseReason.CONNECT_FAILED),
-                    seconds,
-                )
-        live = self._live.get(flow.id)
-        if live is None or live.context is None:
+            failed = None if error is None else CloseReason.CONNECT_FAILED
+            self.connect.record((cluster, address, failed), seconds)
+        trace = self._traces.get(flow.id)
+        if trace is None:
             return
-        context = live.context
-        if context.trace_flags.sampled:
+        span_id = trace.span_id
+        if trace.sampled:
             end = time.time_ns()
-            context = self._attempt_span(flow, live, endpoint, error, end - int(seconds * 1e9), end)
-        if error is None and cluster in self._traceparent_clusters:
-            flow.traceparent_out = tel.format_traceparent(
-                context.trace_id, context.span_id, context.trace_flags.sampled
+            span_id = self._span_id()
+            # An attempt record (gateway.telemetry_flows, A_* fields): the
+            # exporter process makes the CLIENT span of it.
+            self._emit(
+                (
+                    ATTEMPT,
+                    flow.transport,
+                    trace.trace_id,
+                    span_id,
+                    trace.span_id,
+                    trace.state,
+                    end - int(seconds * 1e9),
+                    end,
+                    flow.cluster,
+                    endpoint.host,
+                    endpoint.port,
+                    address,
+                    error,
+                    SCOPE,
+                )
             )
+            if trace.attempts is None:
+                trace.attempts = []
+            trace.attempts.append((end, address, error))
+        if error is None and cluster in self._traceparent_clusters:
+            flow.traceparent_out = tel.format_traceparent(trace.trace_id, span_id, trace.sampled)
 
     def closed(self, flow: Flow) -> None:
         reason = flow.close_reason or CloseReason.INTERNAL_ERROR
         ended = flow.ended or time.time()
         listener, transport = flow.listener, flow.transport
-        from_client, to_client = flow.bytes_from_client, flow.bytes_to_client
-        with self._lock:
-            live = self._live.pop(flow.id, None)
-            if live is not None:
-                self._active[live.key] -= 1
-            if self.metrics:
-                key = (listener, transport, reason)
-                self._closed[key] = self._closed.get(key, 0) + 1
-                self.duration.record(key, ended - flow.started)
-                if from_client:
-                    k = (listener, "receive")
-                    self._io_closed[k] = self._io_closed.get(k, 0) + from_client
-                if to_client:
-                    k = (listener, "transmit")
-                    self._io_closed[k] = self._io_closed.get(k, 0) + to_client
-                if flow.refused_by is not None:
-                    rk = (listener, transport, reason, flow.refused_by, flow.refused_rule or "")
-                    self._refused[rk] = self._refused.get(rk, 0) + 1
-                if flow.spliced:
-                    sk = (listener, transport, flow.tier or "")
-                    self._spliced[sk] = self._spliced.get(sk, 0) + 1
+        if self._live.pop(flow.id, None) is not None:
+            self._active[(listener, transport)] -= 1
+            opened = True
+        else:
+            opened = False  # closed before it opened (a bad PROXY header)
+        if self.metrics:
+            key = (listener, transport, reason)
+            closed = self._closed
+            closed[key] = closed.get(key, 0) + 1
+            self.duration.record(key, ended - flow.started)
+            io = self._io_closed
+            if flow.bytes_from_client:
+                k = (listener, "receive")
+                io[k] = io.get(k, 0) + flow.bytes_from_client
+            if flow.bytes_to_client:
+                k = (listener, "transmit")
+                io[k] = io.get(k, 0) + flow.bytes_to_client
+            if flow.refused_by is not None:
+                rk = (listener, transport, reason, flow.refused_by, flow.refused_rule or "")
+                self._refused[rk] = self._refused.get(rk, 0) + 1
+            if flow.tier is not None and flow.spliced:
+                sk = (listener, transport, flow.tier)
+                self._spliced[sk] = self._spliced.get(sk, 0) + 1
         if not self._tracing:
             return
-        if live is None:
-            # Closed before it opened (a bad PROXY header): a span all the same.
-            live = _Live(flow, (listener, transport))
-            self._start_trace(flow, live)
-        if live.context is not None and live.context.trace_flags.sampled:
-            self._end_trace(flow, live, reason, int(ended * 1e9))
+        trace = self._traces.pop(flow.id, None) if opened else self._start_trace(flow)
+        if trace is not None and trace.sampled:
+            self._end_trace(flow, trace, reason, int(ended * 1e9))
 
     # --- spans -------------------------------------------------------------------------------
 
-    def _start_trace(self, flow: Flow, live: _Live) -> None:
-        parent = _remote_parent(self, flow.trace_parent) if flow.trace_parent else None
+    def _start_trace(self, flow: Flow) -> _Trace | None:
+        """The flow's trace, or None when nothing about it is recorded or propagated."""
+        parent = tel.parse_traceparent(flow.trace_parent) if flow.trace_parent else None
         if parent is None:
-            context, trace_id = None, self._ids.generate_trace_id()
+            trace_id, parent_id, flags = self._trace_id(), 0, 0
         else:
-            context = self._set_span_in_context(self._NonRecordingSpan(parent))
-            trace_id = parent.trace_id
+            trace_id, parent_id, flags = parent
+        state = None
         bound = self._ratio_bound
         if bound is not None:
             # The file's ParentBased(TraceIdRatioBased) decision, without the call:
             # a received parent decides, else the trace id against the ratio.
-            if parent is not None:
-                sampled = parent.trace_flags.sampled
-            else:
-                sampled = (trace_id & _TRACE_ID_LIMIT) < bound
-            state = None
+            sampled = bool(flags & 1) if parent_id else (trace_id & _TRACE_ID_LIMIT) < bound
         else:
-            result = self._sampler.should_sample(context, trace_id, _span_name(flow), self._SERVER)
-            sampled = result.decision is self._RECORD_AND_SAMPLE
-            state = result.trace_state
-        live.parent = parent
-        live.context = self._SpanContext(
-            trace_id,
-            self._ids.generate_span_id(),
-            is_remote=False,
-            trace_flags=self._SAMPLED if sampled else self._NOT_SAMPLED,
-            trace_state=state,
-        )
+            sampled, state = self._sample(flow, trace_id, parent_id, flags)
         if sampled:
             flow.trace_id = format(trace_id, "032x")
+        elif not self._traceparent_clusters:
+            return None  # not recorded, and no cluster to send a traceparent to
+        return _Trace(trace_id, self._span_id(), sampled, state, parent_id)
 
-    def _attempt_span(
-        self, flow: Flow, live: _Live, endpoint: Endpoint, error: str | None, start: int, end: int
-    ) -> SpanContext:
-        assert live.context is not None
-        key = (flow.transport, flow.cluster)
-        name = self._attempt_names.get(key)
-        if name is None:
-            name = self._attempt_names[key] = f"{flow.transport} connect {flow.cluster}"
-        context = self._SpanContext(
-            live.context.trace_id,
-            self._ids.generate_span_id(),
-            is_remote=False,
-            trace_flags=live.context.trace_flags,
-            trace_state=live.context.trace_state,
+    def _sample(
+        self, flow: Flow, trace_id: int, parent_id: int, flags: int
+    ) -> tuple[bool, str | None]:
+        """The SDK sampler's decision and trace state (``OTEL_TRACES_SAMPLER`` chose it)."""
+        from opentelemetry import trace
+        from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
+
+        context = None
+        if parent_id:
+            remote = SpanContext(trace_id, parent_id, is_remote=True, trace_flags=TraceFlags(flags))
+            context = trace.set_span_in_context(NonRecordingSpan(remote))
+        result = self._sampler.should_sample(
+            context, trace_id, span_name(flow.transport), SpanKind.SERVER
         )
-        attrs: Attributes = {
-            "server.address": endpoint.host,
-            "server.port": endpoint.port,
-            "network.peer.address": endpoint.host,
-            "network.peer.port": endpoint.port,
-            "network.transport": flow.transport,
-            "l4gw.endpoint": str(endpoint),
-        }
-        if flow.cluster is not None:
-            attrs["l4gw.cluster"] = flow.cluster
-        status = self._OK
-        if error is not None:
-            attrs["error.type"] = CloseReason.CONNECT_FAILED
-            status = self._Status(self._ERROR, error)
-        self._on_end(
-            self._ReadableSpan(
-                name,
-                context,
-                live.context,
-                self._resource,
-                attrs,
-                (),
-                (),
-                self._CLIENT,
-                None,
-                status,
-                start,
+        sampled = result.decision is self._RECORD_AND_SAMPLE
+        return sampled, format_trace_state(result.trace_state)
+
+    def _end_trace(self, flow: Flow, trace: _Trace, reason: str, end: int) -> None:
+        listener = self._listener_attrs.get(flow.listener)
+        if listener is None:
+            listener = self._listener_attrs[flow.listener] = self._listener_attributes(
+                flow.listener
+            )
+        # A flow record (gateway.telemetry_flows, F_* fields): plain values,
+        # the plugins' attributes and events as they left them.
+        self._emit(
+            (
+                FLOW,
+                listener,
+                flow.transport,
+                trace.trace_id,
+                trace.span_id,
+                trace.parent_id,
+                trace.state,
+                int(flow.started * 1e9),
                 end,
-                self._scope,
+                flow.client,
+                flow.destination,
+                flow.id,
+                flow.bytes_from_client,
+                flow.bytes_to_client,
+                reason,
+                flow.spliced,
+                flow.tier,
+                flow.route,
+                flow.cluster,
+                flow.endpoint,
+                flow.refused_by,
+                flow.refused_rule,
+                flow.sni,
+                flow.alpn or None,
+                flow.error,
+                flow.attributes or None,
+                flow.events or None,
+                flow.event_times or None,
+                trace.admitted,
+                trace.attempts,
+                SCOPE,
             )
         )
-        live.attempts.append((end, attrs["l4gw.endpoint"], error))
-        return context
-
-    def _end_trace(self, flow: Flow, live: _Live, reason: str, end: int) -> None:
-        Event = self._Event
-        events: list[Any] = []
-        if live.admitted:
-            events.append(Event("admitted", None, live.admitted))
-        times = flow.event_times
-        for i, (name, attributes) in enumerate(flow.events):
-            stamp = times[i] if i < len(times) else end
-            events.append(Event(name, _clean(attributes) or None, stamp))
-        for stamp, endpoint, error in live.attempts:
-            ea: Attributes = {"l4gw.endpoint": endpoint}
-            if error is not None:
-                ea["error"] = error
-            events.append(Event("connect_attempt", ea, stamp))
-        events.sort(key=_timestamp)
-        events.append(Event("closed", {"l4gw.close_reason": reason}, end))
-        status = self._OK
-        if reason in _FAILURES:
-            status = self._Status(self._ERROR, flow.error or reason)
-        start = int(flow.started * 1e9)
-        self._on_end(
-            self._ReadableSpan(
-                _span_name(flow),
-                live.context,
-                live.parent,
-                self._resource,
-                self._attributes(flow, reason),
-                events,
-                (),
-                self._SERVER,
-                None,
-                status,
-                start,
-                max(start, end),
-                self._scope,
-            )
-        )
-
-    def _attributes(self, flow: Flow, reason: str) -> Attributes:
-        base = self._listener_attrs.get(flow.listener)
-        if base is None:
-            base = self._listener_attrs[flow.listener] = self._listener_attributes(flow.listener)
-        attrs = base.copy()
-        client, destination = flow.client, flow.destination
-        attrs["client.address"] = client[0]
-        attrs["client.port"] = client[1]
-        attrs["server.address"] = destination[0]
-        attrs["server.port"] = destination[1]
-        attrs["network.transport"] = flow.transport
-        attrs["network.type"] = "ipv6" if ":" in client[0] else "ipv4"
-        attrs["l4gw.flow.id"] = flow.id
-        attrs["l4gw.bytes.from_client"] = flow.bytes_from_client
-        attrs["l4gw.bytes.to_client"] = flow.bytes_to_client
-        attrs["l4gw.close_reason"] = reason
-        attrs["l4gw.spliced"] = flow.spliced
-        if flow.route is not None:
-            attrs["l4gw.route"] = flow.route
-        if flow.cluster is not None:
-            attrs["l4gw.cluster"] = flow.cluster
-        if flow.endpoint is not None:
-            attrs["l4gw.endpoint"] = flow.endpoint
-        if flow.tier is not None:
-            attrs["l4gw.tier"] = flow.tier
-        if flow.refused_by is not None:
-            attrs["l4gw.refused_by"] = flow.refused_by
-        if flow.refused_rule is not None:
-            attrs["l4gw.refused_rule"] = flow.refused_rule
-        if flow.sni is not None:
-            attrs["tls.client.server_name"] = flow.sni
-        if flow.alpn:
-            attrs["l4gw.alpn"] = tuple(flow.alpn)
-        if reason in _FAILURES:
-            attrs["error.type"] = reason
-            if flow.error:
-                attrs["l4gw.error"] = flow.error
-        if flow.attributes:
-            for key, value in flow.attributes.items():
-                cleaned = _clean_value(value)
-                if cleaned is not None:
-                    attrs[key] = cleaned
-        return attrs
 
     def _listener_attributes(self, name: str) -> Attributes:
         attrs: Attributes = {"l4gw.listener": name}
@@ -546,77 +515,23 @@ class Recorder:
     def _observe_io(self, options: CallbackOptions) -> Iterable[Observation]:
         from opentelemetry.metrics import Observation
 
-        with self._lock:
-            totals = dict(self._io_closed)
-            for live in self._live.values():
-                flow = live.flow
-                if flow.bytes_from_client:
-                    key = (flow.listener, "receive")
-                    totals[key] = totals.get(key, 0) + flow.bytes_from_client
-                if flow.bytes_to_client:
-                    key = (flow.listener, "transmit")
-                    totals[key] = totals.get(key, 0) + flow.bytes_to_client
+        totals = dict(self._io_closed)
+        for flow in list(self._live.values()):
+            if flow.bytes_from_client:
+                key = (flow.listener, "receive")
+                totals[key] = totals.get(key, 0) + flow.bytes_from_client
+            if flow.bytes_to_client:
+                key = (flow.listener, "transmit")
+                totals[key] = totals.get(key, 0) + flow.bytes_to_client
         return [
             Observation(value, {"l4gw.listener": listener, "network.io.direction": direction})
             for (listener, direction), value in totals.items()
         ]
 
     def _histograms(self) -> list[Metric]:
-        with self._lock:
-            data = [(h, h.snapshot()) for h in (self.duration, self.connect)]
+        data = [(h, h.snapshot()) for h in (self.duration, self.connect)]
         now = time.time_ns()
         return [histogram_metric(h, points, self.start_ns, now) for h, points in data if points]
-
-
-def _span_name(flow: Flow) -> str:
-    return "udp proxy" if flow.transport == "udp" else "tcp proxy"
-
-
-def _timestamp(event: Event) -> int:
-    return event.timestamp
-
-
-def _remote_parent(recorder: Recorder, traceparent: str) -> SpanContext | None:
-    """The span context of a received traceparent (None when it is invalid)."""
-    parsed = tel.parse_traceparent(traceparent)
-    if parsed is None:
-        return None
-    trace_id, span_id, flags = parsed
-    return recorder._SpanContext(
-        trace_id,
-        span_id,
-        is_remote=True,
-        trace_flags=recorder._SAMPLED if flags & 1 else recorder._NOT_SAMPLED,
-    )
-
-
-_PRIMITIVES = (str, bool, int, float)
-
-
-def _clean_value(value: Any) -> Any:
-    """An attribute value OpenTelemetry accepts (primitive or homogeneous sequence), or None.
-
-    Plugins may pass anything to ``flow.set_attribute``/``add_event``; the SDK's
-    exporter would drop an unsupported value with a log line per span.
-    """
-    if isinstance(value, _PRIMITIVES):
-        return value
-    if value is None:
-        return None
-    if isinstance(value, (list, tuple)):
-        if all(isinstance(v, str) for v in value):
-            return tuple(value)
-        return tuple(str(v) for v in value)
-    return str(value)
-
-
-def _clean(attributes: Mapping[str, Any]) -> Attributes:
-    out: Attributes = {}
-    for key, value in attributes.items():
-        cleaned = _clean_value(value)
-        if cleaned is not None:
-            out[key] = cleaned
-    return out
 
 
 # --- the plugin ------------------------------------------------------------------------------
@@ -640,6 +555,28 @@ def l4gw_configure(config: Config) -> None:
         log.warning("[telemetry] and [admin] changes take effect at the next restart")
     if _recorder is not None:
         _recorder.reconfigure(config)
+
+
+@hookimpl
+def l4gw_startup(config: Config, nursery: trio.Nursery) -> None:
+    """Start the task that sends partial span batches and reads the exporter's counts."""
+    recorder = _recorder
+    if recorder is not None and recorder.telemetry.spans is not None:
+        nursery.start_soon(recorder.telemetry.spans.run)
+
+
+@hookimpl
+def l4gw_shutdown(config: Config) -> None:
+    """Deliver what telemetry holds, within ``EXIT_FLUSH_TIMEOUT``.
+
+    Here rather than only at exit: every connection has been recorded by now
+    (the drain is over), and a worker process (``[gateway] workers``) ends
+    with ``os._exit``, which runs no exit handlers. Blocking, once, after the
+    last connection.
+    """
+    recorder = _recorder
+    if recorder is not None:
+        recorder.telemetry.shutdown()
 
 
 @hookimpl

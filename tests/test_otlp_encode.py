@@ -122,3 +122,103 @@ def test_any_attributes(attributes, name):
     span.add_event("e", attributes)
     span.end()
     same(exporter.get_finished_spans())
+
+
+# --- the gateway's flow and attempt records, encoded directly -------------------------------
+
+from gateway import telemetry_flows as tf  # noqa: E402
+
+_SCOPE = ("l4gw", "1.0", "https://opentelemetry.io/schemas/1.44.0", None)
+_RESOURCE = Resource.create({"service.name": "t"})
+_text = st.text(max_size=12)
+_maybe = st.one_of(st.none(), _text)
+
+
+@st.composite
+def flow_records(draw: st.DrawFn) -> tuple:
+    start = draw(st.integers(1, 2**62))
+    end = draw(st.integers(1, 2**62))
+    fields = [None] * tf.FLOW_FIELDS
+    fields[tf.F_TAG] = tf.FLOW
+    fields[tf.F_LISTENER] = draw(
+        st.sampled_from(
+            [
+                {"l4gw.listener": "public", "network.local.address": "::", "network.local.port": 1},
+                {"l4gw.listener": "tp", "l4gw.transparent": True},
+            ]
+        )
+    )
+    fields[tf.F_TRANSPORT] = draw(st.sampled_from(["tcp", "udp"]))
+    fields[tf.F_TRACE_ID] = draw(st.integers(1, 2**128 - 1))
+    fields[tf.F_SPAN_ID] = draw(st.integers(1, 2**64 - 1))
+    fields[tf.F_PARENT_ID] = draw(st.one_of(st.just(0), st.integers(1, 2**64 - 1)))
+    fields[tf.F_STATE] = draw(st.sampled_from([None, "vendor=x"]))
+    fields[tf.F_START], fields[tf.F_END] = start, end
+    fields[tf.F_CLIENT] = (
+        draw(st.sampled_from(["198.18.0.1", "fd00::1"])),
+        draw(st.integers(0, 65535)),
+    )
+    fields[tf.F_DESTINATION] = ("198.18.1.1", draw(st.integers(0, 65535)))
+    fields[tf.F_ID] = draw(st.integers(0, 2**40))
+    fields[tf.F_FROM_CLIENT] = draw(st.integers(0, 2**70))
+    fields[tf.F_TO_CLIENT] = draw(st.integers(0, 2**40))
+    fields[tf.F_REASON] = draw(
+        st.sampled_from(["client_eof", "refused", "connect_failed", "drain"])
+    )
+    fields[tf.F_SPLICED] = draw(st.booleans())
+    for index in (tf.F_TIER, tf.F_ROUTE, tf.F_CLUSTER, tf.F_ENDPOINT, tf.F_REFUSED_BY):
+        fields[index] = draw(_maybe)
+    fields[tf.F_REFUSED_RULE], fields[tf.F_SNI], fields[tf.F_ERROR] = (
+        draw(_maybe),
+        draw(_maybe),
+        draw(_maybe),
+    )
+    fields[tf.F_ALPN] = draw(
+        st.one_of(st.none(), st.lists(_text, min_size=1, max_size=2).map(tuple))
+    )
+    fields[tf.F_ATTRIBUTES] = draw(
+        st.one_of(
+            st.none(),
+            st.dictionaries(st.sampled_from(["p.a", "p.b", "l4gw.route", "client.port"]), _maybe),
+        )
+    )
+    events = draw(
+        st.lists(st.tuples(_text, st.dictionaries(_text, _maybe, max_size=2)), max_size=3)
+    )
+    fields[tf.F_EVENTS] = events or None
+    fields[tf.F_EVENT_TIMES] = [
+        draw(st.integers(0, 2**62)) for _ in events[: draw(st.integers(0, 3))]
+    ] or None
+    fields[tf.F_ADMITTED] = draw(st.one_of(st.just(0), st.integers(1, 2**62)))
+    attempts = draw(st.lists(st.tuples(st.integers(0, 2**62), _text, _maybe), max_size=2))
+    fields[tf.F_ATTEMPTS] = tuple(attempts) or None
+    fields[tf.F_SCOPE] = _SCOPE
+    return tuple(fields)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(flow_records(), min_size=1, max_size=3))
+def test_flow_records_encode_like_their_spans(records):
+    encoder = SpanEncoder()
+    for _ in range(2):  # the second time from the caches
+        direct = encoder.encode_records(records, _RESOURCE)
+        general = SpanEncoder().encode_records([tf.spans_of(r) for r in records], _RESOURCE)
+        assert direct == general
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.sampled_from(["tcp", "udp"]),
+    _maybe,
+    st.sampled_from(["127.0.0.1", "::1"]),
+    st.integers(0, 65535),
+    _maybe,
+    st.sampled_from([None, "k=v"]),
+)
+def test_attempt_records_encode_like_their_spans(transport, cluster, host, port, error, state):
+    record = (tf.ATTEMPT, transport, 2**127 + 5, 77, 88, state, 10, 20, cluster, host, port)
+    record = (*record, f"{host}:{port}", error, _SCOPE)
+    encoder = SpanEncoder()
+    for _ in range(2):
+        direct = encoder.encode_records([record], _RESOURCE)
+        assert direct == SpanEncoder().encode_records([tf.spans_of(record)], _RESOURCE)

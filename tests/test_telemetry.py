@@ -169,3 +169,54 @@ def test_setup_env_sampler_and_service_name_win():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def test_batch_processor_variables():
+    assert tel.batch_size({}) == tel.DEFAULT_BATCH_SIZE
+    assert tel.batch_size({"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "64"}) == 64
+    # Never more than the queue holds (the SDK's rule).
+    env = {"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "64", "OTEL_BSP_MAX_QUEUE_SIZE": "16"}
+    assert tel.batch_size(env) == 16
+    assert tel.batch_size({"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "-3"}) == tel.DEFAULT_BATCH_SIZE
+    assert tel.schedule_delay({}) == tel.DEFAULT_SCHEDULE_DELAY
+    assert tel.schedule_delay({"OTEL_BSP_SCHEDULE_DELAY": "250"}) == 0.25
+    assert tel.schedule_delay({"OTEL_BSP_SCHEDULE_DELAY": "soon"}) == tel.DEFAULT_SCHEDULE_DELAY
+
+
+def test_exporter_settings_are_plain_values():
+    import marshal
+
+    from opentelemetry.sdk.resources import Resource
+
+    resource = Resource.create({"service.name": "svc", "list": ("a", "b")})
+    env = {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_BSP_MAX_QUEUE_SIZE": "99"}
+    settings = tel.exporter_settings("otlp", resource, env)
+    assert settings["protocol"] == "grpc" and settings["queue_size"] == 99
+    assert settings["resource"][0]["service.name"] == "svc"
+    assert marshal.loads(marshal.dumps(settings)) == settings  # the exporter's first message
+    assert tel.exporter_settings("console", resource, env)["protocol"] == ""
+
+
+def test_other_plugins_spans_reach_the_collector(monkeypatch):
+    """Spans a plugin makes through the global provider take the gateway's way out."""
+    from otlp_receiver import OTLPReceiver
+
+    receiver = OTLPReceiver()
+    try:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.http_endpoint)
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_on")  # the SDK reads it itself
+        env = {**os.environ, "OTEL_METRICS_EXPORTER": "none"}
+        telemetry = tel.setup(CONFIG, prometheus=False, env=env, install=False)
+        assert telemetry is not None and telemetry.tracer_provider is not None
+        assert telemetry.spans is not None and telemetry.spans.pid is not None
+        tracer = telemetry.tracer_provider.get_tracer("myplugin", "1.0")
+        for i in range(40):
+            tracer.start_span("myplugin.work", attributes={"i": i}).end()
+        telemetry.shutdown()
+        spans = receiver.spans()
+        assert sorted(s.attributes["i"] for s in spans) == list(range(40))
+        assert {(s.name, s.scope) for s in spans} == {("myplugin.work", "myplugin")}
+        assert telemetry.stats.spans_exported == len(spans)
+    finally:
+        receiver.stop()
