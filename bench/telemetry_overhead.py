@@ -36,7 +36,7 @@ most 10 % of connections/s.
     .venv/bin/python bench/telemetry_overhead.py              # 3 rounds x 5 s (~2 min)
     .venv/bin/python bench/telemetry_overhead.py --quick      # smoke: 1 round x 1 s
     .venv/bin/python bench/telemetry_overhead.py --rounds 7 --loads wrk-close \
-        --baseline /tmp/telemetry-before                      # before/after
+        --baseline /tmp/l4gw-telemetry-before                 # before/after
 
 Everything is on 127.0.0.1; the children are stopped on exit.
 """

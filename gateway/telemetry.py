@@ -10,11 +10,12 @@ Rules kept here:
   endpoint, :func:`setup` returns None without importing the SDK, and the
   plugin records nothing per connection.
 * **Span export runs in a process of its own.** Finished spans are plain
-  records (:mod:`gateway.telemetry_records`) that the trio thread sends in
-  batches to the exporter process (:mod:`gateway.telemetry_pipe`,
-  :mod:`gateway.telemetry_exporter`), which encodes and posts them: no
-  export thread in the gateway competes with the loop for the GIL (that
-  cost a third of the connections per second, docs/observability.md).
+  records (:mod:`gateway.telemetry_flows`, :mod:`gateway.telemetry_records`)
+  that the trio thread sends in batches to the exporter process
+  (:mod:`gateway.telemetry_pipe`, :mod:`gateway.telemetry_exporter`), which
+  makes, encodes and posts the spans: no export thread in the gateway
+  competes with the loop for the GIL (that cost a quarter to a third of the
+  connections per second, docs/observability.md).
   Metrics stay in-process: observable instruments read plain counters, a
   periodic reader (its own thread) exports them, and ``/metrics`` is pulled
   from a worker thread. Nothing here calls ``force_flush`` on the loop

@@ -2,10 +2,11 @@
 
 ``python -m gateway.telemetry_exporter FD`` is started by the gateway
 (:mod:`gateway.telemetry_pipe`) with one end of a ``SOCK_SEQPACKET`` socket
-pair as ``FD``. Encoding and posting spans here, in a process of its own,
-keeps that CPU off the gateway's interpreter: an export thread inside the
-gateway competed with the trio loop for the GIL and cost a third of its
-connections per second (``bench/telemetry_overhead.py``, docs/observability.md).
+pair as ``FD``. Making, encoding and posting spans here, in a process of its
+own, keeps that CPU off the gateway's interpreter: an export thread inside
+the gateway competed with the trio loop for the GIL and cost a quarter to a
+third of its connections per second (``bench/telemetry_overhead.py``,
+docs/observability.md).
 
 Messages (each one datagram of the socket pair, first byte the kind, the rest
 ``marshal`` data, both ends the same interpreter):
