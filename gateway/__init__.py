@@ -16,7 +16,7 @@ import pluggy
 from . import schema
 from .config import ClusterConfig, Config, Endpoint, ListenerConfig, RouteConfig
 from .flow import CloseReason, Flow, Refusal, Route
-from .relay import abort_on_close
+from .relay import RelayReset, abort_on_close, both_directions
 from .relay_stats import RelayStats
 from .schema import Field, Invalid, Schema
 
@@ -35,12 +35,14 @@ __all__ = [
     "Invalid",
     "ListenerConfig",
     "Refusal",
+    "RelayReset",
     "RelayStats",
     "Route",
     "RouteConfig",
     "Schema",
     "__version__",
     "abort_on_close",
+    "both_directions",
     "hookimpl",
     "schema",
 ]

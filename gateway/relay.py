@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import trio
 from trio.lowlevel import checkpoint, wait_readable, wait_writable
@@ -38,9 +39,39 @@ _CHUNKS_PER_CHECKPOINT: Final = 16
 _IDLE_SLACK: Final = 1 + 1 / 64
 
 
-class _Reset(Exception):
+class RelayReset(Exception):
+    """A direction of a pair met a reset; ``reason`` is the flow's close reason."""
+
     def __init__(self, reason: str) -> None:
         self.reason = reason
+
+
+async def both_directions(
+    pump: Callable[..., Awaitable[None]],
+    backend_to_client: tuple[Any, ...],
+    client_to_backend: tuple[Any, ...],
+) -> str | None:
+    """Run ``pump`` for both directions of a pair until both end.
+
+    Returns:
+        None when both ended normally, else the reason of the first
+        :class:`RelayReset` (both directions can fail together; any reset
+        wins over the rest).
+    """
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump, *backend_to_client)
+            await pump(*client_to_backend)
+    except RelayReset as reset:
+        return reset.reason
+    except BaseExceptionGroup as group:
+        resets = group.subgroup(RelayReset)
+        if resets is None:
+            raise
+        first = resets.exceptions[0]
+        assert isinstance(first, RelayReset)
+        return first.reason
+    return None
 
 
 def abort_on_close(sock: socket.socket) -> None:
@@ -98,20 +129,13 @@ class CopyRelay:
         with pair.scope:
             if idle_timeout:
                 pair.scope.deadline = trio.current_time() + idle_timeout
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._pump, upstream, client, stats, False, pair)
-                    await self._pump(client, upstream, stats, True, pair)
-            except _Reset as reset:
-                return reset.reason
-            except BaseExceptionGroup as group:
-                # Both directions can fail together; any reset wins over the rest.
-                resets = group.subgroup(_Reset)
-                if resets is None:
-                    raise
-                first = resets.exceptions[0]
-                assert isinstance(first, _Reset)
-                return first.reason
+            reset = await both_directions(
+                self._pump,
+                (upstream, client, stats, False, pair),
+                (client, upstream, stats, True, pair),
+            )
+            if reset is not None:
+                return reset
         if pair.promoted:
             return None
         if pair.scope.cancelled_caught:
@@ -162,7 +186,7 @@ class CopyRelay:
                 continue
             except OSError:
                 abort_on_close(dst)
-                raise _Reset(src_reset)
+                raise RelayReset(src_reset)
             if n == 0:
                 if pair.first_eof is None and isinstance(stats, Flow):
                     # The flow's span shows when it became half-closed, and by whom.
@@ -179,7 +203,7 @@ class CopyRelay:
                 sent = 0
             except OSError:
                 abort_on_close(src)
-                raise _Reset(dst_reset)
+                raise RelayReset(dst_reset)
             if sent < n:
                 # The destination is congested: hold only what it did not take.
                 pending = memoryview(bytes(view[sent:n]))
@@ -191,7 +215,7 @@ class CopyRelay:
                         pass
                     except OSError:
                         abort_on_close(src)
-                        raise _Reset(dst_reset)
+                        raise RelayReset(dst_reset)
             if from_client:
                 stats.bytes_from_client += n
             else:

@@ -26,7 +26,7 @@ from typing import Final
 import trio
 from trio.lowlevel import wait_readable, wait_writable
 
-from gateway import CloseReason, RelayStats, abort_on_close
+from gateway import CloseReason, RelayReset, RelayStats, abort_on_close, both_directions
 
 _CHUNK: Final = 16384
 
@@ -59,11 +59,6 @@ def burst_for(rate: int) -> int:
     return max(_CHUNK, rate // 10)
 
 
-class _Reset(Exception):
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-
 async def shaped_relay(
     client: socket.socket,
     upstream: socket.socket,
@@ -87,36 +82,29 @@ async def shaped_relay(
 
     with scope:
         touch()
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(
-                    _pump,
-                    upstream,
-                    client,
-                    stats,
-                    False,
-                    ByteBucket(bytes_per_second, burst, now),
-                    touch,
-                    first_eof,
-                )
-                await _pump(
-                    client,
-                    upstream,
-                    stats,
-                    True,
-                    ByteBucket(bytes_per_second, burst, now),
-                    touch,
-                    first_eof,
-                )
-        except _Reset as reset:
-            return reset.reason
-        except BaseExceptionGroup as group:
-            resets = group.subgroup(_Reset)
-            if resets is None:
-                raise
-            first = resets.exceptions[0]
-            assert isinstance(first, _Reset)
-            return first.reason
+        reset = await both_directions(
+            _pump,
+            (
+                upstream,
+                client,
+                stats,
+                False,
+                ByteBucket(bytes_per_second, burst, now),
+                touch,
+                first_eof,
+            ),
+            (
+                client,
+                upstream,
+                stats,
+                True,
+                ByteBucket(bytes_per_second, burst, now),
+                touch,
+                first_eof,
+            ),
+        )
+        if reset is not None:
+            return reset
     if scope.cancelled_caught:
         return CloseReason.IDLE_TIMEOUT
     return first_eof[0] if first_eof else CloseReason.CLIENT_EOF
@@ -148,7 +136,7 @@ async def _pump(
             continue
         except OSError:
             abort_on_close(dst)
-            raise _Reset(src_reset)
+            raise RelayReset(src_reset)
         if n == 0:
             first_eof.append(CloseReason.CLIENT_EOF if from_client else CloseReason.BACKEND_EOF)
             try:
@@ -165,7 +153,7 @@ async def _pump(
                 await wait_writable(dst)
             except OSError:
                 abort_on_close(src)
-                raise _Reset(dst_reset)
+                raise RelayReset(dst_reset)
         if from_client:
             stats.bytes_from_client += n
         else:
