@@ -2,6 +2,8 @@
 
 Payloads are sequence-numbered 64-bit counters offset by a per-stream seed, so a
 duplicated, dropped or reordered sub-range can never compare equal (sockmap.md rule 20).
+Large transfers stream the same bytes block by block (``send_payload``) and check them
+as they arrive (``PayloadCheck``), so a GiB-sized test holds no copy of its payload.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import errno
 import socket
 import struct
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import trio
@@ -24,6 +26,81 @@ def payload(n: int, seed: int) -> bytes:
     words = (n + 7) // 8
     base = seed << 40
     return array("Q", range(base, base + words)).tobytes()[:n]
+
+
+# A block holds 2**16 counters: within one, the counter's low 16 bits (bytes 0-1, little
+# endian) count up and bytes 2-7 are constant, because seed << 40 is a multiple of 2**16.
+# So a block is a fixed template with six constant byte columns laid over it, which
+# costs microseconds where array(range(...)) would cost milliseconds per block.
+_BLOCK_WORDS = 1 << 16
+PAYLOAD_BLOCK = _BLOCK_WORDS * 8
+_LOW_TEMPLATE = array("Q", range(_BLOCK_WORDS)).tobytes()
+
+
+def payload_block(seed: int, index: int) -> bytes:
+    """Bytes ``[index * PAYLOAD_BLOCK, (index + 1) * PAYLOAD_BLOCK)`` of the payload of
+    ``seed``: the same bytes ``payload(n, seed)`` has there."""
+    high = (seed << 24) + index  # counter bits 16..63 of every word in this block
+    assert high < 1 << 48, "seed too large for payload_block"
+    buf = bytearray(_LOW_TEMPLATE)
+    for byte in range(6):
+        value = (high >> (8 * byte)) & 0xFF
+        if value:
+            buf[2 + byte :: 8] = bytes((value,)) * _BLOCK_WORDS
+    return bytes(buf)
+
+
+def payload_slice(seed: int, start: int, n: int) -> bytes:
+    """Bytes ``[start, start + n)`` of the (unbounded) payload stream of ``seed``."""
+    out = bytearray()
+    index, skip = divmod(start, PAYLOAD_BLOCK)
+    while len(out) < n:
+        block = payload_block(seed, index)
+        out += block[skip : skip + n - len(out)]
+        index, skip = index + 1, 0
+    return bytes(out)
+
+
+class PayloadCheck:
+    """Checks a received stream against the payload of ``seed`` as it arrives.
+
+    Byte-exact: every piece is compared with the expected bytes at its offset, and
+    ``verdict(n)`` also requires the total length to be ``n``. After the first
+    difference only the length is counted.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.received = 0
+        self.mismatch: int | None = None  # offset of the first differing byte
+        self._index = -1
+        self._block = b""
+
+    def _expected(self, offset: int, n: int) -> bytes:
+        index, skip = divmod(offset, PAYLOAD_BLOCK)
+        if index != self._index:
+            self._index, self._block = index, payload_block(self.seed, index)
+        return self._block[skip : skip + n]
+
+    def feed(self, data: bytes) -> None:
+        """Account for the next received piece."""
+        pos = 0
+        while self.mismatch is None and pos < len(data):
+            want = self._expected(self.received + pos, len(data) - pos)
+            got = data[pos : pos + len(want)]
+            if got != want:
+                j = next(i for i in range(len(want)) if got[i] != want[i])
+                self.mismatch = self.received + pos + j
+            pos += len(want)
+        self.received += len(data)
+
+    def verdict(self, n: int) -> str:
+        """``"equal"`` if exactly the first ``n`` bytes of the payload arrived, else why not."""
+        if self.mismatch is not None:
+            return f"first mismatch at {self.mismatch}, len got={self.received} want={n}"
+        if self.received != n:
+            return f"prefix equal, len got={self.received} want={n}"
+        return "equal"
 
 
 def first_mismatch(got: bytes, want: bytes) -> str:
@@ -124,6 +201,80 @@ async def send_all(
     while view:
         n = await sock.send(view[:chunk])
         view = view[n:]
+        if delay:
+            await trio.sleep(delay)
+
+
+async def send_payload(
+    sock: trio.socket.SocketType,
+    seed: int,
+    n: int | None = None,
+    *,
+    until: Callable[[], bool] | None = None,
+    chunk: int = PAYLOAD_BLOCK,
+    delay: float = 0.0,
+    shut: bool = True,
+) -> int:
+    """Stream the payload of ``seed`` without holding it: exactly ``n`` bytes, or (with
+    ``n=None``) chunk after chunk until ``until()`` is true. Then ``SHUT_WR`` unless
+    ``shut`` is false.
+
+    Args:
+        sock: A connected stream socket.
+        seed: The payload's seed.
+        n: Bytes to send; None to send until ``until()``.
+        until: Checked before each chunk when ``n`` is None.
+        chunk: Bytes per burst (at most ``PAYLOAD_BLOCK``).
+        delay: Seconds to sleep after each chunk (a slower, burstier sender).
+        shut: Whether to shut the write side afterwards.
+
+    Returns:
+        The number of bytes sent.
+    """
+    assert (n is None) != (until is None), "give exactly one of n and until"
+    assert 0 < chunk <= PAYLOAD_BLOCK
+    sent = 0
+    index, block = -1, memoryview(b"")
+    while n is None or sent < n:
+        if until is not None and until():
+            break
+        if sent // PAYLOAD_BLOCK != index:
+            index = sent // PAYLOAD_BLOCK
+            block = memoryview(payload_block(seed, index))
+        skip = sent - index * PAYLOAD_BLOCK
+        end = skip + chunk if n is None else min(skip + chunk, skip + n - sent)
+        view = block[skip:end]
+        while view:
+            k = await sock.send(view)
+            view = view[k:]
+            sent += k
+        if delay:
+            await trio.sleep(delay)
+    if shut:
+        sock.shutdown(socket.SHUT_WR)
+    return sent
+
+
+async def recv_payload(
+    sock: trio.socket.SocketType, seed: int, *, chunk: int = 1 << 20, delay: float = 0.0
+) -> PayloadCheck:
+    """Read to EOF, checking the stream on the fly against the payload of ``seed``.
+
+    Args:
+        sock: A connected stream socket.
+        seed: The payload's seed.
+        chunk: Largest read.
+        delay: Seconds to sleep after each read (a slow reader).
+
+    Returns:
+        The check; ``verdict(n)`` says whether exactly ``n`` bytes arrived intact.
+    """
+    check = PayloadCheck(seed)
+    while True:
+        data = await sock.recv(chunk)
+        if not data:
+            return check
+        check.feed(data)
         if delay:
             await trio.sleep(delay)
 
