@@ -249,24 +249,28 @@ def start_gateway(
     return child
 
 
-def haproxy_config(routes: dict[str, tuple[int, int]], nbthread: int | None) -> str:
+def haproxy_config(
+    routes: dict[str, tuple[int, int]], nbthread: int | None, splice: bool = False
+) -> str:
     """HAProxy in ``mode tcp``: one frontend/backend pair per route.
 
     Args:
         routes: ``{name: (listen_port, backend_port)}``.
         nbthread: threads; None keeps HAProxy's default (one per CPU it may
             run on, since 2.5).
+        splice: ``option splice-auto``: HAProxy moves payload with splice(2)
+            through pipes when it expects a large transfer (its own kernel tier).
     """
     threads = f"    nbthread {nbthread}\n" if nbthread else ""
     out = [
         "global\n"
         f"{threads}"
-        "    maxconn 8000\n"
-        "defaults\n"
+        "    maxconn 8000\n" + ("    maxpipes 1024\n" if splice else "") + "defaults\n"
+        # Pipes take fds too: HAProxy's default (maxconn / 4) would not fit the limit.
         "    mode tcp\n"
         "    timeout connect 2s\n"
         "    timeout client 60s\n"
-        "    timeout server 60s\n"
+        "    timeout server 60s\n" + ("    option splice-auto\n" if splice else "")
     ]
     for name, (listen, backend) in routes.items():
         out.append(
@@ -280,10 +284,14 @@ def haproxy_config(routes: dict[str, tuple[int, int]], nbthread: int | None) -> 
 
 
 def start_haproxy(
-    children: Children, name: str, routes: dict[str, tuple[int, int]], nbthread: int | None
+    children: Children,
+    name: str,
+    routes: dict[str, tuple[int, int]],
+    nbthread: int | None,
+    splice: bool = False,
 ) -> Child:
     cfg = children.workdir / f"{name}.cfg"
-    cfg.write_text(haproxy_config(routes, nbthread))
+    cfg.write_text(haproxy_config(routes, nbthread, splice))
     # -db: stay in the foreground without a master process, so SIGTERM ends it.
     child = children.start(name, ["haproxy", "-f", str(cfg), "-db"])
     child.wait_listening([listen for listen, _ in routes.values()])

@@ -62,7 +62,7 @@ TIER_PATHS = {
     "splice": '["splice", "copy"]',
     "sockmap": '["sockmap", "copy"]',
 }
-PATHS = ("direct", "copy", "splice", "sockmap", "default", "haproxy")
+PATHS = ("direct", "copy", "splice", "sockmap", "default", "haproxy", "haproxy-splice")
 DEFAULT_PATHS = ("direct", "copy", "splice", "sockmap", "haproxy")
 PATH_NOTES = {
     "direct": "client -> backend",
@@ -71,6 +71,7 @@ PATH_NOTES = {
     "sockmap": 'l4gw, tiers = ["sockmap", "copy"], promotion at once',
     "default": "l4gw with the default [plugin.relay] policy",
     "haproxy": "haproxy mode tcp, nbthread 1",
+    "haproxy-splice": "haproxy mode tcp, nbthread 1, option splice-auto (its splice(2) tier)",
 }
 PINGPONG_SIZE = 64
 DEFAULT_LOADS = ("iperf-1", "iperf-4", "wrk-keepalive", "pingpong")
@@ -200,8 +201,9 @@ def start_paths(children: Children, names: list[str], backends: set[str]) -> lis
             continue
         routes = {kind: (free_port(), port) for kind, port in targets.items()}
         ports = {kind: listen for kind, (listen, _) in routes.items()}
-        if name == "haproxy":
-            paths.append(Path_(name, ports, [start_haproxy(children, name, routes, 1)]))
+        if name in ("haproxy", "haproxy-splice"):
+            ha = start_haproxy(children, name, routes, 1, splice=name == "haproxy-splice")
+            paths.append(Path_(name, ports, [ha]))
             continue
         status_dir = children.workdir / f"status-{name}"
         proc = start_gateway(children, name, routes, _relay_extra(name, status_dir))

@@ -57,6 +57,9 @@ class Gateway:
         self._idle = trio.Event()
         self._accepting: trio.Nursery | None = None
         self._connections: trio.Nursery | None = None
+        self._background: trio.Nursery | None = None
+        self._admin: tuple[trio.CancelScope, trio.Event] | None = None
+        """The admin endpoint's scope, and the event set once it has closed."""
 
     @property
     def config(self) -> Config:
@@ -77,6 +80,7 @@ class Gateway:
         async with trio.open_nursery() as root:
             root.start_soon(self._signal_loop)
             async with trio.open_nursery() as background:
+                self._background = background
                 for _, result in self.plugins.call_all(
                     "l4gw_startup", config=config, nursery=background
                 ):
@@ -84,9 +88,7 @@ class Gateway:
                         await result
                 self.started_plugins = True
                 if config.admin is not None and self.worker == 0:
-                    from . import admin
-
-                    await background.start(admin.serve, self)
+                    self._admin = await background.start(self._serve_admin)
                 async with trio.open_nursery() as connections:
                     self._connections = connections
                     async with trio.open_nursery() as accepting:
@@ -206,10 +208,62 @@ class Gateway:
             copy = CopyRelay(new.gateway.buffer_size)
         self.runtime = Runtime(new, self.plugins, copy, self.flows)
         self._update_listeners(new)
+        if self.worker == 0 and _admin_bind(new) != _admin_bind(old):
+            assert self._background is not None
+            self._background.start_soon(self._rebind_admin)
         for callback in self.on_reload:
             callback(new)
         log.info("reloaded %s", new.path)
         return True
+
+    async def _serve_admin(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """The admin endpoint of the config in force, in a scope of its own (a reload
+        that moves it cancels that scope); ``started`` with the scope and an event set
+        once its socket is closed."""
+        from . import admin
+
+        closed = trio.Event()
+        try:
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(admin.serve, self)
+                    task_status.started((scope, closed))
+        finally:
+            closed.set()
+
+    async def _rebind_admin(self) -> None:
+        """Move the admin endpoint to the reloaded ``[admin] bind`` (or close it).
+
+        The new address is bound before the old one closes, so a port change has
+        no gap. When that fails because the old socket holds the address (same
+        port, another host), the old one closes first; when the new address
+        cannot be bound at all, the endpoint stays off and an error says why.
+        """
+        background, old = self._background, self._admin
+        if background is None:
+            return
+        if self.config.admin is None:
+            self._admin = None
+            if old is not None:
+                old[0].cancel()
+                log.info("admin endpoint closed")
+            return
+        try:
+            self._admin = await background.start(self._serve_admin)
+        except OSError as first:
+            if old is None:
+                log.error("reload: %s", first)
+                return
+            old[0].cancel()
+            await old[1].wait()
+            try:
+                self._admin = await background.start(self._serve_admin)
+            except OSError as exc:
+                self._admin = None
+                log.error("reload: %s; the admin endpoint is off until the next reload", exc)
+            return
+        if old is not None:
+            old[0].cancel()
 
     def _update_listeners(self, new: Config) -> None:
         wanted = {lc.name: lc for lc in self._mine(new)}
@@ -229,3 +283,7 @@ class Gateway:
                 log.info("listener %s opened on %s", lc.name, lc.bind)
             except OSError as exc:
                 log.error("%s", exc)
+
+
+def _admin_bind(config: Config) -> tuple[str, int] | None:
+    return None if config.admin is None else (config.admin.host, config.admin.port)

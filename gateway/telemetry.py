@@ -33,6 +33,8 @@ Rules kept here:
   ``OTEL_TRACES_SAMPLER[_ARG]``, ``OTEL_SERVICE_NAME``,
   ``OTEL_METRIC_EXPORT_INTERVAL``; endpoint, headers, timeout, compression and
   TLS variables are read by the OTLP exporters themselves.
+  ``OTEL_SDK_DISABLED=true`` turns off every span and every exported metric
+  (``/metrics`` on the admin endpoint, configured in the file, stays).
 """
 
 from __future__ import annotations
@@ -430,6 +432,10 @@ def setup(
     env = os.environ if env is None else env
     traces = signal_exporter("traces", config.exporter, env)
     metrics = signal_exporter("metrics", config.exporter, env)
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        if traces != "none" or metrics != "none":
+            log.info("telemetry: OTEL_SDK_DISABLED=true: no spans, no exported metrics")
+        traces = metrics = "none"
     if metrics == "console" and not env.get("OTEL_METRICS_EXPORTER"):
         # A JSON dump of every instrument each interval drowns the demo's spans;
         # metrics on the console only when asked for by name.

@@ -59,6 +59,7 @@ Rules kept here:
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 import random
 import time
@@ -74,6 +75,8 @@ if TYPE_CHECKING:
     import trio
     from opentelemetry.metrics import CallbackOptions, Observation
     from opentelemetry.sdk.metrics.export import Metric
+
+    from gateway.config import TelemetryConfig
 
 log = logging.getLogger("l4gw.telemetry")
 
@@ -218,6 +221,7 @@ class Recorder:
         self._endpoints: dict[tuple[str, int], str] = {}
         self._traceparent_clusters: frozenset[str] = frozenset()
         self.reconfigure(config)
+        self._ratio_bound: int | None = None
         self._tracing = self._setup_tracing()
         self.metrics = telemetry.meter is not None
         if self.metrics:
@@ -232,6 +236,21 @@ class Recorder:
             for name, c in config.clusters.items()
             if c.proxy_protocol == "v2" and c.proxy_protocol_traceparent
         )
+
+    def set_sample_ratio(self, ratio: float) -> bool:
+        """Sample this share of new connections from now on (a reload changed it).
+
+        Returns:
+            False when the file's ratio is not the one in force: tracing is off,
+            or ``OTEL_TRACES_SAMPLER`` chose the sampler.
+        """
+        if not self._tracing or self._ratio_bound is None:
+            return False
+        from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+
+        self._ratio_bound = TraceIdRatioBased.get_bound_for_rate(ratio)
+        self.telemetry.sample_ratio = ratio
+        return True
 
     def _setup_tracing(self) -> bool:
         t = self.telemetry
@@ -252,7 +271,6 @@ class Recorder:
 
         self._emit = emit
         self._sampler = provider.sampler
-        self._ratio_bound: int | None = None
         if t.sample_ratio is not None:
             self._ratio_bound = TraceIdRatioBased.get_bound_for_rate(t.sample_ratio)
         ids = provider.id_generator
@@ -537,22 +555,46 @@ class Recorder:
 # --- the plugin ------------------------------------------------------------------------------
 
 _recorder: Recorder | None = None
-_configured: Config | None = None
+_running: tuple[TelemetryConfig, bool] | None = None
+"""The ``[telemetry]`` section in force and whether ``/metrics`` is collected."""
 
 
 @hookimpl
 def l4gw_configure(config: Config) -> None:
-    """Set telemetry up on the first call; later calls (reloads) update the recorder."""
-    global _recorder, _configured
-    if _configured is None:
-        _configured = config
-        telemetry = tel.setup(config.telemetry, prometheus=config.admin is not None)
+    """Set telemetry up on the first call; later calls (reloads) update the recorder.
+
+    A reload applies ``sample_ratio`` to the connections that follow; the
+    exporters, the resource and the metric reader are built once per process,
+    so the other ``[telemetry]`` keys, and turning ``[admin]`` on or off (which
+    decides whether ``/metrics`` is collected), wait for a restart (a warning
+    names them).
+    """
+    global _recorder, _running
+    prometheus = config.admin is not None
+    if _running is None:
+        _running = (config.telemetry, prometheus)
+        telemetry = tel.setup(config.telemetry, prometheus=prometheus)
         _recorder = Recorder(telemetry, config) if telemetry is not None else None
         return
-    if config.telemetry != _configured.telemetry or (config.admin is None) != (
-        _configured.admin is None
-    ):
-        log.warning("[telemetry] and [admin] changes take effect at the next restart")
+    before, after = _running[0], config.telemetry
+    if after.sample_ratio != before.sample_ratio:
+        if _recorder is not None and _recorder.set_sample_ratio(after.sample_ratio):
+            log.info("telemetry: sample_ratio %s from now on", after.sample_ratio)
+            _running = (dataclasses.replace(before, sample_ratio=after.sample_ratio), _running[1])
+        else:
+            log.warning(
+                "telemetry: sample_ratio stays: tracing is off or OTEL_TRACES_SAMPLER chose "
+                "the sampler"
+            )
+    later = [
+        f"[telemetry] {key}"
+        for key in ("exporter", "service_name", "metrics_interval")
+        if getattr(after, key) != getattr(before, key)
+    ]
+    if prometheus != _running[1]:
+        later.append("[admin] on or off (/metrics)")
+    if later:
+        log.warning("changes to %s take effect at the next restart", ", ".join(later))
     if _recorder is not None:
         _recorder.reconfigure(config)
 

@@ -194,3 +194,42 @@ async def test_readyz_fails_while_draining(nursery, gateway):
         assert status == 503
         assert json.loads(body)["ready"] is False
     assert await trio.to_thread.run_sync(gw.wait, 15) == 0
+
+
+async def refused(port: int) -> bool:
+    try:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+    except OSError:
+        return True
+    await stream.aclose()
+    return False
+
+
+async def test_reload_moves_and_closes_the_endpoint(nursery, gateway):
+    """SIGHUP: a new ``[admin] bind`` is served at once (bound before the old one
+    closes), a new token too, and removing ``[admin]`` closes it."""
+    backend = await nursery.start(echo_server)
+    port, first, second = free_port(), free_port(), free_port()
+    gw = gateway(config(port, first, backend))
+    with trio.fail_after(30):
+        assert (await get(first, "/healthz"))[0] == 200
+        gw.write_config(config(port, second, backend).replace(TOKEN, TOKEN + "-new"))
+        gw.signal(signal.SIGHUP)
+        await trio.to_thread.run_sync(
+            gw.wait_log, rf"admin endpoint on http://127\.0\.0\.1:{second}/"
+        )
+        assert (await get(second, "/healthz"))[0] == 200
+        assert (await get(second, "/config", token=TOKEN))[0] == 401
+        assert (await get(second, "/config", token=TOKEN + "-new"))[0] == 200
+        while not await refused(first):  # the old endpoint closes right after
+            await trio.sleep(0.05)
+        text = config(port, second, backend)
+        gw.write_config(text[: text.index("[admin]")])
+        gw.signal(signal.SIGHUP)
+        await trio.to_thread.run_sync(gw.wait_log, "admin endpoint closed")
+        assert await refused(second)
+        # The gateway itself kept serving through both reloads.
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(b"ping")
+            assert await recv_exactly(stream, 4) == b"ping"
+    assert "take effect at the next restart" in gw.log  # /metrics went with [admin]

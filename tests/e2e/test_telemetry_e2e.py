@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -505,6 +506,9 @@ def test_disabled_telemetry_loads_no_sdk():
         "from gateway.config import TelemetryConfig\n"
         "assert telemetry.setup(TelemetryConfig('none', 1.0, 'x', 10.0), prometheus=False,"
         " env={}) is None\n"
+        # The specification's switch wins over the file.
+        "assert telemetry.setup(TelemetryConfig('otlp', 1.0, 'x', 10.0), prometheus=False,"
+        " env={'OTEL_SDK_DISABLED': 'True'}) is None\n"
         "import l4gw_plugins.telemetry as p\n"
         "assert not [m for m in sys.modules if m.startswith('opentelemetry.sdk')], 'SDK loaded'\n"
     )
@@ -512,6 +516,39 @@ def test_disabled_telemetry_loads_no_sdk():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 0, result.stderr
+
+
+async def test_reload_changes_sample_ratio(receiver, nursery, gateway):
+    """SIGHUP with a new ``sample_ratio``: the connections after it are sampled by it;
+    keys that need a restart are named in a warning."""
+    backend = ScriptedBackend()
+    bport = await nursery.start(backend.run)
+    ports = {name: free_port() for name in ("public", "nowhere", "dead", "guarded")}
+    dead = closed_port()
+    text = config(ports, bport, dead)
+    gw = gateway(
+        text.replace("sample_ratio = 1.0", "sample_ratio = 0.0"),
+        env=otel_env(receiver.http_endpoint),
+    )
+    with trio.fail_after(40):
+        before = [(await exchange(ports["public"], 100, 100, seed))[0] for seed in (1, 2, 3)]
+        gw.write_config(text + 'service_name = "renamed"\n')
+        gw.signal(signal.SIGHUP)
+        await trio.to_thread.run_sync(gw.wait_log, "reloaded")
+        after = [(await exchange(ports["public"], 100, 100, seed))[0] for seed in (4, 5, 6)]
+        while len(server_spans(receiver)) < len(after):
+            await trio.sleep(0.05)
+    # Spans leave in connection order: the earlier ones would have arrived by now.
+    assert sorted(s.attributes["client.port"] for s in server_spans(receiver)) == sorted(after)
+    assert not set(before) & set(after)
+    # And each sampled connection's connect attempt, nothing else.
+    parents = {s.span_id for s in server_spans(receiver)}
+    assert (
+        sorted(s.parent_span_id in parents for s in receiver.spans() if s.kind == SPAN_KIND_CLIENT)
+        == [True] * 3
+    )
+    assert "telemetry: sample_ratio 1.0 from now on" in gw.log
+    assert "changes to [telemetry] service_name take effect at the next restart" in gw.log
 
 
 def exporter_pid(log: str) -> int:
