@@ -20,12 +20,18 @@ Checks, each reported ok, warn or FAIL (FAIL makes the exit code non-zero):
 * intercept interfaces that do not exist (the rule never matches);
 * the intercepted listeners: listening, and transparent;
 * conflicts: an ip rule at our priority or seeing our mark first, foreign
-  routes in our table, other nftables tables doing TPROXY.
+  routes in our table, other nftables tables doing TPROXY;
+* iptables-legacy (x_tables) rules, which run beside nftables and which nft
+  cannot list: one doing TPROXY is a conflict, one setting marks or
+  rewriting destinations before the socket lookup a warning.
 """
 
 from __future__ import annotations
 
+import re
+import shutil
 import socket
+import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +83,9 @@ class Facts:
     """Transparent-upstream endpoint -> the interface the route to it leaves by."""
     listening: Mapping[str, tuple[ListeningSocket, ...]] = field(default_factory=dict)
     """Intercepted listener name -> sockets listening on its family and port."""
+    legacy: Mapping[int, str | None] = field(default_factory=dict)
+    """IP version -> ``ip[6]tables-legacy-save`` output for the x_tables tables in use
+    (only versions with tables in use); None when they exist but could not be read."""
 
 
 def watched_interfaces(config: Config, facts: Facts) -> list[str]:
@@ -148,6 +157,77 @@ def diagnose(config: Config, p: Plan, facts: Facts) -> list[Finding]:
                     )
         for name in sorted({ic.listener for ic in tc.intercept}):
             out.extend(_listener(config, name, facts.listening.get(name, ())))
+    for version, saved in sorted(facts.legacy.items()):
+        out.extend(_legacy(version, saved))
+    return out
+
+
+_LEGACY_SHOWN = 3
+"""Rules quoted per kind; the count covers the rest."""
+_LEGACY_TARGET = re.compile(r"(?:^| )-j ([A-Z]+)\b")
+_LEGACY_KINDS: Final = {
+    "TPROXY": (FAIL, "does TPROXY too"),
+    "mark": (WARN, "sets packet marks (ours may be overwritten)"),
+    "divert": (WARN, "rewrites destinations before the socket lookup"),
+}
+
+
+def _legacy_kind(rule: str) -> str | None:
+    """Which of :data:`_LEGACY_KINDS` an ``iptables-save`` rule is, if any."""
+    match = _LEGACY_TARGET.search(rule)
+    target = match.group(1) if match else ""
+    if target == "TPROXY":
+        return "TPROXY"
+    if target in ("MARK", "CONNMARK"):
+        return "mark"
+    if target in ("DNAT", "REDIRECT"):
+        return "divert"
+    return None
+
+
+def _legacy(version: int, saved: str | None) -> list[Finding]:
+    """Judge the iptables-legacy rules of one IP version (``iptables-save`` text)."""
+    tool = "iptables-legacy" if version == 4 else "ip6tables-legacy"
+    if saved is None:
+        return [
+            Finding(
+                WARN,
+                f"IPv{version} iptables-legacy tables are in use but could not be read; "
+                "nft does not show their rules",
+                f"{tool}-save  (from the iptables package) lists them",
+            )
+        ]
+    table = ""
+    rules: list[tuple[str, str]] = []
+    for line in saved.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+        elif line.startswith("-A "):
+            rules.append((table, line[3:].strip()))
+    by_kind: dict[str, list[tuple[str, str]]] = {kind: [] for kind in _LEGACY_KINDS}
+    for t, r in rules:
+        kind = _legacy_kind(r)
+        if kind is not None:
+            by_kind[kind].append((t, r))
+    out: list[Finding] = []
+    for kind, found in by_kind.items():
+        level, what = _LEGACY_KINDS[kind]
+        for t, r in found[:_LEGACY_SHOWN]:
+            text = f"IPv{version} iptables-legacy {t} rule {what}: -A {r}"
+            if level == FAIL:
+                text = f"conflict: {text}"
+            out.append(Finding(level, text, f"{tool} -t {t} -D {r}  (if it is not meant for this)"))
+        if len(found) > _LEGACY_SHOWN:
+            more = f"IPv{version} iptables-legacy: {len(found) - _LEGACY_SHOWN} more {kind} rules"
+            out.append(Finding(level, more, f"{tool}-save  lists them"))
+    if not out:
+        out.append(
+            Finding(
+                OK,
+                f"IPv{version} iptables-legacy: {len(rules)} rules; none marks, diverts or "
+                "does TPROXY",
+            )
+        )
     return out
 
 
@@ -328,7 +408,36 @@ def gather(config: Config, p: Plan) -> Facts:
         {k: _read_sysctl(k) for k in keys},
         egress,
         facts.listening,
+        {v: saved for v in (4, 6) if (saved := _legacy_rules(v)) != ""},
     )
+
+
+def _legacy_rules(version: int) -> str | None:
+    """The x_tables rules of this namespace, or "" when no table is in use.
+
+    Only the tables the kernel lists as in use are read (``-t`` each): asking
+    for another would load it, and the doctor changes nothing.
+    """
+    names = "ip_tables_names" if version == 4 else "ip6_tables_names"
+    try:
+        tables = Path("/proc/net", names).read_text().split()
+    except OSError:
+        return ""  # x_tables not loaded at all
+    if not tables:
+        return ""
+    tool = shutil.which("iptables-legacy-save" if version == 4 else "ip6tables-legacy-save")
+    if tool is None:
+        return None
+    parts = []
+    for table in tables:
+        try:
+            done = subprocess.run(
+                [tool, "-t", table], capture_output=True, text=True, timeout=10, check=True
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        parts.append(done.stdout)
+    return "".join(parts)
 
 
 def _links_and_egress(config: Config) -> tuple[frozenset[str], dict[str, str | None]]:

@@ -20,11 +20,12 @@ runtime_pkgs=(python3 python3-venv libbpf1 libnftables1 nftables iproute2 ca-cer
 # (nginx, haproxy, redis, dnsmasq, dig, iperf3, wrk) and container tools
 # (the container test builds and runs the image with podman, from a base
 # made with debootstrap when no registry is reachable; runc because crun
-# refuses hybrid cgroup layouts).
+# refuses hybrid cgroup layouts). iptables: the doctor's tests seed
+# iptables-legacy rules (and the doctor reads them with its -save tools).
 build_pkgs=(clang llvm libbpf-dev linux-libc-dev make gcc python3-dev)
 dev_pkgs=("${build_pkgs[@]}"
           nginx-light haproxy redis-server dnsmasq-base dnsutils iperf3 wrk
-          iputils-ping procps psmisc curl
+          iputils-ping procps psmisc curl iptables
           podman buildah runc debootstrap)
 
 sudo_() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }

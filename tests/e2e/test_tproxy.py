@@ -590,6 +590,8 @@ async def test_doctor_finds_each_seeded_misconfiguration(
         "add table ip mangle; add chain ip mangle pre { type filter hook prerouting priority -150; "
         "}; add rule ip mangle pre tcp dport 80 tproxy to :15999"
     )
+    legacy_rule = ["PREROUTING", "-p", "tcp", "-m", "tcp", "--dport", "80", "-j", "TPROXY"]
+    legacy_rule += ["--on-port", "15999", "--on-ip", "0.0.0.0", "--tproxy-mark", "0x1/0x1"]
     # (what doctor must say, what its fix line must say, seed, repair)
     seeds: list[tuple[str, str, Callable[[], object], Callable[[], object]]] = [
         (
@@ -627,6 +629,13 @@ async def test_doctor_finds_each_seeded_misconfiguration(
             "nft delete table ip mangle",
             run("nft", mangle),
             run("nft", "delete", "table", "ip", "mangle"),
+        ),
+        (
+            # x_tables rules are invisible to nft; x_tables is per network namespace.
+            "conflict: IPv4 iptables-legacy mangle rule does TPROXY too",
+            "iptables-legacy -t mangle -D PREROUTING -p tcp -m tcp --dport 80 -j TPROXY",
+            run("iptables-legacy", "-t", "mangle", "-A", *legacy_rule),
+            run("iptables-legacy", "-t", "mangle", "-D", *legacy_rule),
         ),
         (
             "conflict: IPv4 ip rule priority 10000 is also used",
