@@ -167,6 +167,46 @@ def _ioctl_int(sock: socket.socket, req: int) -> int:
     return int.from_bytes(fcntl.ioctl(sock.fileno(), req, b"\0\0\0\0"), "little", signed=True)
 
 
+_CONSISTENT_TRIES: Final = 32
+
+
+def _sent_total(sock: socket.socket, *, upper: bool) -> int:
+    """``bytes_acked + SIOCOUTQ`` (every byte written since the connection began),
+    taken at one instant.
+
+    Two syscalls read it, and an ACK landing between them moves bytes from the
+    queue to the acked count: the plain sum then falls short by what was acked
+    (half a MiB on loopback). The value is consistent when ``bytes_acked`` is
+    the same before and after ``SIOCOUTQ``. Should ACKs keep landing, the bound
+    the caller can afford: ``upper`` for an arming baseline (a low one would
+    overstate what was written since, and half-close early), else the lower.
+    """
+    _, before, _ = _tcp_info(sock)
+    for _ in range(_CONSISTENT_TRIES):
+        outq = _ioctl_int(sock, SIOCOUTQ)
+        _, after, _ = _tcp_info(sock)
+        if after == before:
+            return after + outq
+        before = after
+    return (after if upper else before) + outq
+
+
+def _consumed(sock: socket.socket) -> int:
+    """``bytes_received - FIONREAD``: the bytes userspace read, at one instant.
+
+    Bytes arriving between the two reads would count as read; when they keep
+    arriving, the lower bound (R9 then waits for bytes rather than closing early).
+    """
+    _, _, before = _tcp_info(sock)
+    for _ in range(_CONSISTENT_TRIES):
+        inq = _ioctl_int(sock, SIOCINQ)
+        _, _, received = _tcp_info(sock)
+        if received == before:
+            return received - inq
+        before = received
+    return before - inq
+
+
 def _cookie(sock: socket.socket) -> int:
     return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), "little")
 
@@ -203,10 +243,9 @@ class _Side:
     drain_progress: int = -1
 
     def written(self) -> int:
-        _, acked, _ = _tcp_info(self.sock)
         # Our FIN takes one sequence number in write_seq (SIOCOUTQ) and bytes_acked.
         fin = 1 if self.shut else 0
-        return acked + _ioctl_int(self.sock, SIOCOUTQ) - self.written_base - fin
+        return _sent_total(self.sock, upper=False) - self.written_base - fin
 
 
 @dataclass
@@ -383,13 +422,11 @@ class Accelerator:
     # --- arming ---------------------------------------------------------------------
 
     def _snapshot(self, sock: socket.socket, name: str) -> _Side:
-        state, acked, received = _tcp_info(sock)
+        state, _, _ = _tcp_info(sock)
         if state != TCP_ESTABLISHED:
             raise ArmError(f"{name} socket is {_state_name(state)}", errno.EOPNOTSUPP)
         # FIONREAD before insertion still reports the TCP queue (after it, psock only).
-        inq = _ioctl_int(sock, SIOCINQ)
-        outq = _ioctl_int(sock, SIOCOUTQ)
-        return _Side(sock, name, _cookie(sock), acked + outq, received - inq)
+        return _Side(sock, name, _cookie(sock), _sent_total(sock, upper=True), _consumed(sock))
 
     def _unarm(self, a: _Side, b: _Side) -> None:
         # Order matters (R10): verdict map first, then the redirect targets.

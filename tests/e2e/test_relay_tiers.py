@@ -314,7 +314,10 @@ async def test_tier_byte_exact_and_counted(
         acc = st["tiers"]["sockmap"]["accelerator"]
         # Through the redirect path, or held by the program and forwarded by the gateway.
         moved = acc["kernel_bytes"] + acc["held_bytes"]
-        assert moved >= 2 * 64 * MiB - 2 * MiB and acc["counter_mismatches"] == 0, acc
+        assert moved >= 2 * 64 * MiB - 2 * MiB and acc["counter_mismatches"] == 0, (
+            acc,
+            [line for line in rg.proc.log.splitlines() if "sockmap:" in line],
+        )
         assert acc["close_reasons"].get("anomaly", 0) == 0
         await trio.to_thread.run_sync(rg.wait_maps_empty)
 
