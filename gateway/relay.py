@@ -130,7 +130,7 @@ class CopyRelay:
             if idle_timeout:
                 pair.scope.deadline = trio.current_time() + idle_timeout
             reset = await both_directions(
-                self._pump,
+                self._copy,
                 (upstream, client, stats, False, pair),
                 (client, upstream, stats, True, pair),
             )
@@ -141,25 +141,6 @@ class CopyRelay:
         if pair.scope.cancelled_caught:
             return CloseReason.IDLE_TIMEOUT
         return pair.first_eof or CloseReason.CLIENT_EOF
-
-    async def _pump(
-        self,
-        src: socket.socket,
-        dst: socket.socket,
-        stats: RelayStats,
-        from_client: bool,
-        pair: _Pair,
-    ) -> None:
-        if pair.promotion is None:
-            # Nothing will ever promote this pair (promotion is only ever
-            # cleared), so nothing needs a scope to wake this direction by.
-            await self._copy(src, dst, stats, from_client, pair)
-            return
-        # One scope per direction, not one per read wait: a request/response
-        # flow waits to read once per chunk, and entering a cancel scope costs
-        # about as much as relaying a small chunk (bench/README.md).
-        with pair.wake_scope(from_client):
-            await self._copy(src, dst, stats, from_client, pair)
 
     async def _copy(
         self,
@@ -233,7 +214,7 @@ class CopyRelay:
 class _Pair:
     """State shared by the two directions of one pair: idle deadline, EOFs, promotion."""
 
-    __slots__ = ("first_eof", "idle", "promoted", "promotion", "reading", "scope", "wake")
+    __slots__ = ("first_eof", "idle", "promoted", "promotion", "reading", "scope")
 
     def __init__(self, idle: float, promotion: Promotion | None) -> None:
         self.scope = trio.CancelScope()
@@ -243,8 +224,6 @@ class _Pair:
         self.first_eof: str | None = None
         # The directions (from_client) waiting to read right now.
         self.reading: set[bool] = set()
-        # Each direction's scope, around its whole pump (see wake_scope).
-        self.wake: dict[bool, trio.CancelScope] = {}
 
     def touch(self) -> None:
         # Moving a trio deadline re-sorts the deadline heap; per chunk that
@@ -267,12 +246,10 @@ class _Pair:
         self.promoted = True
         # Wake the other direction only if it is waiting to read: then it
         # holds no bytes. One that is writing finishes, then sees the flag.
-        # (Cancelled while parked in wait_readable, it leaves its scope and
-        # returns; already woken, it sees the flag before it reads again.)
-        for direction in self.reading:
-            self.wake[direction].cancel()
-
-    def wake_scope(self, direction: bool) -> trio.CancelScope:
-        """The scope promote() cancels to wake ``direction`` from a read wait."""
-        scope = self.wake[direction] = trio.CancelScope()
-        return scope
+        # The pair's own scope wakes it: run() tells promotion from an idle
+        # timeout by the flag, and no scope per direction is needed (entering
+        # one costs about as much as relaying a small chunk, bench/README.md).
+        # (Cancelled while parked in wait_readable, it returns; already woken,
+        # it sees the flag before it reads again.)
+        if self.reading:
+            self.scope.cancel()
