@@ -37,6 +37,8 @@ most 10 % of connections/s.
     .venv/bin/python bench/telemetry_overhead.py --quick      # smoke: 1 round x 1 s
     .venv/bin/python bench/telemetry_overhead.py --rounds 7 --loads wrk-close \
         --baseline /tmp/l4gw-telemetry-before                 # before/after
+    .venv/bin/python bench/telemetry_overhead.py --paths off,traced --rounds 15 \
+        --seconds 4 --loads wrk-close                         # the target alone, more pairs
 
 Everything is on 127.0.0.1; the children are stopped on exit.
 """
@@ -244,8 +246,18 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="another version of the telemetry files, run as path traced-before (see above)",
     )
+    p.add_argument(
+        "--paths",
+        default=",".join(PATHS),
+        help=f"paths to run, of {', '.join(PATHS)} (off and traced always; default all)",
+    )
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
+    paths = [n for n in args.paths.split(",") if n]
+    unknown = set(paths) - set(PATHS)
+    if unknown:
+        p.error(f"--paths: unknown {sorted(unknown)}; choose from {', '.join(PATHS)}")
+    args.paths = tuple(n for n in PATHS if n in {*paths, "off", "traced"})
     if args.quick:
         args.seconds, args.rounds, args.warmup = 1.0, 1, 0.0
     missing = [t for t in ("wrk", "nginx") if shutil.which(t) is None]
@@ -261,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     children = Children(workdir)
     sink = SpanSink()
     loads = tuple(args.loads)
-    names = PATHS + ((BASELINE,) if args.baseline else ())
+    names = args.paths + ((BASELINE,) if args.baseline else ())
     samples: dict[str, dict[str, list[Metrics]]] = {ld: {n: [] for n in names} for ld in loads}
     load_before = load_average()
     try:
@@ -329,8 +341,8 @@ def summarize(
         res: dict[str, Any] = {
             "median": med,
             "traced_over_off": med["traced"]["rps"] / off,
-            "traced10_over_off": med["traced-10%"]["rps"] / off,
-            "off_over_disabled": off / med["disabled"]["rps"],
+            "traced10_over_off": med["traced-10%"]["rps"] / off if "traced-10%" in med else None,
+            "off_over_disabled": off / med["disabled"]["rps"] if "disabled" in med else None,
             # Ratios within each round (same minute of the machine), then their median:
             # steadier than the ratio of medians when the machine's load drifts.
             "traced_over_off_per_round": statistics.median(
@@ -378,9 +390,9 @@ def table(report: dict[str, Any]) -> str:
     for load, res in results.items():
         med = res["median"]
         label = "conn/s" if load == "wrk-close" else "req/s"
-        ratios = (
-            f"{res['traced_over_off']:.3f} | {res['traced10_over_off']:.3f} | "
-            f"{res['off_over_disabled']:.3f}"
+        ratios = " | ".join(
+            "" if res[k] is None else f"{res[k]:.3f}"
+            for k in ("traced_over_off", "traced10_over_off", "off_over_disabled")
         )
         if BASELINE in names:
             ratios += f" | {res['before_over_off']:.3f}"
