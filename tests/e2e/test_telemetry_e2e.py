@@ -150,8 +150,15 @@ def server_spans(receiver: OTLPReceiver) -> list[Span]:
     return [s for s in receiver.spans() if s.kind == SPAN_KIND_SERVER]
 
 
-def by_client_port(spans: list[Span], port: int) -> Span:
-    found = [s for s in spans if s.attributes.get("client.port") == port]
+def by_client_port(spans: list[Span], port: int, server_port: int | None = None) -> Span:
+    """The one span of the connection from ``port`` (to ``server_port``: the kernel
+    reuses an ephemeral port for connections to different destinations)."""
+    found = [
+        s
+        for s in spans
+        if s.attributes.get("client.port") == port
+        and server_port in (None, s.attributes.get("server.port"))
+    ]
     assert len(found) == 1, f"{len(found)} server spans for client port {port}"
     return found[0]
 
@@ -220,7 +227,7 @@ async def test_spans_and_metrics_over_http(receiver, nursery, gateway, tmp_path)
         assert events["tagger.seen"] == {"tags": ("a", "b"), "count": 2}
 
     for client_port, (send, reply) in served.items():
-        span = by_client_port(spans, client_port)
+        span = by_client_port(spans, client_port, ports["public"])
         a = span.attributes
         assert span.name == "tcp proxy"
         assert span.resource["service.name"] == "l4gw-test"
@@ -254,7 +261,7 @@ async def test_spans_and_metrics_over_http(receiver, nursery, gateway, tmp_path)
         assert attempt.status_code != STATUS_ERROR
         assert span.start_ns <= attempt.start_ns <= attempt.end_ns <= span.end_ns
 
-    span = by_client_port(spans, no_route)
+    span = by_client_port(spans, no_route, ports["nowhere"])
     assert span.attributes["l4gw.listener"] == "nowhere"
     assert span.attributes["l4gw.close_reason"] == "no_route"
     assert span.attributes["error.type"] == "no_route"
@@ -264,7 +271,7 @@ async def test_spans_and_metrics_over_http(receiver, nursery, gateway, tmp_path)
     assert children(receiver, span) == []
     assert event_names(span) == ["tagger.seen", "admitted", "closed"]
 
-    span = by_client_port(spans, guarded)
+    span = by_client_port(spans, guarded, ports["guarded"])
     assert span.attributes["l4gw.close_reason"] == "refused"
     assert span.attributes["l4gw.refused_by"] == "tagger"
     assert span.attributes["l4gw.refused_rule"] == "deny_all"
@@ -273,7 +280,7 @@ async def test_spans_and_metrics_over_http(receiver, nursery, gateway, tmp_path)
     assert span.status_message == "guarded listener"
     assert event_names(span) == ["tagger.seen", "closed"]
 
-    span = by_client_port(spans, failed)
+    span = by_client_port(spans, failed, ports["dead"])
     assert span.attributes["l4gw.close_reason"] == "connect_failed"
     assert span.attributes["error.type"] == "connect_failed"
     assert span.attributes["l4gw.route"] == "gone"
@@ -341,12 +348,12 @@ async def test_spans_and_metrics_over_grpc(receiver, nursery, gateway):
             lambda: len(server_spans(receiver)) >= 2 and server_spans(receiver), what="2 spans"
         )
     )
-    ok = by_client_port(spans, client_port)
+    ok = by_client_port(spans, client_port, ports["public"])
     assert ok.attributes["l4gw.bytes.from_client"] == HEADER.size + 4096
     assert ok.attributes["l4gw.bytes.to_client"] == 100
     assert ok.resource["service.name"] == "l4gw-test"
     assert len(children(receiver, ok)) == 1
-    assert by_client_port(spans, no_route).status_code == STATUS_ERROR
+    assert by_client_port(spans, no_route, ports["nowhere"]).status_code == STATUS_ERROR
     await trio.to_thread.run_sync(
         lambda: receiver.wait(
             lambda: point_value(receiver, "l4gw.connection.closed") == 2, what="metrics over gRPC"
