@@ -359,6 +359,10 @@ def from_dict(raw: Mapping[str, Any], path: str, plugin_schemas: Mapping[str, s.
     gateway = GatewayConfig(**g) if g else None
 
     listeners: list[ListenerConfig] = []
+    if not raw.get("listener"):
+        # A gateway without one serves nothing; on a reload, an empty or half-written
+        # file would close every listener.
+        problems.append("listener: at least one [[listener]] is required")
     for i, item in enumerate(_array(raw, "listener", problems)):
         v = s.check_section(item, f"listener[{i}]", LISTENER, problems)
         if v is None or "name" not in v or "bind" not in v:

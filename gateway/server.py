@@ -60,6 +60,9 @@ class Gateway:
         self._background: trio.Nursery | None = None
         self._admin: tuple[trio.CancelScope, trio.Event] | None = None
         """The admin endpoint's scope, and the event set once it has closed."""
+        self._admin_bound: tuple[str, int] | None = None
+        self._admin_moving = trio.Lock()
+        """Two quick reloads move the endpoint one after the other, never both at once."""
 
     @property
     def config(self) -> Config:
@@ -89,6 +92,7 @@ class Gateway:
                 self.started_plugins = True
                 if config.admin is not None and self.worker == 0:
                     self._admin = await background.start(self._serve_admin)
+                    self._admin_bound = _admin_bind(config)
                 async with trio.open_nursery() as connections:
                     self._connections = connections
                     async with trio.open_nursery() as accepting:
@@ -208,7 +212,7 @@ class Gateway:
             copy = CopyRelay(new.gateway.buffer_size)
         self.runtime = Runtime(new, self.plugins, copy, self.flows)
         self._update_listeners(new)
-        if self.worker == 0 and _admin_bind(new) != _admin_bind(old):
+        if self.worker == 0 and _admin_bind(new) != self._admin_bound:
             assert self._background is not None
             self._background.start_soon(self._rebind_admin)
         for callback in self.on_reload:
@@ -239,31 +243,34 @@ class Gateway:
         port, another host), the old one closes first; when the new address
         cannot be bound at all, the endpoint stays off and an error says why.
         """
-        background, old = self._background, self._admin
-        if background is None:
-            return
-        if self.config.admin is None:
-            self._admin = None
-            if old is not None:
-                old[0].cancel()
-                log.info("admin endpoint closed")
-            return
-        try:
-            self._admin = await background.start(self._serve_admin)
-        except OSError as first:
-            if old is None:
-                log.error("reload: %s", first)
+        async with self._admin_moving:
+            background, old, want = self._background, self._admin, _admin_bind(self.config)
+            if background is None or want == self._admin_bound:
+                return  # a later reload already moved it here
+            self._admin, self._admin_bound = None, None
+            if want is None:
+                if old is not None:
+                    old[0].cancel()
+                    await old[1].wait()
+                    log.info("admin endpoint closed")
                 return
-            old[0].cancel()
-            await old[1].wait()
             try:
                 self._admin = await background.start(self._serve_admin)
-            except OSError as exc:
-                self._admin = None
-                log.error("reload: %s; the admin endpoint is off until the next reload", exc)
-            return
-        if old is not None:
-            old[0].cancel()
+            except OSError as first:
+                if old is None:
+                    log.error("reload: %s", first)
+                    return
+                old[0].cancel()
+                await old[1].wait()
+                old = None
+                try:
+                    self._admin = await background.start(self._serve_admin)
+                except OSError as exc:
+                    log.error("reload: %s; the admin endpoint is off until the next reload", exc)
+                    return
+            self._admin_bound = want
+            if old is not None:
+                old[0].cancel()
 
     def _update_listeners(self, new: Config) -> None:
         wanted = {lc.name: lc for lc in self._mine(new)}

@@ -46,7 +46,11 @@ class GatewayProcess:
         return self
 
     def write_config(self, config: str) -> None:
-        self.config_path.write_text(config)
+        """Replace the config file atomically, as an operator's deploy should: a
+        reload must never read half a file."""
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(config)
+        os.replace(tmp, self.config_path)
 
     @property
     def log(self) -> str:

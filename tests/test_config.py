@@ -121,6 +121,12 @@ def test_every_problem_reported_at_once():
     assert len(found) == 3, found
 
 
+def test_a_config_without_listeners_is_refused():
+    # On a reload an empty or truncated file would otherwise close every listener.
+    assert problems("") == ["listener: at least one [[listener]] is required"]
+    assert "listener: at least one [[listener]] is required" in problems('[gateway]\n')
+
+
 def test_units():
     assert parse_duration("500ms") == 0.5
     assert parse_duration("1m30s") == 90

@@ -223,11 +223,24 @@ async def test_reload_moves_and_closes_the_endpoint(nursery, gateway):
         assert (await get(second, "/config", token=TOKEN + "-new"))[0] == 200
         while not await refused(first):  # the old endpoint closes right after
             await trio.sleep(0.05)
+        # Two reloads in a row: the endpoint ends up on the last address only.
+        third, fourth = free_port(), free_port()
+        gw.write_config(config(port, third, backend))
+        gw.signal(signal.SIGHUP)
+        gw.write_config(config(port, fourth, backend))
+        gw.signal(signal.SIGHUP)
+        while await refused(fourth):
+            await trio.sleep(0.05)
+        assert (await get(fourth, "/healthz"))[0] == 200
+        for gone in (second, third):
+            while not await refused(gone):
+                await trio.sleep(0.05)
+        second = fourth
         text = config(port, second, backend)
         gw.write_config(text[: text.index("[admin]")])
         gw.signal(signal.SIGHUP)
         await trio.to_thread.run_sync(gw.wait_log, "admin endpoint closed")
-        assert await refused(second)
+        assert await refused(second), gw.log
         # The gateway itself kept serving through both reloads.
         async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
             await stream.send_all(b"ping")
