@@ -378,7 +378,12 @@ class SpanEncoder:
             for i, (name, attributes) in enumerate(flow_events):
                 stamp = times[i] if i < len(times) else end
                 events.append((stamp, self._event_body(name, attributes)))
-        for stamp, endpoint, error in r[tf.F_ATTEMPTS] or ():
+        for attempt in r[tf.F_ATTEMPTS] or ():
+            stamp, endpoint, error = (
+                attempt[tf.AT_END],
+                attempt[tf.AT_ENDPOINT],
+                attempt[tf.AT_ERROR],
+            )
             key = ("connect_attempt", endpoint, error)
             body = self._events.get(key)
             if body is None:

@@ -12,8 +12,9 @@ Messages (each one datagram of the socket pair, first byte the kind, the rest
 ``marshal`` data, both ends the same interpreter):
 
 * gateway → exporter: ``H`` the settings (first message, once), ``S`` a list
-  of records (the gateway's flow and attempt records,
-  :mod:`gateway.telemetry_flows`, and other plugins' span records,
+  of records (the gateway's flow records, :mod:`gateway.telemetry_flows`,
+  each one a SERVER span plus a CLIENT span per connect attempt and counted
+  as that many spans, and other plugins' span records,
   :mod:`gateway.telemetry_records`), ``F`` "export what you hold now"; end
   of file means the gateway is stopping.
 * exporter → gateway: ``T`` the cumulative counts (received, exported,
@@ -56,7 +57,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .linux import PR_SET_PDEATHSIG
-from .telemetry_flows import spans_of
+from .telemetry_flows import expand, spans_of
 from .telemetry_records import SpanRecord, to_readable
 
 if TYPE_CHECKING:
@@ -323,7 +324,7 @@ class ExportLoop:
         kind = view[:1]
         try:
             if kind == MSG_SPANS:
-                self._enqueue(marshal.loads(view[1:n]))
+                self._enqueue(expand(marshal.loads(view[1:n])))
             elif kind == MSG_FLUSH:
                 self._flush = True
         except Exception as exc:  # a message this version cannot read: skip it

@@ -2,10 +2,12 @@
 
 The telemetry plugin captures a sampled connection on the trio thread as
 tuples of the values it already has (no attribute dicts, no cleaning, no
-formatting): an *attempt record* per upstream connect attempt, a *flow
-record* when the connection ends. The exporter process turns them into span
-records (:mod:`gateway.telemetry_records`) with :func:`spans_of`: the
-semantic-conventions mapping lives here, off the gateway's interpreter.
+formatting): one *flow record* when the connection ends, holding a short
+tuple per upstream connect attempt. The exporter process makes an *attempt
+record* of each of those (:func:`expand`: the CLIENT span's ids and times),
+then turns every record into a span record (:mod:`gateway.telemetry_records`)
+with :func:`spans_of`: the semantic-conventions mapping lives here, off the
+gateway's interpreter.
 
 Rules kept here:
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from operator import itemgetter
+from random import getrandbits as _random_bits
 from typing import TYPE_CHECKING, Any
 
 from .flow import CloseReason
@@ -91,11 +94,27 @@ F_EVENT_TIMES = 27
 F_ADMITTED = 28
 """When admission passed (ns), or 0."""
 F_ATTEMPTS = 29
-"""(end ns, endpoint, error or None) of each connect attempt, or None."""
+"""The connect attempts (``AT_*`` tuples), or None."""
 F_SCOPE = 30
 FLOW_FIELDS = 31
 
-# Attempt record: one upstream connect attempt, when it ends.
+# A connect attempt inside a flow record: what the gateway knows when it ends.
+AT_END = 0
+"""When the attempt ended (ns)."""
+AT_ENDPOINT = 1
+"""The endpoint as written in spans ("host:port")."""
+AT_ERROR = 2
+"""Why it failed, or None."""
+AT_SECONDS = 3
+"""How long it took (float seconds)."""
+AT_SPAN_ID = 4
+"""Its CLIENT span's id when a traceparent carried it upstream, else 0 (the
+exporter picks one)."""
+AT_HOST = 5
+AT_PORT = 6
+AT_CLUSTER = 7
+
+# Attempt record: one upstream connect attempt as a span (made by :func:`expand`).
 A_TAG = 0
 A_TRANSPORT = 1
 A_TRACE_ID = 2
@@ -120,6 +139,60 @@ _by_time = itemgetter(0)
 def span_name(transport: str) -> str:
     """The SERVER span's name: low cardinality, never an address (conventions.md A.3)."""
     return "udp proxy" if transport == "udp" else "tcp proxy"
+
+
+def expand(records: list[Any]) -> list[Any]:
+    """``records`` with the attempt records of each flow record placed before it.
+
+    An attempt whose span id the gateway did not pick (0) gets a random one
+    here, as the SDK's default id generator would.
+    """
+    if not any(r[0] == FLOW and r[F_ATTEMPTS] for r in records):
+        return records
+    out: list[Any] = []
+    for r in records:
+        if r[0] == FLOW and r[F_ATTEMPTS]:
+            out.extend(attempt_records(r))
+        out.append(r)
+    return out
+
+
+def attempt_records(r: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """The attempt records of flow record ``r``: each one a CLIENT span, child of
+    the flow's SERVER span."""
+    transport, trace_id, parent, state, scope = (
+        r[F_TRANSPORT],
+        r[F_TRACE_ID],
+        r[F_SPAN_ID],
+        r[F_STATE],
+        r[F_SCOPE],
+    )
+    out = []
+    for end, endpoint, error, seconds, span_id, host, port, cluster in r[F_ATTEMPTS]:
+        out.append(
+            (
+                ATTEMPT,
+                transport,
+                trace_id,
+                span_id or _random_bits(64) or 1,
+                parent,
+                state,
+                end - int(seconds * 1e9),
+                end,
+                cluster,
+                host,
+                port,
+                endpoint,
+                error,
+                scope,
+            )
+        )
+    return out
+
+
+def span_count(records: Sequence[Any]) -> int:
+    """How many spans ``records`` make (a flow record: one, plus one per attempt)."""
+    return len(records) + sum(len(r[F_ATTEMPTS]) for r in records if r[0] == FLOW and r[F_ATTEMPTS])
 
 
 def spans_of(record: Sequence[Any], names: dict[tuple[str, Any], str] | None = None) -> SpanRecord:
@@ -187,7 +260,8 @@ def _server_span(r: Sequence[Any]) -> SpanRecord:
         for i, (name, attributes) in enumerate(r[F_EVENTS]):
             stamp = times[i] if i < len(times) else end
             events.append((stamp, str(name), clean(attributes) or None if attributes else None))
-    for stamp, endpoint, error in r[F_ATTEMPTS] or ():
+    for attempt in r[F_ATTEMPTS] or ():
+        stamp, endpoint, error = attempt[AT_END], attempt[AT_ENDPOINT], attempt[AT_ERROR]
         ea: dict[str, Any] = {"l4gw.endpoint": endpoint}
         if error is not None:
             ea["error"] = error
@@ -298,4 +372,5 @@ class ProcessorSink:
         self._names: dict[tuple[str, Any], str] = {}
 
     def add(self, record: Sequence[Any]) -> None:
-        self.processor.on_end(to_readable(spans_of(record, self._names), self.resource))
+        for r in expand([record]):
+            self.processor.on_end(to_readable(spans_of(r, self._names), self.resource))

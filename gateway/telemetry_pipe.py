@@ -1,7 +1,7 @@
 """The gateway's end of span export: batches of records to the exporter process.
 
-The telemetry plugin hands every sampled connection, as plain tuples (flow
-and attempt records, :mod:`gateway.telemetry_flows`), and the SDK hands other
+The telemetry plugin hands every sampled connection, as one plain tuple (a
+flow record, :mod:`gateway.telemetry_flows`), and the SDK hands other
 plugins' spans (span records, :mod:`gateway.telemetry_records`), to
 :meth:`ExporterPipe.add`. Records are sent in batches over a
 ``SOCK_SEQPACKET`` socket pair to a child process
@@ -63,7 +63,7 @@ from .telemetry_exporter import (
     ExportLoop,
     parse_status,
 )
-from .telemetry_flows import safe
+from .telemetry_flows import safe, span_count
 from .telemetry_records import SpanRecord
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("l4gw.telemetry")
 
 BATCH = 256
-"""Records per message (about 45 KB): large enough that the send is a small
+"""Records per message (about 90 KB): large enough that the send is a small
 share of a span's cost, small enough to stay far below the socket's buffer and
 below malloc's mmap threshold (128 KB; a bigger message is a fresh mapping,
 page faults and all, every time: measured, 1024 was slower)."""
@@ -112,7 +112,7 @@ class ExporterPipe:
         self._proc: subprocess.Popen[bytes] | None = None
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
-        # What the current exporter was sent and has reported.
+        # What the current exporter was sent (in spans) and has reported.
         self._sent = 0
         self._reported: tuple[int, int, dict[str, int]] = (0, 0, {})
         self._exported_before = 0
@@ -183,7 +183,7 @@ class ExporterPipe:
         """One message for ``batch`` (split when too big); drops are counted. Lock held."""
         sock = self._sock
         if sock is None:
-            self.stats.spans_lost(len(batch), DROP_UNDELIVERED)
+            self.stats.spans_lost(span_count(batch), DROP_UNDELIVERED)
             return
         try:
             data = marshal.dumps(batch)
@@ -195,25 +195,26 @@ class ExporterPipe:
                 data = marshal.dumps(batch)
             except ValueError:
                 log.exception("telemetry: a span record cannot be serialized; batch dropped")
-                self.stats.spans_lost(len(batch), "bad span record")
+                self.stats.spans_lost(span_count(batch), "bad span record")
                 return
         if len(data) >= MAX_MESSAGE:
             if len(batch) == 1:
-                self.stats.spans_lost(1, "span record too large")
+                self.stats.spans_lost(span_count(batch), "span record too large")
                 return
             half = len(batch) // 2
             self._send(batch[:half])
             self._send(batch[half:])
             return
+        spans = span_count(batch)
         try:
             sock.sendmsg((MSG_SPANS, data))  # gathered by the kernel: no copy here
         except BlockingIOError:
-            self.stats.spans_lost(len(batch), DROP_QUEUE_FULL)
+            self.stats.spans_lost(spans, DROP_QUEUE_FULL)
         except OSError:
             # EPIPE/ECONNRESET: the exporter is gone (poll() notices, restarts it).
-            self.stats.spans_lost(len(batch), DROP_UNDELIVERED)
+            self.stats.spans_lost(spans, DROP_UNDELIVERED)
         else:
-            self._sent += len(batch)
+            self._sent += spans
 
     # --- the background task ----------------------------------------------------------------
 

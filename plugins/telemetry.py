@@ -8,12 +8,13 @@ Everything goes through the hook contract, like any third-party plugin:
   ``flow.trace_id`` when the span is sampled (access logs print it).
 * ``l4gw_admit`` (``trylast``: it runs only once every other plugin let the
   connection through, and never refuses) stamps the "admitted" event.
-* ``l4gw_connect_attempt`` ends a CLIENT child span per upstream connect
-  attempt, back-dated by the attempt's duration, and adds a
-  "connect_attempt" event. After a successful attempt to a cluster that sends
-  PROXY v2 with a traceparent it sets ``flow.traceparent_out`` to that
-  attempt's span, so the backend's span is a child of the connection that
-  carried the header (W3C: the parent is the caller's outgoing span).
+* ``l4gw_connect_attempt`` notes the attempt; its CLIENT child span,
+  back-dated by the attempt's duration, and its "connect_attempt" event go
+  out with the connection's record. After a successful attempt to a
+  cluster that sends PROXY v2 with a traceparent it sets
+  ``flow.traceparent_out`` to that attempt's span, so the backend's span is
+  a child of the connection that carried the header (W3C: the parent is
+  the caller's outgoing span).
 * ``l4gw_connection_closed`` sets the final attributes (route, cluster,
   endpoint, bytes each way, close reason, spliced and tier, the refusing
   plugin and rule, and whatever plugins added with ``flow.set_attribute``),
@@ -45,14 +46,16 @@ Rules kept here:
   and validates every attribute under a lock, and an export thread competes
   with the loop for the GIL). So: the sampling decision is the SDK
   sampler's (or, for the file's ratio, the same comparison inline), but a
-  sampled connection is kept as plain ints and handed on as a plain tuple
-  of the values it already has (a flow record, :mod:`gateway.telemetry_flows`)
-  when it ends; the exporter *process* makes the span of it, encodes and
-  posts it. A connection that is not sampled keeps no trace state at all
-  unless a cluster propagates traceparents. Counters are plain integers read by observable
-  instruments, histograms are bucket arrays added to each collection. The
-  cost per connection is a few dict operations and two tuples; nothing is
-  formatted, validated or logged for a connection that is not sampled.
+  sampled connection is kept as plain ints and handed on as one plain
+  tuple of the values it already has (a flow record,
+  :mod:`gateway.telemetry_flows`, with a short tuple per connect attempt)
+  when it ends; the exporter *process* makes its spans, encodes and posts
+  them. A connection that is not sampled keeps no trace state at all
+  unless a cluster propagates traceparents. Counters are plain integers
+  read by observable instruments, histograms are bucket arrays added to
+  each collection. The cost per connection is a few dict operations and a
+  few tuples; nothing is formatted, validated or logged for a connection
+  that is not sampled.
 * **A flow is recorded exactly once**: the closed hook pops it.
 """
 
@@ -68,7 +71,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway import CloseReason, Config, Endpoint, Flow, __version__, hookimpl
 from gateway import telemetry as tel
-from gateway.telemetry_flows import ATTEMPT, FLOW, span_name
+from gateway.telemetry_flows import FLOW, span_name
 from gateway.telemetry_records import Scope, SpanRecord, format_trace_state
 
 if TYPE_CHECKING:
@@ -177,8 +180,8 @@ class _Trace:
         self.parent_id = parent_id
         """The span id of the traceparent received; 0 for a new trace."""
         self.admitted = 0
-        self.attempts: list[tuple[int, str, str | None]] | None = None
-        """(end ns, endpoint, error) of each connect attempt, for the events."""
+        self.attempts: list[tuple[Any, ...]] | None = None
+        """Each connect attempt (``telemetry_flows.AT_*`` fields): its event and CLIENT span."""
 
 
 class Recorder:
@@ -199,10 +202,10 @@ class Recorder:
         """Open flows (``l4gw.io`` counts their bytes so far)."""
         self._traces: dict[int, _Trace] = {}
         self._active: dict[tuple[str, str], int] = {}
-        self._closed: dict[tuple[str, str, str], int] = {}
         self._refused: dict[tuple[str, str, str, str, str], int] = {}
         self._spliced: dict[tuple[str, str, str], int] = {}
-        self._io_closed: dict[tuple[str, str], int] = {}
+        self._io_closed: dict[str, list[int]] = {}
+        """Bytes of the closed flows by listener: [from clients, to clients]."""
         self.duration = Histogram(
             "l4gw.connection.duration",
             "s",
@@ -307,7 +310,7 @@ class Recorder:
         )
         meter.create_observable_counter(
             "l4gw.connection.closed",
-            [observe(self._closed, (*flow_keys, "l4gw.close_reason"))],
+            [self._observe_closed],
             unit="{connection}",
             description="Connections ended, by close reason",
         )
@@ -369,34 +372,28 @@ class Recorder:
         trace = self._traces.get(flow.id)
         if trace is None:
             return
+        propagate = error is None and cluster in self._traceparent_clusters
         span_id = trace.span_id
         if trace.sampled:
-            end = time.time_ns()
-            span_id = self._span_id()
-            # An attempt record (gateway.telemetry_flows, A_* fields): the
-            # exporter process makes the CLIENT span of it.
-            self._emit(
-                (
-                    ATTEMPT,
-                    flow.transport,
-                    trace.trace_id,
-                    span_id,
-                    trace.span_id,
-                    trace.state,
-                    end - int(seconds * 1e9),
-                    end,
-                    flow.cluster,
-                    endpoint.host,
-                    endpoint.port,
-                    address,
-                    error,
-                    SCOPE,
-                )
+            # The attempt goes out with the flow record (gateway.telemetry_flows,
+            # AT_* fields): the exporter makes its CLIENT span, and picks its
+            # span id unless a traceparent names it now.
+            span_id = self._span_id() if propagate else 0
+            attempt = (
+                time.time_ns(),
+                address,
+                error,
+                seconds,
+                span_id,
+                endpoint.host,
+                endpoint.port,
+                flow.cluster,
             )
             if trace.attempts is None:
-                trace.attempts = []
-            trace.attempts.append((end, address, error))
-        if error is None and cluster in self._traceparent_clusters:
+                trace.attempts = [attempt]
+            else:
+                trace.attempts.append(attempt)
+        if propagate:
             flow.traceparent_out = tel.format_traceparent(trace.trace_id, span_id, trace.sampled)
 
     def closed(self, flow: Flow) -> None:
@@ -409,17 +406,13 @@ class Recorder:
         else:
             opened = False  # closed before it opened (a bad PROXY header)
         if self.metrics:
-            key = (listener, transport, reason)
-            closed = self._closed
-            closed[key] = closed.get(key, 0) + 1
-            self.duration.record(key, ended - flow.started)
-            io = self._io_closed
-            if flow.bytes_from_client:
-                k = (listener, "receive")
-                io[k] = io.get(k, 0) + flow.bytes_from_client
-            if flow.bytes_to_client:
-                k = (listener, "transmit")
-                io[k] = io.get(k, 0) + flow.bytes_to_client
+            # The duration histogram's counts are the closed counter too.
+            self.duration.record((listener, transport, reason), ended - flow.started)
+            io = self._io_closed.get(listener)
+            if io is None:
+                io = self._io_closed[listener] = [0, 0]
+            io[0] += flow.bytes_from_client
+            io[1] += flow.bytes_to_client
             if flow.refused_by is not None:
                 rk = (listener, transport, reason, flow.refused_by, flow.refused_rule or "")
                 self._refused[rk] = self._refused.get(rk, 0) + 1
@@ -530,10 +523,22 @@ class Recorder:
 
     # --- metric collection (reader threads) ------------------------------------------------
 
+    def _observe_closed(self, options: CallbackOptions) -> Iterable[Observation]:
+        from opentelemetry.metrics import Observation
+
+        keys = self.duration.keys
+        return [
+            Observation(int(s[0]), dict(zip(keys, k, strict=True)))
+            for k, s in list(self.duration.series.items())
+        ]
+
     def _observe_io(self, options: CallbackOptions) -> Iterable[Observation]:
         from opentelemetry.metrics import Observation
 
-        totals = dict(self._io_closed)
+        totals: dict[tuple[str, str], int] = {}
+        for listener, (received, transmitted) in list(self._io_closed.items()):
+            totals[(listener, "receive")] = received
+            totals[(listener, "transmit")] = transmitted
         for flow in list(self._live.values()):
             if flow.bytes_from_client:
                 key = (flow.listener, "receive")

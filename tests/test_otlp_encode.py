@@ -190,7 +190,17 @@ def flow_records(draw: st.DrawFn) -> tuple:
         draw(st.integers(0, 2**62)) for _ in events[: draw(st.integers(0, 3))]
     ] or None
     fields[tf.F_ADMITTED] = draw(st.one_of(st.just(0), st.integers(1, 2**62)))
-    attempts = draw(st.lists(st.tuples(st.integers(0, 2**62), _text, _maybe), max_size=2))
+    attempt = st.tuples(
+        st.integers(10**9, 2**62),
+        _text,
+        _maybe,
+        st.floats(0, 1),
+        st.one_of(st.just(0), st.integers(1, 2**64 - 1)),
+        st.sampled_from(["127.0.0.1", "::1"]),
+        st.integers(0, 65535),
+        _maybe,
+    )
+    attempts = draw(st.lists(attempt, max_size=2))
     fields[tf.F_ATTEMPTS] = tuple(attempts) or None
     fields[tf.F_SCOPE] = _SCOPE
     return tuple(fields)
@@ -199,6 +209,7 @@ def flow_records(draw: st.DrawFn) -> tuple:
 @settings(max_examples=150, deadline=None)
 @given(st.lists(flow_records(), min_size=1, max_size=3))
 def test_flow_records_encode_like_their_spans(records):
+    records = tf.expand(records)  # as the exporter receives them: attempts first
     encoder = SpanEncoder()
     for _ in range(2):  # the second time from the caches
         direct = encoder.encode_records(records, _RESOURCE)

@@ -52,6 +52,24 @@ def attempt(i: int, error: str | None = None) -> tuple[Any, ...]:
     return (*record, "127.0.0.1", 9001, "127.0.0.1:9001", error, SCOPE)
 
 
+def flow(i: int, attempts: int = 1) -> tuple[Any, ...]:
+    """A flow record with ``attempts`` connect attempts: 1 + ``attempts`` spans."""
+    now = time.time_ns()
+    r: list[Any] = [None] * tf.FLOW_FIELDS
+    r[tf.F_TAG], r[tf.F_LISTENER], r[tf.F_TRANSPORT] = tf.FLOW, {}, "tcp"
+    r[tf.F_TRACE_ID], r[tf.F_SPAN_ID], r[tf.F_PARENT_ID] = 5000 + i, 6000 + i, 0
+    r[tf.F_START], r[tf.F_END] = now - 10_000, now
+    r[tf.F_CLIENT], r[tf.F_DESTINATION] = ("127.0.0.1", 1000 + i), ("127.0.0.1", 2)
+    r[tf.F_ID], r[tf.F_FROM_CLIENT], r[tf.F_TO_CLIENT] = i, 0, 0
+    r[tf.F_REASON], r[tf.F_SPLICED] = "client_eof", False
+    r[tf.F_ADMITTED], r[tf.F_SCOPE] = 0, SCOPE
+    r[tf.F_ATTEMPTS] = [
+        (now - 5_000, "127.0.0.1:9001", None, 1e-6, 0, "127.0.0.1", 9001, "api")
+        for _ in range(attempts)
+    ] or None
+    return tuple(r)
+
+
 def wait_for(
     condition: Callable[[], Any], pipe: ExporterPipe | None = None, timeout: float = 20
 ) -> Any:
@@ -120,6 +138,18 @@ def test_records_reach_the_collector(receiver, pipes, mode):
     (failed,) = [s for s in spans if s.attributes.get("error.type")]
     assert failed.status_message == "refused"
     wait_for(lambda: stats.spans_exported == count, pipe)
+    # A flow record is its SERVER span and a CLIENT span per attempt, counted as such.
+    for i in range(3):
+        pipe.add(flow(i, attempts=2))
+    pipe.flush()
+    spans = wait_for(lambda: len(receiver.spans()) >= count + 9 and receiver.spans())
+    servers = {s.span_id: s for s in spans if s.name == "tcp proxy"}
+    children = [s for s in spans if s.parent_span_id in servers]
+    assert len(children) == 6 and {s.name for s in children} == {"tcp connect api"}
+    assert len({s.span_id for s in children}) == 6
+    assert all(servers[s.parent_span_id].trace_id == s.trace_id for s in children)
+    assert all(s.end_ns - s.start_ns == 1000 for s in children)  # 1e-6 s
+    wait_for(lambda: stats.spans_exported == count + 9, pipe)
     assert pipe.close(5)
     assert stats.spans_dropped == 0
 
@@ -171,11 +201,11 @@ def test_an_exporter_that_dies_is_counted_then_restarted(receiver, pipes, monkey
     first = pipe.pid
     assert first is not None
     for i in range(10):
-        pipe.add(attempt(i))
+        pipe.add(flow(i, attempts=i % 3))  # 10 SERVER spans and 9 CLIENT spans
     pipe.flush()
     time.sleep(0.2)  # let the exporter take them off the socket before it dies
     os.kill(first, signal.SIGKILL)
-    wait_for(lambda: stats.spans_dropped == 10, pipe)
+    wait_for(lambda: stats.spans_dropped == 19, pipe)
     assert "span exporter process exited" in caplog.text
     second = wait_for(lambda: pipe.pid not in (None, first) and pipe.pid, pipe)
     assert alive(second)
@@ -185,7 +215,7 @@ def test_an_exporter_that_dies_is_counted_then_restarted(receiver, pipes, monkey
     spans = wait_for(lambda: len(receiver.spans()) >= 5 and receiver.spans(), pipe)
     assert sorted(s.attributes["l4gw.endpoint"] for s in spans) == ["127.0.0.1:9001"] * 5
     assert pipe.close(5)
-    assert stats.spans_dropped == 10
+    assert stats.spans_dropped == 19
 
 
 def test_the_exporter_ignores_ctrl_c_and_flushes_at_close(receiver, pipes):

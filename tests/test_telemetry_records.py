@@ -22,12 +22,17 @@ from gateway import telemetry_flows as tf
 from gateway.otlp_encode import SpanEncoder
 from gateway.telemetry_records import (
     REC_ATTRIBUTES,
+    REC_END,
     REC_EVENTS,
     REC_KIND,
     REC_NAME,
     REC_PARENT_ID,
+    REC_SPAN_ID,
+    REC_START,
     REC_STATUS,
     REC_STATUS_MESSAGE,
+    REC_TRACE_ID,
+    REC_TRACE_STATE,
     clean,
     clean_value,
     from_readable,
@@ -156,7 +161,9 @@ def flow_record(**changes: object) -> tuple:
         tf.F_EVENTS: None,
         tf.F_EVENT_TIMES: None,
         tf.F_ADMITTED: now - 4_000_000,
-        tf.F_ATTEMPTS: ((now - 2_000_000, "127.0.0.1:9001", None),),
+        tf.F_ATTEMPTS: (
+            (now - 2_000_000, "127.0.0.1:9001", None, 0.001, 0, "127.0.0.1", 9001, "api"),
+        ),
         tf.F_SCOPE: SCOPE,
     }
     for name, value in changes.items():
@@ -217,6 +224,41 @@ def test_failed_flow_is_an_error_with_its_reason():
     assert a["network.type"] == "ipv6"
     assert span[REC_PARENT_ID] == 0x2222
     assert [e[1] for e in span[REC_EVENTS]] == ["closed"]
+
+
+def test_a_flow_record_expands_into_its_attempt_records():
+    end = flow_record()[tf.F_END]
+    attempts = (
+        (
+            end - 5_000_000,
+            "127.0.0.1:9001",
+            "Connection refused",
+            0.002,
+            0,
+            "127.0.0.1",
+            9001,
+            "api",
+        ),
+        (end - 2_000_000, "127.0.0.1:9002", None, 0.001, 0x77, "127.0.0.1", 9002, "api"),
+    )
+    record = flow_record(F_ATTEMPTS=attempts, F_STATE="k=v")
+    plain = flow_record(F_ATTEMPTS=None)
+    out = tf.expand([plain, record])
+    assert out[0] is plain and out[-1] is record and len(out) == 4
+    assert tf.span_count([plain, record]) == 4
+    first, second = (tf.spans_of(r) for r in out[1:3])
+    for span, attempt in zip((first, second), attempts, strict=True):
+        assert span[REC_KIND] == SpanKind.CLIENT.value and span[REC_NAME] == "tcp connect api"
+        assert span[REC_TRACE_ID] == record[tf.F_TRACE_ID]
+        assert span[REC_PARENT_ID] == record[tf.F_SPAN_ID]
+        assert span[REC_TRACE_STATE] == "k=v"
+        assert span[REC_END] == attempt[tf.AT_END]
+        assert span[REC_START] == attempt[tf.AT_END] - int(attempt[tf.AT_SECONDS] * 1e9)
+        assert span[REC_ATTRIBUTES]["l4gw.endpoint"] == attempt[tf.AT_ENDPOINT]
+    assert first[REC_SPAN_ID] not in (0, record[tf.F_SPAN_ID])  # picked by the exporter
+    assert second[REC_SPAN_ID] == 0x77  # named by the traceparent sent upstream
+    assert first[REC_STATUS] == StatusCode.ERROR.value
+    assert tf.expand([plain]) == [plain]
 
 
 def test_attempt_record_to_client_span():
