@@ -39,6 +39,15 @@ most 10 % of connections/s.
         --baseline /tmp/l4gw-telemetry-before                 # before/after
     .venv/bin/python bench/telemetry_overhead.py --paths off,traced --rounds 15 \
         --seconds 4 --loads wrk-close                         # the target alone, more pairs
+    .venv/bin/python bench/telemetry_overhead.py --pin ...    # each gateway on CPU 0
+
+``--pin`` runs each gateway's trio thread on the first CPU and everything else
+(wrk, nginx, the sink, the span exporter processes) on the others: a gateway
+is one thread, deployed with a core of its own (``[gateway] workers``), and
+on two shared vCPUs the load generator and the backend otherwise take turns
+on its core, which makes the ratio swing by several points from one run to
+the next. The verdict line gives a 95 % bootstrap interval of the median of
+the per-round ratios.
 
 Everything is on 127.0.0.1; the children are stopped on exit.
 """
@@ -49,6 +58,7 @@ import argparse
 import gzip
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -251,6 +261,12 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(PATHS),
         help=f"paths to run, of {', '.join(PATHS)} (off and traced always; default all)",
     )
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="gateways on CPU 0, everything else (wrk, nginx, the sink, exporter processes) "
+        "on the other CPUs: the gateway's own core decides its rate",
+    )
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     paths = [n for n in args.paths.split(",") if n]
@@ -264,6 +280,13 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"bench: missing tools {missing}: run scripts/install.sh", file=sys.stderr)
         return 2
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.pin:
+        if len(cpus) < 2:
+            p.error("--pin needs two CPUs")
+        # Children inherit this; each gateway's main thread then moves to the first
+        # CPU (its exporter process, started before, stays on the others).
+        os.sched_setaffinity(0, cpus[1:])
 
     def on_term(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
@@ -281,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         backend = free_port()
         start_nginx(children, backend)
         paths = {name: start_path(children, name, backend, sink, baseline) for name in names}
+        if args.pin:
+            for _, child in paths.values():
+                os.sched_setaffinity(child.pid, cpus[:1])
         if args.warmup:
             for load in loads:
                 for port, child in paths.values():
@@ -338,6 +364,9 @@ def summarize(
             for name, runs in per_path.items()
         }
         off = med["off"]["rps"]
+        per_round = [
+            t["rps"] / o["rps"] for t, o in zip(per_path["traced"], per_path["off"], strict=True)
+        ]
         res: dict[str, Any] = {
             "median": med,
             "traced_over_off": med["traced"]["rps"] / off,
@@ -345,10 +374,8 @@ def summarize(
             "off_over_disabled": off / med["disabled"]["rps"] if "disabled" in med else None,
             # Ratios within each round (same minute of the machine), then their median:
             # steadier than the ratio of medians when the machine's load drifts.
-            "traced_over_off_per_round": statistics.median(
-                t["rps"] / o["rps"]
-                for t, o in zip(per_path["traced"], per_path["off"], strict=True)
-            ),
+            "traced_over_off_per_round": statistics.median(per_round),
+            "traced_over_off_per_round_ci": median_ci(per_round),
             "samples": per_path,
         }
         if BASELINE in med:
@@ -366,6 +393,7 @@ def summarize(
             "warmup": args.warmup,
             "loads": list(samples),
             "baseline": str(args.baseline) if args.baseline else None,
+            "pin": args.pin,
         },
         "results": results,
         # Every traced connection has a SERVER span and one CLIENT span per attempt
@@ -375,6 +403,15 @@ def summarize(
         "target": TARGET_RATIO,
         "target_met": main["traced_over_off"] >= TARGET_RATIO,
     }
+
+
+def median_ci(values: list[float], level: float = 0.95, n: int = 5000) -> tuple[float, float]:
+    """A percentile-bootstrap confidence interval of the median of ``values``
+    (fixed seed: the same samples give the same interval)."""
+    rng = random.Random(1)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(n))
+    cut = int(n * (1 - level) / 2)
+    return medians[cut], medians[n - 1 - cut]
 
 
 def table(report: dict[str, Any]) -> str:
@@ -413,7 +450,10 @@ def table(report: dict[str, Any]) -> str:
     lines.append(
         f"{main_load}: tracing at 100 % sampling keeps {main['traced_over_off']:.1%} of the "
         f"rate with telemetry off (median of per-round ratios "
-        f"{main['traced_over_off_per_round']:.1%}; target >= {report['target']:.0%}: {verdict})"
+        f"{main['traced_over_off_per_round']:.1%}, 95 % CI "
+        f"{main['traced_over_off_per_round_ci'][0]:.1%} to "
+        f"{main['traced_over_off_per_round_ci'][1]:.1%}; "
+        f"target >= {report['target']:.0%}: {verdict})"
         + (
             f"; the baseline keeps {main['before_over_off']:.1%} "
             f"(per round {main['before_over_off_per_round']:.1%})"
