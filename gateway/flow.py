@@ -54,6 +54,10 @@ class CloseReason:
     )
 
 
+KERNEL_TIERS = frozenset({"splice", "sockmap"})
+"""The relay tiers that move bytes in the kernel (:attr:`Flow.spliced`)."""
+
+
 class Flow(RelayStats):
     """The context of one TCP connection or UDP session, as hooks see it.
 
@@ -158,7 +162,7 @@ class Flow(RelayStats):
     @property
     def spliced(self) -> bool:
         """True when a kernel tier moved (some of) the bytes."""
-        return self.tier in ("splice", "sockmap")
+        return self.tier in KERNEL_TIERS
 
     @property
     def duration(self) -> float:

@@ -71,6 +71,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway import CloseReason, Config, Endpoint, Flow, __version__, hookimpl
 from gateway import telemetry as tel
+from gateway.flow import KERNEL_TIERS
 from gateway.telemetry_flows import FLOW, span_name
 from gateway.telemetry_records import Scope, SpanRecord, format_trace_state
 
@@ -201,7 +202,6 @@ class Recorder:
         self._live: dict[int, Flow] = {}
         """Open flows (``l4gw.io`` counts their bytes so far)."""
         self._traces: dict[int, _Trace] = {}
-        self._active: dict[tuple[str, str], int] = {}
         self._refused: dict[tuple[str, str, str, str, str], int] = {}
         self._spliced: dict[tuple[str, str, str], int] = {}
         self._io_closed: dict[str, list[int]] = {}
@@ -304,7 +304,7 @@ class Recorder:
         flow_keys = ("l4gw.listener", "network.transport")
         meter.create_observable_up_down_counter(
             "l4gw.connection.active",
-            [observe(self._active, flow_keys)],
+            [self._observe_active],
             unit="{connection}",
             description="Open connections (UDP: sessions)",
         )
@@ -344,9 +344,6 @@ class Recorder:
 
     def opened(self, flow: Flow) -> None:
         self._live[flow.id] = flow
-        key = (flow.listener, flow.transport)
-        active = self._active
-        active[key] = active.get(key, 0) + 1
         if self._tracing:
             trace = self._start_trace(flow)
             if trace is not None:
@@ -400,11 +397,8 @@ class Recorder:
         reason = flow.close_reason or CloseReason.INTERNAL_ERROR
         ended = flow.ended or time.time()
         listener, transport = flow.listener, flow.transport
-        if self._live.pop(flow.id, None) is not None:
-            self._active[(listener, transport)] -= 1
-            opened = True
-        else:
-            opened = False  # closed before it opened (a bad PROXY header)
+        # False: closed before it opened (a bad PROXY header).
+        opened = self._live.pop(flow.id, None) is not None
         if self.metrics:
             # The duration histogram's counts are the closed counter too.
             self.duration.record((listener, transport, reason), ended - flow.started)
@@ -416,7 +410,7 @@ class Recorder:
             if flow.refused_by is not None:
                 rk = (listener, transport, reason, flow.refused_by, flow.refused_rule or "")
                 self._refused[rk] = self._refused.get(rk, 0) + 1
-            if flow.tier is not None and flow.spliced:
+            if flow.tier in KERNEL_TIERS:
                 sk = (listener, transport, flow.tier)
                 self._spliced[sk] = self._spliced.get(sk, 0) + 1
         if not self._tracing:
@@ -490,7 +484,7 @@ class Recorder:
                 flow.bytes_from_client,
                 flow.bytes_to_client,
                 reason,
-                flow.spliced,
+                flow.tier in KERNEL_TIERS,
                 flow.tier,
                 flow.route,
                 flow.cluster,
@@ -522,6 +516,20 @@ class Recorder:
         return attrs
 
     # --- metric collection (reader threads) ------------------------------------------------
+
+    def _observe_active(self, options: CallbackOptions) -> Iterable[Observation]:
+        """Open flows by listener and transport, counted now rather than kept up to
+        date per connection; 0 for those with closed flows only."""
+        from opentelemetry.metrics import Observation
+
+        counts = {key[:2]: 0 for key in list(self.duration.series)}
+        for flow in list(self._live.values()):
+            key = (flow.listener, flow.transport)
+            counts[key] = counts.get(key, 0) + 1
+        return [
+            Observation(n, {"l4gw.listener": listener, "network.transport": transport})
+            for (listener, transport), n in counts.items()
+        ]
 
     def _observe_closed(self, options: CallbackOptions) -> Iterable[Observation]:
         from opentelemetry.metrics import Observation

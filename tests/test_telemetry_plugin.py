@@ -319,7 +319,9 @@ def test_closed_without_opened_still_gets_a_span(r):
     assert server.status.status_code is StatusCode.ERROR
     assert server.attributes["error.type"] == "bad_proxy_header"
     # Never opened: not counted as active, but counted as closed.
-    assert r.points("l4gw.connection.active") == []
+    assert r.points("l4gw.connection.active") == [
+        ({"l4gw.listener": "public", "network.transport": "tcp"}, 0)
+    ]
     assert r.points("l4gw.connection.closed")[0][1] == 1
 
 
