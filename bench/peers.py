@@ -71,6 +71,17 @@ class Children:
                 proc.wait()
         self.procs.clear()
 
+    def stop(self, child: Child, timeout: float = 5.0) -> None:
+        """SIGTERM ``child``, SIGKILL it after ``timeout``; it is no longer tracked."""
+        self.procs = [(n, p) for n, p in self.procs if p is not child.proc]
+        if child.proc.poll() is None:
+            child.proc.send_signal(signal.SIGTERM)
+        try:
+            child.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            child.proc.kill()
+            child.proc.wait()
+
 
 class Child:
     """One started process and its log."""

@@ -25,7 +25,8 @@ front of the same backend:
 Then wrk runs new-connection load (``Connection: close``: one connection per
 request, the case where a span per connection costs most) and keepalive
 request/response load against each, in interleaved rounds (round r rotates
-the order, so drift of the machine spreads over all of them), and prints the
+the order, so drift of the machine spreads over all of them; every round
+starts the gateways afresh, see below), and prints the
 medians and the ratios traced÷off and off÷disabled, the gateway's CPU per
 connection and, separately, its span exporter process's (the ``traced``
 paths export from a child process; the machine has to pay for that CPU
@@ -48,6 +49,14 @@ on two shared vCPUs the load generator and the backend otherwise take turns
 on its core, which makes the ratio swing by several points from one run to
 the next. The verdict line gives a 95 % bootstrap interval of the median of
 the per-round ratios.
+
+Each round runs new gateway processes (``--same-processes`` keeps the first
+ones): a CPython process's speed depends by a few percent, for its whole
+life, on where its hot objects happen to land in memory. With one process
+per path for the whole run that luck was the same in every round, so the
+rounds could not average it out (two identical configurations, the plugin
+not loaded and ``exporter = "none"``, measured up to 7 % apart in one run;
+the traced gateway with its hooks emptied, 2 to 7 % slower than ``off``).
 
 Everything is on 127.0.0.1; the children are stopped on exit.
 """
@@ -267,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
         help="gateways on CPU 0, everything else (wrk, nginx, the sink, exporter processes) "
         "on the other CPUs: the gateway's own core decides its rate",
     )
+    p.add_argument(
+        "--same-processes",
+        action="store_true",
+        help="start each gateway once for the whole run instead of afresh every round",
+    )
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     paths = [n for n in args.paths.split(",") if n]
@@ -303,16 +317,33 @@ def main(argv: list[str] | None = None) -> int:
         baseline = baseline_overlay(args.baseline, workdir) if args.baseline else None
         backend = free_port()
         start_nginx(children, backend)
-        paths = {name: start_path(children, name, backend, sink, baseline) for name in names}
-        if args.pin:
-            for _, child in paths.values():
-                os.sched_setaffinity(child.pid, cpus[:1])
-        if args.warmup:
-            for load in loads:
-                for port, child in paths.values():
-                    measure(load, port, child, args.warmup)
-        first_body, traced_conns = len(sink.bodies), 0.0
+
+        traced_conns = 0.0  # through the traced path, warm-ups included: each one is spans
+
+        def start_gateways() -> dict[str, tuple[int, Child]]:
+            nonlocal traced_conns
+            started = {name: start_path(children, name, backend, sink, baseline) for name in names}
+            for name, (port, child) in started.items():
+                if args.pin:
+                    os.sched_setaffinity(child.pid, cpus[:1])
+                if args.warmup:
+                    for load in loads:
+                        m = measure(load, port, child, args.warmup)
+                        if name == "traced" and load == "wrk-close":
+                            traced_conns += m["requests"]
+            return started
+
+        paths = start_gateways()
+        first_body = 0
         for r in range(args.rounds):
+            if r and not args.same_processes:
+                # Fresh processes each round: where a process's hot objects land in
+                # memory shifts its speed by a few percent for its whole life (two
+                # identical configurations measured up to 7 % apart in one run);
+                # new ones each round turn that into noise the rounds average out.
+                for _, child in paths.values():
+                    children.stop(child)
+                paths = start_gateways()
             for load in loads:
                 order = list(names[r % len(names) :] + names[: r % len(names)])
                 for name in order:
