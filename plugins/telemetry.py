@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import logging
 import random
 import time
@@ -278,9 +279,9 @@ class Recorder:
             self._ratio_bound = TraceIdRatioBased.get_bound_for_rate(t.sample_ratio)
         ids = provider.id_generator
         if type(ids) is RandomIdGenerator:
-            # Its own calls, without the method frames (a zero id is invalid).
-            self._trace_id: Callable[[], int] = lambda: random.getrandbits(128) or 1
-            self._span_id: Callable[[], int] = lambda: random.getrandbits(64) or 1
+            # Its own calls, without a Python frame (callers turn a zero id, invalid, into 1).
+            self._trace_id: Callable[[], int] = functools.partial(random.getrandbits, 128)
+            self._span_id: Callable[[], int] = functools.partial(random.getrandbits, 64)
         else:  # OTEL_PYTHON_ID_GENERATOR chose another
             self._trace_id, self._span_id = ids.generate_trace_id, ids.generate_span_id
         self._RECORD_AND_SAMPLE = Decision.RECORD_AND_SAMPLE
@@ -375,7 +376,7 @@ class Recorder:
             # The attempt goes out with the flow record (gateway.telemetry_flows,
             # AT_* fields): the exporter makes its CLIENT span, and picks its
             # span id unless a traceparent names it now.
-            span_id = self._span_id() if propagate else 0
+            span_id = (self._span_id() or 1) if propagate else 0
             attempt = (
                 time.time_ns(),
                 address,
@@ -425,7 +426,7 @@ class Recorder:
         """The flow's trace, or None when nothing about it is recorded or propagated."""
         parent = tel.parse_traceparent(flow.trace_parent) if flow.trace_parent else None
         if parent is None:
-            trace_id, parent_id, flags = self._trace_id(), 0, 0
+            trace_id, parent_id, flags = self._trace_id() or 1, 0, 0
         else:
             trace_id, parent_id, flags = parent
         state = None
@@ -437,10 +438,10 @@ class Recorder:
         else:
             sampled, state = self._sample(flow, trace_id, parent_id, flags)
         if sampled:
-            flow.trace_id = format(trace_id, "032x")
+            flow.trace_id = trace_id  # formatted when read (access log, /connections)
         elif not self._traceparent_clusters:
             return None  # not recorded, and no cluster to send a traceparent to
-        return _Trace(trace_id, self._span_id(), sampled, state, parent_id)
+        return _Trace(trace_id, self._span_id() or 1, sampled, state, parent_id)
 
     def _sample(
         self, flow: Flow, trace_id: int, parent_id: int, flags: int
