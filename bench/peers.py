@@ -64,11 +64,7 @@ class Children:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
         for _, proc in reversed(self.procs):
-            try:
-                proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _wait_or_kill(proc, deadline - time.monotonic())
         self.procs.clear()
 
     def stop(self, child: Child, timeout: float = 5.0) -> None:
@@ -76,11 +72,16 @@ class Children:
         self.procs = [(n, p) for n, p in self.procs if p is not child.proc]
         if child.proc.poll() is None:
             child.proc.send_signal(signal.SIGTERM)
-        try:
-            child.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            child.proc.kill()
-            child.proc.wait()
+        _wait_or_kill(child.proc, timeout)
+
+
+def _wait_or_kill(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait up to ``timeout`` seconds for ``proc`` to exit, then SIGKILL it."""
+    try:
+        proc.wait(max(0.0, timeout))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 class Child:

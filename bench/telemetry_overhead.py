@@ -334,7 +334,6 @@ def main(argv: list[str] | None = None) -> int:
             return started
 
         paths = start_gateways()
-        first_body = 0
         for r in range(args.rounds):
             if r and not args.same_processes:
                 # Fresh processes each round: where a process's hot objects land in
@@ -362,9 +361,9 @@ def main(argv: list[str] | None = None) -> int:
                     )
         # Let the last batches arrive: the schedule delay is 5 s.
         deadline = time.monotonic() + 8
-        while time.monotonic() < deadline and sink.spans(first_body) < 2 * traced_conns:
+        while time.monotonic() < deadline and sink.spans() < 2 * traced_conns:
             time.sleep(1.0)
-        report = summarize(samples, sink.spans(first_body), traced_conns, args)
+        report = summarize(samples, sink.spans(), traced_conns, args)
         report["load_average"] = {"before": load_before, "after": load_average()}
         print(table(report))
         if args.json:
