@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import trio
+
 L4GW = [sys.executable, "-m", "gateway.cli"]
 
 
@@ -98,6 +100,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         s.bind((host, 0))
         port: int = s.getsockname()[1]
         return port
+
+
+async def refused(port: int, host: str = "127.0.0.1") -> bool:
+    """True when nothing accepts a connection on ``host:port`` (the listener is closed)."""
+    try:
+        stream = await trio.open_tcp_stream(host, port)
+    except OSError:
+        return True
+    await stream.aclose()
+    return False
 
 
 def l4gw(*args: str, timeout: float = 30, netns: str | None = None,

@@ -13,7 +13,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from backends import echo_server, recv_exactly
-from gwproc import free_port
+from gwproc import free_port, refused
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -194,15 +194,6 @@ async def test_readyz_fails_while_draining(nursery, gateway):
         assert status == 503
         assert json.loads(body)["ready"] is False
     assert await trio.to_thread.run_sync(gw.wait, 15) == 0
-
-
-async def refused(port: int) -> bool:
-    try:
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-    except OSError:
-        return True
-    await stream.aclose()
-    return False
 
 
 async def test_reload_moves_and_closes_the_endpoint(nursery, gateway):

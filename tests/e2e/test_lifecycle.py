@@ -16,7 +16,7 @@ from backends import (
     recv_all,
     scripted_exchange,
 )
-from gwproc import free_port
+from gwproc import free_port, refused
 from relay_helpers import payload
 
 
@@ -54,15 +54,6 @@ class OpenExchange:
             await self.stream.send_eof()
             got = await recv_all(self.stream)
         await check_exchange(backend, self.seed, digest(self.data), got, self.reply)
-
-
-async def refused(port: int) -> bool:
-    try:
-        s = await trio.open_tcp_stream("127.0.0.1", port)
-    except OSError:
-        return True
-    await s.aclose()
-    return False
 
 
 async def test_reload_valid_file(nursery, gateway):
