@@ -5,8 +5,9 @@ markers, the values hooks receive and return, and the config-schema pieces a
 plugin declares its ``[plugin.<name>]`` section with (:class:`Field` and the
 converters of :mod:`gateway.schema`: ``duration``, ``size``, ``integer``,
 ``number``, ``boolean``, ``string``, ``name``, ``choice``, ``list_of``,
-``table``, ``address``, ``network``, ``port``). Everything else in the
-``gateway`` package may change between releases.
+``table``, ``address``, ``network``, ``port``), and :func:`redact_url` /
+:func:`redact_text` for a plugin that shows a URL or a config value.
+Everything else in the ``gateway`` package may change between releases.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pluggy
 from . import schema
 from .config import ClusterConfig, Config, Endpoint, ListenerConfig, RouteConfig
 from .flow import CloseReason, Flow, Refusal, Route
+from .redact import redact_text, redact_url
 from .relay import RelayReset, abort_on_close, both_directions
 from .relay_stats import RelayStats
 from .schema import Field, Invalid, Schema
@@ -44,5 +46,7 @@ __all__ = [
     "abort_on_close",
     "both_directions",
     "hookimpl",
+    "redact_text",
+    "redact_url",
     "schema",
 ]

@@ -9,21 +9,31 @@ Paths (GET or HEAD):
 * ``/connections``: the live flows as JSON, with their byte counts as of now.
 * ``/config``: the running configuration as JSON, secrets redacted.
 * ``/status``: what plugins report through ``l4gw_status`` (the relay
-  tiers: enabled or why not, flows per tier, kernel-path bytes, ...).
+  tiers: enabled or why not, flows per tier, kernel-path bytes, ...), and
+  under ``tproxy`` the TPROXY guard's last check (the owning gateway's worker 0).
 
 Rules kept here:
 
 * **Bounded and boring.** One request per connection (``Connection: close``),
   a request head of at most :data:`MAX_HEAD` bytes read within
-  :data:`READ_TIMEOUT`; anything else gets a 4xx and the socket closes. An
-  admin client can never take the gateway down: every error of a request
-  stays in that request's task.
+  :data:`READ_TIMEOUT` (the whole head, so a slow client cannot stretch it),
+  the answer sent within :data:`SEND_TIMEOUT`; anything else gets a 4xx and
+  the socket closes. An admin client can never take the gateway down: every
+  error of a request stays in that request's task.
+* **Admin connections cannot starve the data plane.** At most ``[admin]
+  max_connections`` are open at once; more are not accepted and wait in the
+  kernel backlog, holding no file descriptor, task or buffer of the gateway
+  (the listeners' ``on_max_connections = "wait"``). Accepting and closing
+  them instead would make a probe fail at once whenever someone holds the
+  slots; waiting, it is served as soon as one frees, which the timeouts
+  above guarantee within seconds.
 * **A token guards what is not a probe.** With ``[admin] token`` set, every
   path except ``/healthz`` and ``/readyz`` needs ``Authorization: Bearer
   <token>`` (compared in constant time).
-* **Nothing secret leaves.** ``/config`` masks the admin token, every key
-  named like a password, token, secret or key, and the password of any
-  ``scheme://user:password@host`` URL.
+* **Nothing secret leaves.** ``/config`` is the running file through
+  :func:`gateway.redact.redact_config`: the admin token, every key named like
+  a password, token, secret or key, and the credentials of every URL, found
+  by parsing it, are masked.
 * **The loop never blocks on it.** Building the Prometheus text runs in a
   worker thread; the flow snapshot is taken without an await in between, so
   it is consistent.
@@ -31,19 +41,22 @@ Rules kept here:
 
 from __future__ import annotations
 
+import errno
 import hmac
 import json
 import logging
-import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import telemetry
+from . import telemetry, tproxy_guard
+from .config import ADMIN_MAX_CONNECTIONS, is_loopback
 from .flow import Flow
+from .oserrors import bind_error
+from .redact import redact_config
 
 if TYPE_CHECKING:
     from .server import Gateway
@@ -54,14 +67,11 @@ MAX_HEAD = 16384
 READ_TIMEOUT = 5.0
 SEND_TIMEOUT = 10.0
 PROBES = frozenset({"/healthz", "/readyz"})
-PATHS = ("/healthz", "/readyz", "/metrics", "/connections", "/config", "/status")
 """Paths open without the token (orchestrator probes carry no credentials)."""
-
-REDACTED = "<redacted>"
-_SECRET_KEY = re.compile(
-    r"pass(word|wd|phrase)?|token|secret|api[_-]?key|private[_-]?key|credential", re.I
-)
-_URL_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^:/@\s]*:)([^@/\s]*)(@)", re.I)
+PATHS = ("/healthz", "/readyz", "/metrics", "/connections", "/config", "/status")
+_ACCEPT_BACKOFF_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_FULL_LOG_INTERVAL = 60.0
+"""Seconds between two "admin connections at the cap" warnings."""
 
 
 # --- decisions on plain values (unit-tested) --------------------------------------------------
@@ -117,19 +127,6 @@ def authorized(request: Request, token: str) -> bool:
     if scheme.lower() != "bearer":
         return False
     return hmac.compare_digest(given.strip().encode(), token.encode())
-
-
-def redact(value: Any, key: str = "") -> Any:
-    """A copy of a parsed config with secrets masked (see the module rules)."""
-    if isinstance(value, Mapping):
-        return {str(k): redact(v, str(k)) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [redact(v, key) for v in value]
-    if key and _SECRET_KEY.search(key) and value not in ("", None):
-        return REDACTED
-    if isinstance(value, str):
-        return _URL_PASSWORD.sub(lambda m: m.group(1) + REDACTED + m.group(3), value)
-    return value
 
 
 def flow_record(flow: Flow, now: float) -> dict[str, Any]:
@@ -223,10 +220,23 @@ async def serve(gateway: Gateway, *, task_status: Any = trio.TASK_STATUS_IGNORED
     try:
         listeners = await trio.open_tcp_listeners(admin.port, host=admin.host)
     except OSError as exc:
-        raise OSError(exc.errno, f"admin endpoint ({admin.host}:{admin.port}): {exc.strerror}")
+        raise bind_error(f"admin endpoint ({_addr((admin.host, admin.port))})", exc) from exc
     port = listeners[0].socket.getsockname()[1]
     log.info("admin endpoint on http://%s/", _addr((admin.host, port)))
+    if not admin.token and not is_loopback(admin.host):
+        log.warning(
+            "admin endpoint on %s serves /config, /connections and /metrics to the network "
+            "without a token ([admin] insecure = true)",
+            _addr((admin.host, port)),
+        )
     task_status.started(port)
+
+    def cap() -> int:
+        # Read at each accept: a reload's new max_connections applies at once.
+        current = gateway.config.admin
+        return current.max_connections if current is not None else ADMIN_MAX_CONNECTIONS
+
+    slots = Slots(cap)
 
     async def handle(stream: trio.SocketStream) -> None:
         try:
@@ -234,9 +244,73 @@ async def serve(gateway: Gateway, *, task_status: Any = trio.TASK_STATUS_IGNORED
         except Exception:
             log.exception("admin request failed")
         finally:
-            await trio.aclose_forcefully(stream)
+            try:
+                await trio.aclose_forcefully(stream)
+            finally:
+                slots.release()
 
-    await trio.serve_listeners(handle, listeners)
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(_accept_loop, listener, slots, handle)
+
+
+class Slots:
+    """The admin connections open now, and the wait for one to close at the cap.
+
+    Args:
+        cap: the cap in force (called at each acquire).
+    """
+
+    def __init__(self, cap: Callable[[], int]) -> None:
+        self.cap = cap
+        self.active = 0
+        self._freed = trio.Event()
+        self._last_full_log = -_FULL_LOG_INTERVAL
+
+    async def acquire(self) -> None:
+        """Take a slot, waiting while ``cap()`` are taken."""
+        while self.active >= self.cap():
+            now = time.monotonic()
+            if now - self._last_full_log >= _FULL_LOG_INTERVAL:
+                self._last_full_log = now
+                log.warning(
+                    "admin endpoint: %d connections open ([admin] max_connections); "
+                    "new ones wait in the backlog",
+                    self.active,
+                )
+            if self._freed.is_set():
+                self._freed = trio.Event()
+            await self._freed.wait()
+        self.active += 1
+
+    def release(self) -> None:
+        self.active -= 1
+        self._freed.set()
+
+
+async def _accept_loop(
+    listener: trio.SocketListener,
+    slots: Slots,
+    handle: Callable[[trio.SocketStream], Awaitable[None]],
+) -> None:
+    """Accept while a slot is free; ``handle`` owns the stream and gives the slot back."""
+    async with listener, trio.open_nursery() as handlers:
+        while True:
+            await slots.acquire()
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                slots.release()
+                if exc.errno not in _ACCEPT_BACKOFF_ERRNOS:
+                    raise
+                # Out of descriptors or memory: the connection waits in the backlog.
+                log.error("admin endpoint: accept failed (%s); retrying", exc.strerror)
+                await trio.sleep(0.1)
+                continue
+            except BaseException:
+                slots.release()
+                raise
+            handlers.start_soon(handle, stream)
 
 
 async def _handle(gateway: Gateway, stream: trio.SocketStream) -> None:
@@ -301,12 +375,21 @@ async def _respond(gateway: Gateway, request: Request) -> Response:
         return _json(200, connections_document(list(gateway.flows.values()), time.time()))
     if path == "/config":
         config = gateway.config
-        return _json(200, {"path": config.path, "config": redact(config.raw)})
+        return _json(200, {"path": config.path, "config": redact_config(config.raw)})
     if path == "/status":
-        return _json(200, gateway.plugins.collect("l4gw_status"))
+        return _json(200, _status(gateway))
     if path == "/":
         return _json(200, {"paths": [*PATHS]})
     return _text(404, "not found\n")
+
+
+def _status(gateway: Gateway) -> dict[str, Any]:
+    """The plugins' ``l4gw_status`` reports, and the TPROXY guard's under "tproxy"."""
+    document = gateway.plugins.collect("l4gw_status")
+    guard = tproxy_guard.current()
+    if guard is not None:
+        document["tproxy"] = guard.status()
+    return document
 
 
 async def _metrics() -> Response:

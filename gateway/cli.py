@@ -11,7 +11,6 @@ import argparse
 import gc
 import logging
 import sys
-import tomllib
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,8 +20,12 @@ import trio.lowlevel
 from . import __version__
 from . import config as config_mod
 from .config import Config, ConfigError
+from .oserrors import startup_failures
 from .plugin_manager import PluginError, Plugins
 from .plugin_manager import load as load_plugins
+from .process import raise_open_file_limit
+from .redact import RedactingFilter
+from .workers import EXIT_START_FAILED, supervise
 
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
@@ -95,10 +98,13 @@ def _add_optional_commands(sub: Any) -> None:
 def setup_logging(level: str, workers: int = 1) -> None:
     # With several workers each line says which process wrote it.
     pid = " [%(process)d]" if workers > 1 else ""
+    handler = logging.StreamHandler(sys.stderr)
+    # Whatever a plugin logs, a URL's password does not reach the log.
+    handler.addFilter(RedactingFilter())
     logging.basicConfig(
         level=getattr(logging, level.upper()),
         format=f"%(asctime)s %(levelname)s{pid} %(name)s: %(message)s",
-        stream=sys.stderr,
+        handlers=[handler],
     )
 
 
@@ -106,11 +112,10 @@ def _disabled_plugins(path: str) -> list[str]:
     """``[gateway] disable_plugins`` read before validation (it decides which
     plugin schemas validation uses); errors surface in the full check."""
     try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
+        raw = config_mod.read(path)
         value = raw.get("gateway", {}).get("disable_plugins", [])
         return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
-    except (OSError, tomllib.TOMLDecodeError, AttributeError):
+    except (ConfigError, AttributeError):
         return []
 
 
@@ -148,6 +153,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     config, plugins = loaded
     setup_logging(args.log_level or config.gateway.log_level, config.gateway.workers)
+    raise_open_file_limit(config)
     if config.tproxy is not None and config.tproxy.manage:
         from .tproxy import TproxyError, managed
 
@@ -163,25 +169,47 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def run_gateway(config: Config, plugins: Plugins) -> int:
     if config.gateway.workers > 1:
-        from .workers import supervise
+        # A worker restarted after a crash serves the config the others serve: the
+        # last one a SIGHUP loaded without problems, not the one from start-up.
+        current = [config]
 
-        return supervise(config.gateway.workers, lambda i: run_one(config, plugins, i))
-    return run_one(config, plugins, 0)
+        def reload() -> None:
+            try:
+                current[0] = config_mod.load(current[0].path, plugins.schemas())
+            except ConfigError:
+                pass  # each worker reports the problems; the running config stays
+
+        return supervise(
+            config.gateway.workers, lambda i: run_one(current[0], plugins, i), on_reload=reload
+        )
+    code = run_one(config, plugins, 0)
+    return EXIT_RUNTIME if code == EXIT_START_FAILED else code
 
 
 def run_one(config: Config, plugins: Plugins, worker: int) -> int:
-    """Serve in this process (worker ``worker`` of ``[gateway] workers``)."""
+    """Serve in this process (worker ``worker`` of ``[gateway] workers``).
+
+    Returns:
+        0 after a stop; :data:`EXIT_RUNTIME` when serving failed;
+        :data:`~gateway.workers.EXIT_START_FAILED` when it failed before it was ready
+        (a port in use, a missing capability), each cause logged in one line without
+        a traceback.
+    """
     from .server import Gateway
 
     gateway = Gateway(config, plugins, worker)
     tune_gc()
     try:
         trio.run(gateway.serve)
-    except (OSError, PluginError) as exc:
-        log.error("%s", exc)
-        return EXIT_RUNTIME
     except KeyboardInterrupt:
         pass
+    except BaseException as exc:
+        causes = startup_failures(exc)
+        if causes is None:
+            raise
+        for cause in causes:
+            log.error("%s", cause)
+        return EXIT_RUNTIME if gateway.started else EXIT_START_FAILED
     return 0
 
 

@@ -21,13 +21,39 @@ from types import MappingProxyType
 from typing import Any
 
 from . import schema as s
+from .identity import IdentityError, resolve_identity
+from .redact import redact_text
 from .schema import Field, Invalid, IPNetwork
 
 # --- the schema of each section ---------------------------------------------
 
+BUFFER_MIN = 1024
+"""Smallest ``[gateway] buffer_size``. 0 reads nothing, which the relay takes for
+EOF: every connection would close at once; below 1 KiB each byte costs a syscall
+pair for little more than its headers."""
+BUFFER_MAX = 64 << 20
+"""Largest ``[gateway] buffer_size``. One recv never returns more than the socket
+receive buffer holds (Linux's tcp_rmem maximum is 6 MiB by default), so more buys
+nothing, while a congested direction may hold this much per flow: 64 GiB (a unit
+typo) must be refused by ``l4gw check``, not die in a MemoryError at start."""
+PEEK_MIN = 64
+"""Smallest ``peek_max``: the shortest ClientHello that can carry a server name
+(record and handshake headers, the fixed fields, one cipher suite, an SNI
+extension) is 62 bytes. 0 peeks nothing and fails every peek."""
+PEEK_MAX = 64 << 10
+"""Largest ``peek_max``: a peek waits (SO_RCVLOWAT) for bytes that must fit in the
+socket's receive buffer, 128 KiB by default, and the kernel caps the low-water
+mark at half of it; a larger cap could never be reached."""
+ADMIN_MAX_CONNECTIONS = 16
+"""Default ``[admin] max_connections``: probes and scrapes are a few at a time."""
+
 GATEWAY = {
     "drain_timeout": Field(s.duration, 30.0, "SIGTERM: how long open connections may finish"),
-    "buffer_size": Field(s.size, 65536, "relay buffer per direction (the backpressure bound)"),
+    "buffer_size": Field(
+        s.size_in(BUFFER_MIN, BUFFER_MAX),
+        65536,
+        "relay buffer per direction (the backpressure bound)",
+    ),
     "admit_on_error": Field(
         s.choice("closed", "open"), "closed", "a plugin raising in admit: refuse or ignore it"
     ),
@@ -42,11 +68,21 @@ GATEWAY = {
         1,
         "processes sharing the TCP listeners (SO_REUSEPORT); UDP and admin run in the first",
     ),
+    "user": Field(
+        s.string,
+        "",
+        "run as this user (name or uid) once listeners, TPROXY and BPF are set up; "
+        "empty: stay as started",
+    ),
+    "group": Field(s.string, "", "with user: run as this group (default: the user's own)"),
 }
 
 LISTENER = {
     "name": Field(s.name, doc="unique name, used by routes"),
-    "bind": Field(s.address, doc='"a.b.c.d:port" or "[addr]:port"'),
+    "bind": Field(
+        s.address,
+        doc='"a.b.c.d:port" or "[addr]:port"; port 0: any free port (the ready line says which)',
+    ),
     "protocol": Field(s.choice("tcp", "udp"), "tcp", "transport"),
     "transparent": Field(s.boolean, False, "IP_TRANSPARENT: receive TPROXY'd traffic"),
     "max_connections": Field(s.integer(1), 10000, "concurrent connections cap"),
@@ -56,13 +92,19 @@ LISTENER = {
         "at the cap: leave new ones in the kernel backlog, or accept and reset them",
     ),
     "backlog": Field(s.integer(1, 65535), 4096, "listen(2) backlog"),
-    "peek_timeout": Field(s.duration, 1.0, "how long to wait for a TLS ClientHello"),
-    "peek_max": Field(s.size, 16389, "most bytes peeked for a ClientHello"),
-    "proxy_protocol": Field(s.boolean, False, "expect a PROXY v1/v2 header"),
+    "peek_timeout": Field(
+        s.positive_duration, 1.0, "how long to wait for a TLS ClientHello or a PROXY header"
+    ),
+    "peek_max": Field(s.size_in(PEEK_MIN, PEEK_MAX), 16389, "most bytes peeked for a ClientHello"),
+    "proxy_protocol": Field(
+        s.boolean, False, "expect a PROXY v1/v2 header (needs proxy_protocol_trusted)"
+    ),
     "proxy_protocol_trusted": Field(
         s.list_of(s.network), (), "CIDRs allowed to send a PROXY header"
     ),
-    "session_idle_timeout": Field(s.duration, 30.0, "UDP: a session ends after this idle time"),
+    "session_idle_timeout": Field(
+        s.positive_duration, 30.0, "UDP: a session ends after this idle time"
+    ),
     "max_sessions": Field(s.integer(1), 10000, "UDP: concurrent sessions cap"),
 }
 
@@ -88,8 +130,8 @@ ENDPOINT_TABLE = {
 }
 
 HEALTH_CHECK = {
-    "interval": Field(s.duration, 5.0, "time between probes"),
-    "timeout": Field(s.duration, 1.0, "a probe slower than this fails"),
+    "interval": Field(s.positive_duration, 5.0, "time between probes"),
+    "timeout": Field(s.positive_duration, 1.0, "a probe slower than this fails"),
     "healthy_threshold": Field(s.integer(1), 2, "successes that mark an endpoint healthy"),
     "unhealthy_threshold": Field(s.integer(1), 2, "failures that mark it unhealthy"),
     "send": Field(s.string, "", "bytes to send after connect (TCP) or as the probe (UDP)"),
@@ -98,17 +140,22 @@ HEALTH_CHECK = {
 
 OUTLIER = {
     "consecutive_failures": Field(s.integer(1), 5, "connect failures in a row that eject"),
-    "ejection_time": Field(s.duration, 30.0, "how long an ejected endpoint stays out"),
+    "ejection_time": Field(s.positive_duration, 30.0, "how long an ejected endpoint stays out"),
 }
 
 
 def _endpoint(value: Any) -> Endpoint:
+    # Port 0 is "any free port" to bind(2); to connect(2) it is no port at all.
     if isinstance(value, str):
         host, port = s.address(value)
+        if port == 0:
+            raise Invalid(f'port 0 in "{value}": a backend needs the port it listens on')
         return Endpoint(host, port, 1)
     if isinstance(value, Mapping):
         t = s.table(ENDPOINT_TABLE)(value)
         host, port = t["address"]
+        if port == 0:
+            raise Invalid(problems=[(".address", "port 0: a backend needs the port it listens on")])
         return Endpoint(host, port, t["weight"])
     raise Invalid(
         f'expected "ip:port" or {{address = "...", weight = N}}, got {s.type_name(value)}'
@@ -117,7 +164,7 @@ def _endpoint(value: Any) -> Endpoint:
 
 CLUSTER = {
     "endpoints": Field(s.list_of(_endpoint, min_items=1), doc="backends"),
-    "connect_timeout": Field(s.duration, 2.0, "per connect attempt"),
+    "connect_timeout": Field(s.positive_duration, 2.0, "per connect attempt"),
     "idle_timeout": Field(s.duration, 300.0, "close a pair idle this long (0 = never)"),
     "connect_attempts": Field(s.integer(1, 100), 3, "endpoints tried per connection"),
     "connect_budget": Field(s.duration, 0.0, "total time for all attempts (0 = no limit)"),
@@ -149,6 +196,11 @@ TPROXY = {
     "mark": Field(s.integer(1, 0xFFFFFFFF), 1, "fwmark for intercepted and return traffic"),
     "table": Field(s.integer(1, 0xFFFFFFFE), 100, "policy-routing table id"),
     "rule_priority": Field(s.integer(1, 32765), 10000, "priority of our ip rule"),
+    "check_interval": Field(
+        s.positive_duration,
+        5.0,
+        "manage: how often the gateway checks its rules are intact, and restores them if not",
+    ),
     "intercept": Field(s.list_of(s.table(INTERCEPT)), (), "one per intercepted traffic class"),
 }
 
@@ -156,12 +208,22 @@ TELEMETRY = {
     "exporter": Field(s.choice("none", "console", "otlp"), "none", "where spans and metrics go"),
     "sample_ratio": Field(s.number(0.0, 1.0), 1.0, "parent-based ratio sampler"),
     "service_name": Field(s.string, "l4gw", "unless OTEL_SERVICE_NAME is set"),
-    "metrics_interval": Field(s.duration, 10.0, "OTLP metric export interval"),
+    "metrics_interval": Field(s.positive_duration, 10.0, "OTLP metric export interval"),
 }
 
 ADMIN = {
-    "bind": Field(s.address, ("127.0.0.1", 9901), "admin HTTP endpoint"),
-    "token": Field(s.string, "", "bearer token required when set"),
+    "bind": Field(s.address, ("127.0.0.1", 9901), "admin HTTP endpoint (port 0: any free port)"),
+    "token": Field(s.string, "", "bearer token required when set (and when bind is not loopback)"),
+    "insecure": Field(
+        s.boolean,
+        False,
+        "allow a bind that is not loopback without a token (a warning is logged at start)",
+    ),
+    "max_connections": Field(
+        s.integer(1, 1024),
+        ADMIN_MAX_CONNECTIONS,
+        "admin connections served at once; more wait in the kernel backlog",
+    ),
 }
 
 TOP_LEVEL = {"gateway", "listener", "route", "cluster", "tproxy", "telemetry", "admin", "plugin"}
@@ -196,6 +258,8 @@ class GatewayConfig:
     log_level: str
     disable_plugins: tuple[str, ...]
     workers: int
+    user: str
+    group: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +333,8 @@ class TproxyConfig:
     table: int
     rule_priority: int
     intercept: tuple[InterceptConfig, ...]
+    check_interval: float = 5.0
+    """Seconds between two checks of the installed state by the owning gateway's guard."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +350,8 @@ class AdminConfig:
     host: str
     port: int
     token: str
+    insecure: bool = False
+    max_connections: int = ADMIN_MAX_CONNECTIONS
 
 
 @dataclass(frozen=True)
@@ -319,6 +387,8 @@ class ConfigError(Exception):
     """The file cannot be used. ``problems`` lists each one with its key path."""
 
     def __init__(self, path: str, problems: list[str]) -> None:
+        # A problem may quote a value: a URL's password must not reach the terminal or log.
+        problems = [redact_text(p) for p in problems]
         super().__init__(f"{path}: " + "; ".join(problems))
         self.path = path
         self.problems = problems
@@ -337,15 +407,42 @@ def load(path: str | Path, plugin_schemas: Mapping[str, s.Schema] | None = None)
     Raises:
         ConfigError: listing every problem found.
     """
+    return from_dict(read(path), str(path), plugin_schemas or {})
+
+
+MAX_FILE_SIZE = 16 << 20
+"""A config file is read whole; ``-c /dev/urandom`` must not be."""
+
+
+def read(path: str | Path) -> dict[str, Any]:
+    """The TOML document in ``path``, parsed but not validated.
+
+    Raises:
+        ConfigError: with one problem: the file cannot be read (missing, a
+            directory, no permission), is larger than :data:`MAX_FILE_SIZE`, is
+            not UTF-8 text (TOML is UTF-8 only) or is not TOML.
+    """
     path = str(path)
     try:
         with open(path, "rb") as f:
-            raw = tomllib.load(f)
+            data = f.read(MAX_FILE_SIZE + 1)
     except OSError as exc:
-        raise ConfigError(path, [f"cannot read: {exc.strerror}"])
+        raise ConfigError(path, [f"cannot read: {exc.strerror}"]) from None
+    if len(data) > MAX_FILE_SIZE:
+        raise ConfigError(path, [f"larger than {s.format_size(MAX_FILE_SIZE)}: not a config file"])
+    try:
+        # tomllib would raise a bare UnicodeDecodeError, which is no TOMLDecodeError.
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            path,
+            [f"not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}, line {line})"],
+        ) from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(path, [f"not valid TOML: {exc}"])
-    return from_dict(raw, path, plugin_schemas or {})
+        raise ConfigError(path, [f"not valid TOML: {exc}"]) from None
 
 
 def from_dict(raw: Mapping[str, Any], path: str, plugin_schemas: Mapping[str, s.Schema]) -> Config:
@@ -357,6 +454,13 @@ def from_dict(raw: Mapping[str, Any], path: str, plugin_schemas: Mapping[str, s.
 
     g = s.check_section(raw.get("gateway", {}), "gateway", GATEWAY, problems)
     gateway = GatewayConfig(**g) if g else None
+    if gateway is not None and gateway.user:
+        try:
+            resolve_identity(gateway.user, gateway.group)
+        except IdentityError as exc:
+            problems.append(f"gateway.{exc.key}: {exc}")
+    elif gateway is not None and gateway.group:
+        problems.append("gateway.group: needs gateway.user")
 
     listeners: list[ListenerConfig] = []
     if not raw.get("listener"):
@@ -371,6 +475,18 @@ def from_dict(raw: Mapping[str, Any], path: str, plugin_schemas: Mapping[str, s.
         if v["protocol"] == "udp" and v["proxy_protocol"]:
             problems.append(
                 f"listener[{i}].proxy_protocol: a UDP listener cannot take PROXY headers"
+            )
+        elif v["proxy_protocol"] and not v["proxy_protocol_trusted"]:
+            # A header is taken only from a trusted source (anyone else could claim
+            # any client address), so with no CIDR every connection would be refused.
+            problems.append(
+                f"listener[{i}].proxy_protocol_trusted: required with proxy_protocol = true "
+                "(the CIDRs of the proxies in front; without any every connection is refused)"
+            )
+        if port == 0 and gateway is not None and gateway.workers > 1 and v["protocol"] == "tcp":
+            problems.append(
+                f"listener[{i}].bind: port 0 (any free port) cannot be shared by "
+                f"{gateway.workers} workers: each would get a port of its own"
             )
         listeners.append(ListenerConfig(host=host, port=port, **v))
     _unique([li.name for li in listeners], "listener", "name", problems)
@@ -467,7 +583,13 @@ def from_dict(raw: Mapping[str, Any], path: str, plugin_schemas: Mapping[str, s.
         a = s.check_section(raw["admin"], "admin", ADMIN, problems)
         if a is not None:
             host, port = a["bind"]
-            admin = AdminConfig(host, port, a["token"])
+            admin = AdminConfig(host, port, a["token"], a["insecure"], a["max_connections"])
+            if not admin.token and not admin.insecure and not is_loopback(host):
+                problems.append(
+                    f'admin.bind: "{s.format_address(host, port)}" is not loopback: set '
+                    "admin.token (or admin.insecure = true to serve /config, /connections "
+                    "and /metrics to the network without one)"
+                )
 
     plugins: dict[str, Mapping[str, Any]] = {}
     plugin_raw = raw.get("plugin", {})

@@ -29,6 +29,7 @@ from .clienthello import ClientHello, parse_client_hello
 from .config import ClusterConfig, Config, ListenerConfig
 from .decisions import choose_route, refusal, where, why
 from .flow import CloseReason, Flow, Route
+from .logbudget import LogBudget, held_back
 from .peek import PeekFailed, peek, recv_exactly_queued
 from .plugin_manager import Plugins
 from .relay import CopyRelay, abort_on_close
@@ -49,6 +50,8 @@ class Runtime:
     copy: CopyRelay
     flows: dict[int, Flow]
     """Live flows of the process (shared across reloads; /connections reads it)."""
+    budget: LogBudget = field(default_factory=LogBudget)
+    """Bounds the failure lines of the log (shared across reloads)."""
     peek_sni: frozenset[str] = field(init=False)
     """Listeners with at least one SNI route: only those peek the ClientHello."""
     admit_open: bool = field(init=False)
@@ -97,26 +100,55 @@ async def handle(
         for s in upstream:
             s.close()
         sock.close()
-        flow.ended = time.time()
         del rt.flows[flow.id]
-        rt.plugins.observe("l4gw_connection_closed", flow=flow)
-        if rt.config.gateway.log_connections or flow.close_reason in CloseReason.FAILURES:
-            _log_close(flow)
+        _record(rt, flow)
 
 
-def _log_close(flow: Flow) -> None:
-    level = logging.WARNING if flow.close_reason in CloseReason.FAILURES else logging.INFO
-    log.log(
-        level,
-        "conn %d %s from_client=%d to_client=%d %.1fms %s%s",
-        flow.id,
-        where(flow),
-        flow.bytes_from_client,
-        flow.bytes_to_client,
-        flow.duration * 1000,
-        flow.close_reason,
-        why(flow),
-    )
+def refuse_over_capacity(rt: Runtime, lc: ListenerConfig, sock: socket.socket, peer: Any) -> None:
+    """Reset a connection accepted past ``max_connections`` (``on_max_connections =
+    "refuse"``) and record it like every close, without a task of its own."""
+    flow = Flow(next(_ids), lc.name, "tcp", unmap(peer), ("", 0))
+    try:
+        flow.destination = unmap(sock.getsockname())
+    except OSError:
+        pass
+    flow.close_reason = CloseReason.OVER_CAPACITY
+    flow.error = f"listener at max_connections = {lc.max_connections}"
+    abort_on_close(sock)
+    sock.close()
+    _record(rt, flow)
+
+
+def _record(rt: Runtime, flow: Flow) -> None:
+    """The one record of a closed connection: the closed hook and the log line."""
+    flow.ended = time.time()
+    rt.plugins.observe("l4gw_connection_closed", flow=flow)
+    line = close_line(rt, flow)
+    if line is not None:
+        log.log(
+            line[0],
+            "conn %d %s from_client=%d to_client=%d %.1fms %s%s%s",
+            flow.id,
+            where(flow),
+            flow.bytes_from_client,
+            flow.bytes_to_client,
+            flow.duration * 1000,
+            flow.close_reason,
+            why(flow),
+            line[1],
+        )
+
+
+def close_line(rt: Runtime, flow: Flow) -> tuple[int, str] | None:
+    """Whether a closed flow gets a log line: (level, suffix), or None.
+
+    Failures get a warning within the log budget (the suffix counts the lines held
+    back before it); other closes an info line when ``log_connections`` is on.
+    """
+    if flow.close_reason not in CloseReason.FAILURES:
+        return (logging.INFO, "") if rt.config.gateway.log_connections else None
+    held = rt.budget.allow((flow.listener, flow.close_reason))
+    return None if held is None else (logging.WARNING, held_back(held))
 
 
 async def _serve(
@@ -134,11 +166,15 @@ async def _serve(
     if refused:
         return _refuse(sock, refused)
 
+    no_sni = None
     if lc.name in rt.peek_sni:
-        await _peek_client_hello(lc, sock, flow)
+        no_sni = await _peek_client_hello(lc, sock, flow)
 
     route = await choose_route(rt, flow)
     if isinstance(route, str):
+        if route == CloseReason.NO_ROUTE and lc.name in rt.peek_sni:
+            # SNI routes exist here: say what the client's ClientHello lacked.
+            flow.error = f"no SNI: {no_sni}" if no_sni else f'no route for SNI "{flow.sni}"'
         return route
     cluster = route.cluster
 
@@ -216,15 +252,19 @@ def _parse_hello(cap: int) -> Callable[[bytes], ClientHello | int]:
     return parse
 
 
-async def _peek_client_hello(lc: ListenerConfig, sock: socket.socket, flow: Flow) -> None:
+async def _peek_client_hello(lc: ListenerConfig, sock: socket.socket, flow: Flow) -> str | None:
+    """Read SNI and ALPN into ``flow``; why it has no SNI, when it has none."""
     try:
         hello = await peek(sock, _parse_hello(lc.peek_max), lc.peek_max, lc.peek_timeout)
     except PeekFailed as exc:
         # Routes without an SNI condition may still match.
         flow.add_event("peek_failed", reason=str(exc))
-        return
+        return f"no TLS ClientHello ({exc})"
     flow.sni, flow.alpn = hello.sni, hello.alpn
     flow.add_event("peeked", sni=hello.sni or "", alpn=",".join(hello.alpn))
+    if hello is _NOT_TLS:
+        return "not TLS"
+    return None if hello.sni else "the ClientHello has no server_name"
 
 
 async def _connect(

@@ -64,3 +64,7 @@ IPV6_PKTINFO: int = getattr(socket, "IPV6_PKTINFO", 50)
 SO_SNDBUFFORCE: int = getattr(socket, "SO_SNDBUFFORCE", 32)
 # linux/prctl.h: PR_SET_PDEATHSIG = 1 (signal sent to this process when its parent dies)
 PR_SET_PDEATHSIG: int = 1
+
+# --- privileges (gateway/process.py) ---
+# linux/capability.h: CAP_NET_BIND_SERVICE = 10
+CAP_NET_BIND_SERVICE: int = 10

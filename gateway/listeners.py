@@ -20,7 +20,7 @@ from trio.lowlevel import checkpoint, wait_readable
 
 from .config import ListenerConfig
 from .linux import IP_TRANSPARENT, IPV6_TRANSPARENT
-from .relay import abort_on_close
+from .oserrors import bind_error
 
 log = logging.getLogger("l4gw.listener")
 
@@ -54,7 +54,7 @@ def open_socket(lc: ListenerConfig, reuse_port: bool = False) -> socket.socket:
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        raise OSError(exc.errno, f"listener {lc.name} ({lc.bind}): {exc.strerror}") from exc
+        raise bind_error(f"listener {lc.name} ({lc.bind})", exc) from exc
     return sock
 
 
@@ -65,7 +65,6 @@ class Listener:
         self.config = config
         self.sock = sock
         self.active = 0
-        self.refused_over_cap = 0
         self.scope = trio.CancelScope()
         self._slot = trio.Event()
         self._last_backoff_log = 0.0
@@ -87,9 +86,12 @@ class Listener:
             self._slot.set()
 
     async def accept_loop(
-        self, spawn: Callable[[Listener, socket.socket, Any], Awaitable[None] | None]
+        self,
+        spawn: Callable[[Listener, socket.socket, Any], Awaitable[None] | None],
+        refuse: Callable[[Listener, socket.socket, Any], None],
     ) -> None:
-        """Accept until cancelled; ``spawn`` starts each connection's task."""
+        """Accept until cancelled; ``spawn`` starts each connection's task, ``refuse``
+        resets and records one accepted past ``max_connections``."""
         lsock = self.sock
         accepted = 0
         with self.scope:
@@ -119,9 +121,7 @@ class Listener:
                             continue
                         raise
                     if self.active >= cap:
-                        self.refused_over_cap += 1
-                        abort_on_close(conn)
-                        conn.close()
+                        refuse(self, conn, peer)
                         continue
                     conn.setblocking(False)
                     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -14,7 +14,10 @@ Rules kept here:
    until its own EOF.
 3. **A reset stays a reset.** A reset (or write error) on one side sets
    ``SO_LINGER{1,0}`` on the other, so the caller's close sends an RST rather
-   than a FIN that would pass a truncation off as a clean end.
+   than a FIN that would pass a truncation off as a clean end. The same holds
+   for a pair cut by its idle timeout while bytes were on the way (held here
+   because the destination would not take them, or received and not read yet):
+   both sides get an RST, so neither takes the cut stream for a whole one.
 4. **Fair and cancellable.** Every wait is a trio checkpoint, and a direction
    that never has to wait checkpoints every few chunks anyway.
 5. **The caller owns the sockets** and closes them.
@@ -22,8 +25,10 @@ Rules kept here:
 
 from __future__ import annotations
 
+import fcntl
 import socket
 import struct
+import termios
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -35,6 +40,8 @@ from .flow import CloseReason, Flow
 from .relay_stats import RelayStats
 
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
+# asm-generic/ioctls.h: FIONREAD = SIOCINQ = 0x541B
+_FIONREAD: Final = termios.FIONREAD
 _CHUNKS_PER_CHECKPOINT: Final = 16
 _IDLE_SLACK: Final = 1 + 1 / 64
 
@@ -80,6 +87,15 @@ def abort_on_close(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
     except OSError:
         pass
+
+
+def _unread(sock: socket.socket) -> int:
+    """Bytes ``sock`` received that nobody read yet (0 once it is gone)."""
+    try:
+        raw = fcntl.ioctl(sock.fileno(), _FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int.from_bytes(raw, "little", signed=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +155,11 @@ class CopyRelay:
         if pair.promoted:
             return None
         if pair.scope.cancelled_caught:
+            if pair.holding or _unread(client) > 0 or _unread(upstream) > 0:
+                # Rule 3: the bytes on the way die with the pair; a FIN after them
+                # would tell the peer the stream ended where the timeout cut it.
+                abort_on_close(client)
+                abort_on_close(upstream)
             return CloseReason.IDLE_TIMEOUT
         return pair.first_eof or CloseReason.CLIENT_EOF
 
@@ -188,6 +209,8 @@ class CopyRelay:
             if sent < n:
                 # The destination is congested: hold only what it did not take.
                 pending = memoryview(bytes(view[sent:n]))
+                # Left set if the idle timeout cancels the wait: run() then resets.
+                pair.holding.add(from_client)
                 while pending:
                     await wait_writable(dst)
                     try:
@@ -197,6 +220,7 @@ class CopyRelay:
                     except OSError:
                         abort_on_close(src)
                         raise RelayReset(dst_reset)
+                pair.holding.discard(from_client)
             if from_client:
                 stats.bytes_from_client += n
             else:
@@ -214,7 +238,7 @@ class CopyRelay:
 class _Pair:
     """State shared by the two directions of one pair: idle deadline, EOFs, promotion."""
 
-    __slots__ = ("first_eof", "idle", "promoted", "promotion", "reading", "scope")
+    __slots__ = ("first_eof", "holding", "idle", "promoted", "promotion", "reading", "scope")
 
     def __init__(self, idle: float, promotion: Promotion | None) -> None:
         self.scope = trio.CancelScope()
@@ -224,6 +248,8 @@ class _Pair:
         self.first_eof: str | None = None
         # The directions (from_client) waiting to read right now.
         self.reading: set[bool] = set()
+        # The directions holding bytes their destination has not taken yet.
+        self.holding: set[bool] = set()
 
     def touch(self) -> None:
         # Moving a trio deadline re-sorts the deadline heap; per chunk that

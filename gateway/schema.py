@@ -190,6 +190,18 @@ def duration(value: Any) -> float:
         raise Invalid(str(exc))
 
 
+def positive_duration(value: Any) -> float:
+    """A duration longer than 0s: a timeout or period that cannot be zero.
+
+    A zero timeout fails every attempt at once and a zero period turns a loop
+    into a busy loop, so ``0`` is refused where nothing could work with it.
+    """
+    seconds = duration(value)
+    if seconds <= 0:
+        raise Invalid("must be longer than 0s")
+    return seconds
+
+
 _SIZE = re.compile(r"(?P<n>\d+)\s*(?P<unit>B|KiB|MiB|GiB|KB|MB|GB|k|K|M|G)?")
 _SIZE_UNITS = {
     None: 1,
@@ -217,6 +229,34 @@ def size(value: Any) -> int:
     if not m:
         raise Invalid(f'not a size (like "64KiB", "1MiB"): "{value}"')
     return int(m["n"]) * _SIZE_UNITS[m["unit"]]
+
+
+def format_size(n: int) -> str:
+    """``n`` bytes as a config file would say it: "64KiB", "1MiB", or "512"."""
+    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= factor and n % factor == 0:
+            return f"{n // factor}{unit}"
+    return str(n)
+
+
+def size_in(low: int, high: int) -> Converter:
+    """A size (see :func:`size`) from ``low`` to ``high`` bytes.
+
+    A size is easily off by a unit ("64GB" for "64MB"): a bound turns that into
+    a problem at check time rather than a MemoryError, or a gateway that closes
+    every connection, at run time.
+    """
+
+    def convert(value: Any) -> int:
+        n = size(value)
+        shown = f'"{value}"' if isinstance(value, str) else str(n)
+        if n < low:
+            raise Invalid(f"must be at least {format_size(low)}, got {shown}")
+        if n > high:
+            raise Invalid(f"must be at most {format_size(high)}, got {shown}")
+        return n
+
+    return convert
 
 
 def list_of(item: Converter, *, min_items: int = 0) -> Converter:

@@ -3,7 +3,8 @@
 Task tree (every task has an owner):
 
     root ─ signal loop
-         └ background (plugins' tasks from l4gw_startup)
+         └ background (plugins' tasks from l4gw_startup; the admin endpoint and
+             │         the TPROXY guard, in worker 0)
              └ connections (one task per connection; each UDP listener,
                  │             whose sessions live in its own nursery)
                  └ accepting (one accept loop per listener, each in its own
@@ -29,11 +30,14 @@ import trio
 
 from . import config as config_mod
 from .config import Config, ConfigError
-from .connection import Runtime, handle
+from .connection import Runtime, handle, refuse_over_capacity
 from .flow import Flow
+from .identity import resolve_identity
 from .listeners import Listener, open_socket
 from .plugin_manager import PluginError, Plugins
+from .process import drop_privileges, needed_capabilities
 from .relay import CopyRelay
+from .schema import format_address
 from .udp import UdpListener
 from .udp_sockets import open_udp_socket
 
@@ -50,6 +54,8 @@ class Gateway:
         self.runtime = Runtime(config, plugins, CopyRelay(config.gateway.buffer_size), self.flows)
         self.listeners: dict[str, Listener | UdpListener] = {}
         self.ready = False
+        self.started = False
+        """Became ready once (a failure before that is a failed start)."""
         self.draining = False
         self.started_plugins = False
         self.on_reload: list[Callable[[Config], None]] = []
@@ -93,16 +99,24 @@ class Gateway:
                 if config.admin is not None and self.worker == 0:
                     self._admin = await background.start(self._serve_admin)
                     self._admin_bound = _admin_bind(config)
+                if self.worker == 0:
+                    await self._start_tproxy_guard(background)
                 async with trio.open_nursery() as connections:
                     self._connections = connections
                     async with trio.open_nursery() as accepting:
                         self._accepting = accepting
                         for lc in self._mine(config):
                             self._open(lc)
-                        self.ready = True
+                        if config.gateway.user:
+                            # Listeners, TPROXY state and BPF objects are set up.
+                            drop_privileges(
+                                resolve_identity(config.gateway.user, config.gateway.group),
+                                needed_capabilities(config),
+                            )
+                        self.ready = self.started = True
                         log.info(
                             "ready: %s",
-                            ", ".join(f"{li.name}={li.bind}" for li in config.listeners),
+                            ", ".join(f"{li.name}={self._bound(li)}" for li in config.listeners),
                         )
                         task_status.started()
                         await self._stop.wait()
@@ -148,7 +162,17 @@ class Gateway:
             return
         listener = Listener(lc, open_socket(lc, reuse_port=self.config.gateway.workers > 1))
         self.listeners[lc.name] = listener
-        self._accepting.start_soon(listener.accept_loop, self._spawn)
+        self._accepting.start_soon(listener.accept_loop, self._spawn, self._refuse)
+
+    def _refuse(self, listener: Listener, conn: socket.socket, peer: Any) -> None:
+        refuse_over_capacity(self.runtime, listener.config, conn, peer)
+
+    def _bound(self, lc: config_mod.ListenerConfig) -> str:
+        """Where ``lc`` listens: with ``bind`` port 0, the port the kernel chose."""
+        listener = self.listeners.get(lc.name)
+        if listener is None:  # another worker's (UDP)
+            return lc.bind
+        return format_address(lc.host, listener.sock.getsockname()[1])
 
     def _spawn(self, listener: Listener, conn: socket.socket, peer: Any) -> None:
         assert self._connections is not None
@@ -210,7 +234,7 @@ class Gateway:
         copy = self.runtime.copy
         if new.gateway.buffer_size != old.gateway.buffer_size:
             copy = CopyRelay(new.gateway.buffer_size)
-        self.runtime = Runtime(new, self.plugins, copy, self.flows)
+        self.runtime = Runtime(new, self.plugins, copy, self.flows, self.runtime.budget)
         self._update_listeners(new)
         if self.worker == 0 and _admin_bind(new) != self._admin_bound:
             assert self._background is not None
@@ -219,6 +243,16 @@ class Gateway:
             callback(new)
         log.info("reloaded %s", new.path)
         return True
+
+    async def _start_tproxy_guard(self, nursery: trio.Nursery) -> None:
+        """``[tproxy] manage = true``: the owner's guard restores removed or changed rules
+        (gateway/tproxy_guard.py; worker 0 runs it, and applies a reloaded ``[tproxy]``)."""
+        from .tproxy_guard import Guard
+
+        guard = Guard.for_process(self.config)
+        if guard is not None:
+            self.on_reload.append(guard.follow)
+            await nursery.start(guard.run)
 
     async def _serve_admin(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """The admin endpoint of the config in force, in a scope of its own (a reload
@@ -287,7 +321,7 @@ class Gateway:
         for lc in wanted.values():
             try:
                 self._open(lc)
-                log.info("listener %s opened on %s", lc.name, lc.bind)
+                log.info("listener %s opened on %s", lc.name, self._bound(lc))
             except OSError as exc:
                 log.error("%s", exc)
 

@@ -42,6 +42,12 @@ kernel backlog and tears the flow down. reference/sockmap.md §7 is the procedur
 - R15    Enable only after :meth:`Accelerator.self_test` passes (the caller decides).
 - R16    The program is attached with a bpf_link when the kernel allows (it detaches
   when the process dies); nothing is pinned, so nothing outlives the process.
+- R18    Each byte is redirected once: ``tcp_read_skb`` hands the program whole skbs, so
+  a retransmission overlapping bytes already received would be sent twice; the
+  program tracks the next sequence number per socket and cuts the overlap off
+  (bpf/l4gw_sockmap.bpf.c R18). ``trimmed_bytes`` in :meth:`Accelerator.status`
+  counts what it cut. The first payload skb after arming sets the number, so an
+  overlap in that very skb (a retransmission straddling the arming) is not seen.
 """
 
 from __future__ import annotations
@@ -99,8 +105,9 @@ _PEERS: Final = "l4gw_peers"
 _CTRS: Final = "l4gw_ctrs"
 _CREDIT: Final = "l4gw_credit"
 _MAPS: Final = (_TARGETS, _ACTIVE, _PEERS, _CTRS, _CREDIT)
-# struct l4gw_ctr { u64 bytes, skbs, passes, fails, fin, held, holds; }
-_CTR: Final = struct.Struct("=7Q")
+# struct l4gw_ctr { u64 bytes, skbs, passes, fails, fin, held, holds, trimmed, next_seq; }
+_CTR: Final = struct.Struct("=9Q")
+_CTR_FIELDS: Final = 9
 # struct l4gw_credit { u64 limit, forwarded; }
 _CREDIT_VALUE: Final = struct.Struct("=2Q")
 # Held bytes are moved in reads of at most this much (bounds what userspace holds),
@@ -281,6 +288,7 @@ class _Totals:
     aborts: int = 0
     counter_mismatches: int = 0
     max_backlog: int = 0
+    trimmed_bytes: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
 
 
@@ -403,14 +411,15 @@ class Accelerator:
             "aborts": t.aborts,
             "counter_mismatches": t.counter_mismatches,
             "max_backlog": t.max_backlog,
+            "trimmed_bytes": t.trimmed_bytes,
             "close_reasons": dict(t.reasons),
         }
 
     def _ctr(self, cookie: int) -> tuple[int, ...]:
-        """(bytes, skbs, passes, fails, fin, held, holds) of one socket."""
+        """(bytes, skbs, passes, fails, fin, held, holds, trimmed, next_seq) of one socket."""
         raw = libbpf.map_lookup_elem(self._fd[_CTRS], _u64(cookie), _CTR.size)
         if raw is None:
-            return (0,) * 7
+            return (0,) * _CTR_FIELDS
         return tuple(_CTR.unpack(raw))
 
     def _credit(self, side: _Side, limit: int) -> None:
@@ -438,7 +447,7 @@ class Accelerator:
                     log.warning("sockmap: delete %s from %s: %s", side.name, name, exc.strerror)
 
     def _arm(self, a: _Side, b: _Side, limits: Limits) -> None:
-        ctr0 = _CTR.pack(*(0,) * 7)
+        ctr0 = _CTR.pack(*(0,) * _CTR_FIELDS)
         step = "counters"
         try:
             libbpf.map_update_elem(self._fd[_CTRS], _u64(a.cookie), ctr0, libbpf.BPF_NOEXIST)
@@ -672,6 +681,7 @@ class Accelerator:
         self._unarm(a, b)
         t.kernel_bytes += ca[0] + cb[0]
         t.held_bytes += a.forwarded + b.forwarded
+        t.trimmed_bytes += ca[7] + cb[7]
         t.flows_now -= 1
         t.reasons[reason] = t.reasons.get(reason, 0) + 1
 

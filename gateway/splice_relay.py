@@ -19,7 +19,9 @@ Rules kept (reference/sockmap.md §6 and rule 19):
 4. **A reset is never turned into a clean FIN.** An error on either side
    (``ECONNRESET``, ``EPIPE``, ...) sets ``SO_LINGER{1,0}`` on the other socket, so
    the caller's ``close()`` sends an RST; bytes that were in flight are then known
-   to the peer as lost rather than silently truncated.
+   to the peer as lost rather than silently truncated. An idle timeout that cuts
+   the flow while bytes are on the way (in a pipe, or received and not spliced
+   yet) sets it on both sockets, for the same reason.
 5. **Never busy-loop, stay fair.** ``EAGAIN`` always leads to a wait on the fd; a
    direction that keeps making progress still checkpoints every
    ``_CHUNKS_PER_CHECKPOINT`` chunks so one bulk flow cannot starve the loop.
@@ -135,6 +137,15 @@ class _Flow:
 def _inq(fd: int) -> int:
     buf = fcntl.ioctl(fd, _FIONREAD, b"\0\0\0\0")
     return int.from_bytes(buf, "little", signed=True)
+
+
+def _in_flight(client: socket.socket, upstream: socket.socket, pipes: list[_Pipe]) -> bool:
+    """Whether bytes are between the two peers: in a pipe, or unread on a socket."""
+    try:
+        fds = [client.fileno(), upstream.fileno(), *(p.rfd for p in pipes)]
+        return any(_inq(fd) > 0 for fd in fds)
+    except OSError:
+        return True  # a socket failed: a reset loses nothing more
 
 
 async def _pump(
@@ -281,6 +292,11 @@ async def splice_relay(
                 )
             # Both directions ended with EOF: only the watchdog is left to stop.
             nursery.cancel_scope.cancel()
+        if flow.reason == "idle_timeout" and _in_flight(client, upstream, pipes):
+            # Rule 4: those bytes die with the flow; a FIN after them would tell the
+            # peer the stream ended where the timeout cut it.
+            abort_on_close(client)
+            abort_on_close(upstream)
     finally:
         for pipe in pipes:
             pipe.close()

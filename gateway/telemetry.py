@@ -50,7 +50,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .config import TelemetryConfig
+from .config import GatewayConfig, TelemetryConfig
+from .identity import resolve_identity
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import Meter
@@ -409,6 +410,7 @@ def setup(
     prometheus: bool,
     env: Mapping[str, str] | None = None,
     install: bool = True,
+    run_as: tuple[int, int] | None = None,
 ) -> Telemetry | None:
     """Build the providers ``config`` and the environment ask for.
 
@@ -421,6 +423,8 @@ def setup(
             instruments, like the health plugin's ``l4gw.endpoint.healthy``
             gauge, share the pipeline), fold the exporters' log lines into
             the drop warning, and flush at exit.
+        run_as: (uid, gid) the span exporter process becomes once started
+            (``[gateway] user``: it needs no privilege at all).
 
     Returns:
         None when nothing is exported and nothing is served: no SDK is loaded.
@@ -455,7 +459,7 @@ def setup(
     telemetry = Telemetry(config, traces, metrics, None, None, stats, resource=resource)
 
     if traces != "none":
-        _setup_traces(telemetry, resource, env)
+        _setup_traces(telemetry, resource, env, run_as)
     if metrics != "none" or prometheus:
         _setup_metrics(telemetry, resource, env, prometheus)
 
@@ -485,6 +489,14 @@ def setup(
     return telemetry
 
 
+def run_as(gateway: GatewayConfig) -> tuple[int, int] | None:
+    """(uid, gid) of ``[gateway] user``/``group``, or None to stay as started."""
+    if not gateway.user:
+        return None
+    identity = resolve_identity(gateway.user, gateway.group)
+    return identity.uid, identity.gid
+
+
 def exporter_settings(
     traces: str, resource: Any, env: Mapping[str, str], log_level: int = logging.WARNING
 ) -> dict[str, Any]:
@@ -509,7 +521,9 @@ def exporter_settings(
     }
 
 
-def _setup_traces(telemetry: Telemetry, resource: Any, env: Mapping[str, str]) -> None:
+def _setup_traces(
+    telemetry: Telemetry, resource: Any, env: Mapping[str, str], run_as: tuple[int, int] | None
+) -> None:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
 
@@ -525,6 +539,7 @@ def _setup_traces(telemetry: Telemetry, resource: Any, env: Mapping[str, str]) -
     settings = exporter_settings(
         telemetry.traces, resource, env, logging.getLogger().getEffectiveLevel()
     )
+    settings["run_as"] = run_as
     mode = "thread" if env.get(ENV_MODE, "").strip().lower() == "thread" else "process"
     pipe = ExporterPipe(settings, telemetry.stats, mode)
     pipe.start()
@@ -591,6 +606,40 @@ def _setup_metrics(
         [failed],
         unit="{export}",
         description="Periodic metric exports that failed",
+    )
+    _tproxy_guard_metrics(meter)
+
+
+def _tproxy_guard_metrics(meter: Meter) -> None:
+    """``l4gw.tproxy.restored`` and ``l4gw.tproxy.intact``, over the stats of the TPROXY
+    guard running in this process (gateway/tproxy_guard.py); no points where none runs."""
+    from opentelemetry.metrics import CallbackOptions, Observation
+
+    from . import tproxy_guard
+
+    def restored(options: CallbackOptions) -> Sequence[Observation]:
+        guard = tproxy_guard.current()
+        return [] if guard is None else [Observation(guard.stats.restored)]
+
+    def intact(options: CallbackOptions) -> Sequence[Observation]:
+        guard = tproxy_guard.current()
+        if guard is None or guard.stats.stood_down:
+            return []
+        return [Observation(1 if guard.stats.intact else 0)]
+
+    meter.create_observable_counter(
+        "l4gw.tproxy.restored",
+        [restored],
+        unit="{restoration}",
+        description="Times the TPROXY rules this gateway set up were found removed or changed "
+        "and restored",
+    )
+    meter.create_observable_gauge(
+        "l4gw.tproxy.intact",
+        [intact],
+        unit="1",
+        description="1 when the last check found the TPROXY rules as set up (or restored "
+        "them), 0 when it could not",
     )
 
 

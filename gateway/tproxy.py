@@ -29,6 +29,11 @@ Rules kept:
 6. **Never take over what is not ours.** A route in our table or a rule at our
    priority that we did not make is a conflict: :func:`apply` refuses and says
    which.
+7. **One owner, and only the owner changes it.** The state is one per network
+   namespace, so a managing gateway first takes that namespace's ownership
+   lock (:mod:`gateway.tproxy_owner`); a second start finds it held and
+   touches nothing. The owner's guard (:mod:`gateway.tproxy_guard`) restores
+   what someone else removed or changed.
 
 Routing, per family (kernel Documentation/networking/tproxy.rst): packets the
 ``tproxy`` statement assigned to a socket, and packets of transparent sockets
@@ -50,9 +55,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from . import rtdump, tproxy_owner
 from .config import Config, ListenerConfig
 from .linux import FR_ACT_TO_TBL, RT_SCOPE_HOST, RTN_LOCAL
-from .nftables import Nftables
+from .nftables import Nftables, NftablesError
 from .schema import IPNetwork
 
 log = logging.getLogger("l4gw.tproxy")
@@ -435,11 +441,97 @@ def read_state(nft: Nftables, ipr: Any, tables: Sequence[int] = ()) -> State:
     Raises:
         NftablesError, pyroute2 NetlinkError: e.g. without CAP_NET_ADMIN.
     """
+    table, chains, comments, tproxy_tables = _nft_state(nft.ruleset())
+    ours_rules, foreign_rules = _ip_rules(ipr)
+    ours_routes: list[LocalRoute] = []
+    foreign: dict[int, list[str]] = {}
+    names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+    for version, family in _FAMILIES.items():
+        for msg in ipr.get_routes(family=family):
+            route_table = msg.get_attr("RTA_TABLE") or msg["table"]
+            dst = msg.get_attr("RTA_DST")
+            dst_text = f"{dst}/{msg['dst_len']}" if dst else "default"
+            dev = names.get(msg.get_attr("RTA_OIF"), "?")
+            kind = _ROUTE_TYPES.get(msg["type"], str(msg["type"]))
+            if msg["proto"] == RTPROT_L4GW:
+                ours_routes.append(LocalRoute(version, route_table, dst_text, kind, dev))
+            elif route_table in tables:
+                foreign.setdefault(route_table, []).append(
+                    f"{kind} {dst_text} dev {dev} table {route_table}"
+                )
+    return State(
+        table=table,
+        chains=chains,
+        rule_comments=comments,
+        ip_rules=ours_rules,
+        routes=tuple(ours_routes),
+        foreign_rules=foreign_rules,
+        foreign_routes={k: tuple(v) for k, v in foreign.items()},
+        other_tables=tproxy_tables,
+    )
+
+
+def read_own(p: Plan) -> State:
+    """Our table, our tagged ip rules, and our routes in the tables ``p`` uses.
+
+    What the guard compares with ``p`` every few seconds, at a cost that does not
+    grow with the host's ruleset or routing table: it lists our table alone and
+    dumps only our routes (:mod:`gateway.rtdump`). It does not look for conflicts
+    (:func:`apply` does, before it changes anything) nor for our routes in other
+    tables (stale ones there route no marked packet).
+
+    Raises:
+        TproxyError: the state cannot be read (e.g. no CAP_NET_ADMIN).
+    """
+    try:
+        with Nftables() as nft, _iproute() as ipr:
+            table, chains, comments, _ = _nft_state(_own_table(nft))
+            ours_rules, _ = _ip_rules(ipr)
+            routes: list[LocalRoute] = []
+            for version, route_table in sorted({(r.version, r.table) for r in p.routes}):
+                try:
+                    found = rtdump.routes(_FAMILIES[version], route_table, RTPROT_L4GW)
+                except rtdump.Unsupported:
+                    return read_state(nft, ipr)  # a kernel before 4.20: the full dump
+                for r in found:
+                    dst = f"{r.dst}/{r.dst_len}" if r.dst else "default"
+                    dev = _ifname(r.oif)
+                    kind = _ROUTE_TYPES.get(r.type, str(r.type))
+                    routes.append(LocalRoute(version, r.table, dst, kind, dev))
+    except Exception as exc:
+        raise _describe(exc, "reading the installed state") from exc
+    return State(table, chains, comments, ours_rules, tuple(routes))
+
+
+def _own_table(nft: Nftables) -> list[dict[str, Any]]:
+    """``list table inet l4gw``; empty when there is no such table."""
+    try:
+        return nft.run([{"list": {"table": _TABLE_REF}}])
+    except NftablesError:
+        listed = nft.run([{"list": {"tables": None}}])
+        if _nft_state(listed)[0]:
+            raise  # the table exists: the error was something else
+        return []
+
+
+def _ifname(index: int | None) -> str:
+    if index is None:
+        return "?"
+    try:
+        return socket.if_indextoname(index)
+    except OSError:
+        return "?"
+
+
+def _nft_state(
+    items: Sequence[dict[str, Any]],
+) -> tuple[bool, tuple[ChainState, ...], tuple[str, ...], tuple[str, ...]]:
+    """(our table exists, its chains, its rules' comments, other TPROXY tables)."""
     table = False
     chains: list[ChainState] = []
     comments: list[str] = []
     tproxy_tables: set[str] = set()
-    for item in nft.ruleset():
+    for item in items:
         if "table" in item:
             t = item["table"]
             if t["name"] == TABLE_NAME and t["family"] == TABLE_FAMILY:
@@ -460,7 +552,11 @@ def read_state(nft: Nftables, ipr: Any, tables: Sequence[int] = ()) -> State:
                 comments.append(r.get("comment", ""))
             elif any("tproxy" in stmt for stmt in r.get("expr", ())):
                 tproxy_tables.add(f"{r['family']} {r['table']}")
+    return table, tuple(chains), tuple(comments), tuple(sorted(tproxy_tables))
 
+
+def _ip_rules(ipr: Any) -> tuple[tuple[IpRule, ...], tuple[ForeignRule, ...]]:
+    """(ip rules tagged as ours, every other ip rule)."""
     ours_rules: list[IpRule] = []
     foreign_rules: list[ForeignRule] = []
     for version, family in _FAMILIES.items():
@@ -486,33 +582,7 @@ def read_state(nft: Nftables, ipr: Any, tables: Sequence[int] = ()) -> State:
                     + f"lookup {rule_table}"
                 )
                 foreign_rules.append(ForeignRule(version, priority, fwmark, rule_table, text))
-
-    ours_routes: list[LocalRoute] = []
-    foreign: dict[int, list[str]] = {}
-    names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
-    for version, family in _FAMILIES.items():
-        for msg in ipr.get_routes(family=family):
-            route_table = msg.get_attr("RTA_TABLE") or msg["table"]
-            dst = msg.get_attr("RTA_DST")
-            dst_text = f"{dst}/{msg['dst_len']}" if dst else "default"
-            dev = names.get(msg.get_attr("RTA_OIF"), "?")
-            kind = _ROUTE_TYPES.get(msg["type"], str(msg["type"]))
-            if msg["proto"] == RTPROT_L4GW:
-                ours_routes.append(LocalRoute(version, route_table, dst_text, kind, dev))
-            elif route_table in tables:
-                foreign.setdefault(route_table, []).append(
-                    f"{kind} {dst_text} dev {dev} table {route_table}"
-                )
-    return State(
-        table=table,
-        chains=tuple(chains),
-        rule_comments=tuple(comments),
-        ip_rules=tuple(ours_rules),
-        routes=tuple(ours_routes),
-        foreign_rules=tuple(foreign_rules),
-        foreign_routes={k: tuple(v) for k, v in foreign.items()},
-        other_tables=tuple(sorted(tproxy_tables)),
-    )
+    return tuple(ours_rules), tuple(foreign_rules)
 
 
 # linux/rtnetlink.h: RTN_UNICAST = 1, RTN_LOCAL = 2, RTN_BROADCAST = 3, ...
@@ -673,30 +743,55 @@ def _del_route(ipr: Any, route: LocalRoute, lo: int) -> None:
 
 @contextmanager
 def managed(config: Config) -> Iterator[None]:
-    """``[tproxy] manage = true``: set up around the block, tear down after it.
+    """``[tproxy] manage = true``: own, set up around the block, tear down after it.
 
-    Setting up converges from whatever a killed gateway left behind (rule 3).
-    Without ``manage`` (or ``[tproxy]``) this does nothing. A SIGHUP reload does
-    not touch the rules: after changing ``[tproxy]``, run ``l4gw tproxy setup``
-    (atomic, idempotent) or restart.
+    First the ownership lock of this network namespace (rule 7); a live owner
+    elsewhere means nothing is touched, neither now nor at exit. Setting up
+    converges from whatever a killed owner left behind (rule 3). Only a process
+    that set the state up tears it down, and not when an operator took it over
+    with ``--force`` meanwhile. While the block runs, the guard
+    (:mod:`gateway.tproxy_guard`, in the serving process) keeps the state as set
+    up, and applies a changed ``[tproxy]`` on reload. Without ``manage`` (or
+    ``[tproxy]``) this does nothing.
 
     Raises:
-        TproxyError: setup failed (the block does not run).
+        TproxyError: another live process owns the state, or setup failed (the
+            block does not run).
     """
     if config.tproxy is None or not config.tproxy.manage:
         yield
         return
-    for change in apply(config):
-        log.info("tproxy: %s", change)
+    try:
+        ownership = tproxy_owner.acquire(config.path, "l4gw run")
+    except tproxy_owner.Held as exc:
+        raise TproxyError(
+            f"{exc}; this start changes nothing and exits (stop that gateway first, or run "
+            "this one in its own network namespace)"
+        ) from None
+    except tproxy_owner.OwnershipError as exc:
+        raise TproxyError(str(exc)) from None
+    try:
+        for change in apply(config):
+            log.info("tproxy: %s", change)
+    except BaseException:
+        ownership.release()
+        raise
+    ownership.installed = config
     log.info("tproxy: set up (%s)", summary(plan(config)))
     try:
         yield
     finally:
         try:
-            teardown()
-            log.info("tproxy: torn down")
+            forced = ownership.forced()
+            if forced is not None:
+                log.warning("tproxy: not torn down: %s took the state over", forced.describe())
+            else:
+                teardown()
+                log.info("tproxy: torn down")
         except TproxyError as exc:
             log.error("tproxy: %s; run l4gw tproxy teardown -c %s", exc, config.path)
+        finally:
+            ownership.release()
 
 
 def summary(p: Plan) -> str:

@@ -58,7 +58,7 @@ from trio.lowlevel import checkpoint, notify_closing, wait_readable, wait_writab
 
 from . import connection
 from .config import ClusterConfig, ListenerConfig
-from .connection import Runtime
+from .connection import Runtime, close_line
 from .decisions import choose_route, refusal, where, why
 from .flow import CloseReason, Flow, Route
 from .linux import IP_PKTINFO, IPV6_PKTINFO
@@ -447,8 +447,9 @@ class UdpListener:
                 flow.set_attribute("l4gw.udp.datagrams_dropped", session.dropped)
             del rt.flows[flow.id]
             rt.plugins.observe("l4gw_connection_closed", flow=flow)
-            if rt.config.gateway.log_connections or flow.close_reason in CloseReason.FAILURES:
-                _log_close(flow, session.dropped)
+            line = close_line(rt, flow)
+            if line is not None:
+                _log_close(flow, session.dropped, *line)
             self.session_ended()
 
     async def _serve(self, session: UdpSession, rt: Runtime) -> str | None:
@@ -734,11 +735,10 @@ def _drop_upstream(session: UdpSession) -> None:
         session.tuple = None
 
 
-def _log_close(flow: Flow, dropped: int) -> None:
-    level = logging.WARNING if flow.close_reason in CloseReason.FAILURES else logging.INFO
+def _log_close(flow: Flow, dropped: int, level: int, suffix: str) -> None:
     log.log(
         level,
-        "udp session %d %s from_client=%d/%dB to_client=%d/%dB dropped=%d %.1fms %s%s",
+        "udp session %d %s from_client=%d/%dB to_client=%d/%dB dropped=%d %.1fms %s%s%s",
         flow.id,
         where(flow),
         flow.datagrams_from_client,
@@ -749,4 +749,5 @@ def _log_close(flow: Flow, dropped: int) -> None:
         flow.duration * 1000,
         flow.close_reason,
         why(flow),
+        suffix,
     )

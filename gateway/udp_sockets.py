@@ -25,6 +25,7 @@ from .linux import (
     IPV6_TRANSPARENT,
     SO_RCVBUFFORCE,
 )
+from .oserrors import bind_error
 
 LISTENER_RCVBUF = 4 * 1024 * 1024
 """Receive buffer asked for the listener socket: it takes every client's datagrams."""
@@ -62,7 +63,7 @@ def open_udp_socket(lc: ListenerConfig) -> socket.socket:
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        raise OSError(exc.errno, f"listener {lc.name} ({lc.bind}): {exc.strerror}") from exc
+        raise bind_error(f"listener {lc.name} ({lc.bind})", exc) from exc
     return sock
 
 

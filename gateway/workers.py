@@ -30,14 +30,30 @@ _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 _PR_SET_PDEATHSIG = 1
 _RESTART_BACKOFF = (0.1, 5.0)
 
+EXIT_START_FAILED = 3
+"""A worker's exit code when it failed before it was ready (cli.run_one)."""
 
-def supervise(count: int, run_worker: Callable[[int], int]) -> int:
+
+def supervise(
+    count: int, run_worker: Callable[[int], int], on_reload: Callable[[], None] | None = None
+) -> int:
     """Fork ``count`` workers running ``run_worker(index)``; return when all are done.
+
+    A worker that exits on its own is restarted, except when the first start of
+    the workers fails (a port in use will not free itself: every worker is stopped
+    and the supervisor exits 1) or a worker found its config invalid.
+
+    Args:
+        count: how many workers.
+        run_worker: what a worker process runs; its return value is its exit code.
+        on_reload: called in the supervisor on SIGHUP (before forwarding it), so
+            that a worker restarted later runs the config the others run.
 
     Returns:
         0 after a requested stop, 1 when the workers could not be kept running.
     """
     children: dict[int, int] = {}
+    restarted: set[int] = set()
     stopping = False
     backoff = _RESTART_BACKOFF[0]
 
@@ -59,6 +75,8 @@ def supervise(count: int, run_worker: Callable[[int], int]) -> int:
         nonlocal stopping
         if signum in (signal.SIGTERM, signal.SIGINT):
             stopping = True
+        elif signum == signal.SIGHUP and on_reload is not None:
+            on_reload()
         for pid in children:
             try:
                 os.kill(pid, signum)
@@ -82,13 +100,16 @@ def supervise(count: int, run_worker: Callable[[int], int]) -> int:
             if stopping:
                 continue
             code = os.waitstatus_to_exitcode(status)
-            log.error(
-                "worker %d (pid %d) exited with %d; restarting in %gs", index, pid, code, backoff
-            )
-            if code == 2:  # a config error will not go away by itself
+            first_start_failed = code == EXIT_START_FAILED and index not in restarted
+            if code == 2 or first_start_failed:  # will not go away by itself
+                log.error("worker %d (pid %d) exited with %d; stopping", index, pid, code)
                 failed = True
                 forward(signal.SIGTERM, None)
                 continue
+            log.error(
+                "worker %d (pid %d) exited with %d; restarting in %gs", index, pid, code, backoff
+            )
+            restarted.add(index)
             time.sleep(backoff)
             backoff = min(backoff * 2, _RESTART_BACKOFF[1])
             if not stopping:

@@ -44,6 +44,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Generic, TypeVar
+from urllib.parse import unquote, urlsplit
 
 import trio
 from opentelemetry import metrics
@@ -58,6 +59,10 @@ log = logging.getLogger("l4gw.ratelimit")
 BACKEND_ERROR = "backend_error"
 """The rule name of a refusal because the shared backend was unreachable
 (``on_backend_error = "closed"``)."""
+BACKEND_LOCAL = "backend_local"
+"""What the shared backend answers when it is unreachable and ``on_backend_error =
+"local"``: decide with this process's own buckets (each gateway then enforces the
+limit alone: never open, at most N times the limit over N gateways)."""
 
 
 def _rule_table(extra: Mapping[str, Field] | None = None) -> Callable[[Any], dict[str, Any]]:
@@ -84,12 +89,84 @@ PREFIX_LENGTHS = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class RedisAddress:
+    """Where the shared buckets live, from ``redis_url``."""
+
+    host: str
+    port: int
+    username: str | None
+    password: str | None
+    db: int
+
+    def __str__(self) -> str:
+        # Never the credentials: this is what log lines show.
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"redis://{host}:{self.port}/{self.db}"
+
+
+# Said without "user:password@" after the scheme, which redaction would mask.
+_URL_FORM = '"redis://host[:port][/db]" (with "user:password@" or ":password@" before the host)'
+
+
+def parse_url(url: str) -> RedisAddress:
+    """Parse ``redis://[[user]:password@]host[:port][/db]`` (percent-escapes decoded).
+
+    A message quotes only what cannot hold a part of the password: the scheme,
+    and a port or db when no ``@`` follows the host.
+
+    Raises:
+        ValueError: not a redis:// URL, or a bad host, port or db.
+    """
+    scheme, sep, _ = url.partition("://")
+    if not sep or not scheme.isascii() or not scheme.replace("+", "").isalnum():
+        raise ValueError(f"expected {_URL_FORM}")
+    if scheme.lower() == "rediss":
+        raise ValueError("TLS (rediss://) is not supported: use a local TLS tunnel")
+    if scheme.lower() != "redis":
+        raise ValueError(f'expected {_URL_FORM}, got a "{scheme}://" URL')
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        # urlsplit's own message may quote the userinfo.
+        raise ValueError(
+            'the host is not an address or name (an IPv6 address is written "[::1]"; '
+            '"[" and "]" in a password must be percent-encoded as %5B and %5D)'
+        ) from None
+    if "@" in parts.path or "@" in parts.query or "@" in parts.fragment:
+        raise ValueError(
+            '"@" after the host: percent-encode "/", "?" and "#" in the password (%2F, %3F, %23)'
+        )
+    if parts.query or parts.fragment:
+        raise ValueError(f'unexpected "?" or "#" part: expected {_URL_FORM}')
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        hostport = parts.netloc.rpartition("@")[2]
+        text = hostport.rpartition("]")[2] if hostport.startswith("[") else hostport
+        text = text.rpartition(":")[2]
+        shown = f' "{text}"' if text.isdigit() else ""
+        raise ValueError(f"invalid port{shown} (1 to 65535)")
+    path = parts.path.strip("/")
+    if path and not (path.isascii() and path.isdigit()):
+        raise ValueError(f'invalid db "{path}" (a number)')
+    return RedisAddress(
+        host=parts.hostname or "127.0.0.1",
+        port=port or 6379,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+        db=int(path) if path else 0,
+    )
+
+
 def _redis_url(value: Any) -> str:
     text = s.string(value)
-    if not text.startswith(("redis://", "rediss://")):
-        raise Invalid(f'expected "redis://host:port/db", got "{text}"')
-    if text.startswith("rediss://"):
-        raise Invalid("TLS (rediss://) is not supported: use a local TLS tunnel")
+    try:
+        parse_url(text)
+    except ValueError as exc:
+        raise Invalid(str(exc)) from None
     return text
 
 
@@ -105,16 +182,26 @@ SCHEMA: dict[str, Field] = {
     "refuse_with": Field(s.choice("rst", "fin"), "rst", "how a refused connection is closed"),
     "max_tracked": Field(s.integer(1), 100_000, "most buckets kept (LRU eviction beyond)"),
     "backend": Field(s.choice("memory", "redis"), "memory", "where buckets live"),
-    "redis_url": Field(_redis_url, "redis://127.0.0.1:6379/0", "redis://[:password@]host:port/db"),
-    "redis_timeout": Field(s.duration, 0.25, "a Redis call slower than this is an error"),
+    "redis_url": Field(
+        _redis_url,
+        "redis://127.0.0.1:6379/0",
+        'redis://[[user]:password@]host[:port][/db]; in the password write "/", "?", "#", '
+        '"[" and "]" as %2F, %3F, %23, %5B and %5D',
+    ),
+    "redis_timeout": Field(s.positive_duration, 0.25, "a Redis call slower than this is an error"),
     "redis_lease": Field(
         s.integer(1, 1000), 5, "tokens taken from Redis per call and spent locally"
     ),
-    "redis_lease_ttl": Field(s.duration, 1.0, "unspent leased tokens are dropped after this"),
+    "redis_lease_ttl": Field(
+        s.positive_duration, 1.0, "unspent leased tokens are dropped after this"
+    ),
     "redis_retry": Field(s.duration, 1.0, "while Redis is down, try it again this often"),
     "redis_key_prefix": Field(s.string, "l4gw:rl:", "prefix of every Redis key"),
     "on_backend_error": Field(
-        s.choice("open", "closed"), "open", "Redis unreachable: admit (open) or refuse (closed)"
+        s.choice("local", "open", "closed"),
+        "local",
+        "Redis unreachable: limit with this process's own buckets (local), admit (open) "
+        "or refuse (closed)",
     ),
     "bytes_per_second": Field(
         s.size, 0, "pace each connection to this many bytes/s per direction (0: off)"
@@ -365,9 +452,17 @@ class RateLimit:
         self._count_client(flow)
         return None
 
-    async def _admit_shared(self, flow: Flow, checks: list[Check]) -> Refusal | None:
+    async def _shared_acquire(self, checks: list[Check]) -> str | None:
+        """The shared backend's answer; with the local buckets while it is unreachable."""
         assert self.shared is not None
         refused = await self.shared.acquire(checks)
+        if refused == BACKEND_LOCAL:
+            local = self.memory.acquire(checks, self.clock())
+            return None if local is None else local.name
+        return refused
+
+    async def _admit_shared(self, flow: Flow, checks: list[Check]) -> Refusal | None:
+        refused = await self._shared_acquire(checks)
         if refused is not None:
             return self.refuse(refused, self._reason(refused, flow))
         self._count_client(flow)
@@ -391,8 +486,7 @@ class RateLimit:
         return None
 
     async def _routed_shared(self, flow: Flow, cluster: str, checks: list[Check]) -> Refusal | None:
-        assert self.shared is not None
-        refused = await self.shared.acquire(checks)
+        refused = await self._shared_acquire(checks)
         if refused is not None:
             return self.refuse(refused, self._reason(refused, flow))
         self._count_cluster(flow, cluster)

@@ -22,8 +22,9 @@ connection; a call cut short by its timeout closes the connection, since
 the reply may still come.
 
 Outages: when Redis is unreachable or slow (connect error, timeout, error
-reply), ``on_backend_error`` decides: "open" admits, "closed" refuses with
-rule ``backend_error``. While it is down only one call every
+reply), ``on_backend_error`` decides: "local" (the default) answers
+``BACKEND_LOCAL`` and the plugin limits with this process's own buckets,
+"open" admits, "closed" refuses with rule ``backend_error``. While it is down only one call every
 ``redis_retry`` tries it again; everything else applies the policy at once.
 The outage is logged once when it starts and once when it ends, never per
 connection.
@@ -40,12 +41,21 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import trio
 from opentelemetry import metrics
 
-from .ratelimit import BACKEND_ERROR, Backend, Check, LruTable
+from gateway import redact_text
+
+from .ratelimit import (
+    BACKEND_ERROR,
+    BACKEND_LOCAL,
+    Backend,
+    Check,
+    LruTable,
+    RedisAddress,
+    parse_url,
+)
 
 log = logging.getLogger("l4gw.ratelimit")
 
@@ -94,38 +104,6 @@ class RespError(Exception):
 
 class RedisUnavailable(Exception):
     """No usable answer from Redis (connect failure, closed connection, bad reply)."""
-
-
-@dataclass(frozen=True, slots=True)
-class RedisAddress:
-    host: str
-    port: int
-    username: str | None
-    password: str | None
-    db: int
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"redis://{host}:{self.port}/{self.db}"
-
-
-def parse_url(url: str) -> RedisAddress:
-    """Parse ``redis://[[user]:password@]host[:port][/db]``.
-
-    Raises:
-        ValueError: not a redis:// URL, or a bad port or db.
-    """
-    parts = urlsplit(url)
-    if parts.scheme != "redis":
-        raise ValueError(f"not a redis:// URL: {url!r}")
-    path = parts.path.strip("/")
-    return RedisAddress(
-        host=parts.hostname or "127.0.0.1",
-        port=parts.port or 6379,
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password is not None else None,
-        db=int(path) if path else 0,
-    )
 
 
 def encode_command(args: Sequence[Any]) -> bytes:
@@ -255,7 +233,8 @@ class RedisSettings:
     lease_ttl: float
     retry: float
     key_prefix: str
-    fail_open: bool
+    on_error: str
+    """``on_backend_error``: "local", "open" or "closed"."""
     max_tracked: int
 
     @classmethod
@@ -267,9 +246,17 @@ class RedisSettings:
             lease_ttl=section["redis_lease_ttl"],
             retry=section["redis_retry"],
             key_prefix=section["redis_key_prefix"],
-            fail_open=section["on_backend_error"] == "open",
+            on_error=section["on_backend_error"],
             max_tracked=section["max_tracked"],
         )
+
+
+_ON_ERROR: dict[str, str | None] = {"local": BACKEND_LOCAL, "open": None, "closed": BACKEND_ERROR}
+_ON_ERROR_TEXT = {
+    "local": "to this process's own buckets",
+    "open": "open (admitting)",
+    "closed": "closed (refusing)",
+}
 
 
 class _Lease:
@@ -350,7 +337,7 @@ class RedisBuckets(Backend):
                     lease.tokens -= 1
                 return None
             if not await self._refill(need, now):
-                return None if self.settings.fail_open else BACKEND_ERROR
+                return _ON_ERROR[self.settings.on_error]
         # Other connections kept spending what was fetched: the bucket is
         # as good as empty for this one.
         return need[0][0][0].name
@@ -441,8 +428,8 @@ class RedisBuckets(Backend):
             log.error(
                 "ratelimit: redis %s unusable (%s): failing %s until it answers again",
                 self.address,
-                why,
-                "open (admitting)" if self.settings.fail_open else "closed (refusing)",
+                redact_text(why),
+                _ON_ERROR_TEXT[self.settings.on_error],
             )
 
     def _recovered(self) -> None:

@@ -587,7 +587,9 @@ def l4gw_configure(config: Config) -> None:
     prometheus = config.admin is not None
     if _running is None:
         _running = (config.telemetry, prometheus)
-        telemetry = tel.setup(config.telemetry, prometheus=prometheus)
+        telemetry = tel.setup(
+            config.telemetry, prometheus=prometheus, run_as=tel.run_as(config.gateway)
+        )
         _recorder = Recorder(telemetry, config) if telemetry is not None else None
         return
     before, after = _running[0], config.telemetry

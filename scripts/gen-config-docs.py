@@ -103,7 +103,12 @@ SECTIONS: list[tuple[str, Schema, str]] = [
         config.ADMIN,
         "The admin HTTP endpoint: `/healthz`, `/readyz`, `/metrics`, `/connections`, "
         "`/config`. Off when the section is absent. Probes (`/healthz`, `/readyz`) never "
-        "need the token.",
+        "need the token. A `bind` that is not loopback (`0.0.0.0`, a public address) needs "
+        "a `token`, or `insecure = true` to say that the network in front is trusted (then "
+        "a warning is logged at start). At most `max_connections` admin connections are "
+        "open at once: more wait in the kernel backlog until one closes (each lasts at most "
+        "5 s reading the request and 10 s sending the answer), so admin clients cannot take "
+        "file descriptors or tasks from the data plane.",
     ),
 ]
 
@@ -133,6 +138,7 @@ PLAIN: dict[Callable[..., Any], str] = {
     s.string: "string",
     s.name: "name",
     s.duration: "duration",
+    s.positive_duration: "duration > 0",
     s.size: "size",
     s.address: "address",
     s.network: "CIDR",
@@ -206,6 +212,8 @@ def describe(fn: Callable[..., Any], default: Any = REQUIRED) -> str:
         return "integer" + bounds(cells.get("low"), cells.get("high"))
     if k == "number":
         return "number" + bounds(cells.get("low"), cells.get("high"))
+    if k == "size_in":
+        return f"size {s.format_size(cells['low'])}..{s.format_size(cells['high'])}"
     if k == "choice":
         return " \\| ".join(f'`"{o}"`' for o in cells["options"])
     if k == "list_of":
@@ -247,9 +255,9 @@ def fmt_size(n: int) -> str:
 
 def toml_value(fn: Callable[..., Any], value: Any) -> str:
     """``value`` written as it would be in the file."""
-    if fn is s.duration:
+    if fn in (s.duration, s.positive_duration):
         return fmt_duration(value)
-    if fn is s.size:
+    if fn is s.size or kind(fn) == "size_in":
         return fmt_size(value)
     if fn is s.address and isinstance(value, tuple):
         return json.dumps(s.format_address(*value))

@@ -94,7 +94,9 @@ class ScriptedBackend:
                 # Wait for the client to close, so the close is never ours first.
                 with trio.move_on_after(10):
                     await stream.receive_some(1)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+            except* (trio.BrokenResourceError, trio.ClosedResourceError):
+                # except*: in CONCURRENT mode a reset reaches us from the nursery,
+                # wrapped in an exception group.
                 pass
 
     async def run(self, host: str = "127.0.0.1", port: int = 0, *,
@@ -109,6 +111,13 @@ async def scripted_exchange(host: str, port: int, send: int, reply: int, seed: i
                             mode: int = CONCURRENT) -> tuple[tuple[int, str], bytes]:
     """Run one scripted exchange; returns (digest of what the client sent, reply received)."""
     stream = await trio.open_tcp_stream(host, port)
+    return await exchange_on(stream, send, reply, seed, mode)
+
+
+async def exchange_on(stream: trio.SocketStream, send: int, reply: int, seed: int,
+                      mode: int = CONCURRENT) -> tuple[tuple[int, str], bytes]:
+    """:func:`scripted_exchange` over a stream already connected (e.g. from a
+    namespace, netns.tcp_connect); closes it."""
     mine = payload(send, seed)
     async with stream:
         await stream.send_all(HEADER.pack(reply, seed, mode))

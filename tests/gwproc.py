@@ -24,20 +24,25 @@ class GatewayProcess:
     """One gateway process; ``stop()`` is safe to call twice."""
 
     def __init__(self, workdir: Path, config: str, name: str = "gw", env: dict[str, str] | None = None,
-                 netns: str | None = None) -> None:
+                 netns: str | None = None, prefix: list[str] | None = None,
+                 command: list[str] | None = None) -> None:
         self.workdir = workdir
         self.config_path = workdir / f"{name}.toml"
         self.log_path = workdir / f"{name}.log"
         self.config_path.write_text(config)
         self.env = {**os.environ, **(env or {})}
         self.netns = netns
+        self.prefix = prefix or []
+        """A command the gateway runs under (``prlimit ...``, ``setpriv ...``)."""
+        self.command = command or L4GW
+        """How ``l4gw`` is started (another interpreter, say)."""
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, wait_ready: bool = True, timeout: float = 15) -> GatewayProcess:
         prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [*prefix, *L4GW, "run", "-c", str(self.config_path)],
+            [*prefix, *self.prefix, *self.command, "run", "-c", str(self.config_path)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=self.env,

@@ -24,12 +24,23 @@ Helpers that other tests reuse: :meth:`Topology.exec` and :meth:`Topology.popen`
 (``ip netns exec``), :func:`inside` (this thread enters a namespace for the
 duration of a ``with`` block, so a test can create sockets there and use them
 from trio in the test process), :func:`tcp_connect` and :func:`tcp_listen`.
+
+Faults on the links (tests/e2e/test_faults_netem.py): :meth:`Topology.impaired`
+(loss, delay with jitter, reordering on every veth end) and
+:meth:`Topology.set_link` (a link down, then up with its addresses and routes
+back). This kernel has no ``sch_netem`` (CONFIG_NET_SCH_NETEM is off), so the
+impairment is built from what it has: nftables ``numgen random`` drops packets
+and sorts the rest at random into HTB classes of different rates, so a packet
+waits its class's serialisation time (0 to ~12 ms for a full segment, plus the
+class's queue): that is the delay and its jitter, and a packet overtaken by one
+in a faster class arrives out of order.
 """
 
 from __future__ import annotations
 
 import ctypes
 import itertools
+import json
 import os
 import re
 import signal
@@ -55,6 +66,32 @@ GW_BACKEND_SIDE4, GW_BACKEND_SIDE6 = "198.18.1.1", "fd00:1::1"
 BACKEND4, BACKEND6 = "198.18.1.2", "fd00:1::2"
 SERVICES4, SERVICES6 = "198.18.2.0/24", "fd00:2::/64"
 ELSEWHERE4, ELSEWHERE6 = "198.18.3.10", "fd00:3::10"
+
+# What each veth end holds, so a link brought down can be given back exactly (the
+# kernel drops IPv6 addresses of a device that goes down, and routes through it).
+_ADDRESSES = {
+    "cli0": (f"{CLIENT4}/24", f"{CLIENT6}/64"),
+    "gw-cli": (f"{GW_CLIENT_SIDE4}/24", f"{GW_CLIENT_SIDE6}/64"),
+    "gw-be": (f"{GW_BACKEND_SIDE4}/24", f"{GW_BACKEND_SIDE6}/64"),
+    "be0": (f"{BACKEND4}/24", f"{BACKEND6}/64"),
+}
+_ROUTES = {
+    "cli0": (("default", "via", GW_CLIENT_SIDE4), ("default", "via", GW_CLIENT_SIDE6)),
+    "be0": (("default", "via", GW_BACKEND_SIDE4), ("default", "via", GW_BACKEND_SIDE6)),
+    "gw-be": (("198.18.3.0/24", "via", BACKEND4), ("fd00:3::/64", "via", BACKEND6)),
+}
+_PEER = {"cli0": "gw-cli", "gw-cli": "cli0", "gw-be": "be0", "be0": "gw-be"}
+# The impairment's HTB classes: (class id, rate, percent of the TCP packets, queue
+# limit). A full 1500-byte segment waits 0, 0.12, 0.6, 1.5 or 12 ms to be sent;
+# the slow classes have short queues, so a burst into them is dropped rather than
+# held for seconds (that is loss as well).
+_IMPAIR_CLASSES = (
+    ("1:10", "10gbit", 59, 1000),
+    ("1:20", "100mbit", 20, 200),
+    ("1:30", "20mbit", 12, 100),
+    ("1:40", "8mbit", 8, 64),
+    ("1:50", "1mbit", 1, 16),
+)
 
 
 def ip(*args: str) -> None:
@@ -206,6 +243,55 @@ class Topology:
         self.processes.append(proc)
         return proc
 
+    @property
+    def veths(self) -> tuple[tuple[str, str], ...]:
+        """(namespace, device) of every veth end: both ends of both links."""
+        return (
+            (self.client, "cli0"),
+            (self.gateway, "gw-cli"),
+            (self.gateway, "gw-be"),
+            (self.backend, "be0"),
+        )
+
+    def set_link(self, dev: str, up: bool) -> None:
+        """Take veth end ``dev`` (``cli0``, ``gw-cli``, ``gw-be``, ``be0``) down or up.
+
+        Down cuts the link: its peer loses carrier and nothing passes either way.
+        Up also puts back, on both ends, what the kernel removed meanwhile (the
+        IPv6 addresses and the routes through the device), so the topology is as
+        built again; TCP connections that were open survive if their retries last.
+        """
+        ns = dict((d, n) for n, d in self.veths)[dev]
+        ip("-n", ns, "link", "set", dev, "up" if up else "down")
+        if not up:
+            return
+        for end in (dev, _PEER[dev]):
+            end_ns = dict((d, n) for n, d in self.veths)[end]
+            v4, v6 = _ADDRESSES[end]
+            ip("-n", end_ns, "addr", "replace", v4, "dev", end)
+            ip("-n", end_ns, "-6", "addr", "replace", v6, "dev", end, "nodad")
+            for route in _ROUTES.get(end, ()):
+                family = "-6" if ":" in route[-1] else "-4"
+                ip("-n", end_ns, family, "route", "replace", *route)
+
+    @contextmanager
+    def impaired(self, loss_percent: float = 5.0) -> Iterator[Impairment]:
+        """Loss, delay with jitter and reordering of TCP on every veth end, for the block.
+
+        Each end drops ``loss_percent`` of the TCP packets it sends and sorts the rest
+        at random into the HTB classes of ``_IMPAIR_CLASSES`` (see the module
+        docstring: this kernel has no netem). GSO is limited to one segment per
+        packet meanwhile, so loss and delay hit segments, not 64 KiB bursts. The
+        qdiscs, the nftables tables and the GSO limit are removed on the way out,
+        whatever happened in the block.
+        """
+        impairment = Impairment(self, f"l4gw_impair_{os.getpid()}")
+        try:
+            impairment.apply(loss_percent)
+            yield impairment
+        finally:
+            impairment.remove()
+
     def destroy(self) -> None:
         for proc in self.processes:
             if proc.poll() is None:
@@ -218,6 +304,87 @@ class Topology:
             _kill_all_in(ns)
             if (NETNS_DIR / ns).exists():
                 subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+
+
+@dataclass
+class Impairment:
+    """The qdiscs and nftables rules :meth:`Topology.impaired` installs, and what they did."""
+
+    topology: Topology
+    table: str
+
+    def apply(self, loss_percent: float) -> None:
+        permyriad = round(loss_percent * 100)
+        shares, low = [], 0
+        for classid, _, percent, _ in _IMPAIR_CLASSES:
+            shares.append(f"{low}-{low + percent - 1} : {classid}")
+            low += percent
+        assert low == 100
+        rules = f"""
+table inet {self.table} {{
+    chain postrouting {{
+        type filter hook postrouting priority 0; policy accept;
+        meta l4proto tcp numgen random mod 10000 < {permyriad} counter drop
+        meta l4proto tcp meta priority set numgen random mod 100 map {{ {", ".join(shares)} }}
+    }}
+}}
+"""
+        for ns in self.topology.namespaces:
+            result = subprocess.run(
+                ["ip", "netns", "exec", ns, "nft", "-f", "-"],
+                input=rules, capture_output=True, text=True, timeout=10,
+            )  # fmt: skip
+            if result.returncode:
+                raise RuntimeError(f"nft in {ns}: {result.stderr.strip()}")
+        for ns, dev in self.topology.veths:
+            ip("-n", ns, "link", "set", dev, "gso_max_segs", "1")
+            _tc(ns, "qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "10")
+            for classid, rate, _, limit in _IMPAIR_CLASSES:
+                _tc(ns, "class", "add", "dev", dev, "parent", "1:", "classid", classid,
+                    "htb", "rate", rate, "ceil", rate)  # fmt: skip
+                handle = classid.split(":")[1] + ":"
+                _tc(ns, "qdisc", "add", "dev", dev, "parent", classid, "handle", handle,
+                    "pfifo", "limit", str(limit))  # fmt: skip
+
+    def remove(self) -> None:
+        """Undo :meth:`apply`, also a half-done one; never raises."""
+        for ns, dev in self.topology.veths:
+            subprocess.run(["tc", "-n", ns, "qdisc", "del", "dev", dev, "root"],
+                           capture_output=True, timeout=10)  # fmt: skip
+            subprocess.run(["ip", "-n", ns, "link", "set", dev, "gso_max_segs", "65535"],
+                           capture_output=True, timeout=10)  # fmt: skip
+        for ns in self.topology.namespaces:
+            subprocess.run(["ip", "netns", "exec", ns, "nft", "delete", "table", "inet",
+                            self.table], capture_output=True, timeout=10)  # fmt: skip
+
+    def dropped(self) -> int:
+        """TCP packets dropped so far, all namespaces together."""
+        total = 0
+        for ns in self.topology.namespaces:
+            out = self.topology.exec(ns, "nft", "-j", "list", "table", "inet", self.table)
+            for item in json.loads(out.stdout)["nftables"]:
+                for expr in item.get("rule", {}).get("expr", ()):
+                    if "counter" in expr:
+                        total += expr["counter"]["packets"]
+        return total
+
+    def delayed(self) -> int:
+        """Packets that went through a slow class (delayed, maybe reordered) so far."""
+        total = 0
+        for ns, dev in self.topology.veths:
+            # Each class has its own pfifo, handle "<minor>:"; "10:" is the fast one.
+            out = subprocess.run(["tc", "-n", ns, "-s", "-j", "qdisc", "show", "dev", dev],
+                                 capture_output=True, text=True, timeout=10)  # fmt: skip
+            for qdisc in json.loads(out.stdout or "[]"):
+                if qdisc.get("kind") == "pfifo" and qdisc.get("handle") != "10:":
+                    total += qdisc.get("packets", 0)
+        return total
+
+
+def _tc(ns: str, *args: str) -> None:
+    result = subprocess.run(["tc", "-n", ns, *args], capture_output=True, text=True, timeout=10)
+    if result.returncode:
+        raise RuntimeError(f"tc -n {ns} {' '.join(args)}: {result.stderr.strip()}")
 
 
 def _kill_all_in(ns: str) -> None:

@@ -1,18 +1,22 @@
-"""gateway/admin.py: request parsing, the token, redaction, the flow records."""
+"""gateway/admin.py: request parsing, the token, the flow records, the connection cap.
+
+Redaction of ``/config`` is tests/test_redact.py's.
+"""
 
 from __future__ import annotations
 
 import pytest
+import trio
+import trio.testing
 
 from gateway import Flow
 from gateway.admin import (
-    REDACTED,
     BadRequest,
     Request,
+    Slots,
     authorized,
     connections_document,
     parse_head,
-    redact,
 )
 
 
@@ -54,36 +58,6 @@ def test_authorized():
     assert not authorized(req("/metrics", "Bearer s3cret-and-more"), "s3cret")
 
 
-def test_redact():
-    raw = {
-        "admin": {"bind": "127.0.0.1:9901", "token": "t0p"},
-        "plugin": {
-            "ratelimit": {
-                "redis_url": "redis://user:hunter2@127.0.0.1:6379/0",
-                "fallback": ["rediss://:pw@[::1]:6380", "redis://127.0.0.1:6379"],
-                "redis_password": "hunter2",
-                "api_key": "k",
-                "client_secret": "s",
-                "per_client": 10,
-                "empty_token": "",
-            }
-        },
-        "cluster": {"api": {"endpoints": ["127.0.0.1:9001"]}},
-    }
-    out = redact(raw)
-    assert out["admin"] == {"bind": "127.0.0.1:9901", "token": REDACTED}
-    rl = out["plugin"]["ratelimit"]
-    assert rl["redis_url"] == f"redis://user:{REDACTED}@127.0.0.1:6379/0"
-    assert rl["fallback"] == [f"rediss://:{REDACTED}@[::1]:6380", "redis://127.0.0.1:6379"]
-    assert rl["redis_password"] == rl["api_key"] == rl["client_secret"] == REDACTED
-    assert rl["per_client"] == 10
-    assert rl["empty_token"] == ""
-    assert out["cluster"] == raw["cluster"]
-    assert "hunter2" not in repr(out) and "t0p" not in repr(out)
-    # The original is not touched.
-    assert raw["admin"]["token"] == "t0p"
-
-
 def test_connections_document():
     a = Flow(2, "public", "tcp", ("127.0.0.1", 5000), ("127.0.0.1", 8080))
     b = Flow(1, "v6", "tcp", ("::1", 5001), ("::1", 8443))
@@ -98,3 +72,33 @@ def test_connections_document():
     assert (second["bytes_from_client"], second["bytes_to_client"]) == (10, 20)
     assert second["spliced"] is True and second["tier"] == "splice"
     assert second["age_seconds"] == 1.5
+
+
+async def test_slots_wait_at_the_cap_and_follow_a_new_cap():
+    cap = [2]
+    slots = Slots(lambda: cap[0])
+    await slots.acquire()
+    await slots.acquire()
+    got: list[int] = []
+
+    async def third() -> None:
+        await slots.acquire()
+        got.append(slots.active)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(third)
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == [] and slots.active == 2  # waiting, not over the cap
+            slots.release()
+        assert got == [2]
+        # A reload lowers the cap: nobody gets in until enough have left.
+        cap[0] = 1
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(third)
+            await trio.testing.wait_all_tasks_blocked()
+            slots.release()
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == [2]
+            slots.release()
+        assert got == [2, 1]

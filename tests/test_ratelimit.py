@@ -18,6 +18,7 @@ from gateway import Flow, Refusal, Route
 from gateway.config import ConfigError, from_dict
 from l4gw_plugins.ratelimit import (
     BACKEND_ERROR,
+    BACKEND_LOCAL,
     SCHEMA,
     LruTable,
     MemoryBuckets,
@@ -277,7 +278,7 @@ def redis_settings(url: str, **kw: Any) -> RedisSettings:
         "lease_ttl": 1.0,
         "retry": 0.2,
         "key_prefix": "t:",
-        "fail_open": True,
+        "on_error": "open",
         "max_tracked": 1000,
     } | kw
     return RedisSettings(**values)
@@ -309,14 +310,16 @@ async def test_redis_outage_open_closed_and_logged_once(
 ) -> None:
     caplog.set_level(logging.INFO, "l4gw.ratelimit")
     rule = Rule("per_client", rate=1000.0, burst=1000.0)
-    open_ = RedisBuckets(redis_settings(redis.url, fail_open=True, lease=1))
-    closed = RedisBuckets(redis_settings(redis.url, fail_open=False, lease=1))
+    open_ = RedisBuckets(redis_settings(redis.url, on_error="open", lease=1))
+    closed = RedisBuckets(redis_settings(redis.url, on_error="closed", lease=1))
+    local = RedisBuckets(redis_settings(redis.url, on_error="local", lease=1))
     assert await open_.acquire([(rule, "x")]) is None
     assert await closed.acquire([(rule, "x")]) is None
     redis.kill()
     for _ in range(50):
         assert await open_.acquire([(rule, "x")]) is None
         assert await closed.acquire([(rule, "x")]) == BACKEND_ERROR
+        assert await local.acquire([(rule, "x")]) == BACKEND_LOCAL  # the plugin decides
     assert open_.outages == 1 and closed.outages == 1
     # Only the periodic retry touches the network while it is down.
     assert open_.errors < 5
@@ -326,7 +329,7 @@ async def test_redis_outage_open_closed_and_logged_once(
             await trio.sleep(0.05)
     unusable = [r for r in caplog.records if "unusable" in r.getMessage()]
     back = [r for r in caplog.records if "answers again after" in r.getMessage()]
-    assert len(unusable) == 2  # one per instance, not one per connection
+    assert len(unusable) == 3  # one per instance, not one per connection
     assert len(back) == 1
 
 
@@ -433,7 +436,7 @@ async def test_redis_password_and_script_reload(
         await ok.client.call("SCRIPT", "FLUSH")
         assert await ok.acquire([(rule, "y")]) is None
         assert await ok.client.call("EXISTS", "t:per_client:y") == 1  # in db 3
-        bad = RedisBuckets(redis_settings(good.replace("s3cret", "wrong"), fail_open=False))
+        bad = RedisBuckets(redis_settings(good.replace("s3cret", "wrong"), on_error="closed"))
         for _ in range(20):
             assert await bad.acquire([(rule, "x")]) == BACKEND_ERROR
             await trio.sleep(0.02)  # a few retries (redis_retry is 200ms)

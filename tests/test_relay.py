@@ -106,6 +106,26 @@ async def test_idle_timeout():
         assert reason == CloseReason.IDLE_TIMEOUT
 
 
+async def test_idle_timeout_with_bytes_on_the_way_resets_both_sides():
+    """Cut by the idle timeout while the backend would not take the client's bytes: the
+    backend reads what arrived, then a reset, never a FIN after a truncated stream."""
+    relay = CopyRelay(65536)
+    with topology(backend_rcvbuf=64 << 10) as topo, trio.fail_after(10):
+        async with trio.open_nursery() as n:
+
+            async def push() -> None:
+                while True:
+                    await topo.client.send(b"x" * 65536)
+
+            n.start_soon(push)
+            reason = await relay.run(topo.gw_client, topo.gw_upstream, RelayStats(), 0.3)
+            topo.close_gateway()
+            n.cancel_scope.cancel()
+        assert reason == CloseReason.IDLE_TIMEOUT
+        await expect_reset(topo.backend)
+        await expect_reset(topo.client, sending=True)
+
+
 async def test_promotion_hands_over_with_nothing_held():
     """Promoted after N bytes: a second relay continues and the stream is intact.
 

@@ -256,6 +256,25 @@ async def test_idle_timeout() -> None:
         assert 0.7 <= elapsed < 2.0, elapsed
 
 
+async def test_idle_timeout_with_bytes_on_the_way_resets_both_sides() -> None:
+    """Cut by the idle timeout while the backend would not take the client's bytes (some
+    sit in the pipe): the backend reads what arrived, then a reset, never a FIN."""
+    with topology(backend_rcvbuf=64 << 10) as topo, trio.fail_after(10):
+        relay = Relay(topo, idle_timeout=0.3)
+        async with trio.open_nursery() as n:
+
+            async def push() -> None:
+                while True:
+                    await topo.client.send(b"x" * 65536)
+
+            n.start_soon(push)
+            await relay.run()
+            n.cancel_scope.cancel()
+        assert relay.reason == "idle_timeout"
+        await expect_reset(topo.backend)
+        await expect_reset(topo.client, sending=True)
+
+
 async def test_ping_pong_not_corked() -> None:
     with topology() as topo:
         relay = Relay(topo)

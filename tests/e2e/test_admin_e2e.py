@@ -1,10 +1,13 @@
-"""The admin endpoint of a real ``l4gw run``: probes, token, /metrics, /connections, /config."""
+"""The admin endpoint of a real ``l4gw run``: probes, token, /metrics, /connections, /config,
+the connection cap, and a bind that is not loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
+import re
 import signal
 from typing import Any
 
@@ -12,8 +15,10 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from backends import echo_server, recv_exactly
-from gwproc import free_port, refused
+from backends import echo_server, recv_all, recv_exactly
+from gwproc import free_port, l4gw, refused
+from netns import GW_CLIENT_SIDE4, tcp_connect
+from netns import topology as topology  # the fixture
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -237,3 +242,110 @@ async def test_reload_moves_and_closes_the_endpoint(nursery, gateway):
             await stream.send_all(b"ping")
             assert await recv_exactly(stream, 4) == b"ping"
     assert "take effect at the next restart" in gw.log  # /metrics went with [admin]
+
+
+async def accept_queue(port: int) -> int:
+    """Connections the kernel holds for the socket listening on 127.0.0.1:``port``, not
+    yet accepted (a listening socket's Recv-Q)."""
+    done = await trio.run_process(
+        ["ss", "-Hltn", f"src 127.0.0.1 and sport = :{port}"], capture_stdout=True
+    )
+    return sum(int(line.split()[1]) for line in done.stdout.decode().splitlines())
+
+
+async def test_admin_connections_are_capped_and_leave_the_data_plane_alone(nursery, gateway):
+    """More idle admin connections than ``max_connections``: the extra ones wait in the
+    kernel backlog (the gateway holds nothing for them), the data plane serves, and a
+    request that waited is answered once the idle ones are gone."""
+    backend = await nursery.start(echo_server)
+    port, admin = free_port(), free_port()
+    gw = gateway(config(port, admin, backend) + "max_connections = 2\n")
+    idle: list[trio.SocketStream] = []
+    # The idle ones must be in place well within admin.READ_TIMEOUT (5 s), after which
+    # the gateway closes the two it accepted: a few local connects take milliseconds.
+    with trio.fail_after(4):
+        try:
+            for _ in range(5):
+                idle.append(await trio.open_tcp_stream("127.0.0.1", admin))
+            while await accept_queue(admin) < 3:
+                await trio.sleep(0.02)
+            waiting = await trio.open_tcp_stream("127.0.0.1", admin)
+            await waiting.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            while await accept_queue(admin) < 4:
+                await trio.sleep(0.02)
+            assert await accept_queue(admin) == 4  # two taken, four waiting: the cap holds
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                await stream.send_all(b"ping")
+                assert await recv_exactly(stream, 4) == b"ping"
+        finally:
+            for stream in idle:
+                await stream.aclose()
+    with trio.fail_after(10):
+        async with waiting:
+            response = await recv_all(waiting)
+    assert response.startswith(b"HTTP/1.1 200 OK\r\n") and response.endswith(b"\r\n\r\nok\n")
+    assert "admin endpoint: 2 connections open ([admin] max_connections)" in gw.log
+    assert await accept_queue(admin) == 0
+
+
+def test_a_public_admin_bind_without_token_does_not_start(tmp_path):
+    port = free_port()
+    text = config(port, 9901, free_port()).replace(
+        f'bind = "127.0.0.1:9901"\ntoken = "{TOKEN}"', 'bind = "0.0.0.0:9901"'
+    )
+    path = tmp_path / "public-admin.toml"
+    path.write_text(text)
+    result = l4gw("run", "-c", str(path), timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f'{path}: admin.bind: "0.0.0.0:9901" is not loopback')
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.privileged
+async def test_insecure_admin_warns_and_serves(nursery, gateway, topology):
+    """``insecure = true``: served to the network without a token, and said at start. In
+    the gateway namespace of the test topology, so the bind reaches no real network."""
+    port = free_port()
+    text = config(port, 9901, 9).replace(
+        f'bind = "127.0.0.1:9901"\ntoken = "{TOKEN}"',
+        f'bind = "{GW_CLIENT_SIDE4}:9901"\ninsecure = true',
+    )
+    gw = gateway(text, netns=topology.gateway)
+    assert re.search(
+        rf"WARNING l4gw.admin: admin endpoint on {GW_CLIENT_SIDE4}:9901 serves /config, "
+        r"/connections and /metrics to the network without a token \(\[admin\] insecure = true\)",
+        gw.log,
+    ), gw.log
+    with trio.fail_after(10):
+        stream = await tcp_connect(topology.client, GW_CLIENT_SIDE4, 9901)
+        async with stream:
+            await stream.send_all(b"GET /config HTTP/1.1\r\nHost: x\r\n\r\n")
+            response = await recv_all(stream)
+    assert response.startswith(b"HTTP/1.1 200 OK"), response
+
+
+async def test_request_head_bounded_in_size_and_in_time(admin_gateway):
+    """A head over MAX_HEAD gets 431; one that trickles in gets 408 once READ_TIMEOUT has
+    passed since the connection was accepted, however steadily its bytes come."""
+    from gateway.admin import MAX_HEAD
+
+    _, _, admin = admin_gateway
+    with trio.fail_after(20):
+        async with await trio.open_tcp_stream("127.0.0.1", admin) as stream:
+            await stream.send_all(b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * MAX_HEAD)
+            response = await recv_all(stream)
+        assert response.startswith(b"HTTP/1.1 431 "), response[:80]
+
+        async with await trio.open_tcp_stream("127.0.0.1", admin) as stream:
+
+            async def trickle() -> None:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    for byte in b"GET /healthz HTTP/1.1\r\nX-Slow: " + b"s" * 100:
+                        await stream.send_all(bytes([byte]))
+                        await trio.sleep(0.2)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trickle)
+                response = await recv_all(stream)
+                nursery.cancel_scope.cancel()
+        assert response.startswith(b"HTTP/1.1 408 "), response[:80]

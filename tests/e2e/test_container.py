@@ -222,6 +222,7 @@ ports = [80]
 
 [admin]
 bind = "0.0.0.0:{ADMIN_PORT}"
+insecure = true  # no token: only the test's namespaces reach it
 
 [plugin.accesslog]
 path = "-"

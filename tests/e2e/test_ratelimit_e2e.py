@@ -144,6 +144,8 @@ async def test_redis_limits_hold_across_two_gateways_and_survive_an_outage(nurse
     port_a, port_b = free_port(), free_port()
     gw_a = gateway(config(port_a, backend, shared + 'on_backend_error = "open"\n'), name="a")
     gw_b = gateway(config(port_b, backend, shared + 'on_backend_error = "closed"\n'), name="b")
+    port_c = free_port()  # the default: this gateway's own buckets while Redis is down
+    gw_c = gateway(config(port_c, backend, shared), name="c")
 
     admitted = [await echo_once((port_a, port_b)[i % 2], "127.0.0.2") for i in range(24)]
     # Alone, each gateway would admit 6 (12 in all). Shared, at most 6 pass;
@@ -157,8 +159,11 @@ async def test_redis_limits_hold_across_two_gateways_and_survive_an_outage(nurse
     b = [await echo_once(port_b, "127.0.0.6") for _ in range(10)]
     assert a == [True] * 10, "fail open: admitted while Redis is down"
     assert b == [False] * 10, "fail closed: refused while Redis is down"
+    c = [await echo_once(port_c, "127.0.0.6") for _ in range(10)]
+    assert c == [True] * 6 + [False] * 4, "local: the burst of 6 from this gateway's buckets"
+    gw_c.wait_log(r"refused by=ratelimit/per_client", count=4)
     gw_b.wait_log(r"refused by=ratelimit/backend_error", count=10)
-    for gw in (gw_a, gw_b):
+    for gw in (gw_a, gw_b, gw_c):
         gw.wait_log(r"redis redis://127\.0\.0\.1:\d+/0 unusable")
         assert gw.log.count("unusable") == 1, "one log line per outage, not per connection"
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import signal
 import socket
 import ssl
 import struct
@@ -777,3 +778,308 @@ def test_nftables_binding_errors_carry_nfts_message_and_change_nothing(topology:
         assert [i["table"]["name"] for i in nft.ruleset() if "table" in i] == ["l4gw-binding-test"]
         with pytest.raises(NftablesError):
             nft.run([{"bogus": {}}])
+
+
+# --- ownership and the guard (issue 13) -----------------------------------------------------
+
+ADMIN_PORT = 9901
+
+
+def owned_config(workers: int = 1, admin: bool = True, **tproxy: str) -> str:
+    """:func:`config` with manage = true, a short check_interval, the admin endpoint (in the
+    gateway namespace's loopback) and ``workers`` processes."""
+    keys = {"check_interval": '"200ms"', **tproxy}
+    text = config(manage=True, extra=f'\n[admin]\nbind = "127.0.0.1:{ADMIN_PORT}"\n' * admin)
+    text = text.replace(
+        "manage = true\n", "manage = true\n" + "".join(f"{k} = {v}\n" for k, v in keys.items())
+    )
+    return text.replace("[gateway]\n", f"[gateway]\nworkers = {workers}\n", 1)
+
+
+@pytest.fixture(autouse=True)
+def _no_lock_files_left(request: pytest.FixtureRequest) -> Any:
+    """Remove the ownership lock files of the test's gateway namespace, whatever happened
+    (a gateway killed with SIGKILL leaves its lock file: that is by design)."""
+    if "topology" not in request.fixturenames:
+        yield
+        return
+    # Asked for here, so that this fixture ends before the namespace goes.
+    path = lock_file(request.getfixturevalue("topology"))
+    yield
+    for suffix in (".lock", ".forced"):
+        path.with_suffix(suffix).unlink(missing_ok=True)
+
+
+def lock_file(topo: Topology) -> Path:
+    return Path(f"/run/l4gw/tproxy-{(Path('/run/netns') / topo.gateway).stat().st_ino}.lock")
+
+
+async def admin_get(topo: Topology, path: str) -> bytes:
+    """GET ``path`` from the admin endpoint on the gateway namespace's loopback: the body."""
+    _, reply = await exchange(
+        topo.gateway,
+        "127.0.0.1",
+        ADMIN_PORT,
+        f"GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n".encode(),
+    )
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), reply[:300]
+    return body
+
+
+def metric(text: bytes, name: str) -> float | None:
+    m = re.search(rf"^{name}(?:\{{[^}}]*\}})? (\S+)$", text.decode(), re.M)
+    return None if m is None else float(m.group(1))
+
+
+async def intercepted(topo: Topology, gw: GatewayProcess, count: int) -> None:
+    """A connection to a service address reaches the peer backend through ``gw`` (its
+    ``count``-th logged connection to svc-b4)."""
+    local, reply = await ask(topo.client, SVC_B4, 80, b"hi")
+    assert reply["name"] == "peer" and reply["peer"][0] == CLIENT4
+    await trio.to_thread.run_sync(gw.wait_log, r"route=svc-b4 ", 10, count)
+
+
+async def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    with trio.move_on_after(timeout):
+        while not condition():
+            await trio.sleep(0.05)
+        return
+    raise AssertionError(f"timeout waiting for {what}")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_second_start_touches_nothing_of_the_running_owner(
+    topology: Topology, gateway: StartGateway, nursery: trio.Nursery, tmp_path: Path, workers: int
+) -> None:
+    """A second ``l4gw run`` of the same file in the same namespace exits 1 with one line
+    naming the owner, and changes nothing: the first one's table, rules and routes stay,
+    intercepted connections still go through it, and it tears down at its own exit."""
+    topo = topology
+    peers = PeerServer("peer")
+    await serve(nursery, topo.backend, peers, (BACKEND4, PEER_PORT))
+    # No admin endpoint: the second start would fail on the listener port, as in the issue.
+    a = gateway(owned_config(workers, admin=False), name="a", netns=topo.gateway)
+    assert a.proc is not None
+    before = kernel_state(topo)
+    assert_set_up(before)
+    await intercepted(topo, a, 1)
+
+    b = GatewayProcess(tmp_path, "", name="b", netns=topo.gateway)
+    b.config_path = a.config_path  # the same file
+    try:
+        b.start(wait_ready=False)
+        assert await trio.to_thread.run_sync(b.wait) == 1
+    finally:
+        b.stop()
+    lines = [line for line in b.log.splitlines() if "tproxy" in line or " ERROR " in line]
+    assert len(lines) == 1, b.log
+    assert " ERROR " in lines[0] and "owned by a running gateway" in lines[0]
+    assert f"pid {a.proc.pid}, config {a.config_path}, since " in lines[0]
+    assert "ready: " not in b.log
+
+    assert kernel_state(topo) == before
+    await intercepted(topo, a, 2)
+    assert "torn down" not in a.log and "restored" not in a.log
+
+    assert a.stop() == 0
+    assert "tproxy: torn down" in a.log
+    assert_clean(kernel_state(topo))
+    assert not lock_file(topo).exists()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_guard_restores_what_was_removed_and_says_so(
+    topology: Topology, gateway: StartGateway, nursery: trio.Nursery, workers: int
+) -> None:
+    """The owner notices its table, an ip rule and a route removed, and its chain flushed, by
+    hand: each time an ERROR names the difference, the state is restored to what it set up,
+    ``l4gw.tproxy.restored`` counts it (``/metrics``), ``/status`` and ``l4gw tproxy status``
+    show it, and interception works again."""
+    topo = topology
+    peers = PeerServer("peer")
+    await serve(nursery, topo.backend, peers, (BACKEND4, PEER_PORT))
+    a = gateway(owned_config(workers), name="a", netns=topo.gateway)
+    before = kernel_state(topo)
+    assert_set_up(before)
+
+    tampering = [
+        (["nft", "delete", "table", "inet", "l4gw"], ["nftables table inet l4gw is missing"]),
+        (
+            ["ip", "-4", "rule", "del", "fwmark", "1", "lookup", "100", "priority", "10000"],
+            ["missing: ip -4 rule fwmark 0x1 lookup 100 priority 10000"],
+        ),
+        (
+            ["ip", "-6", "route", "del", "local", "default", "dev", "lo", "table", "100"],
+            ["missing: ip -6 route local default dev lo table 100"],
+        ),
+        (["nft", "flush", "chain", "inet", "l4gw", "prerouting"], ["rules differ from the config"]),
+    ]
+    for n, (argv, named) in enumerate(tampering, 1):
+        topo.exec(topo.gateway, *argv, check=True)
+        text = await trio.to_thread.run_sync(a.wait_log, r"tproxy: restored", 10, n)
+        errors = [line for line in text.splitlines() if "no longer matches" in line]
+        assert len(errors) == n and " ERROR " in errors[-1], text
+        assert all(what in errors[-1] for what in named), errors[-1]
+        await wait_until(lambda: kernel_state(topo) == before, "the state as set up")
+        await intercepted(topo, a, n)
+
+        metrics = await admin_get(topo, "/metrics")
+        assert metric(metrics, "l4gw_tproxy_restored_total") == n, metrics.decode()
+        assert metric(metrics, "l4gw_tproxy_intact") == 1
+
+    status = json.loads(await admin_get(topo, "/status"))["tproxy"]
+    assert status["restored"] == 4 and status["intact"] is True
+    assert status["config"] == str(a.config_path) and status["check_interval"] == 0.2
+    shown = tproxy(topo, a, "status")
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert "restored 4 times" in shown.stdout and "rules differ" in shown.stdout
+    assert a.proc is not None and f"owner: running gateway pid {a.proc.pid}, " in shown.stdout
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_owner_killed_next_start_takes_over(
+    topology: Topology, gateway: StartGateway, workers: int
+) -> None:
+    """kill -9 leaves the state (fail closed) and, once the last process is gone (workers
+    die with their supervisor, after their drain), a lock nobody holds: status says no
+    live gateway owns it, the next start takes it over, converges and guards it."""
+    topo = topology
+    a = gateway(owned_config(workers), name="a", netns=topo.gateway)
+    expected = kernel_state(topo)
+    assert a.proc is not None
+    a.proc.kill()
+    a.wait()
+
+    def released() -> bool:
+        return "owner: none" in tproxy(topo, a, "status").stdout
+
+    await wait_until(released, "the kernel to release the lock")
+    assert kernel_state(topo) == expected
+    assert lock_file(topo).exists()  # history, not an owner
+    shown = tproxy(topo, a, "status")
+    assert shown.returncode == 0
+    assert "owner: none: no running gateway owns" in shown.stdout
+    assert f"the last one, pid {a.proc.pid} with {a.config_path}, is gone" in shown.stdout
+
+    c = gateway(owned_config(workers), name="c", netns=topo.gateway)
+    assert c.proc is not None
+    assert "tproxy: set up" in c.log and "owned by" not in c.log
+    assert kernel_state(topo) == expected
+    shown = tproxy(topo, c, "status")
+    assert f"owner: running gateway pid {c.proc.pid}, config {c.config_path}" in shown.stdout
+    topo.exec(topo.gateway, "nft", "delete", "table", "inet", "l4gw", check=True)
+    await trio.to_thread.run_sync(c.wait_log, r"tproxy: restored")
+    await wait_until(lambda: kernel_state(topo) == expected, "the state as set up")
+    assert c.stop() == 0
+    assert_clean(kernel_state(topo))
+
+
+async def test_teardown_and_setup_refuse_while_owned_force_takes_over(
+    topology: Topology, gateway: StartGateway
+) -> None:
+    """``l4gw tproxy teardown`` and ``setup`` refuse while a live gateway owns the state and
+    change nothing; ``teardown --force`` removes it, and the gateway stops guarding it
+    (it does not restore it) and leaves it alone at exit."""
+    topo = topology
+    a = gateway(owned_config(), name="a", netns=topo.gateway)
+    assert a.proc is not None
+    before = kernel_state(topo)
+    for action in ("teardown", "setup"):
+        refused = tproxy(topo, a, action)
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert f"tproxy {action}: refused: " in refused.stderr
+        assert f"pid {a.proc.pid}, config {a.config_path}" in refused.stderr
+        assert "--force" in refused.stderr
+        assert kernel_state(topo) == before
+
+    forced = tproxy(topo, a, "teardown", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert "removed nftables table inet l4gw" in forced.stdout
+    assert f"forced: the gateway that owns the state (pid {a.proc.pid}" in forced.stdout
+    await trio.to_thread.run_sync(a.wait_log, r"took the TPROXY state over")
+    shown = tproxy(topo, a, "status")
+    assert "guard: stood down: l4gw tproxy teardown --force" in shown.stdout
+    # The guard has ended: nothing restores the state the operator removed.
+    assert_clean(kernel_state(topo))
+    assert "restored" not in a.log
+
+    assert a.stop() == 0
+    assert "tproxy: not torn down: l4gw tproxy teardown --force" in a.log
+    assert_clean(kernel_state(topo))
+    # With no owner left, both work without --force again.
+    assert tproxy(topo, a, "setup").returncode == 0
+    assert tproxy(topo, a, "teardown").returncode == 0
+    assert_clean(kernel_state(topo))
+
+
+async def test_reload_applies_a_changed_tproxy_and_guards_that(
+    topology: Topology, gateway: StartGateway
+) -> None:
+    """SIGHUP with another mark and table: the owner applies them and from then on guards
+    (and restores) the new plan, not the start-up one. A reloaded plan that conflicts, or a
+    file without manage = true, leaves the installed state as it is, still guarded."""
+    topo = topology
+    a = gateway(owned_config(), name="a", netns=topo.gateway)
+    assert_set_up(kernel_state(topo))
+
+    a.write_config(owned_config(mark="7", table="200"))
+    a.signal(signal.SIGHUP)
+    await trio.to_thread.run_sync(a.wait_log, r"tproxy: applied the changed \[tproxy\]")
+    changed = kernel_state(topo)
+    assert_set_up(changed, mark="0x7", table="200")
+    topo.exec(topo.gateway, "nft", "delete", "table", "inet", "l4gw", check=True)
+    await trio.to_thread.run_sync(a.wait_log, r"tproxy: restored")
+    await wait_until(lambda: kernel_state(topo) == changed, "the reloaded plan restored")
+
+    # A foreign ip rule where the next reload wants ours: refused, the installed one stays.
+    topo.exec(topo.gateway, "ip", "-4", "rule", "add", "priority", "20000", "lookup", "main")
+    try:
+        a.write_config(owned_config(mark="7", table="200", rule_priority="20000"))
+        a.signal(signal.SIGHUP)
+        await trio.to_thread.run_sync(a.wait_log, r"was not applied: .*priority 20000")
+    finally:
+        topo.exec(topo.gateway, "ip", "-4", "rule", "del", "priority", "20000", "lookup", "main")
+    a.write_config(owned_config(mark="7", table="200").replace("manage = true", "manage = false"))
+    a.signal(signal.SIGHUP)
+    await trio.to_thread.run_sync(a.wait_log, r"has no \[tproxy\] manage = true")
+    topo.exec(topo.gateway, "ip", "-4", "rule", "del", "fwmark", "7", "lookup", "200")
+    await trio.to_thread.run_sync(a.wait_log, r"tproxy: restored", 10, 2)
+    await wait_until(lambda: kernel_state(topo) == changed, "the reloaded plan restored")
+
+    assert a.stop() == 0
+    assert_clean(kernel_state(topo))
+
+
+def test_guard_reads_the_same_state_as_the_full_read(topology: Topology, tmp_path: Path) -> None:
+    """read_own (our table, rules, and a kernel-filtered dump of our routes) sees what
+    read_state sees, for a table id past 255 too, and a missing table as missing."""
+    from gateway import config as config_mod
+    from gateway import tproxy as tp
+
+    gw = GatewayProcess(tmp_path, config().replace("manage = false", "table = 100000"))
+    cfg = config_mod.load(str(gw.config_path), {})
+    p = tp.plan(cfg)
+    with inside(topology.gateway):
+        tp.apply(cfg)
+        try:
+            # A route of someone else's in our table is not ours.
+            foreign = ["ip", "route", "add", "local", "198.18.9.9", "dev", "lo", "table", "100000"]
+            subprocess.run(foreign, check=True)
+            own = tp.read_own(p)
+            with Nftables() as nft:
+                from pyroute2 import IPRoute
+
+                with IPRoute() as ipr:
+                    full = tp.read_state(nft, ipr)
+            assert own.table and own.rule_comments == full.rule_comments
+            assert own.chains == full.chains and own.ip_rules == full.ip_rules
+            assert sorted(map(str, own.routes)) == sorted(map(str, full.routes))
+            assert [r.table for r in own.routes] == [100000, 100000]
+            assert tp.differences(p, own) == []
+            subprocess.run(["nft", "delete", "table", "inet", "l4gw"], check=True)
+            gone = tp.read_own(p)
+            assert not gone.table
+            assert tp.differences(p, gone) == ["nftables table inet l4gw is missing"]
+        finally:
+            tp.teardown()
