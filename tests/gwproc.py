@@ -12,8 +12,10 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -123,3 +125,21 @@ def l4gw(*args: str, timeout: float = 30, netns: str | None = None,
     prefix = ["ip", "netns", "exec", netns] if netns else []
     return subprocess.run([*prefix, *L4GW, *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
+
+
+SITE_PACKAGES = sysconfig.get_paths()["purelib"]
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def readable_l4gw() -> dict[str, Any]:
+    """``command`` and ``env`` for :class:`GatewayProcess`: ``l4gw`` on the system's Python
+    with this venv's packages, for a gateway that drops to another user (``[gateway]
+    user``): this machine's venv interpreter lives under /root, which no other user may
+    enter. The same minor version, so the venv's compiled packages load."""
+    probe = subprocess.run([SYSTEM_PYTHON, "-c", "import sys; print(sys.version_info[:2])"],
+                           capture_output=True, text=True, check=True)
+    assert probe.stdout.strip() == str(sys.version_info[:2]), probe.stdout
+    launcher = ("import site, sys; site.addsitedir(sys.argv.pop(1)); "
+                "from gateway.cli import main; sys.exit(main())")
+    return {"command": [SYSTEM_PYTHON, "-c", launcher, SITE_PACKAGES],
+            "env": {"PYTHONPATH": SITE_PACKAGES}}

@@ -11,8 +11,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
-import sysconfig
 import tempfile
 import urllib.request
 from collections.abc import Iterator
@@ -25,7 +23,7 @@ from gateway.identity import resolve_identity
 from gateway.process import unreadable_installation
 
 from backends import ScriptedBackend, check_exchange, echo_server, scripted_exchange
-from gwproc import L4GW, GatewayProcess, free_port
+from gwproc import L4GW, GatewayProcess, free_port, readable_l4gw
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -360,22 +358,6 @@ def status(pid: int) -> dict[str, str]:
     return out
 
 
-SITE_PACKAGES = sysconfig.get_paths()["purelib"]
-SYSTEM_PYTHON = "/usr/bin/python3"
-
-
-def readable_l4gw() -> list[str]:
-    """``l4gw`` on the system's Python with this venv's packages: this machine's venv
-    interpreter lives under /root, which no other user may enter. The same minor
-    version, so the venv's compiled packages load."""
-    probe = subprocess.run([SYSTEM_PYTHON, "-c", "import sys; print(sys.version_info[:2])"],
-                           capture_output=True, text=True, check=True)
-    assert probe.stdout.strip() == str(sys.version_info[:2]), probe.stdout
-    launcher = ("import site, sys; site.addsitedir(sys.argv.pop(1)); "
-                "from gateway.cli import main; sys.exit(main())")
-    return [SYSTEM_PYTHON, "-c", launcher, SITE_PACKAGES]
-
-
 @pytest.mark.privileged
 def test_a_user_that_cannot_read_the_installation_is_refused_in_one_line(world_readable_dir):
     blocked = unreadable_installation(resolve_identity("nobody", ""))
@@ -416,8 +398,7 @@ name = "intercepted"
 bind = "127.0.0.1:{transparent_port}"
 transparent = true
 """
-    gw = GatewayProcess(world_readable_dir, text, command=readable_l4gw(),
-                        env={"PYTHONPATH": SITE_PACKAGES})
+    gw = GatewayProcess(world_readable_dir, text, **readable_l4gw())
     try:
         gw.start()
         gw.wait_log(r"ready: ", count=workers)

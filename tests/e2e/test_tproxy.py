@@ -29,7 +29,7 @@ import trio
 from gateway import proxy_protocol
 from gateway.nftables import Nftables, NftablesError
 
-from gwproc import L4GW, GatewayProcess, l4gw
+from gwproc import L4GW, GatewayProcess, l4gw, readable_l4gw
 from netns import (
     BACKEND4,
     BACKEND6,
@@ -888,18 +888,24 @@ async def test_second_start_touches_nothing_of_the_running_owner(
     assert not lock_file(topo).exists()
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize(("workers", "user"), [(1, ""), (2, ""), (1, "nobody")])
 async def test_guard_restores_what_was_removed_and_says_so(
-    topology: Topology, gateway: StartGateway, nursery: trio.Nursery, workers: int
+    topology: Topology, gateway: StartGateway, nursery: trio.Nursery, workers: int, user: str
 ) -> None:
     """The owner notices its table, an ip rule and a route removed, and its chain flushed, by
     hand: each time an ERROR names the difference, the state is restored to what it set up,
     ``l4gw.tproxy.restored`` counts it (``/metrics``), ``/status`` and ``l4gw tproxy status``
-    show it, and interception works again."""
+    show it, and interception works again. Also after dropping to ``[gateway] user`` with
+    only CAP_NET_ADMIN left (capabilities are per thread: the guard's threads must have it)."""
     topo = topology
     peers = PeerServer("peer")
     await serve(nursery, topo.backend, peers, (BACKEND4, PEER_PORT))
-    a = gateway(owned_config(workers), name="a", netns=topo.gateway)
+    text = owned_config(workers)
+    if user:
+        text = text.replace("[gateway]\n", f'[gateway]\nuser = "{user}"\n', 1)
+    a = gateway(text, name="a", netns=topo.gateway, **(readable_l4gw() if user else {}))
+    if user:
+        assert "running as nobody:nogroup" in a.log and "capabilities: CAP_NET_ADMIN" in a.log
     before = kernel_state(topo)
     assert_set_up(before)
 
