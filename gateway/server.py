@@ -40,6 +40,7 @@ from .relay import CopyRelay
 from .schema import format_address
 from .udp import UdpListener
 from .udp_sockets import open_udp_socket
+from .workers import HELD_WHILE_STARTING
 
 log = logging.getLogger("l4gw")
 
@@ -59,6 +60,8 @@ class Gateway:
         self.draining = False
         self.started_plugins = False
         self.on_reload: list[Callable[[Config], None]] = []
+        self._reload_when_ready = False
+        """A SIGHUP came before the listeners were open: reload once they are."""
         self._stop = trio.Event()
         self._idle = trio.Event()
         self._accepting: trio.Nursery | None = None
@@ -114,6 +117,8 @@ class Gateway:
                                 needed_capabilities(config),
                             )
                         self.ready = self.started = True
+                        if self._reload_when_ready:
+                            self.reload()
                         log.info(
                             "ready: %s",
                             ", ".join(f"{li.name}={self._bound(li)}" for li in config.listeners),
@@ -199,6 +204,8 @@ class Gateway:
     async def _signal_loop(self) -> None:
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
         with trio.open_signal_receiver(*signals) as received:
+            # A worker holds these while it starts (workers.py); from here they are ours.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_WHILE_STARTING)
             async for signum in received:
                 if signum == signal.SIGHUP:
                     self.reload()
@@ -217,8 +224,13 @@ class Gateway:
         """Re-read the config file; on any problem keep the running config.
 
         Returns:
-            True when the new configuration is in force.
+            True when the new configuration is in force (False also when it is
+            deferred: before the listeners are open, the reload waits for them).
         """
+        if self._accepting is None:
+            self._reload_when_ready = True
+            return False
+        self._reload_when_ready = False
         old = self.config
         try:
             new = config_mod.load(old.path, self.plugins.schemas())

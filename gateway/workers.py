@@ -30,6 +30,11 @@ _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 _PR_SET_PDEATHSIG = 1
 _RESTART_BACKOFF = (0.1, 5.0)
 
+HELD_WHILE_STARTING = frozenset({signal.SIGHUP, signal.SIGUSR1})
+"""Signals a new worker holds until its signal loop runs (server.Gateway unblocks them)."""
+_HEALTHY_RUN = 30.0
+"""A worker that ran this long before it died restarts without the back-off it had."""
+
 EXIT_START_FAILED = 3
 """A worker's exit code when it failed before it was ready (cli.run_one)."""
 
@@ -53,6 +58,7 @@ def supervise(
         0 after a requested stop, 1 when the workers could not be kept running.
     """
     children: dict[int, int] = {}
+    started: dict[int, float] = {}
     restarted: set[int] = set()
     stopping = False
     backoff = _RESTART_BACKOFF[0]
@@ -64,12 +70,16 @@ def supervise(
             try:
                 for signum in _FORWARDED:
                     signal.signal(signum, signal.SIG_DFL)
+                # A reload or reopen forwarded while this worker starts would kill it
+                # (their default action): held until its signal loop takes them.
+                signal.pthread_sigmask(signal.SIG_BLOCK, HELD_WHILE_STARTING)
                 _die_with_parent()
                 code = run_worker(index)
             finally:
                 logging.shutdown()
                 os._exit(code)
         children[pid] = index
+        started[pid] = time.monotonic()
 
     def forward(signum: int, frame: object) -> None:
         nonlocal stopping
@@ -97,6 +107,8 @@ def supervise(
             if pid not in children:
                 continue
             index = children.pop(pid)
+            if time.monotonic() - started.pop(pid) >= _HEALTHY_RUN:
+                backoff = _RESTART_BACKOFF[0]  # a crash now and then is not a crash loop
             if stopping:
                 continue
             code = os.waitstatus_to_exitcode(status)

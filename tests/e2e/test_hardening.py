@@ -232,6 +232,31 @@ async def test_restarted_worker_serves_the_reloaded_config(nursery, gateway):
     assert old.connections == 0, f"{old.connections} of 60 went to the old backend"
 
 
+async def test_reloads_while_a_worker_starts_do_not_kill_it(nursery, gateway):
+    """SIGHUP every 50 ms while a killed worker is replaced: the new worker holds the
+    signal until its signal loop runs, instead of dying of its default action."""
+    backend = ScriptedBackend()
+    bport = await nursery.start(backend.run)
+    port = free_port()
+    gw = gateway(config(port, [bport], gateway="workers = 2"))
+    gw.wait_log(r"ready: ", count=2)
+    assert gw.proc is not None
+    victim = worker_pids(gw.proc.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    with trio.fail_after(20):
+        while len(re.findall(r"ready: ", gw.log)) < 3:
+            gw.signal(signal.SIGHUP)
+            await trio.sleep(0.05)
+    for _ in range(10):  # and the reloads keep landing
+        gw.signal(signal.SIGHUP)
+        await trio.sleep(0.05)
+    gw.wait_log(r"reloaded ", count=20)
+    assert re.findall(r"exited with (-?\d+)", gw.log) == ["-9"], gw.log
+    for seed in range(10):
+        sent, got = await scripted_exchange("127.0.0.1", port, 100, 100, seed)
+        await check_exchange(backend, seed, sent, got, 100)
+
+
 # --- refusals that are recorded ----------------------------------------------------------------
 
 
