@@ -145,6 +145,69 @@ def listening_ports() -> set[int]:
     return ports
 
 
+def listening_inodes(port: int) -> set[int]:
+    """Inodes of the TCP listening sockets on 127.0.0.1:``port`` or 0.0.0.0:``port``
+    (several with SO_REUSEPORT: one per process sharing the port)."""
+    inodes: set[int] = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        parts = line.split()
+        host, hexport = parts[1].split(":")
+        if (
+            parts[3] == _TCP_LISTEN
+            and host in ("0100007F", "00000000")
+            and int(hexport, 16) == port
+        ):
+            inodes.add(int(parts[9]))
+    return inodes
+
+
+# --- process facts (/proc) ------------------------------------------------------
+
+
+def child_pids(pid: int) -> list[int]:
+    """The live children of ``pid`` (a supervisor's workers, a gateway's exporter)."""
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def rss_kib(pid: int) -> int | None:
+    """Resident set size of ``pid`` in KiB (``VmRSS``), None when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def fd_count(pid: int) -> int | None:
+    """Open file descriptors of ``pid``, None when it is gone."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets ``pid`` holds (empty when it is gone)."""
+    inodes: set[int] = set()
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return inodes
+    for name in names:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))

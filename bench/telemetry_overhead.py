@@ -84,7 +84,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loads import LOADS, LoadFailed, Metrics, run_load
-from peers import LOOPBACK, ROOT, Child, Children, free_port, gateway_config, start_nginx
+from peers import (
+    LOOPBACK,
+    ROOT,
+    Child,
+    Children,
+    child_pids,
+    free_port,
+    gateway_config,
+    start_nginx,
+)
 
 PATHS = ("disabled", "off", "traced", "traced-10%")
 BASELINE = "traced-before"
@@ -215,14 +224,6 @@ def start_path(
     return listen, child
 
 
-def child_pids(pid: int) -> list[int]:
-    """The live children of ``pid`` (the span exporter process of a traced gateway)."""
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except (OSError, ValueError):
-        return []
-
-
 def process_cpu(pid: int) -> float:
     """User + system CPU seconds of ``pid`` so far (0 when it is gone)."""
     try:
@@ -268,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--paths",
         default=",".join(PATHS),
-        help=f"paths to run, of {', '.join(PATHS)} (off and traced always; default all)",
+        # argparse formats help with %: the "10%" of a path name is written "10%%".
+        help=f"paths to run, of {', '.join(PATHS).replace('%', '%%')} "
+        "(off and traced always; default all)",
     )
     p.add_argument(
         "--pin",
