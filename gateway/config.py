@@ -443,6 +443,14 @@ def read(path: str | Path) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, [f"not valid TOML: {exc}"]) from None
+    except RecursionError:
+        # tomllib recurses once per nesting level: a few hundred "[" exhaust the stack.
+        raise ConfigError(path, ["arrays or tables nested too deeply to read"]) from None
+    except ValueError as exc:
+        # tomllib's int() of an integer longer than sys.get_int_max_str_digits() raises
+        # a bare ValueError ("Exceeds the limit (4300 digits) ...; use sys.set_...").
+        why = str(exc).split(";")[0]
+        raise ConfigError(path, [f"an integer too long to read ({why})"]) from None
 
 
 def from_dict(raw: Mapping[str, Any], path: str, plugin_schemas: Mapping[str, s.Schema]) -> Config:

@@ -228,7 +228,11 @@ def size(value: Any) -> int:
     m = _SIZE.fullmatch(value.strip())
     if not m:
         raise Invalid(f'not a size (like "64KiB", "1MiB"): "{value}"')
-    return int(m["n"]) * _SIZE_UNITS[m["unit"]]
+    try:
+        n = int(m["n"])
+    except ValueError:  # more digits than int() reads (sys.get_int_max_str_digits())
+        raise Invalid(f'not a size (like "64KiB", "1MiB"): a number of {len(m["n"])} digits')
+    return n * _SIZE_UNITS[m["unit"]]
 
 
 def format_size(n: int) -> str:
