@@ -154,7 +154,7 @@ _SYSCALLS = frozenset(
     ]
 )
 _PY_CATEGORIES = (
-    ("gateway/relay.py", "copy relay (Python)"),
+    ("gateway/relay/copy.py", "copy relay (Python)"),
     ("gateway/plugin_manager.py", "hook dispatch"),
     ("inspect.py", "hook dispatch"),
     ("gateway/", "core connection path (Python)"),

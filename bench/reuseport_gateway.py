@@ -12,7 +12,8 @@ import socket
 import sys
 import types
 
-from gateway import cli, listeners
+from gateway import listeners
+from gateway.cli import main as cli
 
 
 class _ReusePortSocket(socket.socket):

@@ -182,7 +182,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     for item in args.gateway_src:
         label, _, src = item.partition("=")
         if not label or not (Path(src) / "gateway" / "cli.py").is_file():
-            p.error(f"--gateway-src {item!r}: want LABEL=DIR with DIR/gateway/cli.py")
+            p.error(f"--gateway-src {item!r}: want LABEL=DIR with DIR/gateway/cli/main.py")
         args.sources[f"gw-{label}"] = Path(src).resolve()
         PATH_NOTES[f"gw-{label}"] = f"l4gw run from {src}"
     args.paths += list(args.sources)

@@ -16,8 +16,8 @@ front of the same backend:
 
 * ``traced-before`` (with ``--baseline DIR``): ``traced`` with another
   version of the telemetry code, for a before/after comparison in the same
-  run. DIR holds copies of ``gateway/telemetry.py``,
-  ``gateway/telemetry_export.py``, ``gateway/otlp_encode.py`` and
+  run. DIR holds copies of ``gateway/telemetry/providers.py``,
+  ``gateway/telemetry/metrics.py``, ``gateway/telemetry/otlp.py`` and
   ``plugins/telemetry.py`` (that one named ``plugin_telemetry.py``); they
   run as a plugin of their own (package ``l4gw_telemetry_before``) in place
   of the built-in one, on the same gateway core.
@@ -159,7 +159,7 @@ def baseline_overlay(source: Path, workdir: Path) -> Path:
     ``telemetry_before`` (package ``l4gw_telemetry_before``).
 
     Their relative imports of the gateway core become absolute; the plugin's
-    ``gateway.telemetry`` becomes the overlay's own copy.
+    ``gateway.telemetry.providers`` becomes the overlay's own copy.
     """
     root = workdir / "baseline"
     package = root / "l4gw_telemetry_before"

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import pluggy
 
-from . import schema
-from .config import ClusterConfig, Config, Endpoint, ListenerConfig, RouteConfig
-from .flow import CloseReason, Flow, Refusal, Route
-from .redact import redact_text, redact_url
-from .relay import RelayReset, abort_on_close, both_directions
-from .relay_stats import RelayStats
-from .schema import Field, Invalid, Schema
+from gateway import schema
+from gateway.config import ClusterConfig, Config, Endpoint, ListenerConfig, RouteConfig
+from gateway.flow import CloseReason, Flow, Refusal, Route
+from gateway.redact import redact_text, redact_url
+from gateway.relay.copy import RelayReset, abort_on_close, both_directions
+from gateway.relay.stats import RelayStats
+from gateway.schema import Field, Invalid, Schema
 
 __version__ = "0.1.0"
 

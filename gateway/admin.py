@@ -52,14 +52,15 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import telemetry, tproxy_guard
-from .config import ADMIN_MAX_CONNECTIONS, is_loopback
-from .flow import Flow
-from .oserrors import bind_error
-from .redact import redact_config
+from gateway.config import ADMIN_MAX_CONNECTIONS, is_loopback
+from gateway.flow import Flow
+from gateway.oserrors import bind_error
+from gateway.redact import redact_config
+from gateway.telemetry import providers as telemetry
+from gateway.tproxy import guard as tproxy_guard
 
 if TYPE_CHECKING:
-    from .server import Gateway
+    from gateway.server import Gateway
 
 log = logging.getLogger("l4gw.admin")
 

@@ -20,10 +20,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from . import schema as s
-from .identity import IdentityError, resolve_identity
-from .redact import redact_text
-from .schema import Field, Invalid, IPNetwork
+from gateway import schema as s
+from gateway.identity import IdentityError, resolve_identity
+from gateway.redact import redact_text
+from gateway.schema import Field, Invalid, IPNetwork
 
 # --- the schema of each section ---------------------------------------------
 

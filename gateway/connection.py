@@ -24,16 +24,16 @@ from typing import Any
 import trio
 from trio.lowlevel import wait_writable
 
-from . import proxy_protocol
-from .clienthello import ClientHello, parse_client_hello
-from .config import ClusterConfig, Config, ListenerConfig
-from .decisions import choose_route, refusal, where, why
-from .flow import CloseReason, Flow, Route
-from .logbudget import LogBudget, held_back
-from .peek import PeekFailed, peek, recv_exactly_queued
-from .plugin_manager import Plugins
-from .relay import CopyRelay, abort_on_close
-from .upstream import ConnectFailed, ResetAfterConnect, connect
+from gateway import proxy_protocol
+from gateway.clienthello import ClientHello, parse_client_hello
+from gateway.config import ClusterConfig, Config, ListenerConfig
+from gateway.decisions import choose_route, refusal, where, why
+from gateway.flow import CloseReason, Flow, Route
+from gateway.logbudget import LogBudget, held_back
+from gateway.peek import PeekFailed, peek, recv_exactly_queued
+from gateway.plugin_manager import Plugins
+from gateway.relay.copy import CopyRelay, abort_on_close
+from gateway.upstream import ConnectFailed, ResetAfterConnect, connect
 
 log = logging.getLogger("l4gw.conn")
 

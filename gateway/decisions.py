@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .flow import CloseReason, Flow, Route
-from .plugin_manager import Raised
-from .schema import format_address
+from gateway.flow import CloseReason, Flow, Route
+from gateway.plugin_manager import Raised
+from gateway.schema import format_address
 
 if TYPE_CHECKING:
-    from .connection import Runtime
+    from gateway.connection import Runtime
 
 
 async def refusal(rt: Runtime, flow: Flow, hook: str, **more: Any) -> tuple[str, bool] | None:

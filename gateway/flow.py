@@ -13,10 +13,10 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .relay_stats import RelayStats
+from gateway.relay.stats import RelayStats
 
 if TYPE_CHECKING:
-    from .config import ClusterConfig, Endpoint
+    from gateway.config import ClusterConfig, Endpoint
 
 
 class CloseReason:

@@ -41,9 +41,9 @@ import pluggy
 if TYPE_CHECKING:
     import trio
 
-    from .config import Config, Endpoint
-    from .flow import Flow, Refusal, Route
-    from .schema import Schema
+    from gateway.config import Config, Endpoint
+    from gateway.flow import Flow, Refusal, Route
+    from gateway.schema import Schema
 
 PROJECT = "l4gw"
 hookspec = pluggy.HookspecMarker(PROJECT)

@@ -31,7 +31,7 @@ TCP_INFO: int = getattr(socket, "TCP_INFO", 11)
 # asm-generic/socket.h: SO_RCVLOWAT = 18
 SO_RCVLOWAT: int = getattr(socket, "SO_RCVLOWAT", 18)
 
-# --- TPROXY plumbing (gateway/tproxy.py, gateway/sockdiag.py) ---
+# --- TPROXY plumbing (gateway/tproxy/setup.py, gateway/tproxy/sockdiag.py) ---
 # linux/capability.h: CAP_NET_ADMIN = 12 (a bit of CapEff in /proc/self/status)
 CAP_NET_ADMIN: int = 12
 # linux/rtnetlink.h: RT_SCOPE_HOST = 254 (an IPv4 "local" route has host scope)
@@ -49,7 +49,7 @@ INET_DIAG_SOCKOPT: int = 22
 # net/tcp_states.h: TCP_LISTEN = 10
 TCP_LISTEN: int = 10
 
-# --- UDP sessions (gateway/udp.py, gateway/udp_sockets.py) ---
+# --- UDP sessions (gateway/udp/listener.py, gateway/udp/sockets.py) ---
 # asm-generic/socket.h: SO_RCVBUFFORCE = 33 (SO_RCVBUF past net.core.rmem_max, CAP_NET_ADMIN)
 SO_RCVBUFFORCE: int = getattr(socket, "SO_RCVBUFFORCE", 33)
 # linux/in.h: IP_PKTINFO = 8 (struct in_pktinfo: the local address a datagram was sent to,
@@ -59,7 +59,7 @@ IP_PKTINFO: int = getattr(socket, "IP_PKTINFO", 8)
 IPV6_RECVPKTINFO: int = getattr(socket, "IPV6_RECVPKTINFO", 49)
 IPV6_PKTINFO: int = getattr(socket, "IPV6_PKTINFO", 50)
 
-# --- telemetry (gateway/telemetry_pipe.py, gateway/telemetry_exporter.py) ---
+# --- telemetry (gateway/telemetry/pipe.py, gateway/telemetry/exporter.py) ---
 # asm-generic/socket.h: SO_SNDBUFFORCE = 32 (SO_SNDBUF past net.core.wmem_max, CAP_NET_ADMIN)
 SO_SNDBUFFORCE: int = getattr(socket, "SO_SNDBUFFORCE", 32)
 # linux/prctl.h: PR_SET_PDEATHSIG = 1 (signal sent to this process when its parent dies)

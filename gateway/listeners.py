@@ -18,9 +18,9 @@ from typing import Any
 import trio
 from trio.lowlevel import checkpoint, wait_readable
 
-from .config import ListenerConfig
-from .linux import IP_TRANSPARENT, IPV6_TRANSPARENT
-from .oserrors import bind_error
+from gateway.config import ListenerConfig
+from gateway.linux import IP_TRANSPARENT, IPV6_TRANSPARENT
+from gateway.oserrors import bind_error
 
 log = logging.getLogger("l4gw.listener")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 
-from .plugin_manager import PluginError
+from gateway.plugin_manager import PluginError
 
 _HINTS = {
     errno.EADDRINUSE: "another process holds it (ss -ltnp or ss -lunp shows which)",

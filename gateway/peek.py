@@ -17,7 +17,7 @@ from typing import TypeVar
 import trio
 from trio.lowlevel import wait_readable
 
-from .linux import SO_RCVLOWAT
+from gateway.linux import SO_RCVLOWAT
 
 T = TypeVar("T")
 

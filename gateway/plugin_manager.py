@@ -20,8 +20,8 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
-from .schema import Schema
+from gateway import hookspecs
+from gateway.schema import Schema
 
 log = logging.getLogger("l4gw.plugins")
 

@@ -28,9 +28,9 @@ import sys
 
 import trio
 
-from .config import Config
-from .identity import Identity
-from .linux import CAP_NET_ADMIN, CAP_NET_BIND_SERVICE
+from gateway.config import Config
+from gateway.identity import Identity
+from gateway.linux import CAP_NET_ADMIN, CAP_NET_BIND_SERVICE
 
 log = logging.getLogger("l4gw.process")
 

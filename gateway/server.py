@@ -28,19 +28,19 @@ from typing import Any
 
 import trio
 
-from . import config as config_mod
-from .config import Config, ConfigError
-from .connection import Runtime, handle, refuse_over_capacity
-from .flow import Flow
-from .identity import resolve_identity
-from .listeners import Listener, open_socket
-from .plugin_manager import PluginError, Plugins
-from .process import drop_privileges, needed_capabilities
-from .relay import CopyRelay
-from .schema import format_address
-from .udp import UdpListener
-from .udp_sockets import open_udp_socket
-from .workers import HELD_WHILE_STARTING
+from gateway import config as config_mod
+from gateway.config import Config, ConfigError
+from gateway.connection import Runtime, handle, refuse_over_capacity
+from gateway.flow import Flow
+from gateway.identity import resolve_identity
+from gateway.listeners import Listener, open_socket
+from gateway.plugin_manager import PluginError, Plugins
+from gateway.process import drop_privileges, needed_capabilities
+from gateway.relay.copy import CopyRelay
+from gateway.schema import format_address
+from gateway.udp.listener import UdpListener
+from gateway.udp.sockets import open_udp_socket
+from gateway.workers import HELD_WHILE_STARTING
 
 log = logging.getLogger("l4gw")
 
@@ -258,8 +258,8 @@ class Gateway:
 
     async def _start_tproxy_guard(self, nursery: trio.Nursery) -> None:
         """``[tproxy] manage = true``: the owner's guard restores removed or changed rules
-        (gateway/tproxy_guard.py; worker 0 runs it, and applies a reloaded ``[tproxy]``)."""
-        from .tproxy_guard import Guard
+        (gateway/tproxy/guard.py; worker 0 runs it, and applies a reloaded ``[tproxy]``)."""
+        from gateway.tproxy.guard import Guard
 
         guard = Guard.for_process(self.config)
         if guard is not None:
@@ -270,7 +270,7 @@ class Gateway:
         """The admin endpoint of the config in force, in a scope of its own (a reload
         that moves it cancels that scope); ``started`` with the scope and an event set
         once its socket is closed."""
-        from . import admin
+        from gateway import admin
 
         closed = trio.Event()
         try:

@@ -15,8 +15,8 @@ import socket
 import trio
 from trio.lowlevel import wait_writable
 
-from .config import Endpoint
-from .linux import IP_TRANSPARENT, IPV6_TRANSPARENT
+from gateway.config import Endpoint
+from gateway.linux import IP_TRANSPARENT, IPV6_TRANSPARENT
 
 
 class ConnectFailed(Exception):

@@ -2,7 +2,7 @@
 
 Three tiers per flow (DESIGN.md, "Relay tiers"): ``copy`` (the core's trio relay),
 ``splice`` (splice(2) through a pipe per direction, no privileges) and ``sockmap``
-(gateway/sockmap.py: the kernel redirects each side's bytes to the other).
+(gateway/relay/sockmap.py: the kernel redirects each side's bytes to the other).
 ``[plugin.relay] tiers`` lists them in order of preference. A flow starts in
 ``copy`` and is promoted once it has moved ``promote_after_bytes`` or lived
 ``promote_after`` (checked when bytes move: an idle flow costs nothing where it
@@ -49,9 +49,9 @@ import trio
 
 from gateway import CloseReason, Config, Field, Flow, Invalid, hookimpl
 from gateway import schema as s
-from gateway.relay import CopyRelay, Promotion
-from gateway.sockmap import Accelerator, AcceleratorError, ArmError, FlowReport, Limits
-from gateway.splice_relay import splice_relay, splice_self_test
+from gateway.relay.copy import CopyRelay, Promotion
+from gateway.relay.sockmap import Accelerator, AcceleratorError, ArmError, FlowReport, Limits
+from gateway.relay.splice import splice_relay, splice_self_test
 
 log = logging.getLogger("l4gw.relay")
 

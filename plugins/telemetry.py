@@ -24,7 +24,7 @@ Everything goes through the hook contract, like any third-party plugin:
   exporter's counts); ``l4gw_shutdown`` delivers what is left, bounded.
 
 The spans' exact content (names, attributes, events, status) is
-:mod:`gateway.telemetry_flows`: the hooks capture plain values, the exporter
+:mod:`gateway.telemetry.flows`: the hooks capture plain values, the exporter
 process makes the spans.
 
 Attribute names follow OpenTelemetry semantic conventions v1.44.0 for a proxy
@@ -48,7 +48,7 @@ Rules kept here:
   sampler's (or, for the file's ratio, the same comparison inline), but a
   sampled connection is kept as plain ints and handed on as one plain
   tuple of the values it already has (a flow record,
-  :mod:`gateway.telemetry_flows`, with a short tuple per connect attempt)
+  :mod:`gateway.telemetry.flows`, with a short tuple per connect attempt)
   when it ends; the exporter *process* makes its spans, encodes and posts
   them. A connection that is not sampled keeps no trace state at all
   unless a cluster propagates traceparents. Counters are plain integers
@@ -71,10 +71,10 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from gateway import CloseReason, Config, Endpoint, Flow, __version__, hookimpl
-from gateway import telemetry as tel
 from gateway.flow import KERNEL_TIERS
-from gateway.telemetry_flows import FLOW, span_name
-from gateway.telemetry_records import Scope, SpanRecord, format_trace_state
+from gateway.telemetry import providers as tel
+from gateway.telemetry.flows import FLOW, span_name
+from gateway.telemetry.records import Scope, SpanRecord, format_trace_state
 
 if TYPE_CHECKING:
     import trio
@@ -263,7 +263,7 @@ class Recorder:
             return False
         emit: Callable[[SpanRecord], None]
         if t.span_processor is not None:
-            from gateway.telemetry_flows import ProcessorSink
+            from gateway.telemetry.flows import ProcessorSink
 
             emit = ProcessorSink(t.span_processor, provider.resource).add
         elif t.spans is not None:
@@ -373,7 +373,7 @@ class Recorder:
         propagate = error is None and cluster in self._traceparent_clusters
         span_id = trace.span_id
         if trace.sampled:
-            # The attempt goes out with the flow record (gateway.telemetry_flows,
+            # The attempt goes out with the flow record (gateway.telemetry.flows,
             # AT_* fields): the exporter makes its CLIENT span, and picks its
             # span id unless a traceparent names it now.
             span_id = (self._span_id() or 1) if propagate else 0
@@ -466,7 +466,7 @@ class Recorder:
             listener = self._listener_attrs[flow.listener] = self._listener_attributes(
                 flow.listener
             )
-        # A flow record (gateway.telemetry_flows, F_* fields): plain values,
+        # A flow record (gateway.telemetry.flows, F_* fields): plain values,
         # the plugins' attributes and events as they left them.
         self._emit(
             (

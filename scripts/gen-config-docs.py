@@ -9,7 +9,7 @@ type, its default and its doc the rest): the core sections of
 sections of the built-in plugins (``l4gw_plugins``; third-party plugins
 document their own). Nothing here repeats a key by hand, so nothing can be
 missed: a schema of ``gateway/config.py`` that no heading below names is
-still printed, under its variable name. tests/test_examples.py fails when the
+still printed, under its variable name. tests/examples/test_examples.py fails when the
 committed file differs from this script's output.
 """
 

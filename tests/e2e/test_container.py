@@ -233,7 +233,7 @@ path = "-"
 async def exchange(
     ns: str, host: str, port: int, send: int, reply: int, seed: int
 ) -> tuple[tuple[int, str], bytes]:
-    """The scripted exchange of tests/backends.py, from namespace ``ns``."""
+    """The scripted exchange of tests/support/backends.py, from namespace ``ns``."""
     stream = await tcp_connect(ns, host, port)
     mine = payload(send, seed)
     got: list[bytes] = []

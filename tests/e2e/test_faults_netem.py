@@ -1,7 +1,7 @@
 """Faults on the wire and at the backend, with the gateway in its own namespace.
 
 A real ``l4gw run`` serves in the gateway namespace of the three-namespace
-topology (tests/netns.py) on plain listeners (no TPROXY): ``public`` and
+topology (tests/support/netns.py) on plain listeners (no TPROXY): ``public`` and
 ``public6`` on the client-side veth go to the ``api`` cluster, a scripted
 backend in the backend namespace; ``fault`` goes to whatever endpoints a test
 puts in harm's way. Every case runs in each relay tier it can reach (``copy``,

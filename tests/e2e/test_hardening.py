@@ -195,7 +195,7 @@ def children(pid: int) -> list[int]:
 
 
 def is_exporter(pid: int) -> bool:
-    return b"gateway.telemetry_exporter" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    return b"gateway.telemetry.exporter" in Path(f"/proc/{pid}/cmdline").read_bytes()
 
 
 def worker_pids(supervisor: int) -> list[int]:

@@ -1,6 +1,6 @@
 """Relay tiers end to end: a real ``l4gw run`` with ``[plugin.relay]`` set per tier.
 
-Each test checks bytes (SHA-256 both ways, tests/backends.py), what the close
+Each test checks bytes (SHA-256 both ways, tests/support/backends.py), what the close
 hook saw (the core's log line with ``log_connections`` and a test observer that
 logs ``flow.tier`` and the ``spliced`` span event), and that the gateway leaves
 nothing in the kernel: every BPF program, map, link and BTF object the process
@@ -28,8 +28,9 @@ from typing import Any
 import pytest
 import trio
 
-from gateway import libbpf, proxy_protocol
-from gateway.sockmap import DEFAULT_OBJECT
+from gateway import proxy_protocol
+from gateway.relay import libbpf
+from gateway.relay.sockmap import DEFAULT_OBJECT
 
 import gwproc
 from backends import (

@@ -509,7 +509,7 @@ def test_disabled_telemetry_loads_no_sdk():
 
     code = (
         "import sys\n"
-        "from gateway import telemetry\n"
+        "from gateway.telemetry import providers as telemetry\n"
         "from gateway.config import TelemetryConfig\n"
         "assert telemetry.setup(TelemetryConfig('none', 1.0, 'x', 10.0), prometheus=False,"
         " env={}) is None\n"

@@ -27,7 +27,7 @@ import pytest
 import trio
 
 from gateway import proxy_protocol
-from gateway.nftables import Nftables, NftablesError
+from gateway.tproxy.nftables import Nftables, NftablesError
 
 from gwproc import L4GW, GatewayProcess, l4gw, readable_l4gw
 from netns import (
@@ -1061,8 +1061,7 @@ def test_guard_reads_the_same_state_as_the_full_read(topology: Topology, tmp_pat
     """read_own (our table, rules, and a kernel-filtered dump of our routes) sees what
     read_state sees, for a table id past 255 too, and a missing table as missing."""
     from gateway import config as config_mod
-    from gateway import tproxy as tp
-
+    from gateway.tproxy import setup as tp
     gw = GatewayProcess(tmp_path, config().replace("manage = false", "table = 100000"))
     cfg = config_mod.load(str(gw.config_path), {})
     p = tp.plan(cfg)

@@ -1,4 +1,4 @@
-"""UDP through TPROXY, in the three-namespace topology (tests/netns.py).
+"""UDP through TPROXY, in the three-namespace topology (tests/support/netns.py).
 
 Clients in the client namespace send to service addresses that exist nowhere
 (198.18.2.0/24, fd00:2::/64); ``l4gw tproxy setup`` intercepts them for a real

@@ -1,0 +1,415 @@
+"""A minimal cffi ABI-mode binding of libbpf 1.x (``libbpf.so.1``) for the sockmap tier.
+
+Only the calls the accelerator needs are declared (reference/sockmap.md §5).
+
+Rules kept (sockmap.md §8 rule 17):
+
+1. ``int`` returns are ``-errno`` on failure, pointer returns are ``NULL`` with
+   ``errno`` set; both become :class:`BpfError` with that errno. ``errno`` is read
+   right after the call (cffi saves it per thread). ``libbpf_get_error`` is not used.
+2. Every ``*_opts`` argument is ``NULL``: a struct-layout mismatch in ABI mode would be
+   silent memory corruption.
+3. The print callback is created once, kept referenced for the life of the process,
+   and formats ``va_list`` (passed as ``void*``) with libc ``vsnprintf``; it routes
+   libbpf's messages (including the verifier log on a failed load) to :mod:`logging`.
+
+cffi is untyped, so the ``ffi``/``lib`` objects are ``Any`` at this edge; everything
+this module exports is typed.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Final
+
+__all__ = [
+    "BPF_ANY",
+    "BPF_EXIST",
+    "BPF_NOEXIST",
+    "BPF_SK_SKB_STREAM_VERDICT",
+    "BpfError",
+    "BpfObject",
+    "KernelObject",
+    "install_logging",
+    "kernel_objects",
+    "link_create",
+    "map_delete_elem",
+    "map_fd_by_id",
+    "map_get_next_key",
+    "map_lookup_elem",
+    "map_update_elem",
+    "object_exists",
+    "prog_attach",
+    "prog_detach",
+]
+
+log = logging.getLogger("gateway.relay.libbpf")
+
+# linux/bpf.h: enum bpf_attach_type BPF_SK_SKB_STREAM_VERDICT = 5
+BPF_SK_SKB_STREAM_VERDICT: Final = 5
+# linux/bpf.h: map update flags BPF_ANY = 0, BPF_NOEXIST = 1, BPF_EXIST = 2
+BPF_ANY: Final = 0
+BPF_NOEXIST: Final = 1
+BPF_EXIST: Final = 2
+
+_CDEF: Final = """
+typedef unsigned int __u32;
+typedef unsigned long long __u64;
+struct bpf_object; struct bpf_program; struct bpf_map;
+
+typedef int (*libbpf_print_fn_t)(int level, const char *fmt, void *ap);
+libbpf_print_fn_t libbpf_set_print(libbpf_print_fn_t fn);
+const char *libbpf_version_string(void);
+int libbpf_strerror(int err, char *buf, size_t size);
+
+struct bpf_object *bpf_object__open_file(const char *path, const void *opts);
+int bpf_object__load(struct bpf_object *obj);
+void bpf_object__close(struct bpf_object *object);
+struct bpf_program *bpf_object__find_program_by_name(const struct bpf_object *obj,
+                                                     const char *name);
+struct bpf_map *bpf_object__find_map_by_name(const struct bpf_object *obj, const char *name);
+int bpf_program__fd(const struct bpf_program *prog);
+int bpf_map__fd(const struct bpf_map *map);
+int bpf_map__set_max_entries(struct bpf_map *map, __u32 max_entries);
+
+int bpf_map_update_elem(int fd, const void *key, const void *value, __u64 flags);
+int bpf_map_lookup_elem(int fd, const void *key, void *value);
+int bpf_map_delete_elem(int fd, const void *key);
+int bpf_map_get_next_key(int fd, const void *key, void *next_key);
+int bpf_prog_attach(int prog_fd, int attachable_fd, int type, unsigned int flags);
+int bpf_prog_detach2(int prog_fd, int attachable_fd, int type);
+int bpf_link_create(int prog_fd, int target_fd, int attach_type, const void *opts);
+
+int bpf_prog_get_next_id(__u32 start_id, __u32 *next_id);
+int bpf_map_get_next_id(__u32 start_id, __u32 *next_id);
+int bpf_link_get_next_id(__u32 start_id, __u32 *next_id);
+int bpf_prog_get_fd_by_id(__u32 id);
+int bpf_map_get_fd_by_id(__u32 id);
+int bpf_link_get_fd_by_id(__u32 id);
+int bpf_btf_get_fd_by_id(__u32 id);
+int bpf_obj_get_info_by_fd(int bpf_fd, void *info, __u32 *info_len);
+"""
+
+_ffi: Any = None
+_lib: Any = None
+_libc: Any = None
+_print_cb: Any = None  # must stay referenced while libbpf may call it
+
+
+class BpfError(OSError):
+    """A libbpf or bpf(2) call failed; ``errno`` is set, ``strerror`` says which call."""
+
+
+def _load() -> tuple[Any, Any]:
+    global _ffi, _lib, _libc
+    if _lib is None:
+        try:
+            import cffi
+        except ImportError as exc:  # pragma: no cover - cffi is a dependency
+            raise BpfError(_errno.ENOSYS, f"cffi not available: {exc}") from exc
+        ffi = cffi.FFI()
+        ffi.cdef(_CDEF)
+        ffi.cdef("int vsnprintf(char *str, size_t size, const char *format, void *ap);")
+        try:
+            lib = ffi.dlopen("libbpf.so.1")
+        except OSError as exc:
+            raise BpfError(_errno.ENOENT, f"cannot load libbpf.so.1: {exc}") from exc
+        _libc = ffi.dlopen(None)
+        _ffi, _lib = ffi, lib
+    return _ffi, _lib
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        err = -ret
+        raise BpfError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+def _check_ptr(ptr: Any, what: str) -> Any:
+    ffi, _ = _load()
+    if ptr == ffi.NULL:
+        err = ffi.errno or _errno.EINVAL
+        raise BpfError(err, f"{what}: {os.strerror(err)}")
+    return ptr
+
+
+def version() -> str:
+    """The libbpf version string, e.g. ``"v1.1"``."""
+    ffi, lib = _load()
+    return str(ffi.string(lib.libbpf_version_string()).decode())
+
+
+_levels: dict[int, int] = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
+
+
+def install_logging(logger: logging.Logger = log, *, ceiling: int = logging.WARNING) -> None:
+    """Route libbpf's messages to ``logger`` (WARN→warning, INFO→info, DEBUG→debug).
+
+    Call before opening an object so open- and load-time messages (the verifier
+    log of a rejected program) are captured. The callback is installed once; a
+    later call only changes ``ceiling``.
+
+    Args:
+        logger: Where libbpf's messages go (fixed by the first call).
+        ceiling: The highest level a libbpf message is logged at. A caller that
+            reports a failed load in one line of its own passes ``logging.DEBUG``,
+            so the verifier's many lines are there with ``--log-level debug``
+            and do not drown that one line otherwise.
+    """
+    global _print_cb
+    _levels.update(
+        {0: min(logging.WARNING, ceiling), 1: min(logging.INFO, ceiling), 2: logging.DEBUG}
+    )
+    ffi, lib = _load()
+    if _print_cb is not None:
+        return
+
+    @ffi.callback("int(int, const char *, void *)")  # type: ignore[untyped-decorator]
+    def _cb(level: int, fmt: Any, ap: Any) -> int:
+        lvl = _levels.get(level, logging.DEBUG)
+        if not logger.isEnabledFor(lvl):
+            return 0
+        buf = ffi.new("char[]", 4096)
+        n = _libc.vsnprintf(buf, 4096, fmt, ap)
+        if n > 0:
+            logger.log(lvl, "%s", ffi.string(buf).decode(errors="replace").rstrip())
+        return 0
+
+    _print_cb = _cb
+    lib.libbpf_set_print(_cb)
+
+
+class BpfObject:
+    """An opened (and then loaded) BPF ELF object; close it to free programs and maps."""
+
+    def __init__(self, path: str) -> None:
+        """Open ``path`` (no load yet, so map sizes may still be changed).
+
+        Args:
+            path: The ``.bpf.o`` file.
+
+        Raises:
+            BpfError: The file is missing or not a valid BPF object.
+        """
+        ffi, lib = _load()
+        self._obj: Any = _check_ptr(
+            lib.bpf_object__open_file(path.encode(), ffi.NULL), f"open {path}"
+        )
+
+    def _map(self, name: str) -> Any:
+        _, lib = _load()
+        return _check_ptr(
+            lib.bpf_object__find_map_by_name(self._obj, name.encode()), f"find map {name}"
+        )
+
+    def set_max_entries(self, map_name: str, max_entries: int) -> None:
+        """Resize a map before :meth:`load`.
+
+        Raises:
+            BpfError: Unknown map, or already loaded (``EBUSY``).
+        """
+        _, lib = _load()
+        _check(
+            lib.bpf_map__set_max_entries(self._map(map_name), max_entries),
+            f"set max_entries of {map_name}",
+        )
+
+    def load(self) -> None:
+        """Create the maps and load the programs into the kernel.
+
+        Raises:
+            BpfError: e.g. ``EPERM`` without CAP_BPF, or a verifier rejection
+                (the verifier log goes to the libbpf logger).
+        """
+        _, lib = _load()
+        _check(lib.bpf_object__load(self._obj), "load BPF object")
+
+    def map_fd(self, name: str) -> int:
+        """The fd of a loaded map (owned by the object; do not close it)."""
+        _, lib = _load()
+        return _check(lib.bpf_map__fd(self._map(name)), f"fd of map {name}")
+
+    def program_fd(self, name: str) -> int:
+        """The fd of a loaded program, by its C function name."""
+        _, lib = _load()
+        prog = _check_ptr(
+            lib.bpf_object__find_program_by_name(self._obj, name.encode()),
+            f"find program {name}",
+        )
+        return _check(lib.bpf_program__fd(prog), f"fd of program {name}")
+
+    def close(self) -> None:
+        """Free the object; the kernel frees maps and programs no one else holds."""
+        if self._obj is not None:
+            _, lib = _load()
+            lib.bpf_object__close(self._obj)
+            self._obj = None
+
+
+def prog_attach(prog_fd: int, target_fd: int, attach_type: int, flags: int = 0) -> None:
+    """``bpf_prog_attach``: the attachment lives as long as the target map."""
+    _, lib = _load()
+    _check(lib.bpf_prog_attach(prog_fd, target_fd, attach_type, flags), "bpf_prog_attach")
+
+
+def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> None:
+    """``bpf_prog_detach2``."""
+    _, lib = _load()
+    _check(lib.bpf_prog_detach2(prog_fd, target_fd, attach_type), "bpf_prog_detach2")
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    """``bpf_link_create`` (kernel ≥ 6.10 for sockmaps): returns a link fd that
+    detaches the program when closed, including when the process dies."""
+    ffi, lib = _load()
+    return _check(lib.bpf_link_create(prog_fd, target_fd, attach_type, ffi.NULL), "bpf_link_create")
+
+
+def map_update_elem(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+    """``bpf_map_update_elem`` with raw key/value bytes of the map's sizes."""
+    _, lib = _load()
+    _check(lib.bpf_map_update_elem(fd, key, value, flags), "bpf_map_update_elem")
+
+
+def map_lookup_elem(fd: int, key: bytes, value_size: int) -> bytes | None:
+    """``bpf_map_lookup_elem``; ``None`` when the key is absent."""
+    ffi, lib = _load()
+    buf = ffi.new("char[]", value_size)
+    ret = lib.bpf_map_lookup_elem(fd, key, buf)
+    if ret == -_errno.ENOENT:
+        return None
+    _check(ret, "bpf_map_lookup_elem")
+    return bytes(ffi.buffer(buf, value_size))
+
+
+def map_delete_elem(fd: int, key: bytes) -> bool:
+    """``bpf_map_delete_elem``; ``False`` when the key was absent."""
+    _, lib = _load()
+    ret = lib.bpf_map_delete_elem(fd, key)
+    if ret == -_errno.ENOENT:
+        return False
+    _check(ret, "bpf_map_delete_elem")
+    return True
+
+
+def map_get_next_key(fd: int, key: bytes | None, key_size: int) -> bytes | None:
+    """``bpf_map_get_next_key``; ``key=None`` gives the first key, ``None`` at the end."""
+    ffi, lib = _load()
+    out = ffi.new("char[]", key_size)
+    ret = lib.bpf_map_get_next_key(fd, ffi.NULL if key is None else key, out)
+    if ret == -_errno.ENOENT:
+        return None
+    _check(ret, "bpf_map_get_next_key")
+    return bytes(ffi.buffer(out, key_size))
+
+
+# --- enumerating the kernel's BPF objects (needs CAP_SYS_ADMIN) ---------------------
+
+# linux/bpf.h struct bpf_prog_info: name[16] at offset 64 (layout fixed by the UAPI);
+# struct bpf_map_info: name[16] at 24; struct bpf_link_info: prog_id (u32) at 8. The
+# buffers are zeroed and no longer than what we read: the kernel copies
+# min(its size, ours) and ignores the rest.
+_PROG_INFO_LEN: Final = 80
+_PROG_NAME_AT: Final = 64
+_MAP_INFO_LEN: Final = 40
+_MAP_NAME_AT: Final = 24
+_LINK_INFO_LEN: Final = 12
+_LINK_PROG_AT: Final = 8
+_OBJ_NAME_LEN: Final = 16
+
+
+@dataclass(frozen=True, slots=True)
+class KernelObject:
+    """One BPF program, map or link that exists in the kernel right now.
+
+    Attributes:
+        kind: "prog", "map" or "link".
+        id: The kernel's id (unique while the object lives; ids are not reused soon).
+        name: The object's name (a link has none: ``link→prog <id>``).
+        prog_id: For a link, the id of its program; else 0.
+    """
+
+    kind: str
+    id: int
+    name: str
+    prog_id: int = 0
+
+
+def _info(fd: int, size: int) -> bytes:
+    ffi, lib = _load()
+    buf = ffi.new("char[]", size)
+    length = ffi.new("__u32 *", size)
+    _check(lib.bpf_obj_get_info_by_fd(fd, buf, length), "bpf_obj_get_info_by_fd")
+    return bytes(ffi.buffer(buf, size))
+
+
+def _name(raw: bytes, at: int) -> str:
+    return raw[at : at + _OBJ_NAME_LEN].split(b"\0", 1)[0].decode(errors="replace")
+
+
+def kernel_objects(kind: str) -> list[KernelObject]:
+    """Every BPF object of ``kind`` ("prog", "map", "link") in the kernel.
+
+    Objects that vanish while we walk the ids are skipped.
+
+    Raises:
+        BpfError: ``EPERM`` without CAP_SYS_ADMIN.
+    """
+    ffi, lib = _load()
+    next_id = getattr(lib, f"bpf_{kind}_get_next_id")
+    fd_by_id = getattr(lib, f"bpf_{kind}_get_fd_by_id")
+    out: list[KernelObject] = []
+    current = 0
+    nxt = ffi.new("__u32 *")
+    while True:
+        ret = next_id(current, nxt)
+        if ret == -_errno.ENOENT:
+            return out
+        _check(ret, f"bpf_{kind}_get_next_id")
+        current = int(nxt[0])
+        fd = fd_by_id(current)
+        if fd == -_errno.ENOENT:
+            continue
+        _check(fd, f"bpf_{kind}_get_fd_by_id")
+        try:
+            if kind == "prog":
+                raw = _info(fd, _PROG_INFO_LEN)
+                out.append(KernelObject(kind, current, _name(raw, _PROG_NAME_AT)))
+            elif kind == "map":
+                raw = _info(fd, _MAP_INFO_LEN)
+                out.append(KernelObject(kind, current, _name(raw, _MAP_NAME_AT)))
+            else:
+                raw = _info(fd, _LINK_INFO_LEN)
+                prog = int.from_bytes(raw[_LINK_PROG_AT : _LINK_PROG_AT + 4], "little")
+                out.append(KernelObject(kind, current, f"link→prog {prog}", prog))
+        finally:
+            os.close(fd)
+
+
+def object_exists(kind: str, object_id: int) -> bool:
+    """Whether the BPF object ``kind`` ("prog", "map", "link", "btf") ``object_id`` exists.
+
+    Raises:
+        BpfError: ``EPERM`` without CAP_SYS_ADMIN.
+    """
+    _, lib = _load()
+    fd = getattr(lib, f"bpf_{kind}_get_fd_by_id")(object_id)
+    if fd == -_errno.ENOENT:
+        return False
+    _check(fd, f"bpf_{kind}_get_fd_by_id")
+    os.close(fd)
+    return True
+
+
+def map_fd_by_id(map_id: int) -> int:
+    """An fd of the map with id ``map_id`` (the caller closes it).
+
+    Raises:
+        BpfError: ``ENOENT`` when it no longer exists; ``EPERM`` without CAP_SYS_ADMIN.
+    """
+    _, lib = _load()
+    return _check(lib.bpf_map_get_fd_by_id(map_id), "bpf_map_get_fd_by_id")

@@ -1,0 +1,621 @@
+"""Rate limits and connection caps on new connections (``[plugin.ratelimit]``).
+
+Token buckets on new connections per client IP, per client prefix (/24,
+/64), per listener and per route; caps on concurrent connections per client
+IP and per cluster. A refused connection is closed with RST or FIN
+(``refuse_with``) and carries the rule that refused it (``Refusal.rule``:
+the core logs it, the access log and metrics count it).
+
+Optional shaping (``bytes_per_second``) paces every connection's bytes in
+both directions; it takes the relay over (plugins/ratelimit/shaping.py), so
+shaped flows stay in userspace.
+
+Where each check runs: client, prefix and listener rules and the per-client
+cap in ``l4gw_admit`` (before any byte is read); the per-route rule and the
+per-cluster cap in ``l4gw_routed``, the one place where the route is known
+and nothing is connected yet.
+
+Backends for the buckets: ``memory`` (this process), or ``redis`` (shared by
+every gateway process and host using the same Redis; see
+plugins/ratelimit/redis.py). Connection caps are always per process: they
+count live connections, which a crashed process could never give back to a
+shared store.
+
+Rules kept here:
+
+* **Bounded memory.** Buckets live in one LRU table capped at
+  ``max_tracked``; the least recently used bucket is evicted first (an
+  evicted client starts again with a full bucket). The size, the cap and
+  the evictions are exported as metrics.
+* **A connection takes a token from every bucket that applies, or from
+  none**: all are checked before any is taken, so a refusal by one rule does
+  not cost the client tokens of the others.
+* **Decisions apart from I/O.** :class:`TokenBucket` and :class:`LruTable`
+  are plain values on an explicit clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Generic, TypeVar
+from urllib.parse import unquote, urlsplit
+
+import trio
+from opentelemetry import metrics
+
+from gateway import Config, Field, Flow, Invalid, Refusal, Route, hookimpl
+from gateway import schema as s
+
+from .shaping import shaped_relay
+
+log = logging.getLogger("l4gw.ratelimit")
+
+BACKEND_ERROR = "backend_error"
+"""The rule name of a refusal because the shared backend was unreachable
+(``on_backend_error = "closed"``)."""
+BACKEND_LOCAL = "backend_local"
+"""What the shared backend answers when it is unreachable and ``on_backend_error =
+"local"``: decide with this process's own buckets (each gateway then enforces the
+limit alone: never open, at most N times the limit over N gateways)."""
+
+
+def _rule_table(extra: Mapping[str, Field] | None = None) -> Callable[[Any], dict[str, Any]]:
+    schema = {
+        "rate": Field(s.integer(1), doc="new connections allowed per `per`"),
+        "per": Field(s.duration, 1.0, 'the period of `rate` ("1s", "1m")'),
+        "burst": Field(s.integer(0), 0, "bucket size: connections allowed at once (0: = rate)"),
+        **(extra or {}),
+    }
+    table = s.table(schema)
+
+    def convert(value: Any) -> dict[str, Any]:
+        rule: dict[str, Any] = table(value)
+        if rule["per"] <= 0:
+            raise Invalid(problems=[(".per", "must be longer than 0s")])
+        return rule
+
+    return convert
+
+
+PREFIX_LENGTHS = {
+    "v4": Field(s.integer(0, 32), 24, "IPv4 prefix length clients are grouped by"),
+    "v6": Field(s.integer(0, 128), 64, "IPv6 prefix length clients are grouped by"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RedisAddress:
+    """Where the shared buckets live, from ``redis_url``."""
+
+    host: str
+    port: int
+    username: str | None
+    password: str | None
+    db: int
+
+    def __str__(self) -> str:
+        # Never the credentials: this is what log lines show.
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"redis://{host}:{self.port}/{self.db}"
+
+
+# Said without "user:password@" after the scheme, which redaction would mask.
+_URL_FORM = '"redis://host[:port][/db]" (with "user:password@" or ":password@" before the host)'
+
+
+def parse_url(url: str) -> RedisAddress:
+    """Parse ``redis://[[user]:password@]host[:port][/db]`` (percent-escapes decoded).
+
+    A message quotes only what cannot hold a part of the password: the scheme,
+    and a port or db when no ``@`` follows the host.
+
+    Raises:
+        ValueError: not a redis:// URL, or a bad host, port or db.
+    """
+    scheme, sep, _ = url.partition("://")
+    if not sep or not scheme.isascii() or not scheme.replace("+", "").isalnum():
+        raise ValueError(f"expected {_URL_FORM}")
+    if scheme.lower() == "rediss":
+        raise ValueError("TLS (rediss://) is not supported: use a local TLS tunnel")
+    if scheme.lower() != "redis":
+        raise ValueError(f'expected {_URL_FORM}, got a "{scheme}://" URL')
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        # urlsplit's own message may quote the userinfo.
+        raise ValueError(
+            'the host is not an address or name (an IPv6 address is written "[::1]"; '
+            '"[" and "]" in a password must be percent-encoded as %5B and %5D)'
+        ) from None
+    if "@" in parts.path or "@" in parts.query or "@" in parts.fragment:
+        raise ValueError(
+            '"@" after the host: percent-encode "/", "?" and "#" in the password (%2F, %3F, %23)'
+        )
+    if parts.query or parts.fragment:
+        raise ValueError(f'unexpected "?" or "#" part: expected {_URL_FORM}')
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        hostport = parts.netloc.rpartition("@")[2]
+        text = hostport.rpartition("]")[2] if hostport.startswith("[") else hostport
+        text = text.rpartition(":")[2]
+        shown = f' "{text}"' if text.isdigit() else ""
+        raise ValueError(f"invalid port{shown} (1 to 65535)")
+    path = parts.path.strip("/")
+    if path and not (path.isascii() and path.isdigit()):
+        raise ValueError(f'invalid db "{path}" (a number)')
+    return RedisAddress(
+        host=parts.hostname or "127.0.0.1",
+        port=port or 6379,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+        db=int(path) if path else 0,
+    )
+
+
+def _redis_url(value: Any) -> str:
+    text = s.string(value)
+    try:
+        parse_url(text)
+    except ValueError as exc:
+        raise Invalid(str(exc)) from None
+    return text
+
+
+SCHEMA: dict[str, Field] = {
+    "per_client": Field(_rule_table(), None, "token bucket per client IP"),
+    "per_prefix": Field(
+        _rule_table(PREFIX_LENGTHS), None, "token bucket per client prefix (v4 = 24, v6 = 64)"
+    ),
+    "per_listener": Field(_rule_table(), None, "token bucket per listener"),
+    "per_route": Field(_rule_table(), None, "token bucket per route"),
+    "max_connections_per_client": Field(s.integer(0), 0, "concurrent connections per IP (0: off)"),
+    "max_connections_per_cluster": Field(s.integer(0), 0, "concurrent connections per cluster"),
+    "refuse_with": Field(s.choice("rst", "fin"), "rst", "how a refused connection is closed"),
+    "max_tracked": Field(s.integer(1), 100_000, "most buckets kept (LRU eviction beyond)"),
+    "backend": Field(s.choice("memory", "redis"), "memory", "where buckets live"),
+    "redis_url": Field(
+        _redis_url,
+        "redis://127.0.0.1:6379/0",
+        'redis://[[user]:password@]host[:port][/db]; in the password write "/", "?", "#", '
+        '"[" and "]" as %2F, %3F, %23, %5B and %5D',
+    ),
+    "redis_timeout": Field(s.positive_duration, 0.25, "a Redis call slower than this is an error"),
+    "redis_lease": Field(
+        s.integer(1, 1000), 5, "tokens taken from Redis per call and spent locally"
+    ),
+    "redis_lease_ttl": Field(
+        s.positive_duration, 1.0, "unspent leased tokens are dropped after this"
+    ),
+    "redis_retry": Field(s.duration, 1.0, "while Redis is down, try it again this often"),
+    "redis_key_prefix": Field(s.string, "l4gw:rl:", "prefix of every Redis key"),
+    "on_backend_error": Field(
+        s.choice("local", "open", "closed"),
+        "local",
+        "Redis unreachable: limit with this process's own buckets (local), admit (open) "
+        "or refuse (closed)",
+    ),
+    "bytes_per_second": Field(
+        s.size, 0, "pace each connection to this many bytes/s per direction (0: off)"
+    ),
+}
+
+
+# --- pure pieces -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One token-bucket rule.
+
+    Attributes:
+        name: the config key ("per_client", ...): the refusal's rule.
+        rate: tokens added per second.
+        burst: bucket size.
+    """
+
+    name: str
+    rate: float
+    burst: float
+
+    @classmethod
+    def from_config(cls, name: str, table: Mapping[str, Any]) -> Rule:
+        return cls(name, table["rate"] / table["per"], float(table["burst"] or table["rate"]))
+
+
+class TokenBucket:
+    """A bucket that starts full and refills continuously."""
+
+    __slots__ = ("stamp", "tokens")
+
+    def __init__(self, tokens: float, stamp: float) -> None:
+        self.tokens = tokens
+        self.stamp = stamp
+
+    def refill(self, now: float, rule: Rule) -> float:
+        """Add what accrued since the last refill; return the tokens available."""
+        if now > self.stamp:
+            self.tokens = min(rule.burst, self.tokens + (now - self.stamp) * rule.rate)
+            self.stamp = now
+        return self.tokens
+
+
+V = TypeVar("V")
+
+
+class LruTable(Generic[V]):
+    """A dict with a size cap that evicts the least recently used entry.
+
+    Args:
+        cap: most entries kept.
+    """
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.evictions = 0
+        self._items: OrderedDict[Any, V] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
+
+    def get(self, key: Any, make: Callable[[], V]) -> V:
+        """The entry for ``key`` (made by ``make`` if absent), now most recent."""
+        items = self._items
+        value = items.get(key)
+        if value is not None:
+            items.move_to_end(key)
+            return value
+        value = items[key] = make()
+        while len(items) > self.cap:
+            items.popitem(last=False)
+            self.evictions += 1
+        return value
+
+
+Check = tuple[Rule, str]
+"""A rule and the key it applies to ("127.0.0.2", "198.51.100.0/24", "api")."""
+
+
+class MemoryBuckets:
+    """Token buckets of this process.
+
+    Args:
+        max_tracked: the LRU table's cap.
+    """
+
+    def __init__(self, max_tracked: int) -> None:
+        self.table: LruTable[TokenBucket] = LruTable(max_tracked)
+
+    def acquire(self, checks: Iterable[Check], now: float) -> Rule | None:
+        """Take one token from each bucket, or none.
+
+        Returns:
+            None when admitted, else the first rule whose bucket is empty.
+        """
+        taken: list[TokenBucket] = []
+        for rule, key in checks:
+            bucket = self.table.get((rule.name, key), partial(TokenBucket, rule.burst, now))
+            if bucket.refill(now, rule) < 1.0:
+                return rule
+            taken.append(bucket)
+        for bucket in taken:
+            bucket.tokens -= 1.0
+        return None
+
+
+def client_prefix(ip: str, v4: int, v6: int) -> str:
+    """The client's network at the configured prefix length, as "a.b.c.0/24".
+
+    With socket's C functions rather than ipaddress: this runs for every
+    connection, and ``ip_network`` costs several times more.
+    """
+    family, bits, length = (socket.AF_INET6, 128, v6) if ":" in ip else (socket.AF_INET, 32, v4)
+    value = int.from_bytes(socket.inet_pton(family, ip), "big")
+    shift = bits - length
+    network = ((value >> shift) << shift).to_bytes(bits // 8, "big")
+    return f"{socket.inet_ntop(family, network)}/{length}"
+
+
+# --- the plugin ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The validated ``[plugin.ratelimit]`` section, compiled."""
+
+    admit_rules: tuple[Rule, ...]
+    route_rule: Rule | None
+    prefix_v4: int
+    prefix_v6: int
+    max_per_client: int
+    max_per_cluster: int
+    reset: bool
+    bytes_per_second: int
+    raw: Mapping[str, Any]
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any]) -> Settings:
+        admit = tuple(
+            Rule.from_config(name, section[name])
+            for name in ("per_client", "per_prefix", "per_listener")
+            if section.get(name)
+        )
+        route = section.get("per_route")
+        prefix = section.get("per_prefix") or {}
+        return cls(
+            admit_rules=admit,
+            route_rule=Rule.from_config("per_route", route) if route else None,
+            prefix_v4=prefix.get("v4", 24),
+            prefix_v6=prefix.get("v6", 64),
+            max_per_client=section.get("max_connections_per_client", 0),
+            max_per_cluster=section.get("max_connections_per_cluster", 0),
+            reset=section.get("refuse_with", "rst") == "rst",
+            bytes_per_second=section.get("bytes_per_second", 0),
+            raw=section,
+        )
+
+
+class Backend:
+    """What a shared bucket store offers the plugin (see ratelimit_redis)."""
+
+    async def acquire(self, checks: list[Check]) -> str | None:
+        """None when admitted, else the refusing rule's name (or BACKEND_ERROR)."""
+        raise NotImplementedError
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Start background work, if any."""
+
+    def tracked(self) -> int:
+        return 0
+
+    def evictions(self) -> int:
+        return 0
+
+
+class RateLimit:
+    """The ``ratelimit`` plugin.
+
+    Args:
+        clock: monotonic seconds (tests pass their own).
+        meter_provider: where the metrics go (default: the global one, which
+            the telemetry plugin configures).
+    """
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        meter_provider: metrics.MeterProvider | None = None,
+    ) -> None:
+        self.clock = clock
+        self.settings = Settings.from_config({})
+        self.memory = MemoryBuckets(100_000)
+        self.shared: Backend | None = None
+        self.refused: Counter[str] = Counter()
+        """Refusals by rule."""
+        self.per_client: dict[str, int] = {}
+        """Open connections per client IP (when the cap is on)."""
+        self.per_cluster: dict[str, int] = {}
+        """Open connections per cluster (when the cap is on)."""
+        self._counted: dict[int, tuple[str | None, str | None]] = {}
+        self._nursery: trio.Nursery | None = None
+        meter = metrics.get_meter("l4gw.ratelimit", meter_provider=meter_provider)
+        self._m_refused = meter.create_counter(
+            "l4gw.ratelimit.refused", "{connection}", "connections refused, by rule"
+        )
+        self._m_evicted = meter.create_counter(
+            "l4gw.ratelimit.evicted", "{bucket}", "buckets evicted by the max_tracked cap"
+        )
+        self._evicted_seen = 0
+        meter.create_observable_gauge(
+            "l4gw.ratelimit.buckets", [self._observe_buckets], "{bucket}", "buckets tracked"
+        )
+        meter.create_observable_gauge(
+            "l4gw.ratelimit.buckets.limit",
+            [self._observe_cap],
+            "{bucket}",
+            "the max_tracked cap",
+        )
+
+    # -- decisions -------------------------------------------------------------------
+
+    def refuse(self, rule: str, reason: str) -> Refusal:
+        self.refused[rule] += 1
+        self._m_refused.add(1, {"l4gw.ratelimit.rule": rule})
+        return Refusal(reason, rule=rule, reset=self.settings.reset)
+
+    def admit(self, flow: Flow) -> Refusal | Awaitable[Refusal | None] | None:
+        st = self.settings
+        ip = flow.client[0]
+        if st.max_per_client and self.per_client.get(ip, 0) >= st.max_per_client:
+            return self.refuse(
+                "max_connections_per_client", f"{ip} has {st.max_per_client} connections open"
+            )
+        if st.admit_rules:
+            checks = [(rule, self._key(rule, flow)) for rule in st.admit_rules]
+            if self.shared is not None:
+                return self._admit_shared(flow, checks)
+            refused = self.memory.acquire(checks, self.clock())
+            self._note_evictions()
+            if refused is not None:
+                return self.refuse(refused.name, f"rate limited ({refused.name} {ip})")
+        self._count_client(flow)
+        return None
+
+    async def _shared_acquire(self, checks: list[Check]) -> str | None:
+        """The shared backend's answer; with the local buckets while it is unreachable."""
+        assert self.shared is not None
+        refused = await self.shared.acquire(checks)
+        if refused == BACKEND_LOCAL:
+            local = self.memory.acquire(checks, self.clock())
+            return None if local is None else local.name
+        return refused
+
+    async def _admit_shared(self, flow: Flow, checks: list[Check]) -> Refusal | None:
+        refused = await self._shared_acquire(checks)
+        if refused is not None:
+            return self.refuse(refused, self._reason(refused, flow))
+        self._count_client(flow)
+        return None
+
+    def routed(self, flow: Flow, route: Route) -> Refusal | Awaitable[Refusal | None] | None:
+        st = self.settings
+        cluster = route.cluster.name
+        if st.max_per_cluster and self.per_cluster.get(cluster, 0) >= st.max_per_cluster:
+            return self.refuse(
+                "max_connections_per_cluster",
+                f"cluster {cluster} has {st.max_per_cluster} connections open",
+            )
+        if st.route_rule is not None:
+            checks = [(st.route_rule, route.name)]
+            if self.shared is not None:
+                return self._routed_shared(flow, cluster, checks)
+            if self.memory.acquire(checks, self.clock()) is not None:
+                return self.refuse("per_route", f"rate limited (per_route {route.name})")
+        self._count_cluster(flow, cluster)
+        return None
+
+    async def _routed_shared(self, flow: Flow, cluster: str, checks: list[Check]) -> Refusal | None:
+        refused = await self._shared_acquire(checks)
+        if refused is not None:
+            return self.refuse(refused, self._reason(refused, flow))
+        self._count_cluster(flow, cluster)
+        return None
+
+    def _reason(self, rule: str, flow: Flow) -> str:
+        if rule == BACKEND_ERROR:
+            return "rate-limit backend unreachable (on_backend_error = closed)"
+        return f"rate limited ({rule} {flow.client[0]})"
+
+    def _key(self, rule: Rule, flow: Flow) -> str:
+        if rule.name == "per_client":
+            return flow.client[0]
+        if rule.name == "per_prefix":
+            st = self.settings
+            return client_prefix(flow.client[0], st.prefix_v4, st.prefix_v6)
+        return flow.listener
+
+    # -- connection counts -------------------------------------------------------------
+
+    def _count_client(self, flow: Flow) -> None:
+        if not self.settings.max_per_client:
+            return
+        ip = flow.client[0]
+        self.per_client[ip] = self.per_client.get(ip, 0) + 1
+        self._counted[flow.id] = (ip, None)
+
+    def _count_cluster(self, flow: Flow, cluster: str) -> None:
+        if not self.settings.max_per_cluster:
+            return
+        self.per_cluster[cluster] = self.per_cluster.get(cluster, 0) + 1
+        ip = self._counted.get(flow.id, (None, None))[0]
+        self._counted[flow.id] = (ip, cluster)
+
+    def closed(self, flow: Flow) -> None:
+        ip, cluster = self._counted.pop(flow.id, (None, None))
+        if ip is not None:
+            _decrement(self.per_client, ip)
+        if cluster is not None:
+            _decrement(self.per_cluster, cluster)
+
+    # -- metrics -------------------------------------------------------------------------
+
+    def tracked(self) -> int:
+        return len(self.memory.table) + (self.shared.tracked() if self.shared else 0)
+
+    def evictions(self) -> int:
+        return self.memory.table.evictions + (self.shared.evictions() if self.shared else 0)
+
+    def _note_evictions(self) -> None:
+        evicted = self.evictions()
+        if evicted != self._evicted_seen:
+            self._m_evicted.add(evicted - self._evicted_seen)
+            self._evicted_seen = evicted
+
+    def _observe_buckets(self, options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        self._note_evictions()
+        yield metrics.Observation(self.tracked())
+
+    def _observe_cap(self, options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        yield metrics.Observation(self.memory.table.cap)
+
+    # -- configuration -------------------------------------------------------------------
+
+    def configure(self, section: Mapping[str, Any]) -> None:
+        settings = Settings.from_config(section)
+        cap = section.get("max_tracked", 100_000)
+        if cap != self.memory.table.cap:
+            self.memory = MemoryBuckets(cap)
+        if section.get("backend") == "redis":
+            from .redis import RedisBuckets, RedisSettings
+
+            wanted = RedisSettings.from_config(section)
+            if not (isinstance(self.shared, RedisBuckets) and self.shared.settings == wanted):
+                self.shared = RedisBuckets(wanted)
+                if self._nursery is not None:
+                    self.shared.start(self._nursery)
+        else:
+            self.shared = None
+        self.settings = settings
+
+    # -- hooks -----------------------------------------------------------------------------
+
+    @hookimpl
+    def l4gw_config_sections(self) -> Mapping[str, Mapping[str, Field]]:
+        return {"ratelimit": SCHEMA}
+
+    @hookimpl
+    def l4gw_configure(self, config: Config) -> None:
+        self.configure(config.plugin("ratelimit"))
+
+    @hookimpl
+    def l4gw_startup(self, config: Config, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        if self.shared is not None:
+            self.shared.start(nursery)
+
+    @hookimpl
+    def l4gw_admit(self, flow: Flow) -> Refusal | Awaitable[Refusal | None] | None:
+        return self.admit(flow)
+
+    @hookimpl
+    def l4gw_routed(self, flow: Flow, route: Route) -> Refusal | Awaitable[Refusal | None] | None:
+        return self.routed(flow, route)
+
+    @hookimpl(tryfirst=True)
+    def l4gw_relay(
+        self, flow: Flow, client: socket.socket, upstream: socket.socket, idle_timeout: float
+    ) -> Awaitable[str] | None:
+        # tryfirst: a shaped flow must not be handed to a kernel tier, which cannot pace.
+        rate = self.settings.bytes_per_second
+        if not rate:
+            return None
+        flow.tier = "copy"
+        flow.set_attribute("l4gw.ratelimit.bytes_per_second", rate)
+        return shaped_relay(client, upstream, flow, idle_timeout, rate)
+
+    @hookimpl
+    def l4gw_connection_closed(self, flow: Flow) -> None:
+        self.closed(flow)
+
+
+def _decrement(counts: dict[str, int], key: str) -> None:
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
+
+
+plugin = RateLimit()
+"""The instance the ``ratelimit`` entry point registers."""

@@ -1,0 +1,176 @@
+"""The core copy relay on real loopback sockets: bytes, half-close, resets, idle, promotion."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from gateway.flow import CloseReason
+from gateway.relay.copy import CopyRelay, Promotion
+from gateway.relay.stats import RelayStats
+
+from relay_helpers import (
+    abort,
+    expect_reset,
+    first_mismatch,
+    payload,
+    recv_to_eof,
+    send_all,
+    topology,
+)
+
+MiB = 1 << 20
+
+
+async def exchange(topo, up: bytes, down: bytes) -> tuple[bytes, bytes]:
+    got: dict[str, bytes] = {}
+
+    async def client() -> None:
+        await send_all(topo.client, up)
+        topo.client.shutdown(trio.socket.SHUT_WR)
+        got["client"] = await recv_to_eof(topo.client)
+
+    async def backend() -> None:
+        await send_all(topo.backend, down)
+        topo.backend.shutdown(trio.socket.SHUT_WR)
+        got["backend"] = await recv_to_eof(topo.backend)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(client)
+        n.start_soon(backend)
+    return got["backend"], got["client"]
+
+
+@pytest.mark.parametrize("size", [0, 1, 70_000, 8 * MiB])
+async def test_bytes_both_ways_and_reason(size):
+    relay = CopyRelay(65536)
+    up, down = payload(size, 1), payload(size + 3, 2)
+    with topology() as topo, trio.fail_after(30):
+        stats = RelayStats()
+        async with trio.open_nursery() as n:
+            result = {}
+
+            async def run() -> None:
+                result["reason"] = await relay.run(topo.gw_client, topo.gw_upstream, stats, 10)
+                topo.close_gateway()
+
+            n.start_soon(run)
+            at_backend, at_client = await exchange(topo, up, down)
+        assert at_backend == up, first_mismatch(at_backend, up)
+        assert at_client == down, first_mismatch(at_client, down)
+        assert (stats.bytes_from_client, stats.bytes_to_client) == (len(up), len(down))
+        assert result["reason"] in (CloseReason.CLIENT_EOF, CloseReason.BACKEND_EOF)
+
+
+async def test_slow_reader_bounded_and_intact():
+    """A backend that reads slowly: the client's window closes, nothing is lost."""
+    relay = CopyRelay(16384)
+    up = payload(4 * MiB, 3)
+    with topology(backend_rcvbuf=65536) as topo, trio.fail_after(60):
+        stats = RelayStats()
+        async with trio.open_nursery() as n:
+            n.start_soon(relay.run, topo.gw_client, topo.gw_upstream, stats, 10)
+
+            async def client() -> None:
+                await send_all(topo.client, up)
+                topo.client.shutdown(trio.socket.SHUT_WR)
+
+            n.start_soon(client)
+            got = await recv_to_eof(topo.backend, chunk=32768, delay=0.001)
+            n.cancel_scope.cancel()
+        assert got == up, first_mismatch(got, up)
+
+
+async def test_reset_from_backend_becomes_reset_to_client():
+    relay = CopyRelay(65536)
+    with topology() as topo, trio.fail_after(10):
+        stats = RelayStats()
+        async with trio.open_nursery() as n:
+            result = {}
+
+            async def run() -> None:
+                result["reason"] = await relay.run(topo.gw_client, topo.gw_upstream, stats, 10)
+                topo.close_gateway()
+
+            n.start_soon(run)
+            await send_all(topo.backend, b"partial")
+            abort(topo.backend)
+            await expect_reset(topo.client)
+        assert result["reason"] == CloseReason.BACKEND_RESET
+
+
+async def test_idle_timeout():
+    relay = CopyRelay(65536)
+    with topology() as topo, trio.fail_after(10):
+        reason = await relay.run(topo.gw_client, topo.gw_upstream, RelayStats(), 0.2)
+        assert reason == CloseReason.IDLE_TIMEOUT
+
+
+async def test_idle_timeout_with_bytes_on_the_way_resets_both_sides():
+    """Cut by the idle timeout while the backend would not take the client's bytes: the
+    backend reads what arrived, then a reset, never a FIN after a truncated stream."""
+    relay = CopyRelay(65536)
+    with topology(backend_rcvbuf=64 << 10) as topo, trio.fail_after(10):
+        async with trio.open_nursery() as n:
+
+            async def push() -> None:
+                while True:
+                    await topo.client.send(b"x" * 65536)
+
+            n.start_soon(push)
+            reason = await relay.run(topo.gw_client, topo.gw_upstream, RelayStats(), 0.3)
+            topo.close_gateway()
+            n.cancel_scope.cancel()
+        assert reason == CloseReason.IDLE_TIMEOUT
+        await expect_reset(topo.backend)
+        await expect_reset(topo.client, sending=True)
+
+
+async def test_promotion_hands_over_with_nothing_held():
+    """Promoted after N bytes: a second relay continues and the stream is intact.
+
+    This is how the relay plugin moves a flow to a kernel tier: the copy tier
+    stops only where no byte is held in userspace.
+    """
+    relay = CopyRelay(65536)
+    up, down = payload(6 * MiB, 4), payload(5 * MiB, 5)
+    with topology() as topo, trio.fail_after(60):
+        stats = RelayStats()
+        reasons = []
+
+        async def run() -> None:
+            promote = Promotion(after_bytes=1 * MiB, at=trio.current_time() + 60)
+            reasons.append(await relay.run(topo.gw_client, topo.gw_upstream, stats, 10, promote))
+            moved = stats.bytes_from_client + stats.bytes_to_client
+            reasons.append(moved)
+            reasons.append(await relay.run(topo.gw_client, topo.gw_upstream, stats, 10))
+            topo.close_gateway()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(run)
+            at_backend, at_client = await exchange(topo, up, down)
+        assert reasons[0] is None and 1 * MiB <= reasons[1] < len(up) + len(down)
+        assert at_backend == up, first_mismatch(at_backend, up)
+        assert at_client == down, first_mismatch(at_client, down)
+        assert stats.bytes_from_client == len(up) and stats.bytes_to_client == len(down)
+
+
+async def test_no_promotion_after_half_close():
+    relay = CopyRelay(65536)
+    with topology() as topo, trio.fail_after(10):
+        stats = RelayStats()
+        topo.client.shutdown(trio.socket.SHUT_WR)
+        result = {}
+
+        async def run() -> None:
+            promote = Promotion(after_bytes=10, at=trio.current_time() + 60)
+            result["reason"] = await relay.run(topo.gw_client, topo.gw_upstream, stats, 10,
+                                               promote)
+            topo.close_gateway()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(run)
+            await send_all(topo.backend, payload(100_000, 6))
+            topo.backend.shutdown(trio.socket.SHUT_WR)
+            assert await recv_to_eof(topo.client) == payload(100_000, 6)
+        assert result["reason"] == CloseReason.CLIENT_EOF
