@@ -116,11 +116,11 @@ class RedactingFilter(logging.Filter):
     """A log filter that redacts the URLs of every record's message.
 
     Installed on the handler of ``l4gw run``: whatever a plugin logs, a URL's
-    password does not reach the log. The message is formatted here, once.
+    password does not reach the log. The message is formatted here, once: the
+    formatter then takes it as it is (no second %-formatting per line).
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if "://" in message:
-            record.msg, record.args = redact_text(message), None
+        record.msg, record.args = (redact_text(message) if "://" in message else message), None
         return True
