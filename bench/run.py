@@ -181,7 +181,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args.sources = {}
     for item in args.gateway_src:
         label, _, src = item.partition("=")
-        if not label or not (Path(src) / "gateway" / "cli.py").is_file():
+        gw = Path(src) / "gateway"
+        if not label or not ((gw / "cli" / "main.py").is_file() or (gw / "cli.py").is_file()):
             p.error(f"--gateway-src {item!r}: want LABEL=DIR with DIR/gateway/cli/main.py")
         args.sources[f"gw-{label}"] = Path(src).resolve()
         PATH_NOTES[f"gw-{label}"] = f"l4gw run from {src}"

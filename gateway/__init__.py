@@ -3,11 +3,21 @@
 The public API for plugin authors is what ``__all__`` lists: the hook
 markers, the values hooks receive and return, and the config-schema pieces a
 plugin declares its ``[plugin.<name>]`` section with (:class:`Field` and the
-converters of :mod:`gateway.schema`: ``duration``, ``size``, ``integer``,
-``number``, ``boolean``, ``string``, ``name``, ``choice``, ``list_of``,
-``table``, ``address``, ``network``, ``port``), and :func:`redact_url` /
-:func:`redact_text` for a plugin that shows a URL or a config value.
+converters of :mod:`gateway.schema`, whose ``__all__`` lists them), and
+:func:`redact_url` / :func:`redact_text` for a plugin that shows a URL or a
+config value. The hooks themselves are :mod:`gateway.hookspecs`.
+
+Besides ``gateway`` and ``gateway.schema``:
+
+* ``gateway.testing`` is public too: what a plugin's tests need (load plugins,
+  a config from TOML text, a flow, the core's decisions, a real ``l4gw run``
+  process and its pytest fixture).
+* ``gateway.relay`` and ``gateway.telemetry`` are semi-public namespaces, as
+  ``trio.lowlevel`` is: the modules their ``__all__`` lists, for plugins that
+  take over the relay or the telemetry.
+
 Everything else in the ``gateway`` package may change between releases.
+tests/gateway/test_exports.py pins each of these ``__all__``.
 """
 
 from __future__ import annotations

@@ -48,19 +48,18 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
-from gateway.config import ADMIN_MAX_CONNECTIONS, is_loopback
+from gateway.config import ADMIN_MAX_CONNECTIONS, Config, is_loopback
 from gateway.flow import Flow
-from gateway.oserrors import bind_error
+from gateway.listeners import bind_error
+from gateway.plugin_manager import Plugins
 from gateway.redact import redact_config
+from gateway.schema import format_address
 from gateway.telemetry import providers as telemetry
 from gateway.tproxy import guard as tproxy_guard
-
-if TYPE_CHECKING:
-    from gateway.server import Gateway
 
 log = logging.getLogger("l4gw.admin")
 
@@ -73,6 +72,37 @@ PATHS = ("/healthz", "/readyz", "/metrics", "/connections", "/config", "/status"
 _ACCEPT_BACKOFF_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 _FULL_LOG_INTERVAL = 60.0
 """Seconds between two "admin connections at the cap" warnings."""
+
+
+class GatewayView(Protocol):
+    """What the endpoint reads of the gateway it serves (gateway/server.py's
+    ``Gateway``, which starts it; declared here so that this module does not
+    import the server)."""
+
+    @property
+    def config(self) -> Config:
+        """The configuration in force (a reload replaces it)."""
+
+    @property
+    def plugins(self) -> Plugins: ...
+
+    @property
+    def flows(self) -> Mapping[int, Flow]:
+        """The live flows of the process."""
+
+    @property
+    def listeners(self) -> Mapping[str, object]:
+        """The listeners open in this process, by name."""
+
+    @property
+    def ready(self) -> bool:
+        """Every listener open and the drain not begun."""
+
+    @property
+    def started_plugins(self) -> bool: ...
+
+    @property
+    def draining(self) -> bool: ...
 
 
 # --- decisions on plain values (unit-tested) --------------------------------------------------
@@ -136,8 +166,8 @@ def flow_record(flow: Flow, now: float) -> dict[str, Any]:
         "id": flow.id,
         "listener": flow.listener,
         "transport": flow.transport,
-        "client": _addr(flow.client),
-        "destination": _addr(flow.destination),
+        "client": format_address(*flow.client),
+        "destination": format_address(*flow.destination),
         "sni": flow.sni,
         "route": flow.route,
         "cluster": flow.cluster,
@@ -157,7 +187,7 @@ def connections_document(flows: Iterable[Flow], now: float) -> dict[str, Any]:
     return {"count": len(records), "connections": records}
 
 
-def readiness(gateway: Gateway) -> tuple[bool, dict[str, Any]]:
+def readiness(gateway: GatewayView) -> tuple[bool, dict[str, Any]]:
     """Ready when plugins started, every configured listener is open and no drain began."""
     wanted = [li.name for li in gateway.config.listeners]
     missing = [name for name in wanted if name not in gateway.listeners]
@@ -169,10 +199,6 @@ def readiness(gateway: Gateway) -> tuple[bool, dict[str, Any]]:
         "listeners_missing": missing,
         "draining": gateway.draining,
     }
-
-
-def _addr(addr: tuple[str, int]) -> str:
-    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
 
 
 # --- the server ---------------------------------------------------------------------------------
@@ -208,7 +234,7 @@ def _text(status: int, text: str) -> Response:
     return Response(status, text.encode(), "text/plain; charset=utf-8")
 
 
-async def serve(gateway: Gateway, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+async def serve(gateway: GatewayView, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the admin endpoint of ``gateway`` until cancelled.
 
     ``task_status.started(port)`` once listening (the port, for ``bind`` port 0).
@@ -221,14 +247,14 @@ async def serve(gateway: Gateway, *, task_status: Any = trio.TASK_STATUS_IGNORED
     try:
         listeners = await trio.open_tcp_listeners(admin.port, host=admin.host)
     except OSError as exc:
-        raise bind_error(f"admin endpoint ({_addr((admin.host, admin.port))})", exc) from exc
+        raise bind_error(f"admin endpoint ({format_address(admin.host, admin.port)})", exc) from exc
     port = listeners[0].socket.getsockname()[1]
-    log.info("admin endpoint on http://%s/", _addr((admin.host, port)))
+    log.info("admin endpoint on http://%s/", format_address(admin.host, port))
     if not admin.token and not is_loopback(admin.host):
         log.warning(
             "admin endpoint on %s serves /config, /connections and /metrics to the network "
             "without a token ([admin] insecure = true)",
-            _addr((admin.host, port)),
+            format_address(admin.host, port),
         )
     task_status.started(port)
 
@@ -314,7 +340,7 @@ async def _accept_loop(
             handlers.start_soon(handle, stream)
 
 
-async def _handle(gateway: Gateway, stream: trio.SocketStream) -> None:
+async def _handle(gateway: GatewayView, stream: trio.SocketStream) -> None:
     head = b""
     response: Response | None = None
     request: Request | None = None
@@ -356,7 +382,7 @@ def _encode(response: Response, head_only: bool) -> bytes:
     return head if head_only else head + response.body
 
 
-async def _respond(gateway: Gateway, request: Request) -> Response:
+async def _respond(gateway: GatewayView, request: Request) -> Response:
     if request.method not in ("GET", "HEAD"):
         return Response(405, b"", "text/plain", (("Allow", "GET, HEAD"),))
     admin = gateway.config.admin
@@ -384,7 +410,7 @@ async def _respond(gateway: Gateway, request: Request) -> Response:
     return _text(404, "not found\n")
 
 
-def _status(gateway: Gateway) -> dict[str, Any]:
+def _status(gateway: GatewayView) -> dict[str, Any]:
     """The plugins' ``l4gw_status`` reports, and the TPROXY guard's under "tproxy"."""
     document = gateway.plugins.collect("l4gw_status")
     guard = tproxy_guard.current()

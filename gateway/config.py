@@ -7,6 +7,12 @@ strings like "30s" or "500ms"; sizes are strings like "64KiB".
 
 The schemas below are the documentation of each key (see also
 ``examples/gateway.toml``, which shows every key with a comment).
+
+Longer than ~600 lines on purpose: a key lives in three places that are read
+and changed together (its section's schema table, the field of the frozen
+value, and the checks across sections in :func:`from_dict`), and the table is
+what scripts/gen-config-docs.py turns into docs/configuration.md. Split into a
+schema module and a loading module, every new key would touch both.
 """
 
 from __future__ import annotations
@@ -62,7 +68,11 @@ GATEWAY = {
     ),
     "log_connections": Field(s.boolean, False, "one log line per connection (the demo sets it)"),
     "log_level": Field(s.choice("debug", "info", "warning", "error"), "info", "log threshold"),
-    "disable_plugins": Field(s.list_of(s.name), (), "installed plugins not to load, by name"),
+    "disable_plugins": Field(
+        s.list_of(s.name),
+        (),
+        "installed plugins not to load, by name (their [plugin.NAME] sections are ignored)",
+    ),
     "workers": Field(
         s.integer(1, 64),
         1,
@@ -369,7 +379,11 @@ class Config:
     )
     admin: AdminConfig | None = None
     plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    """Validated ``[plugin.<name>]`` sections, by plugin name."""
+    """Validated ``[plugin.<name>]`` sections, by plugin name: every declared
+    section except one the file leaves out whose schema has a required key."""
+    notes: tuple[str, ...] = ()
+    """What validation ignored without it being a problem, one line each with its
+    key path (``plugin.geo_deny: ignored: ...``): for ``l4gw check`` and the log."""
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     def listener(self, name: str) -> ListenerConfig:
@@ -379,7 +393,12 @@ class Config:
         raise KeyError(name)
 
     def plugin(self, name: str) -> Mapping[str, Any]:
-        """A plugin's validated section (its schema's defaults when absent)."""
+        """A plugin's validated section, every default filled in.
+
+        When the file has no ``[plugin.<name>]``: the schema's defaults, or an
+        empty mapping when the schema has a required key: such a plugin is not
+        configured, and should stay idle (``if not config.plugin(name): ...``).
+        """
         return self.plugins.get(name, MappingProxyType({}))
 
 
@@ -599,18 +618,7 @@ def from_dict(raw: Mapping[str, Any], path: str, plugin_schemas: Mapping[str, s.
                     "and /metrics to the network without one)"
                 )
 
-    plugins: dict[str, Mapping[str, Any]] = {}
-    plugin_raw = raw.get("plugin", {})
-    if not isinstance(plugin_raw, Mapping):
-        problems.append("plugin: expected tables like [plugin.accesslog]")
-        plugin_raw = {}
-    for pname in plugin_raw:
-        if pname not in plugin_schemas:
-            problems.append(f"plugin.{pname}: no installed plugin declares this section")
-    for pname, pschema in plugin_schemas.items():
-        pv = s.check_section(plugin_raw.get(pname, {}), f"plugin.{pname}", pschema, problems)
-        if pv is not None:
-            plugins[pname] = MappingProxyType(pv)
+    plugins, notes = _plugin_sections(raw, gateway, plugin_schemas, problems)
 
     if problems or gateway is None or telemetry is None:
         raise ConfigError(path, problems or ["invalid"])
@@ -624,8 +632,59 @@ def from_dict(raw: Mapping[str, Any], path: str, plugin_schemas: Mapping[str, s.
         telemetry=telemetry,
         admin=admin,
         plugins=MappingProxyType(plugins),
+        notes=tuple(notes),
         raw=raw,
     )
+
+
+def _plugin_sections(
+    raw: Mapping[str, Any],
+    gateway: GatewayConfig | None,
+    plugin_schemas: Mapping[str, s.Schema],
+    problems: list[str],
+) -> tuple[dict[str, Mapping[str, Any]], list[str]]:
+    """The ``[plugin.<name>]`` sections: (validated sections by name, notes).
+
+    Rules:
+
+    * A section no loaded plugin declares is a problem (a typo must not be
+      ignored), unless ``[gateway] disable_plugins`` names it: the plugin is not
+      loaded so its schema is unknown, and turning a plugin off must not mean
+      deleting its settings too. Its section is left out, with a note.
+    * A declared section the file leaves out is the schema's defaults; when the
+      schema has a required key, the plugin is simply not configured (left out:
+      ``Config.plugin`` gives it an empty mapping). Installing a plugin must not
+      make every configuration that never mentions it invalid.
+    """
+    sections: dict[str, Mapping[str, Any]] = {}
+    notes: list[str] = []
+    plugin_raw = raw.get("plugin", {})
+    if not isinstance(plugin_raw, Mapping):
+        problems.append("plugin: expected tables like [plugin.accesslog]")
+        plugin_raw = {}
+    if gateway is not None:
+        disabled = set(gateway.disable_plugins)
+    else:
+        # [gateway] has a problem of its own: still no second one for each section.
+        listed = raw.get("gateway", {}) if isinstance(raw.get("gateway"), Mapping) else {}
+        value = listed.get("disable_plugins", [])
+        disabled = {v for v in value if isinstance(v, str)} if isinstance(value, list) else set()
+    for pname in plugin_raw:
+        if pname in plugin_schemas:
+            continue
+        if pname in disabled:
+            notes.append(
+                f"plugin.{pname}: ignored: the plugin is disabled ([gateway] disable_plugins)"
+            )
+        else:
+            problems.append(f"plugin.{pname}: no installed plugin declares this section")
+    for pname, pschema in plugin_schemas.items():
+        if pname not in plugin_raw and any(f.default is s.REQUIRED for f in pschema.values()):
+            continue
+        pv = s.check_section(plugin_raw.get(pname, {}), f"plugin.{pname}", pschema, problems)
+        if pv is not None:
+            sections[pname] = MappingProxyType(pv)
+    return sections, notes
 
 
 def _array(raw: Mapping[str, Any], key: str, problems: list[str]) -> list[Any]:

@@ -2,8 +2,14 @@
 
 Rules kept here:
 
-* Every connection is recorded exactly once, in :func:`handle`'s ``finally``:
-  byte counts, end time, close reason, the closed hook, the log line.
+* Every connection is recorded exactly once, in :func:`handle`'s ``finally``
+  (a connection refused over capacity at once): byte counts, end time, close
+  reason, the closed hook, the log line (:func:`gateway.runtime.record_close`,
+  the record of a UDP session too).
+* Admit, route, routed, the connect loop and the PROXY header to the backend
+  are the stages UDP sessions go through too: they live in gateway/decisions.py,
+  this module brings what is TCP's own (the PROXY header from a trusted proxy,
+  the ClientHello peek, the relay).
 * Nothing is connected upstream before admit and route said yes: the gateway
   forwards only where the configuration sends it, never to the original
   destination as such (no open relay).
@@ -12,65 +18,25 @@ Rules kept here:
 
 from __future__ import annotations
 
-import itertools
 import logging
 import socket
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from ipaddress import ip_address
 from typing import Any
 
-import trio
 from trio.lowlevel import wait_writable
 
 from gateway import proxy_protocol
 from gateway.clienthello import ClientHello, parse_client_hello
-from gateway.config import ClusterConfig, Config, ListenerConfig
-from gateway.decisions import choose_route, refusal, where, why
-from gateway.flow import CloseReason, Flow, Route
-from gateway.logbudget import LogBudget, held_back
+from gateway.config import ListenerConfig
+from gateway.decisions import choose_route, connect_upstream, proxy_header, refusal
+from gateway.flow import CloseReason, Flow, unmap
 from gateway.peek import PeekFailed, peek, recv_exactly_queued
-from gateway.plugin_manager import Plugins
-from gateway.relay.copy import CopyRelay, abort_on_close
-from gateway.upstream import ConnectFailed, ResetAfterConnect, connect
+from gateway.relay.copy import abort_on_close
+from gateway.runtime import Runtime, next_flow_id, record_close
+from gateway.upstream import connect
 
 log = logging.getLogger("l4gw.conn")
-
-_ids = itertools.count(1)
-
-
-@dataclass(eq=False)
-class Runtime:
-    """What a connection needs, fixed at accept time: a reload builds a new one,
-    and connections already open keep theirs."""
-
-    config: Config
-    plugins: Plugins
-    copy: CopyRelay
-    flows: dict[int, Flow]
-    """Live flows of the process (shared across reloads; /connections reads it)."""
-    budget: LogBudget = field(default_factory=LogBudget)
-    """Bounds the failure lines of the log (shared across reloads)."""
-    peek_sni: frozenset[str] = field(init=False)
-    """Listeners with at least one SNI route: only those peek the ClientHello."""
-    admit_open: bool = field(init=False)
-    route_open: bool = field(init=False)
-    relay_hook: bool = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.peek_sni = frozenset(r.listener for r in self.config.routes if r.sni)
-        self.admit_open = self.config.gateway.admit_on_error == "open"
-        self.route_open = self.config.gateway.route_on_error == "open"
-        self.relay_hook = self.plugins.implements("l4gw_relay")
-
-
-def unmap(addr: Any) -> tuple[str, int]:
-    """(host, port) from a socket address; IPv4-mapped IPv6 becomes IPv4."""
-    host: str = addr[0]
-    if host.startswith("::ffff:") and "." in host:
-        host = host[7:]
-    return host, addr[1]
 
 
 async def handle(
@@ -83,7 +49,7 @@ async def handle(
         # Reset between accept and now: nothing to record.
         sock.close()
         return
-    flow = Flow(next(_ids), lc.name, "tcp", unmap(peer), unmap(local))
+    flow = Flow(next_flow_id(), lc.name, "tcp", unmap(peer), unmap(local))
     rt.flows[flow.id] = flow
     upstream: list[socket.socket] = []
     try:
@@ -101,13 +67,13 @@ async def handle(
             s.close()
         sock.close()
         del rt.flows[flow.id]
-        _record(rt, flow)
+        record_close(rt, flow)
 
 
 def refuse_over_capacity(rt: Runtime, lc: ListenerConfig, sock: socket.socket, peer: Any) -> None:
     """Reset a connection accepted past ``max_connections`` (``on_max_connections =
     "refuse"``) and record it like every close, without a task of its own."""
-    flow = Flow(next(_ids), lc.name, "tcp", unmap(peer), ("", 0))
+    flow = Flow(next_flow_id(), lc.name, "tcp", unmap(peer), ("", 0))
     try:
         flow.destination = unmap(sock.getsockname())
     except OSError:
@@ -116,39 +82,7 @@ def refuse_over_capacity(rt: Runtime, lc: ListenerConfig, sock: socket.socket, p
     flow.error = f"listener at max_connections = {lc.max_connections}"
     abort_on_close(sock)
     sock.close()
-    _record(rt, flow)
-
-
-def _record(rt: Runtime, flow: Flow) -> None:
-    """The one record of a closed connection: the closed hook and the log line."""
-    flow.ended = time.time()
-    rt.plugins.observe("l4gw_connection_closed", flow=flow)
-    line = close_line(rt, flow)
-    if line is not None:
-        log.log(
-            line[0],
-            "conn %d %s from_client=%d to_client=%d %.1fms %s%s%s",
-            flow.id,
-            where(flow),
-            flow.bytes_from_client,
-            flow.bytes_to_client,
-            flow.duration * 1000,
-            flow.close_reason,
-            why(flow),
-            line[1],
-        )
-
-
-def close_line(rt: Runtime, flow: Flow) -> tuple[int, str] | None:
-    """Whether a closed flow gets a log line: (level, suffix), or None.
-
-    Failures get a warning within the log budget (the suffix counts the lines held
-    back before it); other closes an info line when ``log_connections`` is on.
-    """
-    if flow.close_reason not in CloseReason.FAILURES:
-        return (logging.INFO, "") if rt.config.gateway.log_connections else None
-    held = rt.budget.allow((flow.listener, flow.close_reason))
-    return None if held is None else (logging.WARNING, held_back(held))
+    record_close(rt, flow)
 
 
 async def _serve(
@@ -182,7 +116,8 @@ async def _serve(
     if refused:
         return _refuse(sock, refused)
 
-    up = await _connect(rt, cluster, route, flow)
+    source = (flow.client[0], 0) if cluster.upstream_source == "client" else None
+    up = await connect_upstream(rt, route, flow, connect, source)
     if isinstance(up, str):
         if up == CloseReason.BACKEND_RESET:
             abort_on_close(sock)
@@ -190,7 +125,7 @@ async def _serve(
     upstream.append(up)
 
     if cluster.proxy_protocol != "none":
-        await _send_all(up, _proxy_header(cluster, flow))
+        await _send_all(up, proxy_header(cluster, flow))
 
     if rt.relay_hook:
         offer = plugins.offer(
@@ -237,7 +172,7 @@ async def _read_proxy_header(lc: ListenerConfig, sock: socket.socket, flow: Flow
         return CloseReason.BAD_PROXY_HEADER
     if header.command == "PROXY" and header.source and header.destination:
         flow.client, flow.destination = header.source, header.destination
-    flow.trace_parent = header.traceparent
+    flow.traceparent_in = header.traceparent
     return None
 
 
@@ -265,66 +200,6 @@ async def _peek_client_hello(lc: ListenerConfig, sock: socket.socket, flow: Flow
     if hello is _NOT_TLS:
         return "not TLS"
     return None if hello.sni else "the ClientHello has no server_name"
-
-
-async def _connect(
-    rt: Runtime, cluster: ClusterConfig, route: Route, flow: Flow
-) -> socket.socket | str:
-    """The connected upstream socket, or the close reason when none could be had."""
-    source = (flow.client[0], 0) if cluster.upstream_source == "client" else None
-    errors: list[str] = []
-    with trio.move_on_after(cluster.connect_budget or float("inf")):
-        for endpoint in route.endpoints[: cluster.connect_attempts]:
-            start = time.monotonic()
-            try:
-                sock = await connect(endpoint, cluster.connect_timeout, source)
-            except ConnectFailed as exc:
-                errors.append(f"{endpoint}: {exc}")
-                rt.plugins.observe(
-                    "l4gw_connect_attempt",
-                    flow=flow,
-                    endpoint=endpoint,
-                    error=str(exc),
-                    seconds=time.monotonic() - start,
-                )
-                if isinstance(exc, ResetAfterConnect):
-                    flow.endpoint, flow.error = str(endpoint), str(exc)
-                    return CloseReason.BACKEND_RESET
-                continue
-            rt.plugins.observe(
-                "l4gw_connect_attempt",
-                flow=flow,
-                endpoint=endpoint,
-                error=None,
-                seconds=time.monotonic() - start,
-            )
-            flow.endpoint = str(endpoint)
-            return sock
-    if not route.endpoints:
-        errors.append("no endpoint available")
-    elif len(errors) < min(len(route.endpoints), cluster.connect_attempts):
-        errors.append(f"connect budget {cluster.connect_budget:g}s spent")
-    flow.error = "; ".join(errors)
-    return CloseReason.CONNECT_FAILED
-
-
-def _proxy_header(cluster: ClusterConfig, flow: Flow) -> bytes:
-    src, dst = flow.client, flow.destination
-    if (":" in src[0]) != (":" in dst[0]):
-        # PROXY headers cannot mix families; say "unknown" rather than lie.
-        return (
-            b"PROXY UNKNOWN\r\n"
-            if cluster.proxy_protocol == "v1"
-            else (proxy_protocol.encode_v2(None, None, local=True))
-        )
-    if cluster.proxy_protocol == "v1":
-        return proxy_protocol.encode_v1(src, dst)
-    tlvs: list[tuple[int, bytes]] = []
-    if flow.sni:
-        tlvs.append((proxy_protocol.PP2_TYPE_AUTHORITY, flow.sni.encode()))
-    if cluster.proxy_protocol_traceparent and flow.traceparent_out:
-        tlvs.append((proxy_protocol.PP2_TYPE_TRACEPARENT, flow.traceparent_out.encode()))
-    return proxy_protocol.encode_v2(src, dst, tlvs=tlvs)
 
 
 async def _send_all(sock: socket.socket, data: bytes) -> None:

@@ -1,21 +1,33 @@
-"""The decisions every flow goes through, TCP connection or UDP session alike.
+"""The stages every flow goes through, TCP connection or UDP session alike.
 
-Admit, route and routed are taken here for both transports, so they apply
-the same hooks with the same failure policies and leave the same record on
-the :class:`Flow` (who refused, which rule, why). The transports only act on
-the outcome: close a socket, drop a session.
+Admit, route and routed, the connect loop over a route's endpoints and the
+PROXY header for the backend are taken here for both transports, so they
+apply the same hooks with the same failure policies and leave the same
+record on the :class:`Flow` (who refused, which rule, which endpoints were
+tried and why they failed). The transports only act on the outcome: close a
+socket, drop a session; and bring what differs: how one upstream socket is
+opened (gateway/upstream.py for TCP, gateway/udp/sockets.py for UDP).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
+import trio
+
+from gateway import proxy_protocol
+from gateway.config import ClusterConfig, Endpoint
 from gateway.flow import CloseReason, Flow, Route
 from gateway.plugin_manager import Raised
-from gateway.schema import format_address
+from gateway.runtime import Runtime
+from gateway.upstream import ConnectFailed, ResetAfterConnect
 
-if TYPE_CHECKING:
-    from gateway.connection import Runtime
+Opener = Callable[[Endpoint, float, tuple[str, int] | None], Awaitable[socket.socket]]
+"""One connect attempt: ``(endpoint, timeout, source)`` to a connected socket, or
+:class:`~gateway.upstream.ConnectFailed`."""
 
 
 async def refusal(rt: Runtime, flow: Flow, hook: str, **more: Any) -> tuple[str, bool] | None:
@@ -52,18 +64,86 @@ async def choose_route(rt: Runtime, flow: Flow) -> Route | str:
     return route
 
 
-def where(flow: Flow) -> str:
-    """Listener, addresses and choices of a flow, for its close log line."""
-    return (
-        f"{flow.listener} client={format_address(*flow.client)} "
-        f"dst={format_address(*flow.destination)} route={flow.route or '-'} "
-        f"endpoint={flow.endpoint or '-'}"
-    )
+async def connect_upstream(
+    rt: Runtime, route: Route, flow: Flow, attempt: Opener, source: tuple[str, int] | None
+) -> socket.socket | str:
+    """Try the route's endpoints in order until one connects.
+
+    At most ``connect_attempts`` endpoints, all within ``connect_budget``; each
+    attempt is reported to ``l4gw_connect_attempt``, and ``flow.endpoint`` names
+    the one connected to.
+
+    Args:
+        rt: the flow's runtime.
+        route: the route chosen.
+        flow: the flow; its ``error`` lists each failed attempt when none connects.
+        attempt: one attempt (:func:`gateway.upstream.connect` for TCP; a UDP
+            session's opener, which never waits).
+        source: bind each upstream socket here first (``upstream_source =
+            "client"``), else None.
+
+    Returns:
+        The connected socket, or the close reason: ``connect_failed``, or
+        ``backend_reset`` when a backend reset right after accepting (not worth
+        a retry elsewhere: it has seen the connection).
+    """
+    cluster = route.cluster
+    errors: list[str] = []
+    with trio.move_on_after(cluster.connect_budget or float("inf")):
+        for endpoint in route.endpoints[: cluster.connect_attempts]:
+            start = time.monotonic()
+            try:
+                sock = await attempt(endpoint, cluster.connect_timeout, source)
+            except ConnectFailed as exc:
+                errors.append(f"{endpoint}: {exc}")
+                rt.plugins.observe(
+                    "l4gw_connect_attempt",
+                    flow=flow,
+                    endpoint=endpoint,
+                    error=str(exc),
+                    seconds=time.monotonic() - start,
+                )
+                if isinstance(exc, ResetAfterConnect):
+                    flow.endpoint, flow.error = str(endpoint), str(exc)
+                    return CloseReason.BACKEND_RESET
+                continue
+            rt.plugins.observe(
+                "l4gw_connect_attempt",
+                flow=flow,
+                endpoint=endpoint,
+                error=None,
+                seconds=time.monotonic() - start,
+            )
+            flow.endpoint = str(endpoint)
+            return sock
+    if not route.endpoints:
+        errors.append("no endpoint available")
+    elif len(errors) < min(len(route.endpoints), cluster.connect_attempts):
+        errors.append(f"connect budget {cluster.connect_budget:g}s spent")
+    flow.error = "; ".join(errors)
+    return CloseReason.CONNECT_FAILED
 
 
-def why(flow: Flow) -> str:
-    """Who refused it and the error, for its close log line ("" when neither)."""
-    text = ""
-    if flow.refused_by:
-        text = f" by={flow.refused_by}" + (f"/{flow.refused_rule}" if flow.refused_rule else "")
-    return text + (f" error={flow.error!r}" if flow.error else "")
+def proxy_header(cluster: ClusterConfig, flow: Flow) -> bytes:
+    """The PROXY header ``cluster`` asks for: the client and original destination of
+    ``flow``, and (v2) its SNI and the traceparent to continue.
+
+    A TCP connection sends it once, before its first byte; a UDP session (v2 only:
+    v1 has no UDP form) before each datagram, with transport UDP.
+    """
+    src, dst = flow.client, flow.destination
+    if (":" in src[0]) != (":" in dst[0]):
+        # PROXY headers cannot mix families; say "unknown" rather than lie.
+        return (
+            b"PROXY UNKNOWN\r\n"
+            if cluster.proxy_protocol == "v1"
+            else proxy_protocol.encode_v2(None, None, local=True)
+        )
+    if cluster.proxy_protocol == "v1":
+        return proxy_protocol.encode_v1(src, dst)
+    tlvs: list[tuple[int, bytes]] = []
+    if flow.sni:
+        tlvs.append((proxy_protocol.PP2_TYPE_AUTHORITY, flow.sni.encode()))
+    if cluster.proxy_protocol_traceparent and flow.traceparent_out:
+        tlvs.append((proxy_protocol.PP2_TYPE_TRACEPARENT, flow.traceparent_out.encode()))
+    return proxy_protocol.encode_v2(src, dst, transport=flow.transport, tlvs=tlvs)

@@ -58,6 +58,19 @@ KERNEL_TIERS = frozenset({"splice", "sockmap"})
 """The relay tiers that move bytes in the kernel (:attr:`Flow.spliced`)."""
 
 
+def unmap(addr: Any) -> tuple[str, int]:
+    """``(host, port)`` of a socket address, as a flow holds its addresses.
+
+    An IPv6 address's flow info and scope id are dropped, and an IPv4-mapped
+    IPv6 host (``::ffff:192.0.2.1``) becomes the IPv4 address it stands for:
+    the same client reads the same, whichever socket family it came through.
+    """
+    host: str = addr[0]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return host, addr[1]
+
+
 class Flow(RelayStats):
     """The context of one TCP connection or UDP session, as hooks see it.
 
@@ -91,7 +104,7 @@ class Flow(RelayStats):
         "started",
         "started_monotonic",
         "tier",
-        "trace_parent",
+        "traceparent_in",
         "traceparent_out",
         "transport",
     )
@@ -144,8 +157,9 @@ class Flow(RelayStats):
         """The rule that refused it, as the refusing plugin named it."""
         self.error: str | None = None
         """A short description of the error that ended it, if any."""
-        self.trace_parent: str | None = None
-        """W3C traceparent received in a PROXY v2 TLV, if any."""
+        self.traceparent_in: str | None = None
+        """W3C traceparent received in a trusted PROXY v2 header's TRACEPARENT TLV, if
+        any (the telemetry plugin makes it the parent of the flow's span)."""
         self._trace_id: str | int | None = None
         self.traceparent_out: str | None = None
         """W3C traceparent to send upstream in the PROXY v2 TRACEPARENT TLV; set by the
@@ -171,6 +185,16 @@ class Flow(RelayStats):
         # An int is formatted when read: most connections' trace ids never are,
         # and formatting one cost a traced connection about 1 µs in the gateway.
         self._trace_id = value
+
+    @property
+    def trace_parent(self) -> str | None:
+        """The former name of :attr:`traceparent_in`, kept for plugins written against
+        it; new code uses ``traceparent_in`` (the W3C spelling, as ``traceparent_out``)."""
+        return self.traceparent_in
+
+    @trace_parent.setter
+    def trace_parent(self, value: str | None) -> None:
+        self.traceparent_in = value
 
     @property
     def spliced(self) -> bool:

@@ -5,21 +5,34 @@ Every hook name starts with ``l4gw_``. Implement them with
 the ``l4gw.plugins`` entry-point group; the built-in plugins register exactly
 the same way.
 
-Three kinds of hooks:
+The hooks, in three kinds (README.md and docs/plugins.md list the same ones):
 
 * **Lifecycle** (``l4gw_config_sections``, ``l4gw_configure``,
   ``l4gw_startup``, ``l4gw_reopen``, ``l4gw_shutdown``): called once per
-  event, outside the connection path.
+  event, outside the connection path. Only ``l4gw_startup`` may be async.
 * **Decisions** (``l4gw_admit``, ``l4gw_route``, ``l4gw_routed``,
   ``l4gw_relay``): called per connection, in plugin order (pluggy's: last
   registered first, ``tryfirst`` and ``trylast`` adjust); the first non-None
-  result wins. An implementation may be ``async def`` or return an
-  awaitable; the core awaits it. Keep them fast: they run on the
-  connection's path.
+  result wins. An admit, route or routed implementation may be ``async def``
+  or return an awaitable: the core awaits it before looking at the result,
+  so an async None abstains like a synchronous one. (``l4gw_relay``'s
+  awaitable is the relay itself: the core awaits it as the flow's relay.)
+  Keep them fast: they run on the connection's path.
 * **Observers** (``l4gw_connection_opened``, ``l4gw_connect_attempt``,
   ``l4gw_connection_closed``, ``l4gw_status``): called for every plugin, each one's error
   logged and isolated, so one failing observer cannot silence the others.
   They must not block; hand I/O to a task started from ``l4gw_startup``.
+
+Every hook is called by l4gw's own drivers, not through pluggy's, so pluggy's
+hook wrappers (``wrapper=True``, ``hookwrapper=True``) are refused when the
+plugins load, and so is an ``async def`` implementation of a hook that is not
+awaited (it would never run): the error names the plugin and the hook.
+
+Lifecycle of a process: ``l4gw_config_sections`` before each validation of
+the file; then, in each worker process, ``l4gw_configure`` and
+``l4gw_startup`` once; on each reload (SIGHUP) ``l4gw_configure`` again, never
+``l4gw_startup``; at the end ``l4gw_shutdown`` after the drain, then the
+background tasks are cancelled. docs/plugins.md ("Lifecycle") tells the rest.
 
 A UDP session is a flow like a TCP connection (``flow.transport == "udp"``):
 opened, admit, route and routed run once, for its first datagram; later
@@ -53,11 +66,17 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 def l4gw_config_sections() -> Mapping[str, Schema] | None:
     """Declare the config sections this plugin reads.
 
-    Called once, before the file is validated. Return ``{name: schema}``; the
-    file's ``[plugin.<name>]`` table is then checked against ``schema`` (a
-    mapping of key to :class:`gateway.Field`) and ``l4gw check`` reports its
-    problems with their key paths like the core's. A ``[plugin.X]`` table that
-    no plugin declares is an error.
+    Called before each validation of the file (start-up, every reload,
+    ``l4gw check``): return the same answer every time. Return ``{name:
+    schema}``; the file's ``[plugin.<name>]`` table is then checked against
+    ``schema`` (a mapping of key to :class:`gateway.Field`) and ``l4gw check``
+    reports its problems with their key paths like the core's.
+
+    A section the file leaves out gets the schema's defaults, unless a key of
+    the schema is required (a Field without a default): then the plugin is not
+    configured, and ``config.plugin("<name>")`` is empty. A ``[plugin.X]`` table
+    that no plugin declares is an error, except when ``[gateway]
+    disable_plugins`` names ``X``: it is ignored (with a note).
 
     Raises: a plugin raising here stops start-up (the error names the plugin).
     """
@@ -67,10 +86,12 @@ def l4gw_config_sections() -> Mapping[str, Schema] | None:
 def l4gw_configure(config: Config) -> None:
     """Receive the validated configuration.
 
-    Called before start-up and again on every successful reload (SIGHUP),
-    before new connections use the new config; connections already open keep
-    the routing decisions made under the old one. Read your section with
-    ``config.plugin("<name>")``. Must not block.
+    Called in each worker process before ``l4gw_startup``, and again on every
+    successful reload (SIGHUP), before new connections use the new config;
+    connections already open keep the routing decisions made under the old one.
+    Read your section with ``config.plugin("<name>")``: empty when the file leaves
+    out a section whose schema has a required key (not configured: stay idle).
+    Compile what you need and swap it in with one assignment. Must not block.
 
     Raises: at start-up, start-up fails; on reload, the reload is abandoned and
     the running configuration stays.
@@ -81,10 +102,12 @@ def l4gw_configure(config: Config) -> None:
 def l4gw_startup(config: Config, nursery: trio.Nursery) -> Awaitable[None] | None:
     """Start background work (health checks, log writers, store clients).
 
-    Called once, after ``l4gw_configure`` and before the listeners open.
-    Start long-lived tasks in ``nursery``; they are cancelled at shutdown,
-    after the drain. May be async (awaited before the listeners open: use it
-    to wait for a first health check, for example).
+    Called once per worker process (``[gateway] workers``; a restarted worker
+    calls it again), after ``l4gw_configure`` and before the listeners open;
+    never on a reload. Start long-lived tasks in ``nursery``; they are
+    cancelled at shutdown, after the drain and ``l4gw_shutdown``. May be async
+    (awaited before the listeners open: use it to wait for a first health
+    check, for example).
 
     Raises: start-up fails with the plugin's name in the error.
     """
@@ -104,7 +127,10 @@ def l4gw_admit(flow: Flow) -> Refusal | Awaitable[Refusal | None] | None:
     """Accept or refuse a new connection before any of its bytes are read.
 
     Return a :class:`gateway.Refusal` to refuse (the first one wins), None to
-    let it through. Rate limits, ACLs and connection caps live here.
+    let it through. Rate limits, ACLs and connection caps live here. A refused
+    flow closes with reason ``refused``; the refusal's ``reason`` becomes
+    ``flow.error`` and its ``rule`` ``flow.refused_rule`` (docs/plugins.md
+    says where each shows up).
 
     Raises: with ``[gateway] admit_on_error = "closed"`` (default) the
     connection is refused with close reason ``plugin_error``; with "open" the
@@ -209,6 +235,7 @@ def l4gw_reopen() -> None:
 def l4gw_shutdown(config: Config) -> None:
     """The gateway is stopping: listeners are closed and the drain is over.
 
-    Flush what must not be lost. Background tasks are cancelled right after.
-    Raises: logged; shutdown goes on.
+    Called once per worker process, before the background tasks started from
+    ``l4gw_startup`` are cancelled (they are still running): flush what must
+    not be lost. Must not block. Raises: logged; shutdown goes on.
     """

@@ -1,13 +1,15 @@
 """Linux constants that Python's ``socket`` module does not export everywhere.
 
 Each value names the kernel header it comes from; where ``socket`` has the
-name we take it from there.
+name we take it from there. This is their one source: no other module
+defines them again, and each one here is used (tests/gateway/test_linux.py).
 """
 
 from __future__ import annotations
 
 import socket
 
+# --- transparent sockets, original destinations (listeners, upstream, gateway/udp/) ---
 # linux/in.h: IP_TRANSPARENT = 19
 IP_TRANSPARENT: int = getattr(socket, "IP_TRANSPARENT", 19)
 # linux/in6.h: IPV6_TRANSPARENT = 75
@@ -18,20 +20,18 @@ IP_ORIGDSTADDR: int = 20
 # linux/in6.h: IPV6_RECVORIGDSTADDR = IPV6_ORIGDSTADDR = 74
 IPV6_RECVORIGDSTADDR: int = getattr(socket, "IPV6_RECVORIGDSTADDR", 74)
 IPV6_ORIGDSTADDR: int = 74
-# linux/in.h: IP_FREEBIND = 15 (bind to an address not (yet) local)
-IP_FREEBIND: int = getattr(socket, "IP_FREEBIND", 15)
-# linux/in.h: IP_BIND_ADDRESS_NO_PORT = 24 (defer port choice to connect())
-IP_BIND_ADDRESS_NO_PORT: int = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
-# asm-generic/socket.h: SO_COOKIE = 57
-SO_COOKIE: int = getattr(socket, "SO_COOKIE", 57)
-# linux/tcp.h: TCP_WINDOW_CLAMP = 10
-TCP_WINDOW_CLAMP: int = getattr(socket, "TCP_WINDOW_CLAMP", 10)
-# linux/tcp.h: TCP_INFO = 11
-TCP_INFO: int = getattr(socket, "TCP_INFO", 11)
+
+# --- peeking (gateway/peek.py) ---
 # asm-generic/socket.h: SO_RCVLOWAT = 18
 SO_RCVLOWAT: int = getattr(socket, "SO_RCVLOWAT", 18)
 
-# --- TPROXY plumbing (gateway/tproxy/setup.py, gateway/tproxy/sockdiag.py) ---
+# --- the sockmap tier (gateway/relay/sockmap.py) ---
+# asm-generic/socket.h: SO_COOKIE = 57
+SO_COOKIE: int = getattr(socket, "SO_COOKIE", 57)
+# linux/tcp.h: TCP_INFO = 11
+TCP_INFO: int = getattr(socket, "TCP_INFO", 11)
+
+# --- TPROXY plumbing (gateway/tproxy/state.py, gateway/tproxy/sockdiag.py) ---
 # linux/capability.h: CAP_NET_ADMIN = 12 (a bit of CapEff in /proc/self/status)
 CAP_NET_ADMIN: int = 12
 # linux/rtnetlink.h: RT_SCOPE_HOST = 254 (an IPv4 "local" route has host scope)
@@ -59,7 +59,8 @@ IP_PKTINFO: int = getattr(socket, "IP_PKTINFO", 8)
 IPV6_RECVPKTINFO: int = getattr(socket, "IPV6_RECVPKTINFO", 49)
 IPV6_PKTINFO: int = getattr(socket, "IPV6_PKTINFO", 50)
 
-# --- telemetry (gateway/telemetry/pipe.py, gateway/telemetry/exporter.py) ---
+# --- telemetry and workers (gateway/telemetry/pipe.py, gateway/telemetry/exporter.py,
+# gateway/workers.py) ---
 # asm-generic/socket.h: SO_SNDBUFFORCE = 32 (SO_SNDBUF past net.core.wmem_max, CAP_NET_ADMIN)
 SO_SNDBUFFORCE: int = getattr(socket, "SO_SNDBUFFORCE", 32)
 # linux/prctl.h: PR_SET_PDEATHSIG = 1 (signal sent to this process when its parent dies)

@@ -4,6 +4,12 @@ The accept loop keeps serving through the errors a busy or attacked server
 sees: running out of file descriptors (EMFILE/ENFILE: back off, the
 connections wait in the kernel backlog), a client that resets before it is
 accepted (ECONNABORTED) and transient kernel memory pressure.
+
+A bind that fails says which socket (listener name and address, or the admin
+endpoint), the kernel's words, and, for the causes an operator meets in
+practice, what to change (:func:`bind_error`, for every listening socket:
+TCP, UDP and the admin endpoint). The message goes to a one-line log entry,
+never a traceback (gateway/cli/common.py: start-up failures).
 """
 
 from __future__ import annotations
@@ -20,13 +26,31 @@ from trio.lowlevel import checkpoint, wait_readable
 
 from gateway.config import ListenerConfig
 from gateway.linux import IP_TRANSPARENT, IPV6_TRANSPARENT
-from gateway.oserrors import bind_error
 
 log = logging.getLogger("l4gw.listener")
 
 _BACKOFF_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR})
 _ACCEPTS_PER_CHECKPOINT = 64
+_BIND_HINTS = {
+    errno.EADDRINUSE: "another process holds it (ss -ltnp or ss -lunp shows which)",
+    errno.EADDRNOTAVAIL: "the address is not on this host "
+    "(transparent = true binds a non-local address for TPROXY)",
+    errno.EACCES: "ports below 1024 need root or CAP_NET_BIND_SERVICE",
+    errno.EPERM: "transparent sockets need CAP_NET_ADMIN",
+}
+
+
+def bind_error(what: str, exc: OSError) -> OSError:
+    """``exc`` with ``what`` (e.g. ``listener public (0.0.0.0:80)``) and a hint in its message.
+
+    Args:
+        what: the socket, as the operator names it in the config.
+        exc: the error from ``bind``/``listen``/``setsockopt``.
+    """
+    hint = _BIND_HINTS.get(exc.errno or 0)
+    text = f"{what}: {exc.strerror or exc}" + (f" ({hint})" if hint else "")
+    return OSError(exc.errno, text)
 
 
 def open_socket(lc: ListenerConfig, reuse_port: bool = False) -> socket.socket:

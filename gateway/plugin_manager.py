@@ -7,6 +7,21 @@ which walks the implementations in pluggy's order and awaits what is
 awaitable; observers go through :meth:`Plugins.observe`, which isolates each
 plugin's errors. The implementation lists are resolved once at load time:
 per connection there is no pluggy dispatch, only a loop over a tuple.
+
+Rules kept here:
+
+* **Every hook call goes through a driver of this module**, never through
+  ``pm.hook``: so pluggy's hook wrappers (``wrapper=True``, ``hookwrapper=True``)
+  would never wrap anything. They are refused at load (:class:`PluginError`
+  naming the plugin and the hook) rather than half-supported: a wrapper runs
+  synchronously around the call, while decision hooks may be ``async def``,
+  so it would see a coroutine, never the decision it meant to wrap. An
+  ordinary implementation with ``tryfirst=True`` is the supported way to run
+  before the others.
+* **Only the hooks in :data:`AWAITED` are awaited.** An ``async def``
+  implementation of any other hook (an observer, ``l4gw_configure``, ...)
+  would never run (its coroutine dropped with a RuntimeWarning), so it is
+  refused at load as well.
 """
 
 from __future__ import annotations
@@ -26,6 +41,12 @@ from gateway.schema import Schema
 log = logging.getLogger("l4gw.plugins")
 
 ENTRY_POINT_GROUP = "l4gw.plugins"
+
+AWAITED = frozenset({"l4gw_admit", "l4gw_route", "l4gw_routed", "l4gw_startup", "l4gw_relay"})
+"""Hooks whose result the core awaits when it is awaitable: the decisions (by
+:meth:`Plugins.decide`), ``l4gw_startup`` (before the listeners open) and
+``l4gw_relay`` (whose awaitable is the relay itself). Every other hook is called
+synchronously and must not be ``async def``."""
 
 
 class PluginError(Exception):
@@ -116,10 +137,29 @@ class Plugins:
         return None
 
     async def decide(self, hook: str, fail_open: bool, **kwargs: Any) -> tuple[str, Any] | None:
-        """Drive a decision hook applying its failure policy.
+        """Drive a decision hook (``l4gw_admit``, ``l4gw_route``, ``l4gw_routed``)
+        applying its failure policy.
 
-        With ``fail_open`` a raising plugin is logged and skipped; otherwise
-        :class:`Raised` propagates (the caller refuses the connection).
+        The implementations are called in pluggy's order (last registered first,
+        ``tryfirst``/``trylast`` adjusting); a result that is awaitable (an
+        ``async def`` implementation, or one returning an awaitable) is awaited
+        before it is looked at, so an async "abstain" (None) goes on to the next
+        plugin like a synchronous one. The first non-None result wins.
+
+        Args:
+            hook: the hook's name.
+            fail_open: the policy for a raising plugin: True logs it and asks the
+                next one (``admit_on_error``/``route_on_error = "open"``), False
+                logs it and raises :class:`Raised` (the core refuses the flow).
+            **kwargs: the hook's arguments by name (``flow=``, ``config=``,
+                ``route=``); each implementation gets those it names.
+
+        Returns:
+            ``(plugin name, result)`` of the first non-None result, or None when
+            every plugin abstained.
+
+        Raises:
+            Raised: a plugin raised and ``fail_open`` is False.
         """
         skip = -1
         while True:
@@ -183,21 +223,31 @@ class _Failed(Exception):
         self.error = error
 
 
-def load(disabled: Iterable[str] = (), extra: Mapping[str, object] | None = None) -> Plugins:
+def load(
+    disabled: Iterable[str] = (),
+    extra: Mapping[str, object] | None = None,
+    *,
+    installed: bool = True,
+) -> Plugins:
     """Load every plugin of the ``l4gw.plugins`` entry-point group.
 
     Args:
         disabled: plugin (entry point) names not to load.
-        extra: ``{name: plugin object}`` registered as well (tests, embedding).
+        extra: ``{name: plugin object}`` registered as well (tests, embedding),
+            after the installed ones.
+        installed: False loads no entry point, only ``extra``.
 
     Raises:
-        PluginError: a plugin failed to import or does not fit the contract.
+        PluginError: a plugin failed to import or does not fit the contract (a
+            hook name the contract lacks, a hook wrapper, an ``async def``
+            implementation of a hook that is not awaited, a name taken twice).
     """
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     blocked = set(disabled)
     infos: list[PluginInfo] = []
-    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+    eps = entry_points(group=ENTRY_POINT_GROUP) if installed else ()
+    for ep in sorted(eps, key=lambda e: e.name):
         if ep.name in blocked or pm.has_plugin(ep.name):
             continue
         try:
@@ -216,13 +266,45 @@ def load(disabled: Iterable[str] = (), extra: Mapping[str, object] | None = None
             )
         )
     for name, plugin in (extra or {}).items():
-        pm.register(plugin, name=name)
+        try:
+            pm.register(plugin, name=name)
+        except (ValueError, pluggy.PluginValidationError) as exc:
+            # ValueError: the name (or the very object) is registered already.
+            raise PluginError(f"plugin {name}: {exc}") from exc
         infos.append(PluginInfo(name, repr(plugin), "(embedded)", "", _hooks_of(pm, plugin)))
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         raise PluginError(str(exc)) from exc
+    _check_calling_conventions(pm)
     return Plugins(pm, infos)
+
+
+def _check_calling_conventions(pm: pluggy.PluginManager) -> None:
+    """Refuse what the drivers would silently get wrong (the module's rules)."""
+    for name in sorted(dir(pm.hook)):
+        if not name.startswith("l4gw_"):
+            continue
+        for impl in getattr(pm.hook, name).get_hookimpls():
+            where = f"plugin {impl.plugin_name}: {name}"
+            if impl.wrapper or impl.hookwrapper:
+                kind = "wrapper=True" if impl.wrapper else "hookwrapper=True"
+                raise PluginError(
+                    f"{where}: hook wrappers ({kind}) are not supported: l4gw calls each "
+                    "implementation itself, and decision hooks may be async, which a "
+                    "wrapper cannot await; use an ordinary implementation "
+                    "(@hookimpl(tryfirst=True) runs before the others)"
+                )
+            if name not in AWAITED and _is_async(impl.function):
+                raise PluginError(
+                    f"{where}: is async def, but this hook is called synchronously and its "
+                    "result is not awaited (the coroutine would never run); make it a plain "
+                    "function and hand waiting work to a task started from l4gw_startup"
+                )
+
+
+def _is_async(function: Callable[..., Any]) -> bool:
+    return inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function)
 
 
 def _hooks_of(pm: pluggy.PluginManager, plugin: object) -> tuple[str, ...]:

@@ -20,6 +20,28 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+# What a plugin declares its section with (docs/plugins.md); the rest serves the core.
+__all__ = [
+    "Converter",
+    "Field",
+    "Invalid",
+    "Schema",
+    "address",
+    "boolean",
+    "choice",
+    "duration",
+    "integer",
+    "list_of",
+    "name",
+    "network",
+    "number",
+    "port",
+    "positive_duration",
+    "size",
+    "string",
+    "table",
+]
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 

@@ -28,17 +28,20 @@ from typing import Any
 
 import trio
 
+from gateway import admin
 from gateway import config as config_mod
 from gateway.config import Config, ConfigError
-from gateway.connection import Runtime, handle, refuse_over_capacity
+from gateway.connection import handle, refuse_over_capacity
 from gateway.flow import Flow
 from gateway.identity import resolve_identity
 from gateway.listeners import Listener, open_socket
 from gateway.plugin_manager import PluginError, Plugins
 from gateway.process import drop_privileges, needed_capabilities
 from gateway.relay.copy import CopyRelay
+from gateway.runtime import Runtime
 from gateway.schema import format_address
-from gateway.udp.listener import UdpListener
+from gateway.tproxy.guard import Guard
+from gateway.udp.listener import UdpListener, UpstreamTuple
 from gateway.udp.sockets import open_udp_socket
 from gateway.workers import HELD_WHILE_STARTING
 
@@ -54,6 +57,9 @@ class Gateway:
         self.flows: dict[int, Flow] = {}
         self.runtime = Runtime(config, plugins, CopyRelay(config.gateway.buffer_size), self.flows)
         self.listeners: dict[str, Listener | UdpListener] = {}
+        self._upstream_tuples: set[UpstreamTuple] = set()
+        """The 4-tuples of the transparent UDP upstream sockets, shared by the UDP
+        listeners (gateway/udp/listener.py: ``upstream_tuples``)."""
         self.ready = False
         self.started = False
         """Became ready once (a failure before that is a failed start)."""
@@ -159,7 +165,12 @@ class Gateway:
         if lc.protocol == "udp":
             assert self._connections is not None
             udp = UdpListener(
-                lc, open_udp_socket(lc), self._current_runtime, self._is_draining, self._released
+                lc,
+                open_udp_socket(lc),
+                self._current_runtime,
+                self._is_draining,
+                self._released,
+                self._upstream_tuples,
             )
             self.listeners[lc.name] = udp
             # In ``connections``, not ``accepting``: the drain keeps it serving open sessions.
@@ -254,13 +265,13 @@ class Gateway:
         for callback in self.on_reload:
             callback(new)
         log.info("reloaded %s", new.path)
+        for note in new.notes:
+            log.info("%s: %s", new.path, note)
         return True
 
     async def _start_tproxy_guard(self, nursery: trio.Nursery) -> None:
         """``[tproxy] manage = true``: the owner's guard restores removed or changed rules
         (gateway/tproxy/guard.py; worker 0 runs it, and applies a reloaded ``[tproxy]``)."""
-        from gateway.tproxy.guard import Guard
-
         guard = Guard.for_process(self.config)
         if guard is not None:
             self.on_reload.append(guard.follow)
@@ -270,8 +281,6 @@ class Gateway:
         """The admin endpoint of the config in force, in a scope of its own (a reload
         that moves it cancels that scope); ``started`` with the scope and an event set
         once its socket is closed."""
-        from gateway import admin
-
         closed = trio.Event()
         try:
             with trio.CancelScope() as scope:

@@ -23,11 +23,11 @@ import signal
 import time
 from collections.abc import Callable
 
+from gateway.linux import PR_SET_PDEATHSIG
+
 log = logging.getLogger("l4gw.workers")
 
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
-# linux/prctl.h: PR_SET_PDEATHSIG = 1
-_PR_SET_PDEATHSIG = 1
 _RESTART_BACKOFF = (0.1, 5.0)
 
 HELD_WHILE_STARTING = frozenset({signal.SIGHUP, signal.SIGUSR1})
@@ -36,7 +36,7 @@ _HEALTHY_RUN = 30.0
 """A worker that ran this long before it died restarts without the back-off it had."""
 
 EXIT_START_FAILED = 3
-"""A worker's exit code when it failed before it was ready (cli.run_one)."""
+"""A worker's exit code when it failed before it was ready (gateway/cli/main.py: run_one)."""
 
 
 def supervise(
@@ -135,7 +135,7 @@ def supervise(
 def _die_with_parent() -> None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     except (OSError, AttributeError):
         pass
     if os.getppid() == 1:  # the supervisor is already gone

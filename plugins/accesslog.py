@@ -44,11 +44,6 @@ def _rfc3339(t: float | None) -> str | None:
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _address(addr: tuple[str, int]) -> str:
-    host, port = addr
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _trace_id(flow: Flow) -> Any:
     # The telemetry plugin sets it (as a flow field or a span attribute).
     value = getattr(flow, "trace_id", None) or flow.attributes.get("l4gw.trace_id")
@@ -67,8 +62,8 @@ FIELD_VALUES: Final[Mapping[str, Callable[[Flow], Any]]] = {
     "id": lambda f: f.id,
     "listener": lambda f: f.listener,
     "transport": lambda f: f.transport,
-    "client": lambda f: _address(f.client),
-    "destination": lambda f: _address(f.destination),
+    "client": lambda f: s.format_address(*f.client),
+    "destination": lambda f: s.format_address(*f.destination),
     "route": lambda f: f.route,
     "cluster": lambda f: f.cluster,
     "endpoint": lambda f: f.endpoint,
@@ -81,19 +76,28 @@ FIELD_VALUES: Final[Mapping[str, Callable[[Flow], Any]]] = {
     "trace_id": _trace_id,
     "refused_by": lambda f: f.refused_by,
     "refused_rule": lambda f: f.refused_rule,
+    "error": lambda f: f.error,
     # Not in the default set:
     "end_time": lambda f: _rfc3339(f.ended),
     "sni": lambda f: f.sni,
     "alpn": lambda f: list(f.alpn),
-    "error": lambda f: f.error,
     "attributes": _attributes,
     "datagrams_from_client": lambda f: getattr(f, "datagrams_from_client", 0),
     "datagrams_to_client": lambda f: getattr(f, "datagrams_to_client", 0),
 }
 """Every field the log can carry, and how it is read from the flow."""
 
-DEFAULT_FIELDS: Final = tuple(list(FIELD_VALUES)[:18])
-EXTRA_FIELDS: Final = tuple(list(FIELD_VALUES)[18:])
+EXTRA_FIELDS: Final = (
+    "end_time",
+    "sni",
+    "alpn",
+    "attributes",
+    "datagrams_from_client",
+    "datagrams_to_client",
+)
+"""Fields a ``fields = [...]`` list may add."""
+DEFAULT_FIELDS: Final = tuple(name for name in FIELD_VALUES if name not in EXTRA_FIELDS)
+"""Fields written when ``fields`` is empty; ``error`` carries a refusal's reason."""
 
 
 def _field_name(value: Any) -> str:

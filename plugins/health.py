@@ -40,6 +40,7 @@ import trio
 from opentelemetry import metrics
 
 from gateway import Config, Endpoint, Flow, hookimpl
+from gateway import schema as s
 
 log = logging.getLogger("l4gw.health")
 
@@ -316,7 +317,7 @@ class Health:
         self.transitions += 1
         cluster, host, port = key
         down = self.unhealthy.setdefault(cluster, set())
-        where = f"cluster {cluster} endpoint {_addr(host, port)}"
+        where = f"cluster {cluster} endpoint {s.format_address(host, port)}"
         if state.healthy:
             down.discard((host, port))
             log.info("health: %s is healthy", where)
@@ -399,7 +400,7 @@ class Health:
             ej = self.outliers.get(cluster, {}).get((host, port))
             up = not down and not (ej is not None and ej.ejected(now))
             yield metrics.Observation(
-                int(up), {"l4gw.cluster": cluster, "l4gw.endpoint": _addr(host, port)}
+                int(up), {"l4gw.cluster": cluster, "l4gw.endpoint": s.format_address(host, port)}
             )
 
     # -- hooks -------------------------------------------------------------------
@@ -450,10 +451,6 @@ def _result(error: str | None) -> str:
     if error is None:
         return "ok"
     return "timeout" if error.startswith("timed out") else "fail"
-
-
-def _addr(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 plugin = Health()

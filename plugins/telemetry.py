@@ -1,665 +1,97 @@
 """Built-in telemetry: a span for every connection (or UDP session) and the gateway's metrics.
 
-Everything goes through the hook contract, like any third-party plugin:
+A thin adaptor from the hooks to :mod:`gateway.telemetry` (a semi-public
+namespace), through the hook contract like any third-party plugin; what is
+recorded, and the rules that keep it cheap, are
+:mod:`gateway.telemetry.recorder`:
 
-* ``l4gw_connection_opened`` starts the connection's SERVER span ("tcp
-  proxy"/"udp proxy"), dated from the accept, its parent the W3C traceparent a
-  trusted PROXY v2 header carried (``flow.trace_parent``); it sets
-  ``flow.trace_id`` when the span is sampled (access logs print it).
+* ``l4gw_configure`` sets telemetry up on the first call (``[telemetry]``,
+  ``OTEL_*``) and applies a reload's ``sample_ratio`` after it;
+* ``l4gw_connection_opened`` starts the flow's span;
 * ``l4gw_admit`` (``trylast``: it runs only once every other plugin let the
-  connection through, and never refuses) stamps the "admitted" event.
-* ``l4gw_connect_attempt`` notes the attempt; its CLIENT child span,
-  back-dated by the attempt's duration, and its "connect_attempt" event go
-  out with the connection's record. After a successful attempt to a
-  cluster that sends PROXY v2 with a traceparent it sets
-  ``flow.traceparent_out`` to that attempt's span, so the backend's span is
-  a child of the connection that carried the header (W3C: the parent is
-  the caller's outgoing span).
-* ``l4gw_connection_closed`` sets the final attributes (route, cluster,
-  endpoint, bytes each way, close reason, spliced and tier, the refusing
-  plugin and rule, and whatever plugins added with ``flow.set_attribute``),
-  adds ``flow.events`` with their own timestamps, sets error status for the
-  :attr:`CloseReason.FAILURES` and ends the span.
+  connection through, and never refuses) stamps the "admitted" event;
+* ``l4gw_connect_attempt`` notes each upstream attempt (and sets
+  ``flow.traceparent_out`` for a cluster that sends one);
+* ``l4gw_connection_closed`` records the flow, exactly once;
 * ``l4gw_startup`` starts the span pipe's task (partial batches, the
   exporter's counts); ``l4gw_shutdown`` delivers what is left, bounded.
 
-The spans' exact content (names, attributes, events, status) is
-:mod:`gateway.telemetry.flows`: the hooks capture plain values, the exporter
-process makes the spans.
+Off is free: with no exporter and no admin endpoint each per-connection hook
+returns at its first line.
 
-Attribute names follow OpenTelemetry semantic conventions v1.44.0 for a proxy
-(conventions.md A.2): ``client.*`` is the real client, ``server.*`` the
-original destination it asked for, ``network.local.*`` the listener;
-gateway-specific values live under ``l4gw.*``. Endpoint health
-(``l4gw.endpoint.healthy``) is the health plugin's own gauge: it reaches the
-same exporters through the global meter provider that telemetry installs.
-
-Rules kept here:
-
-* **Off is free.** With no exporter and no admin endpoint each hook returns at
-  its first line: no SDK is loaded, nothing is allocated.
-* **The trio thread does bookkeeping, not telemetry.** Measured with the SDK
-  as designed (an SDK ``Span`` per connection, a synchronous instrument call
-  per measurement, a batch processor thread encoding and posting) telemetry
-  cost several times what relaying a short connection costs
-  (bench/telemetry_overhead.py; the SDK spends 7-10 µs per instrument call
-  and validates every attribute under a lock, and an export thread competes
-  with the loop for the GIL). So: the sampling decision is the SDK
-  sampler's (or, for the file's ratio, the same comparison inline), but a
-  sampled connection is kept as plain ints and handed on as one plain
-  tuple of the values it already has (a flow record,
-  :mod:`gateway.telemetry.flows`, with a short tuple per connect attempt)
-  when it ends; the exporter *process* makes its spans, encodes and posts
-  them. A connection that is not sampled keeps no trace state at all
-  unless a cluster propagates traceparents. Counters are plain integers
-  read by observable instruments, histograms are bucket arrays added to
-  each collection. The cost per connection is a few dict operations and a
-  few tuples; nothing is formatted, validated or logged for a connection
-  that is not sampled.
-* **A flow is recorded exactly once**: the closed hook pops it.
+The entry point names this module; its hook functions are those of :data:`plugin`,
+the instance it registers (tests make their own :class:`TelemetryPlugin`).
 """
 
 from __future__ import annotations
 
-import bisect
-import dataclasses
-import functools
-import logging
-import random
-import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+import trio
 
-from gateway import CloseReason, Config, Endpoint, Flow, __version__, hookimpl
-from gateway.flow import KERNEL_TIERS
-from gateway.telemetry import providers as tel
-from gateway.telemetry.flows import FLOW, span_name
-from gateway.telemetry.records import Scope, SpanRecord, format_trace_state
-
-if TYPE_CHECKING:
-    import trio
-    from opentelemetry.metrics import CallbackOptions, Observation
-    from opentelemetry.sdk.metrics.export import Metric
-
-    from gateway.config import TelemetryConfig
-
-log = logging.getLogger("l4gw.telemetry")
-
-Attributes = dict[str, Any]
-
-_TRACE_ID_LIMIT = (1 << 64) - 1
-"""TraceIdRatioBased compares the low 64 bits of the trace id with its bound."""
-DURATION_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0)
-"""Connection lifetimes, seconds (conventions.md A.5: the SDK's default buckets are for ms)."""
-CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
-SCOPE: Scope = ("l4gw", __version__, tel.SCHEMA_URL, None)
-"""The instrumentation scope of the plugin's spans."""
+from gateway import Config, Endpoint, Flow, hookimpl
+from gateway.telemetry.recorder import FlowTelemetry, Recorder
 
 
-# --- metrics aggregated without the SDK's instruments (pure, unit-tested) --------------------
+class TelemetryPlugin:
+    """The ``telemetry`` plugin: the hooks over one process's :class:`FlowTelemetry`.
 
-
-class Histogram:
-    """Explicit-bucket histogram series keyed by attribute values (OTel bucket rules:
-    bucket i holds ``bounds[i-1] < v <= bounds[i]``; the last is the overflow)."""
-
-    def __init__(
-        self, name: str, unit: str, description: str, keys: Sequence[str], bounds: Sequence[float]
-    ) -> None:
-        self.name, self.unit, self.description = name, unit, description
-        self.keys = tuple(keys)
-        self.bounds = tuple(float(b) for b in bounds)
-        self.series: dict[tuple[Any, ...], list[float]] = {}
-        """values -> [count, sum, min, max, bucket 0, ..., bucket n]."""
-
-    def record(self, values: tuple[Any, ...], value: float) -> None:
-        s = self.series.get(values)
-        if s is None:
-            s = self.series[values] = [0, 0.0, value, value] + [0] * (len(self.bounds) + 1)
-        s[0] += 1
-        s[1] += value
-        if value < s[2]:
-            s[2] = value
-        if value > s[3]:
-            s[3] = value
-        s[4 + bisect.bisect_left(self.bounds, value)] += 1
-
-    def snapshot(self) -> list[tuple[Attributes, list[float]]]:
-        """A copy of every series; safe from another thread than :meth:`record`'s.
-
-        Each copy is one C-level call under the GIL. A series copied halfway
-        through a :meth:`record` takes its buckets' sum as its count (its sum,
-        min and max may already include that observation).
-        """
-        out = []
-        for k, s in list(self.series.items()):
-            series = list(s)
-            series[0] = sum(series[4:])
-            out.append((dict(zip(self.keys, k, strict=True)), series))
-        return out
-
-
-def histogram_metric(
-    h: Histogram, data: list[tuple[Attributes, list[float]]], start: int, now: int
-) -> Metric:
-    """One cumulative OTel histogram from a :meth:`Histogram.snapshot`."""
-    from opentelemetry.sdk.metrics.export import AggregationTemporality, HistogramDataPoint, Metric
-    from opentelemetry.sdk.metrics.export import Histogram as HistogramData
-
-    points = [
-        HistogramDataPoint(
-            attributes=attrs,
-            start_time_unix_nano=start,
-            time_unix_nano=now,
-            count=int(s[0]),
-            sum=s[1],
-            bucket_counts=[int(c) for c in s[4:]],
-            explicit_bounds=h.bounds,
-            min=s[2],
-            max=s[3],
-        )
-        for attrs, s in data
-    ]
-    return Metric(
-        h.name, h.description, h.unit, HistogramData(points, AggregationTemporality.CUMULATIVE)
-    )
-
-
-class _Trace:
-    """What the recorder keeps of a traced flow (sampled, or propagated upstream)."""
-
-    __slots__ = ("admitted", "attempts", "parent_id", "sampled", "span_id", "state", "trace_id")
-
-    def __init__(
-        self, trace_id: int, span_id: int, sampled: bool, state: str | None, parent_id: int
-    ) -> None:
-        self.trace_id = trace_id
-        self.span_id = span_id
-        """The SERVER span's id."""
-        self.sampled = sampled
-        self.state = state
-        """The sampler's W3C trace state, if any."""
-        self.parent_id = parent_id
-        """The span id of the traceparent received; 0 for a new trace."""
-        self.admitted = 0
-        self.attempts: list[tuple[Any, ...]] | None = None
-        """Each connect attempt (``telemetry_flows.AT_*`` fields): its event and CLIENT span."""
-
-
-class Recorder:
-    """Spans and metrics for every flow of one process.
-
-    Threads: the hooks run on the trio thread, the only writer of every map
-    below; the metric readers (their own threads) take copies, each one a
-    single C-level call under the GIL (``list(d.items())``), so no lock is
-    taken per connection. A histogram series copied in the middle of an
-    update reports its buckets' sum as its count; its sum, min and max may
-    then include one observation its buckets do not yet, for that collection.
+    Args:
+        telemetry: The flow telemetry to drive (default: a new one).
     """
 
-    def __init__(self, telemetry: tel.Telemetry, config: Config) -> None:
-        self.telemetry = telemetry
-        self.start_ns = time.time_ns()
-        self._live: dict[int, Flow] = {}
-        """Open flows (``l4gw.io`` counts their bytes so far)."""
-        self._traces: dict[int, _Trace] = {}
-        self._refused: dict[tuple[str, str, str, str, str], int] = {}
-        self._spliced: dict[tuple[str, str, str], int] = {}
-        self._io_closed: dict[str, list[int]] = {}
-        """Bytes of the closed flows by listener: [from clients, to clients]."""
-        self.duration = Histogram(
-            "l4gw.connection.duration",
-            "s",
-            "Connection lifetime, accept to close",
-            ("l4gw.listener", "network.transport", "l4gw.close_reason"),
-            DURATION_BUCKETS,
-        )
-        self.connect = Histogram(
-            "l4gw.upstream.connect.duration",
-            "s",
-            "Upstream connect attempts (error.type set when it failed)",
-            ("l4gw.cluster", "l4gw.endpoint", "error.type"),
-            CONNECT_BUCKETS,
-        )
-        self._listener_attrs: dict[str, Attributes] = {}
-        self._endpoints: dict[tuple[str, int], str] = {}
-        self._traceparent_clusters: frozenset[str] = frozenset()
-        self.reconfigure(config)
-        self._ratio_bound: int | None = None
-        self._tracing = self._setup_tracing()
-        self.metrics = telemetry.meter is not None
-        if self.metrics:
-            self._setup_metrics()
+    def __init__(self, telemetry: FlowTelemetry | None = None) -> None:
+        self.telemetry = telemetry if telemetry is not None else FlowTelemetry()
+        self.recorder: Recorder | None = None
+        """``telemetry.recorder``, kept here for the per-connection hooks."""
 
-    def reconfigure(self, config: Config) -> None:
-        """A new configuration: listener attributes and PROXY-header clusters change."""
-        self.config = config
-        self._listener_attrs = {}
-        self._traceparent_clusters = frozenset(
-            name
-            for name, c in config.clusters.items()
-            if c.proxy_protocol == "v2" and c.proxy_protocol_traceparent
-        )
+    @hookimpl
+    def l4gw_configure(self, config: Config) -> None:
+        self.telemetry.configure(config)
+        self.recorder = self.telemetry.recorder
 
-    def set_sample_ratio(self, ratio: float) -> bool:
-        """Sample this share of new connections from now on (a reload changed it).
+    @hookimpl
+    def l4gw_startup(self, config: Config, nursery: trio.Nursery) -> None:
+        self.telemetry.start(nursery)
 
-        Returns:
-            False when the file's ratio is not the one in force: tracing is off,
-            or ``OTEL_TRACES_SAMPLER`` chose the sampler.
-        """
-        if not self._tracing or self._ratio_bound is None:
-            return False
-        from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+    @hookimpl
+    def l4gw_shutdown(self, config: Config) -> None:
+        self.telemetry.shutdown()
 
-        self._ratio_bound = TraceIdRatioBased.get_bound_for_rate(ratio)
-        self.telemetry.sample_ratio = ratio
-        return True
+    @hookimpl
+    def l4gw_connection_opened(self, flow: Flow) -> None:
+        recorder = self.recorder
+        if recorder is not None:
+            recorder.opened(flow)
 
-    def _setup_tracing(self) -> bool:
-        t = self.telemetry
-        provider = t.tracer_provider
-        if provider is None:
-            return False
-        emit: Callable[[SpanRecord], None]
-        if t.span_processor is not None:
-            from gateway.telemetry.flows import ProcessorSink
+    @hookimpl(trylast=True)
+    def l4gw_admit(self, flow: Flow) -> None:
+        recorder = self.recorder
+        if recorder is not None:
+            recorder.admitted(flow)
 
-            emit = ProcessorSink(t.span_processor, provider.resource).add
-        elif t.spans is not None:
-            emit = t.spans.add
-        else:
-            return False
-        from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-        from opentelemetry.sdk.trace.sampling import Decision, TraceIdRatioBased
-
-        self._emit = emit
-        self._sampler = provider.sampler
-        if t.sample_ratio is not None:
-            self._ratio_bound = TraceIdRatioBased.get_bound_for_rate(t.sample_ratio)
-        ids = provider.id_generator
-        if type(ids) is RandomIdGenerator:
-            # Its own calls, without a Python frame (callers turn a zero id, invalid, into 1).
-            self._trace_id: Callable[[], int] = functools.partial(random.getrandbits, 128)
-            self._span_id: Callable[[], int] = functools.partial(random.getrandbits, 64)
-        else:  # OTEL_PYTHON_ID_GENERATOR chose another
-            self._trace_id, self._span_id = ids.generate_trace_id, ids.generate_span_id
-        self._RECORD_AND_SAMPLE = Decision.RECORD_AND_SAMPLE
-        return True
-
-    def _setup_metrics(self) -> None:
-        from opentelemetry.metrics import Observation
-
-        meter = self.telemetry.meter
-        assert meter is not None
-
-        def observe(
-            series: dict[Any, int], keys: tuple[str, ...]
-        ) -> Callable[[CallbackOptions], Iterable[Observation]]:
-            def callback(options: CallbackOptions) -> Iterable[Observation]:
-                items = list(series.items())  # one atomic copy (see the class docstring)
-                return [Observation(v, dict(zip(keys, k, strict=True))) for k, v in items]
-
-            return callback
-
-        flow_keys = ("l4gw.listener", "network.transport")
-        meter.create_observable_up_down_counter(
-            "l4gw.connection.active",
-            [self._observe_active],
-            unit="{connection}",
-            description="Open connections (UDP: sessions)",
-        )
-        meter.create_observable_counter(
-            "l4gw.connection.closed",
-            [self._observe_closed],
-            unit="{connection}",
-            description="Connections ended, by close reason",
-        )
-        meter.create_observable_counter(
-            "l4gw.connection.refused",
-            [
-                observe(
-                    self._refused,
-                    (*flow_keys, "l4gw.close_reason", "l4gw.refused_by", "l4gw.refused_rule"),
-                )
-            ],
-            unit="{connection}",
-            description="Connections refused, by plugin and rule",
-        )
-        meter.create_observable_counter(
-            "l4gw.connection.spliced",
-            [observe(self._spliced, (*flow_keys, "l4gw.tier"))],
-            unit="{connection}",
-            description="Connections whose bytes a kernel tier moved",
-        )
-        meter.create_observable_counter(
-            "l4gw.io",
-            [self._observe_io],
-            unit="By",
-            description="Payload bytes, receive = from clients, transmit = to clients "
-            "(open connections included)",
-        )
-        self.telemetry.metric_producers.append(self._histograms)
-
-    # --- hooks (the trio thread) -----------------------------------------------------------
-
-    def opened(self, flow: Flow) -> None:
-        self._live[flow.id] = flow
-        if self._tracing:
-            trace = self._start_trace(flow)
-            if trace is not None:
-                self._traces[flow.id] = trace
-
-    def admitted(self, flow: Flow) -> None:
-        trace = self._traces.get(flow.id)
-        if trace is not None and trace.sampled:
-            trace.admitted = time.time_ns()
-
-    def connect_attempt(
+    @hookimpl
+    def l4gw_connect_attempt(
         self, flow: Flow, endpoint: Endpoint, error: str | None, seconds: float
     ) -> None:
-        address = self._endpoints.get((endpoint.host, endpoint.port))
-        if address is None:
-            if len(self._endpoints) > 4096:
-                self._endpoints.clear()
-            address = self._endpoints[(endpoint.host, endpoint.port)] = str(endpoint)
-        cluster = flow.cluster or ""
-        if self.metrics:
-            failed = None if error is None else CloseReason.CONNECT_FAILED
-            self.connect.record((cluster, address, failed), seconds)
-        trace = self._traces.get(flow.id)
-        if trace is None:
-            return
-        propagate = error is None and cluster in self._traceparent_clusters
-        span_id = trace.span_id
-        if trace.sampled:
-            # The attempt goes out with the flow record (gateway.telemetry.flows,
-            # AT_* fields): the exporter makes its CLIENT span, and picks its
-            # span id unless a traceparent names it now.
-            span_id = (self._span_id() or 1) if propagate else 0
-            attempt = (
-                time.time_ns(),
-                address,
-                error,
-                seconds,
-                span_id,
-                endpoint.host,
-                endpoint.port,
-                flow.cluster,
-            )
-            if trace.attempts is None:
-                trace.attempts = [attempt]
-            else:
-                trace.attempts.append(attempt)
-        if propagate:
-            flow.traceparent_out = tel.format_traceparent(trace.trace_id, span_id, trace.sampled)
+        recorder = self.recorder
+        if recorder is not None:
+            recorder.connect_attempt(flow, endpoint, error, seconds)
 
-    def closed(self, flow: Flow) -> None:
-        reason = flow.close_reason or CloseReason.INTERNAL_ERROR
-        ended = flow.ended or time.time()
-        listener, transport = flow.listener, flow.transport
-        # False: closed before it opened (a bad PROXY header).
-        opened = self._live.pop(flow.id, None) is not None
-        if self.metrics:
-            # The duration histogram's counts are the closed counter too.
-            self.duration.record((listener, transport, reason), ended - flow.started)
-            io = self._io_closed.get(listener)
-            if io is None:
-                io = self._io_closed[listener] = [0, 0]
-            io[0] += flow.bytes_from_client
-            io[1] += flow.bytes_to_client
-            if flow.refused_by is not None:
-                rk = (listener, transport, reason, flow.refused_by, flow.refused_rule or "")
-                self._refused[rk] = self._refused.get(rk, 0) + 1
-            if flow.tier in KERNEL_TIERS:
-                sk = (listener, transport, flow.tier)
-                self._spliced[sk] = self._spliced.get(sk, 0) + 1
-        if not self._tracing:
-            return
-        trace = self._traces.pop(flow.id, None) if opened else self._start_trace(flow)
-        if trace is not None and trace.sampled:
-            self._end_trace(flow, trace, reason, int(ended * 1e9))
-
-    # --- spans -------------------------------------------------------------------------------
-
-    def _start_trace(self, flow: Flow) -> _Trace | None:
-        """The flow's trace, or None when nothing about it is recorded or propagated."""
-        parent = tel.parse_traceparent(flow.trace_parent) if flow.trace_parent else None
-        if parent is None:
-            trace_id, parent_id, flags = self._trace_id() or 1, 0, 0
-        else:
-            trace_id, parent_id, flags = parent
-        state = None
-        bound = self._ratio_bound
-        if bound is not None:
-            # The file's ParentBased(TraceIdRatioBased) decision, without the call:
-            # a received parent decides, else the trace id against the ratio.
-            sampled = bool(flags & 1) if parent_id else (trace_id & _TRACE_ID_LIMIT) < bound
-        else:
-            sampled, state = self._sample(flow, trace_id, parent_id, flags)
-        if sampled:
-            flow.trace_id = trace_id  # formatted when read (access log, /connections)
-        elif not self._traceparent_clusters:
-            return None  # not recorded, and no cluster to send a traceparent to
-        return _Trace(trace_id, self._span_id() or 1, sampled, state, parent_id)
-
-    def _sample(
-        self, flow: Flow, trace_id: int, parent_id: int, flags: int
-    ) -> tuple[bool, str | None]:
-        """The SDK sampler's decision and trace state (``OTEL_TRACES_SAMPLER`` chose it)."""
-        from opentelemetry import trace
-        from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
-
-        context = None
-        if parent_id:
-            remote = SpanContext(trace_id, parent_id, is_remote=True, trace_flags=TraceFlags(flags))
-            context = trace.set_span_in_context(NonRecordingSpan(remote))
-        result = self._sampler.should_sample(
-            context, trace_id, span_name(flow.transport), SpanKind.SERVER
-        )
-        sampled = result.decision is self._RECORD_AND_SAMPLE
-        return sampled, format_trace_state(result.trace_state)
-
-    def _end_trace(self, flow: Flow, trace: _Trace, reason: str, end: int) -> None:
-        listener = self._listener_attrs.get(flow.listener)
-        if listener is None:
-            listener = self._listener_attrs[flow.listener] = self._listener_attributes(
-                flow.listener
-            )
-        # A flow record (gateway.telemetry.flows, F_* fields): plain values,
-        # the plugins' attributes and events as they left them.
-        self._emit(
-            (
-                FLOW,
-                listener,
-                flow.transport,
-                trace.trace_id,
-                trace.span_id,
-                trace.parent_id,
-                trace.state,
-                int(flow.started * 1e9),
-                end,
-                flow.client,
-                flow.destination,
-                flow.id,
-                flow.bytes_from_client,
-                flow.bytes_to_client,
-                reason,
-                flow.tier in KERNEL_TIERS,
-                flow.tier,
-                flow.route,
-                flow.cluster,
-                flow.endpoint,
-                flow.refused_by,
-                flow.refused_rule,
-                flow.sni,
-                flow.alpn or None,
-                flow.error,
-                flow.attributes or None,
-                flow.events or None,
-                flow.event_times or None,
-                trace.admitted,
-                trace.attempts,
-                SCOPE,
-            )
-        )
-
-    def _listener_attributes(self, name: str) -> Attributes:
-        attrs: Attributes = {"l4gw.listener": name}
-        try:
-            lc = self.config.listener(name)
-        except KeyError:
-            return attrs
-        attrs["network.local.address"] = lc.host
-        attrs["network.local.port"] = lc.port
-        if lc.transparent:
-            attrs["l4gw.transparent"] = True
-        return attrs
-
-    # --- metric collection (reader threads) ------------------------------------------------
-
-    def _observe_active(self, options: CallbackOptions) -> Iterable[Observation]:
-        """Open flows by listener and transport, counted now rather than kept up to
-        date per connection; 0 for those with closed flows only."""
-        from opentelemetry.metrics import Observation
-
-        counts = {key[:2]: 0 for key in list(self.duration.series)}
-        for flow in list(self._live.values()):
-            key = (flow.listener, flow.transport)
-            counts[key] = counts.get(key, 0) + 1
-        return [
-            Observation(n, {"l4gw.listener": listener, "network.transport": transport})
-            for (listener, transport), n in counts.items()
-        ]
-
-    def _observe_closed(self, options: CallbackOptions) -> Iterable[Observation]:
-        from opentelemetry.metrics import Observation
-
-        keys = self.duration.keys
-        return [
-            Observation(int(s[0]), dict(zip(keys, k, strict=True)))
-            for k, s in list(self.duration.series.items())
-        ]
-
-    def _observe_io(self, options: CallbackOptions) -> Iterable[Observation]:
-        from opentelemetry.metrics import Observation
-
-        totals: dict[tuple[str, str], int] = {}
-        for listener, (received, transmitted) in list(self._io_closed.items()):
-            totals[(listener, "receive")] = received
-            totals[(listener, "transmit")] = transmitted
-        for flow in list(self._live.values()):
-            if flow.bytes_from_client:
-                key = (flow.listener, "receive")
-                totals[key] = totals.get(key, 0) + flow.bytes_from_client
-            if flow.bytes_to_client:
-                key = (flow.listener, "transmit")
-                totals[key] = totals.get(key, 0) + flow.bytes_to_client
-        return [
-            Observation(value, {"l4gw.listener": listener, "network.io.direction": direction})
-            for (listener, direction), value in totals.items()
-        ]
-
-    def _histograms(self) -> list[Metric]:
-        data = [(h, h.snapshot()) for h in (self.duration, self.connect)]
-        now = time.time_ns()
-        return [histogram_metric(h, points, self.start_ns, now) for h, points in data if points]
+    @hookimpl
+    def l4gw_connection_closed(self, flow: Flow) -> None:
+        recorder = self.recorder
+        if recorder is not None:
+            recorder.closed(flow)
 
 
-# --- the plugin ------------------------------------------------------------------------------
+plugin = TelemetryPlugin()
+"""The instance the ``telemetry`` entry point registers."""
 
-_recorder: Recorder | None = None
-_running: tuple[TelemetryConfig, bool] | None = None
-"""The ``[telemetry]`` section in force and whether ``/metrics`` is collected."""
-
-
-@hookimpl
-def l4gw_configure(config: Config) -> None:
-    """Set telemetry up on the first call; later calls (reloads) update the recorder.
-
-    A reload applies ``sample_ratio`` to the connections that follow; the
-    exporters, the resource and the metric reader are built once per process,
-    so the other ``[telemetry]`` keys, and turning ``[admin]`` on or off (which
-    decides whether ``/metrics`` is collected), wait for a restart (a warning
-    names them).
-    """
-    global _recorder, _running
-    prometheus = config.admin is not None
-    if _running is None:
-        _running = (config.telemetry, prometheus)
-        telemetry = tel.setup(
-            config.telemetry, prometheus=prometheus, run_as=tel.run_as(config.gateway)
-        )
-        _recorder = Recorder(telemetry, config) if telemetry is not None else None
-        return
-    before, after = _running[0], config.telemetry
-    if after.sample_ratio != before.sample_ratio:
-        if _recorder is not None and _recorder.set_sample_ratio(after.sample_ratio):
-            log.info("telemetry: sample_ratio %s from now on", after.sample_ratio)
-            _running = (dataclasses.replace(before, sample_ratio=after.sample_ratio), _running[1])
-        else:
-            log.warning(
-                "telemetry: sample_ratio stays: tracing is off or OTEL_TRACES_SAMPLER chose "
-                "the sampler"
-            )
-    later = [
-        f"[telemetry] {key}"
-        for key in ("exporter", "service_name", "metrics_interval")
-        if getattr(after, key) != getattr(before, key)
-    ]
-    if prometheus != _running[1]:
-        later.append("[admin] on or off (/metrics)")
-    if later:
-        log.warning("changes to %s take effect at the next restart", ", ".join(later))
-    if _recorder is not None:
-        _recorder.reconfigure(config)
-
-
-@hookimpl
-def l4gw_startup(config: Config, nursery: trio.Nursery) -> None:
-    """Start the task that sends partial span batches and reads the exporter's counts."""
-    recorder = _recorder
-    if recorder is not None and recorder.telemetry.spans is not None:
-        nursery.start_soon(recorder.telemetry.spans.run)
-
-
-@hookimpl
-def l4gw_shutdown(config: Config) -> None:
-    """Deliver what telemetry holds, within ``EXIT_FLUSH_TIMEOUT``.
-
-    Here rather than only at exit: every connection has been recorded by now
-    (the drain is over), and a worker process (``[gateway] workers``) ends
-    with ``os._exit``, which runs no exit handlers. Blocking, once, after the
-    last connection.
-    """
-    recorder = _recorder
-    if recorder is not None:
-        recorder.telemetry.shutdown()
-
-
-@hookimpl
-def l4gw_connection_opened(flow: Flow) -> None:
-    recorder = _recorder
-    if recorder is not None:
-        recorder.opened(flow)
-
-
-@hookimpl(trylast=True)
-def l4gw_admit(flow: Flow) -> None:
-    recorder = _recorder
-    if recorder is not None:
-        recorder.admitted(flow)
-
-
-@hookimpl
-def l4gw_connect_attempt(flow: Flow, endpoint: Endpoint, error: str | None, seconds: float) -> None:
-    recorder = _recorder
-    if recorder is not None:
-        recorder.connect_attempt(flow, endpoint, error, seconds)
-
-
-@hookimpl
-def l4gw_connection_closed(flow: Flow) -> None:
-    recorder = _recorder
-    if recorder is not None:
-        recorder.closed(flow)
+# The entry point names the module (``l4gw_plugins.telemetry``): pluggy finds these
+# bound methods of ``plugin`` among its attributes.
+l4gw_configure = plugin.l4gw_configure
+l4gw_startup = plugin.l4gw_startup
+l4gw_shutdown = plugin.l4gw_shutdown
+l4gw_connection_opened = plugin.l4gw_connection_opened
+l4gw_admit = plugin.l4gw_admit
+l4gw_connect_attempt = plugin.l4gw_connect_attempt
+l4gw_connection_closed = plugin.l4gw_connection_closed

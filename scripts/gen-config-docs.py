@@ -102,11 +102,12 @@ SECTIONS: list[tuple[str, Schema, str]] = [
         "[admin]",
         config.ADMIN,
         "The admin HTTP endpoint: `/healthz`, `/readyz`, `/metrics`, `/connections`, "
-        "`/config`. Off when the section is absent. Probes (`/healthz`, `/readyz`) never "
-        "need the token. A `bind` that is not loopback (`0.0.0.0`, a public address) needs "
-        "a `token`, or `insecure = true` to say that the network in front is trusted (then "
-        "a warning is logged at start). At most `max_connections` admin connections are "
-        "open at once: more wait in the kernel backlog until one closes (each lasts at most "
+        "`/config`, `/status`. Off when the section is absent. Probes (`/healthz`, "
+        "`/readyz`) never need the token. A `bind` that is not loopback (`0.0.0.0`, a "
+        "public address) needs a `token`, or `insecure = true` to say that the network in "
+        "front is trusted (then a warning is logged at start). At most `max_connections` "
+        "admin connections are open at once: more wait in the kernel backlog until one "
+        "closes (each lasts at most "
         "5 s reading the request and 10 s sending the answer), so admin clients cannot take "
         "file descriptors or tasks from the data plane.",
     ),

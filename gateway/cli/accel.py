@@ -20,7 +20,6 @@ one is not (flows would use the next tier), 2 when the config is invalid.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import time
@@ -31,6 +30,8 @@ from typing import Any
 from gateway.config import ConfigError
 from gateway.plugin_manager import PluginError
 from gateway.relay import libbpf
+from gateway.relay.policy import KERNEL_TIERS, Policy, defaults, setting
+from gateway.relay.probe import pid_alive, probe
 
 EXIT_UNUSABLE = 1
 EXIT_CONFIG = 2
@@ -62,20 +63,12 @@ def register(subparsers: Any) -> None:
     accel.set_defaults(func=usage)
 
 
-def _relay() -> Any:
-    """The relay plugin's module (``l4gw_plugins.relay``): the policy, schema and probes
-    live there, next to the code that uses them in the gateway. Imported when the
-    command runs, so the core never imports a plugin."""
-    return importlib.import_module("l4gw_plugins.relay")
-
-
 def _section(path: str | None) -> tuple[Mapping[str, Any], bool]:
     """The ``[plugin.relay]`` section (defaults without a file) and whether the relay
     plugin is loaded at all."""
-    relay = _relay()
     if path is None:
-        return {key: f.default for key, f in relay.SCHEMA.items()}, True
-    from gateway.cli.main import load_config
+        return defaults(), True
+    from gateway.cli.common import load_config
 
     config, plugins = load_config(path)
     loaded = any(info.name == "relay" for info in plugins.infos)
@@ -128,7 +121,6 @@ def kernel_objects() -> list[dict[str, Any]]:
 
 def running_gateways(status_dir: str) -> tuple[list[dict[str, Any]], list[str]]:
     """Status documents of live gateways, and the files of dead ones."""
-    pid_alive = _relay().pid_alive
     live: list[dict[str, Any]] = []
     stale: list[str] = []
     directory = Path(status_dir)
@@ -148,7 +140,6 @@ def running_gateways(status_dir: str) -> tuple[list[dict[str, Any]], list[str]]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    relay = _relay()
     try:
         section, loaded = _section(args.config)
     except ConfigError as exc:
@@ -157,7 +148,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     except PluginError as exc:
         print(f"{args.config}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    policy = relay.Policy.from_section(section)
+    policy = Policy.from_section(section)
     doc: dict[str, Any] = {
         "config": args.config,
         "plugin_loaded": loaded,
@@ -176,9 +167,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         doc["kernel_objects_error"] = f"cannot list BPF objects: {exc.strerror}"
     probes: dict[str, Any] = {}
     usable = True
-    for tier in relay.KERNEL_TIERS:
+    for tier in KERNEL_TIERS:
         listed = tier in policy.tiers
-        result = relay.probe(tier, section)
+        result = probe(tier, section)
         if result.accelerator is not None:
             result.accelerator.close()
         probes[tier] = {
@@ -189,7 +180,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         }
         usable = usable and (result.error is None or not listed)
     doc["probe"] = probes
-    status_dir = str(section.get("status_dir", relay.DEFAULT_STATUS_DIR))
+    status_dir = str(setting(section, "status_dir"))
     doc["status_dir"] = status_dir
     doc["gateways"], doc["stale_status_files"] = running_gateways(status_dir)
     if args.json:

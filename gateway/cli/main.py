@@ -1,4 +1,6 @@
-"""The ``l4gw`` command.
+"""The ``l4gw`` command: ``run``, ``check``, ``demo``, ``plugins``, and the
+subcommands of gateway/cli/tproxy.py (``tproxy``) and gateway/cli/accel.py
+(``accel``); what they share is in gateway/cli/common.py.
 
 Exit codes: 0 success; 1 the gateway could not run (a port in use, a plugin
 that failed to start); 2 the configuration is invalid (every problem listed
@@ -19,16 +21,19 @@ import trio.lowlevel
 
 from gateway import __version__
 from gateway import config as config_mod
+from gateway.cli import accel, tproxy
+from gateway.cli.common import (
+    EXIT_CONFIG,
+    EXIT_RUNTIME,
+    load_or_report,
+    setup_logging,
+    startup_failures,
+)
 from gateway.config import Config, ConfigError
-from gateway.oserrors import startup_failures
 from gateway.plugin_manager import PluginError, Plugins
 from gateway.plugin_manager import load as load_plugins
 from gateway.process import raise_open_file_limit
-from gateway.redact import RedactingFilter
 from gateway.workers import EXIT_START_FAILED, supervise
-
-EXIT_RUNTIME = 1
-EXIT_CONFIG = 2
 
 log = logging.getLogger("l4gw")
 
@@ -81,68 +86,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     plugins.set_defaults(func=cmd_plugins)
 
-    _add_optional_commands(sub)
+    tproxy.register(sub)
+    accel.register(sub)
     return p
 
 
-def _add_optional_commands(sub: Any) -> None:
-    """Subcommands that live in their own modules (TPROXY, accelerator)."""
-    for module in ("gateway.cli.tproxy", "gateway.cli.accel"):
-        try:
-            mod = __import__(module, fromlist=["register"])
-        except ImportError:
-            continue
-        mod.register(sub)
-
-
-def setup_logging(level: str, workers: int = 1) -> None:
-    # With several workers each line says which process wrote it.
-    pid = " [%(process)d]" if workers > 1 else ""
-    handler = logging.StreamHandler(sys.stderr)
-    # Whatever a plugin logs, a URL's password does not reach the log.
-    handler.addFilter(RedactingFilter())
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format=f"%(asctime)s %(levelname)s{pid} %(name)s: %(message)s",
-        handlers=[handler],
-    )
-
-
-def _disabled_plugins(path: str) -> list[str]:
-    """``[gateway] disable_plugins`` read before validation (it decides which
-    plugin schemas validation uses); errors surface in the full check."""
-    try:
-        raw = config_mod.read(path)
-        value = raw.get("gateway", {}).get("disable_plugins", [])
-        return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
-    except (ConfigError, AttributeError):
-        return []
-
-
-def load_config(path: str) -> tuple[Config, Plugins]:
-    """Load plugins, then the file validated against their schemas.
-
-    Raises:
-        ConfigError, PluginError.
-    """
-    plugins = load_plugins(_disabled_plugins(path))
-    return config_mod.load(path, plugins.schemas()), plugins
-
-
-def load_or_report(path: str) -> tuple[Config, Plugins] | None:
-    """:func:`load_config`, printing every problem to stderr instead of raising."""
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        print(exc.report(), file=sys.stderr)
-    except PluginError as exc:
-        print(f"{path}: {exc}", file=sys.stderr)
-    return None
-
-
 def cmd_check(args: argparse.Namespace) -> int:
-    if load_or_report(args.config) is None:
+    loaded = load_or_report(args.config)
+    if loaded is None:
         return EXIT_CONFIG
+    for note in loaded[0].notes:
+        print(f"{args.config}: note: {note}")
     print("ok")
     return 0
 
@@ -154,8 +108,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     config, plugins = loaded
     setup_logging(args.log_level or config.gateway.log_level, config.gateway.workers)
     raise_open_file_limit(config)
+    for note in config.notes:
+        log.info("%s: %s", config.path, note)
     if config.tproxy is not None and config.tproxy.manage:
-        from gateway.tproxy.setup import TproxyError, managed
+        from gateway.tproxy.plan import TproxyError
+        from gateway.tproxy.state import managed
 
         try:
             # [tproxy] manage = true: rules up before the listeners, down after the drain.

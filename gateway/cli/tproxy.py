@@ -25,11 +25,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from gateway.cli.common import EXIT_CONFIG, load_config
 from gateway.config import Config, ConfigError
 from gateway.plugin_manager import PluginError
 
 EXIT_PROBLEM = 1
-EXIT_CONFIG = 2
 
 
 def register(subparsers: Any) -> None:
@@ -69,8 +69,6 @@ def register(subparsers: Any) -> None:
 
 
 def _config(path: str) -> Config | None:
-    from gateway.cli.main import load_config
-
     try:
         config, _ = load_config(path)
     except ConfigError as exc:
@@ -86,7 +84,8 @@ def _config(path: str) -> Config | None:
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
-    from gateway.tproxy.setup import apply, plan, summary
+    from gateway.tproxy.plan import plan, summary
+    from gateway.tproxy.state import apply
 
     config = _config(args.config)
     if config is None:
@@ -98,7 +97,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
 
 
 def cmd_teardown(args: argparse.Namespace) -> int:
-    from gateway.tproxy.setup import teardown
+    from gateway.tproxy.state import teardown
 
     if args.config is not None and _config(args.config) is None:
         return EXIT_CONFIG
@@ -118,7 +117,7 @@ def _as_owner(action: str, force: bool, config: str, work: Callable[[], list[str
     """Run ``work`` (printing what it returns) as the owner of the state, or over a
     live owner with ``force`` (see the module docstring); 0 when it ran."""
     from gateway.tproxy.owner import Held, OwnershipError, acquire, mark_forced, probe
-    from gateway.tproxy.setup import TproxyError
+    from gateway.tproxy.plan import TproxyError
 
     command = f"l4gw tproxy {action}"
     try:
@@ -168,7 +167,8 @@ def _as_owner(action: str, force: bool, config: str, work: Callable[[], list[str
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from gateway.tproxy.setup import TABLE_FAMILY, TABLE_NAME, TproxyError, differences, status
+    from gateway.tproxy.plan import TABLE_FAMILY, TABLE_NAME, TproxyError, differences
+    from gateway.tproxy.state import status
 
     config = _config(args.config)
     if config is None:
@@ -256,7 +256,7 @@ def _owner_lines(config: Config) -> list[str]:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from gateway.tproxy.doctor import FAIL, doctor
-    from gateway.tproxy.setup import TproxyError
+    from gateway.tproxy.plan import TproxyError
 
     config = _config(args.config)
     if config is None:

@@ -46,7 +46,7 @@ __all__ = [
     "prog_detach",
 ]
 
-log = logging.getLogger("gateway.relay.libbpf")
+log = logging.getLogger("l4gw.relay.libbpf")
 
 # linux/bpf.h: enum bpf_attach_type BPF_SK_SKB_STREAM_VERDICT = 5
 BPF_SK_SKB_STREAM_VERDICT: Final = 5

@@ -39,7 +39,8 @@ kernel backlog and tears the flow down. reference/sockmap.md §7 is the procedur
 - R13/14 Counters live in the program's ``l4gw_ctrs`` keyed by ``SO_COOKIE``, created
   at arming and deleted at teardown, and are cross-checked with ``TCP_INFO``
   (redirected + forwarded-held = what the destination's TCP accepted).
-- R15    Enable only after :meth:`Accelerator.self_test` passes (the caller decides).
+- R15    Enable only after the canary (:func:`gateway.relay.canary.self_test`) passes
+  (the caller decides).
 - R16    The program is attached with a bpf_link when the kernel allows (it detaches
   when the process dies); nothing is pinned, so nothing outlives the process.
 - R18    Each byte is redirected once: ``tcp_read_skb`` hands the program whole skbs, so
@@ -48,6 +49,11 @@ kernel backlog and tears the flow down. reference/sockmap.md §7 is the procedur
   (bpf/l4gw_sockmap.bpf.c R18). ``trimmed_bytes`` in :meth:`Accelerator.status`
   counts what it cut. The first payload skb after arming sets the number, so an
   overlap in that very skb (a retransmission straddling the arming) is not seen.
+
+Why one module of this size: the rules above hold across arming, the watchdog and
+teardown together (the credit written at arming is what the watchdog moves and
+teardown checks), so they stay side by side; the canary that proves them on the
+host is :mod:`gateway.relay.canary`.
 """
 
 from __future__ import annotations
@@ -60,29 +66,33 @@ import select
 import socket
 import struct
 import termios
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import trio
 
+from gateway.linux import SO_COOKIE, TCP_INFO
 from gateway.relay import libbpf
 from gateway.relay.libbpf import BpfError
 from gateway.relay.stats import RelayStats
 
-__all__ = ["DEFAULT_OBJECT", "Accelerator", "AcceleratorError", "ArmError", "FlowReport", "Limits"]
+__all__ = [
+    "DEFAULT_OBJECT",
+    "Accelerator",
+    "AcceleratorError",
+    "ArmError",
+    "FlowReport",
+    "L4gwCtr",
+    "Limits",
+]
 
-log = logging.getLogger("gateway.relay.sockmap")
+log = logging.getLogger("l4gw.relay.sockmap")
 
 DEFAULT_OBJECT: Final = Path(__file__).parent.parent / "bpf" / "l4gw_sockmap.bpf.o"
 """Package data of ``gateway`` (bpf/Makefile builds it there)."""
 
-# asm-generic/socket.h: SO_COOKIE = 57
-SO_COOKIE: Final = getattr(socket, "SO_COOKIE", 57)
-# linux/tcp.h: TCP_INFO = 11
-TCP_INFO: Final = getattr(socket, "TCP_INFO", 11)
 # asm-generic/ioctls.h: TIOCOUTQ = SIOCOUTQ = 0x5411 (linux/sockios.h)
 SIOCOUTQ: Final = termios.TIOCOUTQ
 # asm-generic/ioctls.h: FIONREAD = SIOCINQ = 0x541B
@@ -106,9 +116,8 @@ _PEERS: Final = "l4gw_peers"
 _CTRS: Final = "l4gw_ctrs"
 _CREDIT: Final = "l4gw_credit"
 _MAPS: Final = (_TARGETS, _ACTIVE, _PEERS, _CTRS, _CREDIT)
-# struct l4gw_ctr { u64 bytes, skbs, passes, fails, fin, held, holds, trimmed, next_seq; }
 _CTR: Final = struct.Struct("=9Q")
-_CTR_FIELDS: Final = 9
+"""struct l4gw_ctr as the map stores it: nine u64 in host order (:class:`L4gwCtr`)."""
 # struct l4gw_credit { u64 limit, forwarded; }
 _CREDIT_VALUE: Final = struct.Struct("=2Q")
 # Held bytes are moved in reads of at most this much (bounds what userspace holds),
@@ -157,6 +166,35 @@ class Limits:
     tick_min: float = 0.002
     tick_max: float = 0.05
     drain_timeout: float = 10.0
+
+
+class L4gwCtr(NamedTuple):
+    """One socket's ``struct l4gw_ctr`` (bpf/l4gw_sockmap.bpf.c), field for field.
+
+    Attributes:
+        bytes: Payload bytes redirected to the peer.
+        skbs: Skbs redirected.
+        passes: Payload skbs passed for want of a peer entry (an anomaly).
+        fails: Redirect helper failures, passed (an anomaly).
+        fin: Zero-length skbs seen (dropped: R3).
+        held: Payload bytes held for userspace (R12).
+        holds: Skbs held.
+        trimmed: Bytes cut off the head of skbs that overlapped earlier ones (R18).
+        next_seq: R18: bit 32 set once known; low 32 bits: seq of the next new byte.
+    """
+
+    bytes: int
+    skbs: int
+    passes: int
+    fails: int
+    fin: int
+    held: int
+    holds: int
+    trimmed: int
+    next_seq: int
+
+
+_CTR_ZERO: Final = L4gwCtr(0, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
 def _u64(n: int) -> bytes:
@@ -303,7 +341,6 @@ class Accelerator:
         self._prog_fd = obj.program_fd(_PROG)
         self._fd = {name: obj.map_fd(name) for name in _MAPS}
         self._totals = _Totals()
-        self._lock = threading.Lock()
         self.self_test_result: str | None = "not run"
 
     @classmethod
@@ -322,7 +359,7 @@ class Accelerator:
             limits: Watchdog settings.
 
         Returns:
-            A ready accelerator (run :meth:`self_test` before using it).
+            A ready accelerator (run :func:`gateway.relay.canary.self_test` before using it).
 
         Raises:
             AcceleratorError: With a one-line reason (no privileges, object missing,
@@ -416,12 +453,20 @@ class Accelerator:
             "close_reasons": dict(t.reasons),
         }
 
-    def _ctr(self, cookie: int) -> tuple[int, ...]:
-        """(bytes, skbs, passes, fails, fin, held, holds, trimmed, next_seq) of one socket."""
+    def note_self_test(self, result: str | None) -> None:
+        """Keep the canary's outcome (None: passed) for :meth:`status`, and forget the
+        counts of its flow: the canary is not traffic, status() counts real flows only."""
+        self._totals = _Totals()
+        self.self_test_result = result
+
+    def _ctr(self, cookie: int) -> L4gwCtr:
+        """The program's counters of one socket (all 0 once its entry is gone)."""
         raw = libbpf.map_lookup_elem(self._fd[_CTRS], _u64(cookie), _CTR.size)
         if raw is None:
-            return (0,) * _CTR_FIELDS
-        return tuple(_CTR.unpack(raw))
+            return _CTR_ZERO
+        # _make without its Python-level length check (the struct has the nine fields):
+        # this runs twice per watchdog tick.
+        return tuple.__new__(L4gwCtr, _CTR.unpack(raw))
 
     def _credit(self, side: _Side, limit: int) -> None:
         libbpf.map_update_elem(
@@ -448,7 +493,7 @@ class Accelerator:
                     log.warning("sockmap: delete %s from %s: %s", side.name, name, exc.strerror)
 
     def _arm(self, a: _Side, b: _Side, limits: Limits) -> None:
-        ctr0 = _CTR.pack(*(0,) * _CTR_FIELDS)
+        ctr0 = _CTR.pack(*_CTR_ZERO)
         step = "counters"
         try:
             libbpf.map_update_elem(self._fd[_CTRS], _u64(a.cookie), ctr0, libbpf.BPF_NOEXIST)
@@ -566,7 +611,7 @@ class Accelerator:
             if x.blocked:
                 return
             self._credit(x, limit)
-            held = self._ctr(x.cookie)[5]
+            held = self._ctr(x.cookie).held
             if held == x.forwarded:
                 x.holding = False
                 return
@@ -635,7 +680,7 @@ class Accelerator:
         try:
             for x, y in ((a, b), (b, a)):
                 ctr = self._ctr(x.cookie)
-                if x.pending or ctr[5] != x.forwarded or ctr[0] != y.written() - x.forwarded:
+                if x.pending or ctr.held != x.forwarded or ctr.bytes != y.written() - x.forwarded:
                     return False
         except OSError:
             return False
@@ -673,16 +718,16 @@ class Accelerator:
                     written = dst.written()
                 except OSError:
                     continue
-                if ctr[0] + src.forwarded != written:
+                if ctr.bytes + src.forwarded != written:
                     t.counter_mismatches += 1
                     log.warning(
                         "sockmap: %s→%s counter %d + forwarded %d != TCP_INFO written %d",
-                        src.name, dst.name, ctr[0], src.forwarded, written,
+                        src.name, dst.name, ctr.bytes, src.forwarded, written,
                     )  # fmt: skip
         self._unarm(a, b)
-        t.kernel_bytes += ca[0] + cb[0]
+        t.kernel_bytes += ca.bytes + cb.bytes
         t.held_bytes += a.forwarded + b.forwarded
-        t.trimmed_bytes += ca[7] + cb[7]
+        t.trimmed_bytes += ca.trimmed + cb.trimmed
         t.flows_now -= 1
         t.reasons[reason] = t.reasons.get(reason, 0) + 1
 
@@ -736,7 +781,7 @@ class Accelerator:
                         side.drain_started = trio.current_time()
                         first_eof = first_eof or f"{side.name}_eof"
                 ca, cb = self._ctr(a.cookie), self._ctr(b.cookie)
-                if ca[2] or ca[3] or cb[2] or cb[3]:
+                if ca.passes or ca.fails or cb.passes or cb.fails:
                     log.error("sockmap: anomaly counters client=%s backend=%s", ca, cb)
                     return "anomaly", False
                 now = trio.current_time()
@@ -748,7 +793,7 @@ class Accelerator:
                 for x, y, ctr in ((a, b, ca), (b, a, cb)):
                     # Bytes of the redirect path TCP has accepted into Y.
                     kernel_done = written[y.name] - x.forwarded
-                    backlog = ctr[0] - kernel_done
+                    backlog = ctr.bytes - kernel_done
                     worst = max(worst, backlog)
                     if backlog > self._totals.max_backlog:
                         self._totals.max_backlog = backlog
@@ -757,7 +802,7 @@ class Accelerator:
                     if backlog > lim.hard_cap:
                         log.warning("sockmap: %s backlog %d over hard cap", x.name, backlog)
                         return "backlog_cap", False
-                    if ctr[5] > x.forwarded and not x.holding:
+                    if ctr.held > x.forwarded and not x.holding:
                         x.holding = True
                         self._totals.holds += 1
                         if report is not None:
@@ -769,7 +814,7 @@ class Accelerator:
                         # R7: the redirect path toward Y is empty, so nothing else
                         # writes to Y while we do.
                         try:
-                            self._drain_held(x, y, ctr[5], limit)
+                            self._drain_held(x, y, ctr.held, limit)
                         except _Gone as gone:
                             _abort(a.sock)
                             _abort(b.sock)
@@ -815,9 +860,9 @@ class Accelerator:
                     if mask != masks[fd]:
                         ep.modify(fd, mask)
                         masks[fd] = mask
-                total = ca[0] + cb[0] + ca[5] + cb[5]
+                total = ca.bytes + cb.bytes + ca.held + cb.held
                 if report is not None:
-                    report.kernel_bytes = ca[0] + cb[0]
+                    report.kernel_bytes = ca.bytes + cb.bytes
                     report.held_bytes = a.forwarded + b.forwarded
                 moved = total - last_total if last_total >= 0 else 0
                 if total != last_total:
@@ -837,49 +882,6 @@ class Accelerator:
             return first_eof, True
         finally:
             ep.close()
-
-    # --- self-test ------------------------------------------------------------------
-
-    def self_test(self, timeout: float = 20.0) -> str | None:
-        """Run the canary flows (sockmap.md §9 T24) over loopback.
-
-        Covers pre-insertion bytes both ways (T1/T2), a sequence-numbered upload to a
-        slow small-buffer reader with a small watermark, so the program holds bytes
-        and the backlog must stay under it (T13/T23 small), a half-close with the
-        reply sent after EOF (T7) and SO_ERROR after a pure FIN (T10), with zero
-        anomaly counters and empty maps afterwards. Runs its own trio loop in a thread, so it
-        may be called from synchronous start-up code or from inside trio.
-
-        Args:
-            timeout: Upper bound for the whole canary.
-
-        Returns:
-            ``None`` when every check passed, else a one-line reason. Also kept in
-            :attr:`self_test_result` for :meth:`status`.
-        """
-        result: list[str | None] = ["self-test did not finish"]
-
-        def runner() -> None:
-            try:
-                result[0] = trio.run(self._canary, timeout)
-            except Exception as exc:
-                result[0] = f"self-test error: {type(exc).__name__}: {exc}"
-
-        th = threading.Thread(target=runner, name="l4gw-sockmap-selftest")
-        th.start()
-        th.join(timeout + 5)
-        # The canary's flow is not traffic: status() counts only real flows.
-        self._totals = _Totals()
-        self.self_test_result = result[0]
-        if result[0] is not None:
-            # The caller says it once, with what it does instead.
-            log.debug("sockmap: self-test failed: %s", result[0])
-        return result[0]
-
-    async def _canary(self, timeout: float) -> str | None:
-        with trio.move_on_after(timeout):
-            return await _canary_flow(self)
-        return f"canary timed out after {timeout}s"
 
 
 def next_tick(lim: Limits, tick: float, rate: float, backlog: int, *sides: _Side) -> float:
@@ -926,121 +928,3 @@ async def _flush_partial_skb(src: socket.socket, dst: socket.socket) -> int:
         except BlockingIOError:
             await trio.lowlevel.wait_writable(dst.fileno())
     return moved
-
-
-def _seq(n: int, seed: int) -> bytes:
-    return b"".join(struct.pack("=Q", (seed << 40) + i) for i in range((n + 7) // 8))[:n]
-
-
-def _loopback_pair(rcvbuf: int | None = None) -> tuple[socket.socket, socket.socket]:
-    lsn = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        if rcvbuf:
-            lsn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        lsn.bind(("127.0.0.1", 0))
-        lsn.listen(1)
-        con = socket.create_connection(lsn.getsockname())
-        acc, _ = lsn.accept()
-        return con, acc
-    finally:
-        lsn.close()
-
-
-# A small watermark, so the canary's slow reader makes the program hold bytes.
-_CANARY_LIMITS: Final = Limits(high_watermark=64 << 10, hard_cap=64 << 20)
-# What may be in flight above the watermark: the skb that crossed it (a loopback GSO
-# skb is at most 64 KiB; generous, since BIG TCP raises that).
-_SKB_MARGIN: Final = 512 << 10
-
-
-async def _canary_flow(acc: Accelerator) -> str | None:
-    client_s, gw_a = _loopback_pair()
-    gw_b, backend_s = _loopback_pair(rcvbuf=64 << 10)
-    for s in (gw_a, gw_b):
-        s.setblocking(False)
-    client = trio.socket.from_stdlib_socket(client_s)
-    backend = trio.socket.from_stdlib_socket(backend_s)
-    pre_up, banner = _seq(3004, 1), _seq(777, 2)
-    bulk, reply = _seq(2 << 20, 3), _seq(256 << 10, 4)
-    outcome: list[str] = []
-    report = FlowReport()
-    try:
-        await client.send(pre_up)
-        await backend.send(banner)
-        await trio.sleep(0.02)
-        stats = RelayStats()
-
-        async def run() -> None:
-            outcome.append(
-                await acc.relay(
-                    gw_a, gw_b, stats, idle_timeout=None, limits=_CANARY_LIMITS, report=report
-                )
-            )
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(run)
-            with trio.move_on_after(0.5) as cs:
-                got_pre = await _recv_exact(backend, len(pre_up))
-                got_banner = await _recv_exact(client, len(banner))
-            if cs.cancelled_caught:
-                nursery.cancel_scope.cancel()
-                return "T1/T2: pre-insertion bytes not delivered within 0.5 s (kick)"
-            if got_pre != pre_up or got_banner != banner:
-                nursery.cancel_scope.cancel()
-                return "T1/T2: pre-insertion bytes corrupted"
-
-            async def upload() -> None:
-                view = memoryview(bulk)
-                while view:
-                    view = view[await client.send(view[: 256 << 10]) :]
-                client.shutdown(socket.SHUT_WR)
-
-            nursery.start_soon(upload)
-            got = bytearray()
-            while chunk := await backend.recv(32 << 10):
-                got += chunk
-                await trio.sleep(0.001)  # slow reader
-            if bytes(got) != bulk:
-                nursery.cancel_scope.cancel()
-                return f"T7/T13/T23: upload corrupted ({len(got)} of {len(bulk)} bytes)"
-            if backend.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-                nursery.cancel_scope.cancel()
-                return "T10: SO_ERROR set on the backend after FIN"
-            view = memoryview(reply)
-            while view:
-                view = view[await backend.send(view) :]
-            backend.shutdown(socket.SHUT_WR)
-            got_reply = bytearray()
-            while chunk := await client.recv(1 << 20):
-                got_reply += chunk
-            if bytes(got_reply) != reply:
-                nursery.cancel_scope.cancel()
-                return "T7: reply after half-close corrupted"
-        if outcome != ["client_eof"]:
-            return f"canary ended with {outcome}, not client_eof"
-        if stats.bytes_from_client != len(pre_up) + len(bulk) or stats.bytes_to_client != len(
-            banner
-        ) + len(reply):
-            return f"T20: counters {stats!r} differ from the bytes sent"
-        left = {k: v for k, v in acc.map_entries().items() if v}
-        if left:
-            return f"map entries left after the canary: {left}"
-        bound = _CANARY_LIMITS.high_watermark + _SKB_MARGIN
-        if report.max_backlog > bound:
-            return f"T13: backlog reached {report.max_backlog} bytes, over {bound}"
-        return None
-    finally:
-        for s in (gw_a, gw_b):
-            s.close()
-        client.close()
-        backend.close()
-
-
-async def _recv_exact(sock: trio.socket.SocketType, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = await sock.recv(n - len(buf))
-        if not chunk:
-            break
-        buf += chunk
-    return bytes(buf)

@@ -429,14 +429,6 @@ def main(argv: list[str] | None = None) -> int:
     if hello[:1] != MSG_HELLO:
         return 2
     settings = marshal.loads(hello[1:])
-    if settings.get("run_as") and os.geteuid() == 0:
-        # [gateway] user: this process needs no privilege. A change of credentials
-        # clears the parent-death signal, so it is set again.
-        uid, gid = settings["run_as"]
-        os.setgroups([])
-        os.setgid(gid)
-        os.setuid(uid)
-        _die_with_parent(parent, loops)
     logging.basicConfig(
         level=int(settings.get("log_level", logging.WARNING)),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -1,7 +1,7 @@
 """Metric exporter and reader wrappers: the plugin's own metrics added, failures counted.
 
 Imported only when metrics are on (it needs the OpenTelemetry SDK). Failed
-exports land in :class:`gateway.telemetry.providers.ExportStats`, which rate-limits the
+exports land in :class:`gateway.telemetry.stats.ExportStats`, which rate-limits the
 warning; nothing here logs per batch. Spans take another way out: the
 exporter process (:mod:`gateway.telemetry.exporter`).
 """
@@ -14,7 +14,7 @@ from typing import Any
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
 
-from gateway.telemetry.providers import ExportStats
+from gateway.telemetry.stats import ExportStats
 
 Inject = Callable[[MetricsData | None], MetricsData | None]
 

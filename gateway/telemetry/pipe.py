@@ -8,7 +8,7 @@ plugins' spans (span records, :mod:`gateway.telemetry.records`), to
 (:mod:`gateway.telemetry.exporter`) that makes spans of them, encodes and
 posts them, so that none of that work, and no export thread, competes with
 the trio loop for the GIL. A trio task (:meth:`ExporterPipe.run`) sends the last partial batch,
-reads the exporter's counts back into :class:`gateway.telemetry.providers.ExportStats`
+reads the exporter's counts back into :class:`gateway.telemetry.stats.ExportStats`
 and restarts an exporter that died.
 
 Rules kept here:
@@ -47,7 +47,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
@@ -65,9 +65,7 @@ from gateway.telemetry.exporter import (
 )
 from gateway.telemetry.flows import safe, span_count
 from gateway.telemetry.records import SpanRecord
-
-if TYPE_CHECKING:
-    from gateway.telemetry.providers import ExportStats
+from gateway.telemetry.stats import ExportStats
 
 log = logging.getLogger("l4gw.telemetry")
 
@@ -133,7 +131,7 @@ class ExporterPipe:
         ours.send(hello)
         if self.mode == "process":
             try:
-                self._proc = _spawn(theirs)
+                self._proc = _spawn(theirs, self.settings.get("run_as"))
             except OSError as exc:
                 log.warning(
                     "telemetry: cannot start the span exporter process (%s); "
@@ -349,8 +347,10 @@ class ExporterPipe:
         self._closed = True
 
 
-def _spawn(sock: socket.socket) -> subprocess.Popen[bytes]:
-    """``python -m gateway.telemetry.exporter FD`` with ``sock`` as FD."""
+def _spawn(sock: socket.socket, run_as: tuple[int, int] | None) -> subprocess.Popen[bytes]:
+    """``python -m gateway.telemetry.exporter FD`` with ``sock`` as FD; with ``run_as``
+    (``[gateway] user``), as that uid and gid from its first instruction: it needs no
+    privilege at all."""
     env = dict(os.environ)
     # The child imports this very package, wherever it was imported from.
     here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -368,9 +368,18 @@ def _spawn(sock: socket.socket) -> subprocess.Popen[bytes]:
             pass_fds=(fd,),
             stdin=subprocess.DEVNULL,
             env=env,
+            **_identity(run_as),
         )
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _identity(run_as: tuple[int, int] | None) -> dict[str, Any]:
+    """Popen's arguments that start the child as ``run_as`` (only root may)."""
+    if run_as is None or os.geteuid() != 0:
+        return {}
+    uid, gid = run_as
+    return {"user": uid, "group": gid, "extra_groups": []}
 
 
 def _grow_buffer(sock: socket.socket) -> None:

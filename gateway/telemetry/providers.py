@@ -1,8 +1,9 @@
 """OpenTelemetry SDK set-up for one gateway process: providers, exporters, sampling.
 
-The telemetry plugin (``l4gw_plugins.telemetry``) calls :func:`setup` once with
-the ``[telemetry]`` section; the admin endpoint reads :func:`current` for
-``/metrics``. Spans and instruments themselves live in the plugin.
+The flow telemetry (:class:`gateway.telemetry.recorder.FlowTelemetry`, driven by
+the telemetry plugin) calls :func:`setup` once with the ``[telemetry]`` section;
+the admin endpoint reads :func:`current` for ``/metrics``. The spans and
+instruments of flows are :mod:`gateway.telemetry.recorder`.
 
 Rules kept here:
 
@@ -23,7 +24,8 @@ Rules kept here:
 * **A collector that is down costs spans, never service.** The span queue is
   bounded; a span that would overflow it, and every span of a batch the
   exporter could not deliver, is counted (``l4gw.telemetry.spans.dropped``) and
-  a warning says so at most once per :data:`WARN_INTERVAL`. The exporters' own
+  a warning says so at most once per
+  :data:`gateway.telemetry.stats.WARN_INTERVAL`. The exporters' own
   per-batch error lines are folded into that warning. At exit the final
   flush has :data:`EXIT_FLUSH_TIMEOUT`, and a failing exporter is cut short
   instead of retrying for its whole timeout.
@@ -44,7 +46,6 @@ import logging
 import os
 import re
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 from gateway import __version__
 from gateway.config import GatewayConfig, TelemetryConfig
 from gateway.identity import resolve_identity
+from gateway.telemetry.stats import ExportStats, fold_exporter_logs
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import Meter
@@ -72,9 +74,6 @@ SCHEMA_URL = "https://opentelemetry.io/schemas/1.44.0"
 
 EXIT_FLUSH_TIMEOUT = 5.0
 """Seconds a stopping gateway gives telemetry to deliver what it holds."""
-
-WARN_INTERVAL = 30.0
-"""Seconds between two "telemetry is dropping data" warnings."""
 
 EXPORTERS = ("otlp", "console", "none")
 PROTOCOLS = ("grpc", "http/protobuf")
@@ -206,82 +205,6 @@ def parse_traceparent(text: str) -> tuple[int, int, int] | None:
 def format_traceparent(trace_id: int, span_id: int, sampled: bool) -> str:
     """The W3C traceparent (version 00) for a span context."""
     return f"00-{trace_id:032x}-{span_id:016x}-{'01' if sampled else '00'}"
-
-
-# --- what export lost --------------------------------------------------------------------------
-
-
-@dataclass
-class ExportStats:
-    """Counts of exported and lost telemetry; read by ``/metrics`` and the log.
-
-    Updated from the trio thread (queue overflow) and the exporter threads
-    (failed batches), hence the lock; reads of single ints need none.
-    """
-
-    spans_exported: int = 0
-    spans_dropped: int = 0
-    """Spans lost: queue full (collector slow or down) or a batch that failed."""
-    metric_exports_failed: int = 0
-    last_error: str = ""
-    """The last error an exporter reported (its own log line, folded in here)."""
-    warn_interval: float = WARN_INTERVAL
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _last_warning: float = field(default=-1e9, repr=False)
-    _unreported: int = field(default=0, repr=False)
-
-    def spans_lost(self, count: int, why: str) -> None:
-        with self._lock:
-            self.spans_dropped += count
-            self._unreported += count
-            self._maybe_warn(why)
-
-    def metrics_lost(self) -> None:
-        with self._lock:
-            self.metric_exports_failed += 1
-            self._maybe_warn("metric export failed")
-
-    def _maybe_warn(self, why: str) -> None:
-        now = time.monotonic()
-        if now - self._last_warning < self.warn_interval:
-            return
-        self._last_warning = now
-        log.warning(
-            "telemetry: %d spans dropped since the last warning (%s; last exporter error: %s); "
-            "%d spans dropped, %d metric exports failed since start; the gateway keeps serving",
-            self._unreported,
-            why,
-            self.last_error or "-",
-            self.spans_dropped,
-            self.metric_exports_failed,
-        )
-        self._unreported = 0
-
-
-class _ExporterLog(logging.Handler):
-    """Folds the OTLP exporters' per-batch error lines into :class:`ExportStats`."""
-
-    def __init__(self, stats: ExportStats) -> None:
-        super().__init__(logging.WARNING)
-        self.stats = stats
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.stats.last_error = record.getMessage()[:300]
-        except Exception:
-            pass
-
-
-def _fold_exporter_logs(stats: ExportStats) -> None:
-    """Route the exporters' own warnings into ``stats`` instead of one line per batch.
-
-    Left alone at debug level, where every line may be wanted.
-    """
-    if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
-        return
-    exporter_log = logging.getLogger("opentelemetry.exporter")
-    exporter_log.propagate = False
-    exporter_log.addHandler(_ExporterLog(stats))
 
 
 # --- the process's telemetry -----------------------------------------------------------------
@@ -423,7 +346,7 @@ def setup(
             instruments, like the health plugin's ``l4gw.endpoint.healthy``
             gauge, share the pipeline), fold the exporters' log lines into
             the drop warning, and flush at exit.
-        run_as: (uid, gid) the span exporter process becomes once started
+        run_as: (uid, gid) the span exporter process runs as from its start
             (``[gateway] user``: it needs no privilege at all).
 
     Returns:
@@ -455,7 +378,7 @@ def setup(
     resource = Resource.create(attributes)
     stats = ExportStats()
     if install:
-        _fold_exporter_logs(stats)
+        fold_exporter_logs(stats)
     telemetry = Telemetry(config, traces, metrics, None, None, stats, resource=resource)
 
     if traces != "none":

@@ -39,7 +39,7 @@ from typing import Final
 
 from gateway.config import Config
 from gateway.linux import CAP_NET_ADMIN
-from gateway.tproxy.setup import (
+from gateway.tproxy.plan import (
     RTPROT_L4GW,
     TABLE_FAMILY,
     TABLE_NAME,
@@ -49,9 +49,9 @@ from gateway.tproxy.setup import (
     conflicts,
     differences,
     plan,
-    status,
 )
 from gateway.tproxy.sockdiag import ListeningSocket, listening
+from gateway.tproxy.state import status
 
 OK: Final = "ok"
 WARN: Final = "warn"

@@ -7,7 +7,7 @@ it (a hand-run ``nft flush ruleset``, another tool's cleanup, a mistaken
 directly, unfiltered and unlogged, and the gateway sees no error of its own.
 The guard checks every ``[tproxy] check_interval`` whether the installed state
 still matches the plan this gateway installed, and if not logs an ERROR naming
-each difference and restores it with :func:`gateway.tproxy.setup.apply` (atomic,
+each difference and restores it with :func:`gateway.tproxy.state.apply` (atomic,
 idempotent).
 
 Rules kept:
@@ -22,7 +22,7 @@ Rules kept:
 2. **Never on the event loop, never per connection.** Reading the state and
    applying it are blocking netlink and libnftables calls: each check runs in a
    thread of its own (see :func:`_in_new_thread` for why not trio's cache),
-   reads only our own table, rules and routes (:func:`gateway.tproxy.setup.read_own`),
+   reads only our own table, rules and routes (:func:`gateway.tproxy.state.read_own`),
    and is one task per process. A check in flight is waited for at shutdown,
    never abandoned: an abandoned restore could land after the teardown at exit.
 3. **Loud, counted, visible.** A difference is an ERROR naming what differed;
@@ -59,7 +59,8 @@ import trio.lowlevel
 
 from gateway.config import Config
 from gateway.tproxy.owner import Forced, Ownership, held
-from gateway.tproxy.setup import Plan, TproxyError, apply, differences, plan, read_own, summary
+from gateway.tproxy.plan import Plan, TproxyError, differences, plan, summary
+from gateway.tproxy.state import apply, read_own
 
 log = logging.getLogger("l4gw.tproxy")
 

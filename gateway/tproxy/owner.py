@@ -1,6 +1,6 @@
 """Who owns the TPROXY state of a network namespace: one live process at most.
 
-The state :mod:`gateway.tproxy.setup` installs (the table ``inet l4gw``, the ip rules
+The state :mod:`gateway.tproxy.state` installs (the table ``inet l4gw``, the ip rules
 and routes tagged ``proto 244``) is one per network namespace, whatever config
 made it. Before this module, a second ``l4gw run`` of the same file replaced a
 running gateway's table, failed on the busy listener port, and on its way out

@@ -6,7 +6,15 @@ opened, admit, route, routed, "connect" (a connected UDP socket per session,
 bound to the client's IP and port with ``upstream_source = "client"``),
 PROXY v2 header (prepended to every datagram), then the relay both ways
 until the session idles out, its backend is unreachable, or the gateway
-drains; then the closed hook, once.
+drains; then the closed hook, once. The stages are the TCP path's own code
+(gateway/decisions.py: admit, route, routed, the connect loop, the PROXY
+header; gateway/runtime.py: the close record); this module brings what is
+UDP's: the session table, the datagrams, the reply sockets.
+
+Longer than ~600 lines on purpose: the receive path, the session tasks and
+the reply sockets all work on the listener's one receive buffer, its nursery
+and its session table, under the rules below (a buffer valid from a ``recv``
+to the next checkpoint); split over modules, each part would need all of them.
 
 Rules kept here:
 
@@ -24,7 +32,7 @@ Rules kept here:
   takes a copy first.
 * **Each session is recorded exactly once**, in its task's ``finally``:
   counts, close reason, closed hook, log line. Refused sessions are recorded
-  when refused and stay in the table as tombstones (udp_sessions.py).
+  when refused and stay in the table as tombstones (gateway/udp/sessions.py).
 * **Nothing goes upstream before admit, route and routed said yes**: the
   gateway never forwards to the original destination as such.
 * **Replies leave from the address the client sent to**: from the listener
@@ -49,34 +57,27 @@ import logging
 import math
 import os
 import socket
-import time
 from collections.abc import Callable
 from typing import Any
 
 import trio
 from trio.lowlevel import checkpoint, notify_closing, wait_readable, wait_writable
 
-from gateway import connection
-from gateway.config import ClusterConfig, ListenerConfig
-from gateway.connection import Runtime, close_line
-from gateway.decisions import choose_route, refusal, where, why
-from gateway.flow import CloseReason, Flow, Route
+from gateway.config import Endpoint, ListenerConfig
+from gateway.decisions import Opener, choose_route, connect_upstream, proxy_header, refusal
+from gateway.flow import CloseReason, Flow, unmap
 from gateway.linux import IP_PKTINFO, IPV6_PKTINFO
+from gateway.runtime import Runtime, next_flow_id, record_close
+from gateway.schema import format_address
 from gateway.udp.sessions import (
     MAX_DATAGRAM,
     DatagramQueue,
     SessionTable,
     UdpCounters,
-    client_address,
     decode_sockaddr,
     pktinfo_destination,
 )
-from gateway.udp.sockets import (
-    UpstreamFailed,
-    open_reply_socket,
-    open_upstream,
-    proxy_header,
-)
+from gateway.udp.sockets import open_reply_socket, open_upstream
 
 log = logging.getLogger("l4gw.udp")
 
@@ -96,11 +97,8 @@ PENDING, OPEN, REFUSED = 0, 1, 2
 # addresses (PKTINFO, a listener on 0.0.0.0 or [::]).
 PLAIN, ORIGDST, PKTINFO = 0, 1, 2
 
-# (client ip, client port, endpoint ip, endpoint port) of the transparent upstream
-# sockets of this process. Two sessions of one client port (to two original
-# destinations) routed to one endpoint would share a 4-tuple, and the backend's
-# replies could reach either: the second one keeps the client's IP but not its port.
-_transparent_tuples: set[tuple[str, int, str, int]] = set()
+UpstreamTuple = tuple[str, int, str, int]
+"""(client ip, client port, endpoint ip, endpoint port) of a transparent upstream socket."""
 
 
 class _ReplySocket:
@@ -155,7 +153,7 @@ class UdpSession:
         self.scope = trio.CancelScope()
         self.reason: str | None = None
         self.dropped = 0
-        self.tuple: tuple[str, int, str, int] | None = None
+        self.tuple: UpstreamTuple | None = None
 
 
 class UdpListener:
@@ -169,6 +167,11 @@ class UdpListener:
         draining: whether the gateway is draining (the close reason of a
             cancelled session).
         session_ended: called after each recorded session (the drain waits on it).
+        upstream_tuples: the 4-tuples of the process's transparent upstream sockets,
+            shared by its UDP listeners. Two sessions of one client port (to two
+            original destinations) routed to one endpoint would share a 4-tuple,
+            and the backend's replies could reach either: the second one keeps
+            the client's IP but not its port.
     """
 
     def __init__(
@@ -178,8 +181,10 @@ class UdpListener:
         runtime: Callable[[], Runtime],
         draining: Callable[[], bool],
         session_ended: Callable[[], None] = lambda: None,
+        upstream_tuples: set[UpstreamTuple] | None = None,
     ) -> None:
         self._config = config
+        self._tuples: set[UpstreamTuple] = set() if upstream_tuples is None else upstream_tuples
         self.sock = sock
         self.runtime = runtime
         self.draining = draining
@@ -202,7 +207,7 @@ class UdpListener:
         self._nursery: trio.Nursery | None = None
         self._timer = trio.CancelScope()
         self._last_warning = -math.inf
-        self._local = client_address(sock.getsockname())
+        self._local = unmap(sock.getsockname())
         """Destination of datagrams without an original destination: the listener's own."""
 
     # --- the listener's life ------------------------------------------------------------
@@ -348,7 +353,7 @@ class UdpListener:
             except ValueError:
                 pass
         rt = self.runtime()
-        flow = Flow(next(connection._ids), lc.name, "udp", client_address(addr), destination)
+        flow = Flow(next_flow_id(), lc.name, "udp", unmap(addr), destination)
         session = UdpSession(key, flow, addr, now, lc.session_idle_timeout)
         assert session.queue is not None
         session.queue.push(bytes(self._view[:n]))
@@ -442,14 +447,10 @@ class UdpListener:
                 self.table.remove(session.key, session)
             self._release(session)
             flow.close_reason = session.reason
-            flow.ended = time.time()
             if session.dropped:
                 flow.set_attribute("l4gw.udp.datagrams_dropped", session.dropped)
             del rt.flows[flow.id]
-            rt.plugins.observe("l4gw_connection_closed", flow=flow)
-            line = close_line(rt, flow)
-            if line is not None:
-                _log_close(flow, session.dropped, *line)
+            record_close(rt, flow, session.dropped)
             self.session_ended()
 
     async def _serve(self, session: UdpSession, rt: Runtime) -> str | None:
@@ -478,11 +479,13 @@ class UdpListener:
         try:
             session.reply = self._reply_socket(session)
         except (OSError, ValueError) as exc:
-            flow.error = f"reply socket for {flow.destination[0]}:{flow.destination[1]}: {exc}"
+            flow.error = f"reply socket for {format_address(*flow.destination)}: {exc}"
             return self._tombstone(session, CloseReason.INTERNAL_ERROR)
 
-        if not self._connect(rt, cluster, route, session):
-            return self._tombstone(session, CloseReason.CONNECT_FAILED)
+        source = flow.client if cluster.upstream_source == "client" else None
+        up = await connect_upstream(rt, route, flow, self._opener(session), source)
+        if isinstance(up, str):
+            return self._tombstone(session, up)
         if cluster.proxy_protocol == "v2":
             session.header = proxy_header(cluster, flow)
         session.state = OPEN
@@ -507,51 +510,33 @@ class UdpListener:
                 self._schedule(session.last + session.timeout)
         return reason
 
-    def _connect(
-        self, rt: Runtime, cluster: ClusterConfig, route: Route, session: UdpSession
-    ) -> bool:
+    def _opener(self, session: UdpSession) -> Opener:
+        """The connect loop's attempt for ``session``: a connected UDP socket, at once
+        (nothing to wait for), held by the session.
+
+        With ``upstream_source = "client"`` the socket is bound to the client's IP and
+        port, unless another session of that client port already holds the 4-tuple
+        to this endpoint: then to the client's IP and a port the kernel chooses.
+        """
+        tuples = self._tuples
         flow = session.flow
-        source = flow.client if cluster.upstream_source == "client" else None
-        errors: list[str] = []
-        for endpoint in route.endpoints[: cluster.connect_attempts]:
-            start = time.monotonic()
+
+        async def attempt(
+            endpoint: Endpoint, timeout: float, source: tuple[str, int] | None
+        ) -> socket.socket:
             bind = source
-            if (
-                source is not None
-                and (*source, endpoint.host, endpoint.port) in _transparent_tuples
-            ):
+            if source is not None and (*source, endpoint.host, endpoint.port) in tuples:
                 bind = (source[0], 0)
                 flow.add_event("client_port_in_use", endpoint=str(endpoint))
-            try:
-                up = open_upstream(endpoint, bind)
-            except UpstreamFailed as exc:
-                errors.append(f"{endpoint}: {exc}")
-                rt.plugins.observe(
-                    "l4gw_connect_attempt",
-                    flow=flow,
-                    endpoint=endpoint,
-                    error=str(exc),
-                    seconds=time.monotonic() - start,
-                )
-                continue
+            up = open_upstream(endpoint, bind)
             if source is not None:
                 four = (source[0], up.getsockname()[1], endpoint.host, endpoint.port)
-                _transparent_tuples.add(four)
+                tuples.add(four)
                 session.tuple = four
             session.up = up
-            flow.endpoint = str(endpoint)
-            rt.plugins.observe(
-                "l4gw_connect_attempt",
-                flow=flow,
-                endpoint=endpoint,
-                error=None,
-                seconds=time.monotonic() - start,
-            )
-            return True
-        if not route.endpoints:
-            errors.append("no endpoint available")
-        flow.error = "; ".join(errors)
-        return False
+            return up
+
+        return attempt
 
     async def _pump(self, session: UdpSession) -> str | None:
         """Backend to client until the session ends; the close reason, or None when
@@ -662,7 +647,7 @@ class UdpListener:
 
     def _release(self, session: UdpSession) -> None:
         """Give back what the session holds: its upstream socket and its reply socket."""
-        _drop_upstream(session)
+        self._drop_upstream(session)
         reply = session.reply
         session.reply = None
         if reply is None or reply is self._listener_reply:
@@ -698,8 +683,18 @@ class UdpListener:
         self.table.remove(session.key, session)
         # Closed here, not in the task's finally: the next session of this client
         # may bind the same (transparent) address before that task runs.
-        _drop_upstream(session)
+        self._drop_upstream(session)
         session.scope.cancel()
+
+    def _drop_upstream(self, session: UdpSession) -> None:
+        up = session.up
+        if up is not None:
+            session.up = None
+            notify_closing(up)
+            up.close()
+        if session.tuple is not None:
+            self._tuples.discard(session.tuple)
+            session.tuple = None
 
     def _schedule(self, deadline: float) -> None:
         if deadline < self._timer.deadline:
@@ -722,32 +717,3 @@ class UdpListener:
         if now - self._last_warning >= _WARN_EVERY:
             self._last_warning = now
             log.warning("udp listener %s: %s", self.config.name, text)
-
-
-def _drop_upstream(session: UdpSession) -> None:
-    up = session.up
-    if up is not None:
-        session.up = None
-        notify_closing(up)
-        up.close()
-    if session.tuple is not None:
-        _transparent_tuples.discard(session.tuple)
-        session.tuple = None
-
-
-def _log_close(flow: Flow, dropped: int, level: int, suffix: str) -> None:
-    log.log(
-        level,
-        "udp session %d %s from_client=%d/%dB to_client=%d/%dB dropped=%d %.1fms %s%s%s",
-        flow.id,
-        where(flow),
-        flow.datagrams_from_client,
-        flow.bytes_from_client,
-        flow.datagrams_to_client,
-        flow.bytes_to_client,
-        dropped,
-        flow.duration * 1000,
-        flow.close_reason,
-        why(flow),
-        suffix,
-    )

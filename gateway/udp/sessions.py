@@ -35,7 +35,7 @@ import sys
 from collections import deque
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from gateway.linux import IP_ORIGDSTADDR, IPV6_ORIGDSTADDR
 
@@ -221,6 +221,7 @@ def decode_sockaddr(raw: bytes) -> tuple[str, int]:
         return socket.inet_ntop(socket.AF_INET, raw[4:8]), int.from_bytes(raw[2:4], "big")
     if family == socket.AF_INET6 and len(raw) >= 24:
         host = socket.inet_ntop(socket.AF_INET6, raw[8:24])
+        # gateway.flow.unmap's rule, here before the (host, port) tuple is built.
         if host.startswith("::ffff:") and "." in host:
             host = host[7:]
         return host, int.from_bytes(raw[2:4], "big")
@@ -263,11 +264,3 @@ def pktinfo_destination(raw: bytes) -> tuple[str, bytes]:
     if len(raw) == 20:  # in6_addr ipi6_addr; int ipi6_ifindex
         return socket.inet_ntop(socket.AF_INET6, raw[:16]), raw[:16] + bytes(4)
     raise ValueError(f"not an in_pktinfo or in6_pktinfo: {len(raw)} bytes")
-
-
-def client_address(addr: Any) -> tuple[str, int]:
-    """``(host, port)`` of a ``recvfrom`` address (IPv6 ones have four fields)."""
-    host: str = addr[0]
-    if host.startswith("::ffff:") and "." in host:
-        host = host[7:]
-    return host, int(addr[1])

@@ -13,9 +13,7 @@ import errno
 import ipaddress
 import socket
 
-from gateway import proxy_protocol
-from gateway.config import ClusterConfig, Endpoint, ListenerConfig
-from gateway.flow import Flow
+from gateway.config import Endpoint, ListenerConfig
 from gateway.linux import (
     IP_PKTINFO,
     IP_RECVORIGDSTADDR,
@@ -25,7 +23,9 @@ from gateway.linux import (
     IPV6_TRANSPARENT,
     SO_RCVBUFFORCE,
 )
-from gateway.oserrors import bind_error
+from gateway.listeners import bind_error
+from gateway.schema import format_address
+from gateway.upstream import ConnectFailed
 
 LISTENER_RCVBUF = 4 * 1024 * 1024
 """Receive buffer asked for the listener socket: it takes every client's datagrams."""
@@ -86,8 +86,9 @@ def _grow_receive_buffer(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LISTENER_RCVBUF)
 
 
-class UpstreamFailed(Exception):
-    """A session's upstream socket could not be made; ``str()`` is short."""
+class UpstreamFailed(ConnectFailed):
+    """A session's upstream socket could not be made; ``str()`` is short (a failed
+    attempt of the connect loop, gateway/decisions.py)."""
 
 
 def open_upstream(endpoint: Endpoint, source: tuple[str, int] | None) -> socket.socket:
@@ -124,7 +125,7 @@ def open_upstream(endpoint: Endpoint, source: tuple[str, int] | None) -> socket.
             try:
                 sock.bind(source)
             except OSError as exc:
-                where = f"{source[0]}:{source[1]}"
+                where = format_address(*source)
                 raise UpstreamFailed(f"transparent bind to {where}: {exc.strerror}")
         try:
             sock.connect((endpoint.host, endpoint.port))
@@ -156,15 +157,3 @@ def open_reply_socket(destination: tuple[str, int]) -> socket.socket:
         sock.close()
         raise
     return sock
-
-
-def proxy_header(cluster: ClusterConfig, flow: Flow) -> bytes:
-    """The PROXY v2 header (transport UDP) sent before each datagram of ``flow``."""
-    src, dst = flow.client, flow.destination
-    if (":" in src[0]) != (":" in dst[0]):
-        # PROXY headers cannot mix families; say "local" rather than lie.
-        return proxy_protocol.encode_v2(None, None, local=True)
-    tlvs: list[tuple[int, bytes]] = []
-    if cluster.proxy_protocol_traceparent and flow.traceparent_out:
-        tlvs.append((proxy_protocol.PP2_TYPE_TRACEPARENT, flow.traceparent_out.encode()))
-    return proxy_protocol.encode_v2(src, dst, transport="udp", tlvs=tlvs)

@@ -24,14 +24,14 @@ shared store.
 Rules kept here:
 
 * **Bounded memory.** Buckets live in one LRU table capped at
-  ``max_tracked``; the least recently used bucket is evicted first (an
-  evicted client starts again with a full bucket). The size, the cap and
-  the evictions are exported as metrics.
+  ``max_tracked`` (plugins/ratelimit/buckets.py); the size, the cap and the
+  evictions are exported as metrics.
 * **A connection takes a token from every bucket that applies, or from
   none**: all are checked before any is taken, so a refusal by one rule does
   not cost the client tokens of the others.
-* **Decisions apart from I/O.** :class:`TokenBucket` and :class:`LruTable`
-  are plain values on an explicit clock.
+* **Decisions apart from I/O.** The buckets are plain values on an explicit
+  clock (plugins/ratelimit/buckets.py); this module holds the section, the
+  hooks and the connection counts.
 """
 
 from __future__ import annotations
@@ -39,12 +39,10 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from functools import partial
-from typing import Any, Generic, TypeVar
-from urllib.parse import unquote, urlsplit
+from typing import Any
 
 import trio
 from opentelemetry import metrics
@@ -52,17 +50,20 @@ from opentelemetry import metrics
 from gateway import Config, Field, Flow, Invalid, Refusal, Route, hookimpl
 from gateway import schema as s
 
+from .buckets import (
+    BACKEND_ERROR,
+    BACKEND_LOCAL,
+    Backend,
+    Check,
+    MemoryBuckets,
+    Rule,
+    client_prefix,
+    parse_url,
+)
+from .redis import RedisBuckets, RedisSettings
 from .shaping import shaped_relay
 
 log = logging.getLogger("l4gw.ratelimit")
-
-BACKEND_ERROR = "backend_error"
-"""The rule name of a refusal because the shared backend was unreachable
-(``on_backend_error = "closed"``)."""
-BACKEND_LOCAL = "backend_local"
-"""What the shared backend answers when it is unreachable and ``on_backend_error =
-"local"``: decide with this process's own buckets (each gateway then enforces the
-limit alone: never open, at most N times the limit over N gateways)."""
 
 
 def _rule_table(extra: Mapping[str, Field] | None = None) -> Callable[[Any], dict[str, Any]]:
@@ -87,78 +88,6 @@ PREFIX_LENGTHS = {
     "v4": Field(s.integer(0, 32), 24, "IPv4 prefix length clients are grouped by"),
     "v6": Field(s.integer(0, 128), 64, "IPv6 prefix length clients are grouped by"),
 }
-
-
-@dataclass(frozen=True, slots=True)
-class RedisAddress:
-    """Where the shared buckets live, from ``redis_url``."""
-
-    host: str
-    port: int
-    username: str | None
-    password: str | None
-    db: int
-
-    def __str__(self) -> str:
-        # Never the credentials: this is what log lines show.
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"redis://{host}:{self.port}/{self.db}"
-
-
-# Said without "user:password@" after the scheme, which redaction would mask.
-_URL_FORM = '"redis://host[:port][/db]" (with "user:password@" or ":password@" before the host)'
-
-
-def parse_url(url: str) -> RedisAddress:
-    """Parse ``redis://[[user]:password@]host[:port][/db]`` (percent-escapes decoded).
-
-    A message quotes only what cannot hold a part of the password: the scheme,
-    and a port or db when no ``@`` follows the host.
-
-    Raises:
-        ValueError: not a redis:// URL, or a bad host, port or db.
-    """
-    scheme, sep, _ = url.partition("://")
-    if not sep or not scheme.isascii() or not scheme.replace("+", "").isalnum():
-        raise ValueError(f"expected {_URL_FORM}")
-    if scheme.lower() == "rediss":
-        raise ValueError("TLS (rediss://) is not supported: use a local TLS tunnel")
-    if scheme.lower() != "redis":
-        raise ValueError(f'expected {_URL_FORM}, got a "{scheme}://" URL')
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        # urlsplit's own message may quote the userinfo.
-        raise ValueError(
-            'the host is not an address or name (an IPv6 address is written "[::1]"; '
-            '"[" and "]" in a password must be percent-encoded as %5B and %5D)'
-        ) from None
-    if "@" in parts.path or "@" in parts.query or "@" in parts.fragment:
-        raise ValueError(
-            '"@" after the host: percent-encode "/", "?" and "#" in the password (%2F, %3F, %23)'
-        )
-    if parts.query or parts.fragment:
-        raise ValueError(f'unexpected "?" or "#" part: expected {_URL_FORM}')
-    try:
-        port = parts.port
-    except ValueError:
-        port = -1
-    if port is not None and not 1 <= port <= 65535:
-        hostport = parts.netloc.rpartition("@")[2]
-        text = hostport.rpartition("]")[2] if hostport.startswith("[") else hostport
-        text = text.rpartition(":")[2]
-        shown = f' "{text}"' if text.isdigit() else ""
-        raise ValueError(f"invalid port{shown} (1 to 65535)")
-    path = parts.path.strip("/")
-    if path and not (path.isascii() and path.isdigit()):
-        raise ValueError(f'invalid db "{path}" (a number)')
-    return RedisAddress(
-        host=parts.hostname or "127.0.0.1",
-        port=port or 6379,
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password is not None else None,
-        db=int(path) if path else 0,
-    )
 
 
 def _redis_url(value: Any) -> str:
@@ -209,124 +138,6 @@ SCHEMA: dict[str, Field] = {
 }
 
 
-# --- pure pieces -----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Rule:
-    """One token-bucket rule.
-
-    Attributes:
-        name: the config key ("per_client", ...): the refusal's rule.
-        rate: tokens added per second.
-        burst: bucket size.
-    """
-
-    name: str
-    rate: float
-    burst: float
-
-    @classmethod
-    def from_config(cls, name: str, table: Mapping[str, Any]) -> Rule:
-        return cls(name, table["rate"] / table["per"], float(table["burst"] or table["rate"]))
-
-
-class TokenBucket:
-    """A bucket that starts full and refills continuously."""
-
-    __slots__ = ("stamp", "tokens")
-
-    def __init__(self, tokens: float, stamp: float) -> None:
-        self.tokens = tokens
-        self.stamp = stamp
-
-    def refill(self, now: float, rule: Rule) -> float:
-        """Add what accrued since the last refill; return the tokens available."""
-        if now > self.stamp:
-            self.tokens = min(rule.burst, self.tokens + (now - self.stamp) * rule.rate)
-            self.stamp = now
-        return self.tokens
-
-
-V = TypeVar("V")
-
-
-class LruTable(Generic[V]):
-    """A dict with a size cap that evicts the least recently used entry.
-
-    Args:
-        cap: most entries kept.
-    """
-
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self.evictions = 0
-        self._items: OrderedDict[Any, V] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._items
-
-    def get(self, key: Any, make: Callable[[], V]) -> V:
-        """The entry for ``key`` (made by ``make`` if absent), now most recent."""
-        items = self._items
-        value = items.get(key)
-        if value is not None:
-            items.move_to_end(key)
-            return value
-        value = items[key] = make()
-        while len(items) > self.cap:
-            items.popitem(last=False)
-            self.evictions += 1
-        return value
-
-
-Check = tuple[Rule, str]
-"""A rule and the key it applies to ("127.0.0.2", "198.51.100.0/24", "api")."""
-
-
-class MemoryBuckets:
-    """Token buckets of this process.
-
-    Args:
-        max_tracked: the LRU table's cap.
-    """
-
-    def __init__(self, max_tracked: int) -> None:
-        self.table: LruTable[TokenBucket] = LruTable(max_tracked)
-
-    def acquire(self, checks: Iterable[Check], now: float) -> Rule | None:
-        """Take one token from each bucket, or none.
-
-        Returns:
-            None when admitted, else the first rule whose bucket is empty.
-        """
-        taken: list[TokenBucket] = []
-        for rule, key in checks:
-            bucket = self.table.get((rule.name, key), partial(TokenBucket, rule.burst, now))
-            if bucket.refill(now, rule) < 1.0:
-                return rule
-            taken.append(bucket)
-        for bucket in taken:
-            bucket.tokens -= 1.0
-        return None
-
-
-def client_prefix(ip: str, v4: int, v6: int) -> str:
-    """The client's network at the configured prefix length, as "a.b.c.0/24".
-
-    With socket's C functions rather than ipaddress: this runs for every
-    connection, and ``ip_network`` costs several times more.
-    """
-    family, bits, length = (socket.AF_INET6, 128, v6) if ":" in ip else (socket.AF_INET, 32, v4)
-    value = int.from_bytes(socket.inet_pton(family, ip), "big")
-    shift = bits - length
-    network = ((value >> shift) << shift).to_bytes(bits // 8, "big")
-    return f"{socket.inet_ntop(family, network)}/{length}"
-
-
 # --- the plugin ----------------------------------------------------------------------
 
 
@@ -364,23 +175,6 @@ class Settings:
             bytes_per_second=section.get("bytes_per_second", 0),
             raw=section,
         )
-
-
-class Backend:
-    """What a shared bucket store offers the plugin (see ratelimit_redis)."""
-
-    async def acquire(self, checks: list[Check]) -> str | None:
-        """None when admitted, else the refusing rule's name (or BACKEND_ERROR)."""
-        raise NotImplementedError
-
-    def start(self, nursery: trio.Nursery) -> None:
-        """Start background work, if any."""
-
-    def tracked(self) -> int:
-        return 0
-
-    def evictions(self) -> int:
-        return 0
 
 
 class RateLimit:
@@ -557,8 +351,6 @@ class RateLimit:
         if cap != self.memory.table.cap:
             self.memory = MemoryBuckets(cap)
         if section.get("backend") == "redis":
-            from .redis import RedisBuckets, RedisSettings
-
             wanted = RedisSettings.from_config(section)
             if not (isinstance(self.shared, RedisBuckets) and self.shared.settings == wanted):
                 self.shared = RedisBuckets(wanted)

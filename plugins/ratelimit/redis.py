@@ -47,12 +47,13 @@ from opentelemetry import metrics
 
 from gateway import redact_text
 
-from .plugin import (
+from .buckets import (
     BACKEND_ERROR,
     BACKEND_LOCAL,
     Backend,
     Check,
     LruTable,
+    Nursery,
     RedisAddress,
     parse_url,
 )
@@ -307,7 +308,7 @@ class RedisBuckets(Backend):
     def evictions(self) -> int:
         return self.leases.evictions
 
-    def start(self, nursery: trio.Nursery) -> None:
+    def start(self, nursery: Nursery) -> None:
         nursery.start_soon(self._warm_up)
 
     async def _warm_up(self) -> None:

@@ -1061,10 +1061,11 @@ def test_guard_reads_the_same_state_as_the_full_read(topology: Topology, tmp_pat
     """read_own (our table, rules, and a kernel-filtered dump of our routes) sees what
     read_state sees, for a table id past 255 too, and a missing table as missing."""
     from gateway import config as config_mod
-    from gateway.tproxy import setup as tp
+    from gateway.tproxy import plan as tplan
+    from gateway.tproxy import state as tp
     gw = GatewayProcess(tmp_path, config().replace("manage = false", "table = 100000"))
     cfg = config_mod.load(str(gw.config_path), {})
-    p = tp.plan(cfg)
+    p = tplan.plan(cfg)
     with inside(topology.gateway):
         tp.apply(cfg)
         try:
@@ -1081,10 +1082,10 @@ def test_guard_reads_the_same_state_as_the_full_read(topology: Topology, tmp_pat
             assert own.chains == full.chains and own.ip_rules == full.ip_rules
             assert sorted(map(str, own.routes)) == sorted(map(str, full.routes))
             assert [r.table for r in own.routes] == [100000, 100000]
-            assert tp.differences(p, own) == []
+            assert tplan.differences(p, own) == []
             subprocess.run(["nft", "delete", "table", "inet", "l4gw"], check=True)
             gone = tp.read_own(p)
             assert not gone.table
-            assert tp.differences(p, gone) == ["nftables table inet l4gw is missing"]
+            assert tplan.differences(p, gone) == ["nftables table inet l4gw is missing"]
         finally:
             tp.teardown()

@@ -1,7 +1,7 @@
 """Fuzz target: the configuration loader (gateway/config.py), on arbitrary file contents.
 
 :func:`check` writes the input to a file and reads it the way ``l4gw check`` and
-``l4gw run`` do: ``[gateway] disable_plugins`` first (gateway/cli/main.py), then
+``l4gw run`` do: ``[gateway] disable_plugins`` first (gateway/cli/common.py), then
 ``config.load`` with the schemas of the built-in plugins. The only outcomes allowed
 are a Config and a ConfigError listing its problems; any other exception is a crash
 (an operator would see a traceback instead of the key that is wrong). tomllib is
@@ -20,7 +20,7 @@ with instrumented(__name__, include=["gateway", "l4gw_plugins", "tomllib"]):
     import tomllib  # noqa: F401  (imported here so that it is instrumented)
 
     from gateway import config
-    from gateway.cli import main as cli
+    from gateway.cli import common as cli
     from gateway.plugin_manager import load as load_plugins
 
     SCHEMAS = load_plugins().schemas()  # imports the built-in plugins, instrumented
@@ -33,7 +33,7 @@ PATH = Path(f"/proc/self/fd/{_FILE.fileno()}")
 def check(data: bytes) -> None:
     os.ftruncate(_FILE.fileno(), 0)
     os.pwrite(_FILE.fileno(), data, 0)
-    disabled = cli._disabled_plugins(str(PATH))
+    disabled = cli.disabled_plugins(str(PATH))
     assert isinstance(disabled, list) and all(isinstance(name, str) for name in disabled)
     try:
         loaded = config.load(PATH, SCHEMAS)

@@ -5,11 +5,14 @@ Redaction of ``/config`` is tests/gateway/test_redact.py's.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import trio
 import trio.testing
 
 from gateway import Flow
+from gateway import config as config_mod
 from gateway.admin import (
     BadRequest,
     Request,
@@ -17,6 +20,7 @@ from gateway.admin import (
     authorized,
     connections_document,
     parse_head,
+    readiness,
 )
 
 
@@ -72,6 +76,29 @@ def test_connections_document():
     assert (second["bytes_from_client"], second["bytes_to_client"]) == (10, 20)
     assert second["spliced"] is True and second["tier"] == "splice"
     assert second["age_seconds"] == 1.5
+
+
+def test_readiness_reads_what_it_needs_of_any_gateway():
+    # Not gateway.server.Gateway: anything with the fields of admin.GatewayView.
+    raw = {
+        "listener": [{"name": "a", "bind": "127.0.0.1:1"}, {"name": "b", "bind": "127.0.0.1:2"}],
+        "route": [{"listener": "a", "cluster": "c"}],
+        "cluster": {"c": {"endpoints": ["127.0.0.1:3"]}},
+    }
+    gw = SimpleNamespace(
+        config=config_mod.from_dict(raw, "<test>", {}),
+        listeners={"a": object()},
+        ready=True,
+        started_plugins=True,
+        draining=False,
+    )
+    ready, doc = readiness(gw)
+    assert not ready and doc["listeners_missing"] == ["b"]
+    gw.listeners["b"] = object()
+    ready, doc = readiness(gw)
+    assert ready and doc["listeners_open"] == ["a", "b"] and not doc["draining"]
+    gw.ready, gw.draining = False, True
+    assert readiness(gw)[0] is False
 
 
 async def test_slots_wait_at_the_cap_and_follow_a_new_cap():

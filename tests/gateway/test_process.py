@@ -1,9 +1,8 @@
-"""The process's own settings: open-file needs, identities, capabilities, the log budget."""
+"""The process's own settings: open-file needs, identities, capabilities."""
 
 from __future__ import annotations
 
 import tempfile
-import time
 import tomllib
 from pathlib import Path
 
@@ -13,7 +12,6 @@ from gateway import config as config_mod
 from gateway.config import ConfigError
 from gateway.identity import IdentityError, resolve_identity
 from gateway.linux import CAP_NET_ADMIN, CAP_NET_BIND_SERVICE
-from gateway.logbudget import LogBudget, held_back
 from gateway.process import fds_needed, needed_capabilities, unreadable_installation
 
 
@@ -103,14 +101,3 @@ def test_unreadable_installation_names_the_directory():
     finally:
         private.rmdir()
         base.rmdir()
-
-
-def test_log_budget_holds_back_past_the_budget_and_counts():
-    budget = LogBudget(lines=3, window=0.2)
-    assert [budget.allow("k") for _ in range(6)] == [0, 0, 0, None, None, None]
-    assert budget.allow("other") == 0  # keys have budgets of their own
-    time.sleep(0.25)
-    assert budget.allow("k") == 3  # the first line of the next window reports the 3
-    assert budget.allow("k") == 0
-    assert held_back(3) == " (3 more like it not logged)"
-    assert held_back(0) == ""

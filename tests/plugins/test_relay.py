@@ -1,117 +1,90 @@
-"""The relay plugin's decisions on plain values: config, plan, per-flow tiers, fallback."""
+"""plugins/relay.py: a thin adaptor over gateway.relay, one object per plugin instance."""
 
 from __future__ import annotations
 
-import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+import json
+from pathlib import Path
 
-from gateway.schema import Invalid, check_section
-from l4gw_plugins.relay import (
-    DEFAULT_TIERS,
-    KERNEL_TIERS,
-    SCHEMA,
-    TIERS,
-    Policy,
-    fallback,
-    plan,
-    tiers_for,
+import trio
+
+import l4gw_plugins.relay as relay_module
+from gateway import Flow
+from gateway.relay.policy import DEFAULT_TIERS
+from gateway.relay.tiers import RelayTiers
+from gateway.testing import load_plugins, make_config, make_flow
+from l4gw_plugins.relay import RelayPlugin
+
+HOOKS = (
+    "l4gw_config_sections",
+    "l4gw_configure",
+    "l4gw_relay",
+    "l4gw_shutdown",
+    "l4gw_startup",
+    "l4gw_status",
 )
 
 
-def section(**raw: object) -> dict[str, object]:
-    problems: list[str] = []
-    out = check_section(raw, "plugin.relay", SCHEMA, problems)
-    if problems or out is None:
-        raise Invalid("; ".join(problems))
-    return out
+def test_the_entry_point_registers_the_module_with_the_hooks_of_its_plugin_object() -> None:
+    plugins = load_plugins(installed=True)
+    (info,) = [i for i in plugins.infos if i.name == "relay"]
+    assert (info.module, info.hooks) == ("l4gw_plugins.relay", HOOKS)
+    assert plugins.pm.get_plugin("relay") is relay_module
+    for caller in plugins.pm.get_hookcallers(relay_module) or []:
+        for impl in caller.get_hookimpls():
+            if impl.plugin_name == "relay":
+                assert impl.function.__self__ is relay_module.plugin  # type: ignore[attr-defined]
 
 
-def test_defaults() -> None:
-    p = Policy.from_section(section())
-    assert p.tiers == DEFAULT_TIERS and p.tiers[-1] == "copy"
-    assert (p.after_bytes, p.after_seconds, p.sockmap_for_bulk) == (256 * 1024, 1.0, False)
-    assert p.bulk_rate == 16 << 20
-    assert not p.immediate
+def test_each_instance_has_its_own_tiers() -> None:
+    a, b = RelayPlugin(), RelayPlugin()
+    plugins = load_plugins({"relay": a})
+    make_config('[plugin.relay]\ntiers = ["splice"]\npromote_after = 0\n', plugins)
+    assert a.tiers.policy.tiers == ("splice", "copy") and a.tiers.policy.immediate
+    assert b.tiers.policy.tiers == DEFAULT_TIERS and b.tiers is not a.tiers
+    shared = RelayTiers()
+    assert RelayPlugin(shared).tiers is shared
 
 
-def test_bulk_is_a_rate_not_a_byte_count() -> None:
-    p = Policy.from_section(section())
-    # iperf through copy: 256 KiB in a fraction of a millisecond.
-    assert p.is_bulk(256 << 10, 0.0002)
-    # A 64-byte ping-pong reaches 256 KiB too, at about 2 MB/s: request/response.
-    assert not p.is_bulk(256 << 10, 0.13)
-    # A keepalive connection promoted by age after 1 s of small requests.
-    assert not p.is_bulk(150_000, 1.0)
-    assert p.is_bulk(32 << 20, 1.0)
+def test_flows_stay_with_the_core_until_a_kernel_tier_is_enabled() -> None:
+    """Zero cost when off: no plan (not started, or no kernel tier), no relay."""
+    plugin = RelayPlugin()
+    plugins = load_plugins({"relay": plugin})
+    make_config('[plugin.relay]\ntiers = ["splice"]\n', plugins)
+    flow = make_flow()
+    assert (
+        plugins.offer("l4gw_relay", flow=flow, client=None, upstream=None, idle_timeout=1) is None
+    )
+    status = plugins.collect("l4gw_status")["relay"]
+    assert status["active"] is False and status["policy"]["tiers"] == ["splice", "copy"]
+    assert status["tiers"]["splice"]["configured"] and not status["tiers"]["sockmap"]["configured"]
 
 
-def test_copy_is_appended_and_must_be_last() -> None:
-    assert section(tiers=["sockmap"])["tiers"] == ("sockmap", "copy")
-    assert section(tiers=["copy"])["tiers"] == ("copy",)
-    with pytest.raises(Invalid, match="last"):
-        section(tiers=["copy", "splice"])
-    with pytest.raises(Invalid, match="twice"):
-        section(tiers=["splice", "splice"])
-    with pytest.raises(Invalid, match="tiers"):
-        section(tiers=["ebpf"])
-    with pytest.raises(Invalid, match="tiers"):
-        section(tiers=[])
-
-
-@pytest.mark.parametrize(
-    ("raw", "immediate"),
-    [({}, False), ({"promote_after_bytes": 0}, True), ({"promote_after": 0}, True),
-     ({"promote_after_bytes": "1MiB", "promote_after": "10s"}, False)],
-)  # fmt: skip
-def test_zero_threshold_promotes_at_once(raw: dict[str, object], immediate: bool) -> None:
-    assert Policy.from_section(section(**raw)).immediate is immediate
-
-
-def test_plan_keeps_order_and_only_enabled_kernel_tiers() -> None:
-    tiers = ("sockmap", "splice", "copy")
-    assert plan(tiers, frozenset({"sockmap", "splice"})) == ("sockmap", "splice")
-    assert plan(tiers, frozenset({"splice"})) == ("splice",)
-    assert plan(("splice", "sockmap", "copy"), frozenset(KERNEL_TIERS)) == ("splice", "sockmap")
-    # Nothing enabled: the plugin stays out of the way (l4gw_relay returns None).
-    assert plan(tiers, frozenset()) == ()
-    assert plan(("copy",), frozenset(KERNEL_TIERS)) == ()
-
-
-def test_bulk_flows_skip_sockmap_only_when_splice_can_take_them() -> None:
-    both = ("sockmap", "splice")
-    assert tiers_for(both, bulk=True, sockmap_for_bulk=False) == ("splice",)
-    assert tiers_for(both, bulk=False, sockmap_for_bulk=False) == both
-    assert tiers_for(both, bulk=True, sockmap_for_bulk=True) == both
-    # No splice to take it: sockmap is still better than the copy tier's fallback.
-    assert tiers_for(("sockmap",), bulk=True, sockmap_for_bulk=False) == ("sockmap",)
-
-
-def test_fallback_names_the_next_usable_tier() -> None:
-    tiers = ("sockmap", "splice", "copy")
-    assert fallback(tiers, frozenset({"splice"}), "sockmap") == "splice"
-    assert fallback(tiers, frozenset(), "sockmap") == "copy"
-    assert fallback(tiers, frozenset(), "splice") == "copy"
-    assert fallback(("splice", "sockmap", "copy"), frozenset({"sockmap"}), "splice") == "sockmap"
-
-
-@given(
-    st.lists(st.sampled_from(TIERS), unique=True, min_size=1),
-    st.sets(st.sampled_from(KERNEL_TIERS)),
-    st.booleans(),
-    st.booleans(),
-)
-def test_a_flow_only_ever_tries_enabled_tiers_in_configured_order(
-    raw: list[str], enabled: set[str], bulk: bool, for_bulk: bool
+async def test_startup_enables_splice_publishes_status_and_shutdown_cleans_up(
+    tmp_path: Path,
 ) -> None:
-    try:
-        tiers = section(tiers=raw)["tiers"]
-    except Invalid:
-        assert "copy" in raw[:-1]
-        return
-    assert isinstance(tiers, tuple)
-    chosen = tiers_for(plan(tiers, frozenset(enabled)), bulk, for_bulk)
-    assert set(chosen) <= enabled
-    assert list(chosen) == [t for t in tiers if t in chosen]
-    if chosen == ():
-        assert not (set(tiers) & enabled)
+    plugin = RelayPlugin()
+    plugins = load_plugins({"relay": plugin})
+    status_dir = tmp_path / "status"
+    config = make_config(
+        f'[plugin.relay]\ntiers = ["splice"]\nstatus_dir = "{status_dir}"\n', plugins
+    )
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await plugin.l4gw_startup(config, nursery)
+            assert plugin.tiers.plan == ("splice",)
+            st = plugin.l4gw_status()
+            assert (
+                st["tiers"]["splice"]["enabled"] and st["tiers"]["splice"]["self_test"] == "passed"
+            )
+            assert st["tiers"]["sockmap"]["why_not"] == "not in [plugin.relay] tiers"
+            published = status_dir / f"{st['pid']}.json"
+            while not published.exists():
+                await trio.sleep(0.01)
+            assert json.loads(published.read_text())["policy"]["tiers"] == ["splice", "copy"]
+            flow: Flow = make_flow()
+            relay = plugin.l4gw_relay(flow, None, None, 1.0)  # type: ignore[arg-type]
+            assert relay is not None
+            relay.close()  # type: ignore[attr-defined]  # a coroutine, not run
+            plugin.l4gw_shutdown(config)
+            assert plugin.tiers.plan == () and not published.exists()
+            nursery.cancel_scope.cancel()

@@ -1,382 +1,100 @@
-"""plugins/telemetry.py: the recorder driven hook by hook, spans and metrics in memory."""
+"""plugins/telemetry.py: a thin adaptor over gateway.telemetry, one object per instance."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
-import pytest
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from opentelemetry.trace import SpanKind, StatusCode
+import l4gw_plugins.telemetry as telemetry_module
+from gateway.telemetry.recorder import FlowTelemetry
+from gateway.testing import load_plugins, make_config, make_flow
+from l4gw_plugins.telemetry import TelemetryPlugin
 
-from gateway import CloseReason, Endpoint, Flow
-from gateway import config as config_mod
-from gateway.config import TelemetryConfig
-from gateway.telemetry import providers as tel
-from l4gw_plugins.telemetry import Recorder
-
-RAW = {
-    "listener": [
-        {"name": "public", "bind": "127.0.0.1:8080"},
-        {"name": "dns", "bind": "127.0.0.1:5353", "protocol": "udp"},
-    ],
-    "route": [
-        {"listener": "public", "cluster": "api"},
-        {"listener": "dns", "cluster": "resolvers"},
-    ],
-    "cluster": {
-        "api": {"endpoints": ["127.0.0.1:9001", "127.0.0.1:9002"], "proxy_protocol": "v2"},
-        "resolvers": {"endpoints": ["127.0.0.1:53"]},
-    },
-}
-
-E1, E2 = Endpoint("127.0.0.1", 9001), Endpoint("127.0.0.1", 9002)
+HOOKS = (
+    "l4gw_admit",
+    "l4gw_configure",
+    "l4gw_connect_attempt",
+    "l4gw_connection_closed",
+    "l4gw_connection_opened",
+    "l4gw_shutdown",
+    "l4gw_startup",
+)
 
 
-@dataclass
-class Rig:
-    recorder: Recorder
-    spans: InMemorySpanExporter
-    metrics: InMemoryMetricReader
+class FakeRecorder:
+    """Notes which hook reached it."""
 
-    def finished(self) -> list[ReadableSpan]:
-        return list(self.spans.get_finished_spans())
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int]] = []
 
-    def server(self) -> ReadableSpan:
-        (span,) = [s for s in self.finished() if s.kind is SpanKind.SERVER]
-        return span
+    def opened(self, flow: Any) -> None:
+        self.seen.append(("opened", flow.id))
 
-    def points(self, name: str) -> list[tuple[dict[str, Any], Any]]:
-        data = self.recorder.telemetry.inject(self.metrics.get_metrics_data())
-        out = []
-        for rm in data.resource_metrics if data else ():
-            for sm in rm.scope_metrics:
-                for m in sm.metrics:
-                    if m.name == name:
-                        for p in m.data.data_points:
-                            value = getattr(p, "value", None)
-                            out.append(
-                                (dict(p.attributes or {}), value if value is not None else p.count)
-                            )
-        return out
+    def admitted(self, flow: Any) -> None:
+        self.seen.append(("admitted", flow.id))
+
+    def connect_attempt(self, flow: Any, endpoint: Any, error: Any, seconds: float) -> None:
+        self.seen.append(("connect_attempt", flow.id))
+
+    def closed(self, flow: Any) -> None:
+        self.seen.append(("closed", flow.id))
 
 
-def rig(ratio: float = 1.0, fast: bool = False) -> Rig:
-    """``fast``: the recorder decides the file's ratio itself (no OTEL_TRACES_SAMPLER);
-    otherwise it asks the SDK's sampler, as with OTEL_TRACES_SAMPLER set."""
-    spans = InMemorySpanExporter()
-    tracer_provider = TracerProvider(
-        sampler=ParentBased(TraceIdRatioBased(ratio)), shutdown_on_exit=False
-    )
-    reader = InMemoryMetricReader()
-    meter_provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
-    processor = SimpleSpanProcessor(spans)
-    tracer_provider.add_span_processor(processor)
-    telemetry = tel.Telemetry(
-        TelemetryConfig("console", ratio, "test", 10.0),
-        "console",
-        "none",
-        tracer_provider.get_tracer("l4gw"),
-        meter_provider.get_meter("l4gw"),
-        tel.ExportStats(),
-        tracer_provider,
-        meter_provider,
-        span_processor=processor,
-        sample_ratio=ratio if fast else None,
-    )
-    config = config_mod.from_dict(RAW, "<test>", {})
-    return Rig(Recorder(telemetry, config), spans, reader)
+class FakeTelemetry(FlowTelemetry):
+    def __init__(self, recorder: FakeRecorder | None) -> None:
+        super().__init__()
+        self.fake = recorder
+        self.configured = 0
+
+    def configure(self, config: Any) -> None:
+        self.configured += 1
+        self.recorder = self.fake  # type: ignore[assignment]
 
 
-@pytest.fixture
-def r() -> Iterator[Rig]:
-    yield rig()
-
-
-def tcp_flow(id: int = 1) -> Flow:
-    return Flow(id, "public", "tcp", ("198.18.0.1", 40000), ("198.18.1.1", 443))
-
-
-def close(rec: Recorder, flow: Flow, reason: str) -> None:
-    flow.close_reason = reason
-    flow.ended = time.time()
-    rec.closed(flow)
-
-
-def test_served_connection(r):
-    flow = tcp_flow()
-    r.recorder.opened(flow)
-    assert flow.trace_id is not None and len(flow.trace_id) == 32
-    r.recorder.admitted(flow)
-    flow.sni, flow.alpn = "api.example", ("h2", "http/1.1")
-    flow.add_event("peeked", sni="api.example", alpn="h2,http/1.1")
-    flow.route, flow.cluster = "route0", "api"
-    flow.add_event("routed", route="route0", cluster="api")
-    r.recorder.connect_attempt(flow, E1, "Connection refused", 0.002)
-    assert flow.traceparent_out is None
-    r.recorder.connect_attempt(flow, E2, None, 0.001)
-    flow.endpoint, flow.tier = str(E2), "copy"
-    flow.set_attribute("myplugin.user", "alice")
-    flow.set_attribute("myplugin.weird", object())
-    flow.set_attribute("myplugin.nothing", None)
-    flow.add_event("myplugin.checked", n=3, tags=["a", "b"], skip=None)
-    flow.bytes_from_client, flow.bytes_to_client = 1234, 5678
-    close(r.recorder, flow, CloseReason.BACKEND_EOF)
-
-    server = r.server()
-    a = dict(server.attributes or {})
-    assert server.name == "tcp proxy"
-    assert a["client.address"] == "198.18.0.1" and a["client.port"] == 40000
-    assert a["server.address"] == "198.18.1.1" and a["server.port"] == 443
-    assert a["network.local.address"] == "127.0.0.1" and a["network.local.port"] == 8080
-    assert a["network.transport"] == "tcp" and a["network.type"] == "ipv4"
-    assert a["l4gw.route"] == "route0" and a["l4gw.cluster"] == "api"
-    assert a["l4gw.endpoint"] == "127.0.0.1:9002"
-    assert a["l4gw.bytes.from_client"] == 1234 and a["l4gw.bytes.to_client"] == 5678
-    assert a["l4gw.close_reason"] == "backend_eof"
-    assert a["l4gw.spliced"] is False and a["l4gw.tier"] == "copy"
-    assert a["tls.client.server_name"] == "api.example"
-    assert a["l4gw.alpn"] == ("h2", "http/1.1")
-    assert a["myplugin.user"] == "alice"
-    assert a["myplugin.weird"].startswith("<object object")
-    assert "myplugin.nothing" not in a
-    assert server.status.status_code is StatusCode.UNSET
-    assert format(server.context.trace_id, "032x") == flow.trace_id
-    # Events in time order, each at its own time.
-    names = [e.name for e in sorted(server.events, key=lambda e: e.timestamp)]
-    assert names == [
-        "admitted",
-        "peeked",
-        "routed",
-        "connect_attempt",
-        "connect_attempt",
-        "myplugin.checked",
-        "closed",
+def test_the_entry_point_registers_the_module_with_the_hooks_of_its_plugin_object() -> None:
+    plugins = load_plugins(installed=True)
+    (info,) = [i for i in plugins.infos if i.name == "telemetry"]
+    assert (info.module, info.hooks) == ("l4gw_plugins.telemetry", HOOKS)
+    assert plugins.pm.get_plugin("telemetry") is telemetry_module
+    impls = [
+        impl
+        for caller in plugins.pm.get_hookcallers(telemetry_module) or []
+        for impl in caller.get_hookimpls()
+        if impl.plugin_name == "telemetry"
     ]
-    assert [e.name for e in server.events] == names
-    checked = next(e for e in server.events if e.name == "myplugin.checked")
-    assert dict(checked.attributes or {}) == {"n": 3, "tags": ("a", "b")}
-    assert server.start_time == int(flow.started * 1e9)
-    assert all(server.start_time <= e.timestamp <= server.end_time for e in server.events)
+    assert len(impls) == len(HOOKS)
+    assert all(impl.function.__self__ is telemetry_module.plugin for impl in impls)  # type: ignore[attr-defined]
+    (admit,) = [i for i in impls if i.function.__name__ == "l4gw_admit"]
+    assert admit.trylast  # after every plugin that may refuse
 
-    attempts = sorted(
-        (s for s in r.finished() if s.kind is SpanKind.CLIENT), key=lambda s: s.start_time
-    )
-    assert [s.name for s in attempts] == ["tcp connect api", "tcp connect api"]
-    assert all(
-        s.parent is not None and s.parent.span_id == server.context.span_id for s in attempts
-    )
-    failed, ok = attempts
-    assert failed.status.status_code is StatusCode.ERROR
-    assert failed.attributes["error.type"] == "connect_failed"
-    assert failed.attributes["server.port"] == 9001
-    assert ok.status.status_code is StatusCode.UNSET
-    # Back-dated by the attempt's duration.
-    assert ok.end_time - ok.start_time == pytest.approx(1e6, abs=2)
-    # The backend's traceparent: the successful attempt, sampled.
-    assert flow.traceparent_out == (f"00-{ok.context.trace_id:032x}-{ok.context.span_id:016x}-01")
 
-    closed = r.points("l4gw.connection.closed")
-    assert closed == [
-        (
-            {
-                "l4gw.listener": "public",
-                "network.transport": "tcp",
-                "l4gw.close_reason": "backend_eof",
-            },
-            1,
-        )
+def test_every_hook_reaches_the_recorder_of_its_own_instance() -> None:
+    recorder = FakeRecorder()
+    plugin = TelemetryPlugin(FakeTelemetry(recorder))
+    other = TelemetryPlugin()
+    plugins = load_plugins({"telemetry": plugin})
+    make_config("", plugins)
+    flow = make_flow(id=7)
+    plugins.observe("l4gw_connection_opened", flow=flow)
+    plugin.l4gw_admit(flow)
+    plugins.observe("l4gw_connect_attempt", flow=flow, endpoint=None, error=None, seconds=0.001)
+    plugins.observe("l4gw_connection_closed", flow=flow)
+    assert recorder.seen == [
+        ("opened", 7),
+        ("admitted", 7),
+        ("connect_attempt", 7),
+        ("closed", 7),
     ]
-    assert r.points("l4gw.connection.active") == [
-        ({"l4gw.listener": "public", "network.transport": "tcp"}, 0)
-    ]
-    io = {attrs["network.io.direction"]: v for attrs, v in r.points("l4gw.io")}
-    assert io == {"receive": 1234, "transmit": 5678}
-    connects = {
-        (a["l4gw.endpoint"], a.get("error.type")): n
-        for a, n in r.points("l4gw.upstream.connect.duration")
-    }
-    assert connects == {("127.0.0.1:9001", "connect_failed"): 1, ("127.0.0.1:9002", None): 1}
-    assert r.points("l4gw.connection.refused") == []
+    assert other.recorder is None and other.telemetry is not plugin.telemetry
 
 
-def test_io_counts_open_flows_live(r):
-    flow = tcp_flow()
-    r.recorder.opened(flow)
-    flow.bytes_from_client, flow.bytes_to_client = 10, 20
-    io = {attrs["network.io.direction"]: v for attrs, v in r.points("l4gw.io")}
-    assert io == {"receive": 10, "transmit": 20}
-    assert r.points("l4gw.connection.active")[0][1] == 1
-    flow.bytes_from_client = 15
-    close(r.recorder, flow, CloseReason.CLIENT_EOF)
-    io = {attrs["network.io.direction"]: v for attrs, v in r.points("l4gw.io")}
-    assert io == {"receive": 15, "transmit": 20}
-
-
-def test_refused_by_plugin_is_an_error_with_its_rule(r):
-    flow = tcp_flow()
-    r.recorder.opened(flow)
-    flow.refused_by, flow.refused_rule, flow.error = "ratelimit", "per_client", "too fast"
-    close(r.recorder, flow, CloseReason.REFUSED)
-    server = r.server()
-    assert server.status.status_code is StatusCode.ERROR
-    assert server.status.description == "too fast"
-    a = server.attributes
-    assert (a["error.type"], a["l4gw.refused_by"], a["l4gw.refused_rule"]) == (
-        "refused",
-        "ratelimit",
-        "per_client",
-    )
-    assert [e.name for e in server.events] == ["closed"]
-    (refused,) = r.points("l4gw.connection.refused")
-    assert refused[0]["l4gw.refused_by"] == "ratelimit"
-    assert refused[0]["l4gw.refused_rule"] == "per_client"
-
-
-def test_incoming_traceparent_is_the_parent(r):
-    flow = tcp_flow()
-    flow.trace_parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-    r.recorder.opened(flow)
-    close(r.recorder, flow, CloseReason.CLIENT_EOF)
-    server = r.server()
-    assert flow.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736"
-    assert server.parent is not None and server.parent.is_remote
-    assert server.parent.span_id == 0x00F067AA0BA902B7
-
-
-def test_bad_incoming_traceparent_starts_a_new_trace(r):
-    flow = tcp_flow()
-    flow.trace_parent = "00-nothex-00f067aa0ba902b7-01"
-    r.recorder.opened(flow)
-    close(r.recorder, flow, CloseReason.CLIENT_EOF)
-    assert r.server().parent is None
-
-
-@pytest.mark.parametrize("fast", [False, True])
-def test_unsampled_incoming_parent_is_respected(fast):
-    r = rig(1.0, fast)
-    flow = tcp_flow()
-    flow.trace_parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
-    r.recorder.opened(flow)
-    flow.cluster = "api"
-    r.recorder.connect_attempt(flow, E1, None, 0.001)
-    close(r.recorder, flow, CloseReason.CLIENT_EOF)
-    assert r.finished() == []
+def test_off_each_hook_returns_at_its_first_line() -> None:
+    telemetry = FakeTelemetry(None)
+    plugin = TelemetryPlugin(telemetry)
+    plugins = load_plugins({"telemetry": plugin})
+    make_config("", plugins)
+    assert telemetry.configured == 1 and plugin.recorder is None
+    flow = make_flow()
+    plugin.l4gw_connection_opened(flow)
+    assert plugin.l4gw_admit(flow) is None
+    plugin.l4gw_connection_closed(flow)
     assert flow.trace_id is None
-    # Not sampled: propagated as such, so the backend does not sample either.
-    assert flow.traceparent_out is not None
-    assert flow.traceparent_out.startswith("00-4bf92f3577b34da6a3ce929d0e0e4736-")
-    assert flow.traceparent_out.endswith("-00")
-
-
-@pytest.mark.parametrize("fast", [False, True])
-def test_not_sampled_records_metrics_only(fast):
-    r = rig(0.0, fast)
-    flow = tcp_flow()
-    r.recorder.opened(flow)
-    r.recorder.admitted(flow)
-    flow.cluster = "api"
-    r.recorder.connect_attempt(flow, E1, None, 0.001)
-    close(r.recorder, flow, CloseReason.CLIENT_EOF)
-    assert r.finished() == []
-    assert flow.trace_id is None
-    assert r.points("l4gw.connection.closed")[0][1] == 1
-
-
-def test_udp_session_and_spliced_flow(r):
-    flow = Flow(7, "dns", "udp", ("198.18.0.1", 5000), ("198.18.1.1", 53))
-    r.recorder.opened(flow)
-    flow.cluster = "resolvers"
-    r.recorder.connect_attempt(flow, Endpoint("127.0.0.1", 53), None, 0.0)
-    assert flow.traceparent_out is None  # the cluster sends no PROXY v2 header
-    flow.tier = "splice"
-    close(r.recorder, flow, CloseReason.SESSION_IDLE)
-    server = r.server()
-    assert server.name == "udp proxy"
-    assert server.attributes["network.transport"] == "udp"
-    assert server.attributes["l4gw.spliced"] is True
-    assert server.attributes["l4gw.tier"] == "splice"
-    (attempt,) = [s for s in r.finished() if s.kind is SpanKind.CLIENT]
-    assert attempt.name == "udp connect resolvers"
-    assert r.points("l4gw.connection.spliced") == [
-        ({"l4gw.listener": "dns", "network.transport": "udp", "l4gw.tier": "splice"}, 1)
-    ]
-
-
-def test_closed_without_opened_still_gets_a_span(r):
-    """A bad PROXY header ends the flow before the opened hook."""
-    flow = tcp_flow()
-    flow.error = "bad PROXY header: no PROXY protocol signature"
-    close(r.recorder, flow, CloseReason.BAD_PROXY_HEADER)
-    server = r.server()
-    assert server.status.status_code is StatusCode.ERROR
-    assert server.attributes["error.type"] == "bad_proxy_header"
-    # Never opened: not counted as active, but counted as closed.
-    assert r.points("l4gw.connection.active") == [
-        ({"l4gw.listener": "public", "network.transport": "tcp"}, 0)
-    ]
-    assert r.points("l4gw.connection.closed")[0][1] == 1
-
-
-def test_reload_updates_proxy_clusters(r):
-    raw = {**RAW, "cluster": {**RAW["cluster"], "api": {"endpoints": ["127.0.0.1:9001"]}}}
-    r.recorder.reconfigure(config_mod.from_dict(raw, "<test>", {}))
-    flow = tcp_flow()
-    r.recorder.opened(flow)
-    flow.cluster = "api"
-    r.recorder.connect_attempt(flow, E1, None, 0.001)
-    assert flow.traceparent_out is None
-
-
-def test_spans_encode_like_the_sdk(r):
-    """The recorder's spans, through the fast encoder, read back as the SDK's encoding."""
-    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-        ExportTraceServiceRequest,
-    )
-
-    from gateway.telemetry.otlp import SpanEncoder
-
-    flow = tcp_flow()
-    flow.trace_parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-    r.recorder.opened(flow)
-    r.recorder.admitted(flow)
-    flow.cluster = "api"
-    flow.add_event("routed", route="route0", cluster="api")
-    r.recorder.connect_attempt(flow, E1, "refused", 0.001)
-    r.recorder.connect_attempt(flow, E2, None, 0.001)
-    flow.set_attribute("p.list", [1, "a"])
-    close(r.recorder, flow, CloseReason.BACKEND_EOF)
-    spans = r.finished()
-    assert len(spans) == 3
-    got = ExportTraceServiceRequest.FromString(SpanEncoder().encode(spans))
-    assert got == encode_spans(spans)
-
-
-@pytest.mark.parametrize("fast", [False, True])
-def test_sampled_parent_is_followed_even_at_ratio_zero(fast):
-    r = rig(0.0, fast)
-    flow = tcp_flow()
-    flow.trace_parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-    r.recorder.opened(flow)
-    close(r.recorder, flow, CloseReason.CLIENT_EOF)
-    assert flow.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736"
-    assert len(r.finished()) == 1
-
-
-def test_ratio_samples_about_that_share():
-    r = rig(0.25, fast=True)
-    flows = [tcp_flow(i) for i in range(2000)]
-    for flow in flows:
-        r.recorder.opened(flow)
-        close(r.recorder, flow, CloseReason.CLIENT_EOF)
-    sampled = sum(f.trace_id is not None for f in flows)
-    assert 350 < sampled < 650
-    assert len(r.finished()) == sampled

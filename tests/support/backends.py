@@ -16,8 +16,11 @@ Modes:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import socket
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,3 +174,43 @@ async def echo_server(host: str = "127.0.0.1", port: int = 0, *,
     listeners = await trio.open_tcp_listeners(port, host=host)
     task_status.started(listeners[0].socket.getsockname()[1])
     await trio.serve_listeners(serve, listeners)
+
+
+# --- backends that fail at connect time, on loopback and deterministically ----------
+
+
+@contextlib.contextmanager
+def stalled_listener(host: str = "127.0.0.1") -> Iterator[socket.socket]:
+    """A blocking listener whose accept queue is full: the kernel drops every new
+    SYN (LISTENOVERFLOWS), so a connect to it neither succeeds nor is refused; the
+    client retransmits its SYN after the initial RTO (1 s). Accepting the one queued
+    connection (:func:`reset_next_handshake` does) lets the next SYN through."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    lsn = socket.socket(family, socket.SOCK_STREAM)
+    filler: socket.socket | None = None
+    try:
+        lsn.bind((host, 0))
+        lsn.listen(0)  # a queue of one
+        lsn.settimeout(5)
+        filler = socket.create_connection(lsn.getsockname()[:2], timeout=5)
+        yield lsn
+    finally:
+        if filler is not None:
+            filler.close()
+        lsn.close()
+
+
+def reset_next_handshake(stalled: socket.socket) -> None:
+    """Make the connect now waiting on ``stalled`` fail with a reset right after its
+    handshake (ECONNRESET from ``SO_ERROR``, not ECONNREFUSED).
+
+    Call it from the trio thread once the connecting task waits (e.g. after
+    ``trio.testing.wait_all_tasks_blocked()``). It blocks that thread on purpose:
+    the retransmitted SYN completes the handshake, and the backend accepts and
+    resets it before the connecting task can run again and look at its socket.
+    """
+    queued, _ = stalled.accept()
+    queued.close()
+    backend, _ = stalled.accept()
+    backend.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    backend.close()

@@ -2,103 +2,39 @@
 
 The gateway under test is started exactly as users start it: a config file
 on disk and the console command, its log captured to a file the test reads.
+That part is public, :class:`gateway.testing.GatewayProcess` (plugin authors use
+it too); this module adds what only this suite needs.
 """
 
 from __future__ import annotations
 
 import os
-import re
-import signal
 import socket
 import subprocess
 import sys
 import sysconfig
-import time
 from pathlib import Path
 from typing import Any
 
 import trio
 
-L4GW = [sys.executable, "-m", "gateway.cli"]
+from gateway import testing
+
+L4GW = list(testing.L4GW_COMMAND)
 
 
-class GatewayProcess:
-    """One gateway process; ``stop()`` is safe to call twice."""
+class GatewayProcess(testing.GatewayProcess):
+    """:class:`gateway.testing.GatewayProcess` with this suite's calling convention:
+    ``(workdir, config, name)`` positional, ``netns`` to run it in a namespace, and
+    :data:`L4GW` read when it is made (tests monkeypatch it)."""
 
     def __init__(self, workdir: Path, config: str, name: str = "gw", env: dict[str, str] | None = None,
                  netns: str | None = None, prefix: list[str] | None = None,
                  command: list[str] | None = None) -> None:
-        self.workdir = workdir
-        self.config_path = workdir / f"{name}.toml"
-        self.log_path = workdir / f"{name}.log"
-        self.config_path.write_text(config)
-        self.env = {**os.environ, **(env or {})}
+        netns_prefix = ["ip", "netns", "exec", netns] if netns else []
+        super().__init__(config, workdir=workdir, name=name, env=env,
+                         prefix=[*netns_prefix, *(prefix or [])], command=command or L4GW)
         self.netns = netns
-        self.prefix = prefix or []
-        """A command the gateway runs under (``prlimit ...``, ``setpriv ...``)."""
-        self.command = command or L4GW
-        """How ``l4gw`` is started (another interpreter, say)."""
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, wait_ready: bool = True, timeout: float = 15) -> GatewayProcess:
-        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [*prefix, *self.prefix, *self.command, "run", "-c", str(self.config_path)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-        )
-        if wait_ready:
-            self.wait_log(r"ready: ", timeout)
-        return self
-
-    def write_config(self, config: str) -> None:
-        """Replace the config file atomically, as an operator's deploy should: a
-        reload must never read half a file."""
-        tmp = self.config_path.with_suffix(".tmp")
-        tmp.write_text(config)
-        os.replace(tmp, self.config_path)
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_log(self, pattern: str, timeout: float = 10, count: int = 1) -> str:
-        """Wait until ``pattern`` (a regex) occurs ``count`` times in the log."""
-        deadline = time.monotonic() + timeout
-        while True:
-            text = self.log
-            if len(re.findall(pattern, text)) >= count:
-                return text
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"gateway exited ({self.proc.returncode}) waiting for "
-                                     f"{pattern!r}; log:\n{text}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timeout waiting for {pattern!r}; log:\n{text}")
-            time.sleep(0.02)
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout: float = 15) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout)
-
-    def stop(self, timeout: float = 15) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -5,7 +5,12 @@ An example of a third-party l4gw plugin: it imports only the public API of
 reports its mistakes with key paths), refuses in ``l4gw_admit`` (before any
 byte of the connection is read) and adds attributes to the connection's
 span. It is registered by the ``l4gw.plugins`` entry point in its own
-pyproject.toml; nothing in l4gw knows about it.
+pyproject.toml (``l4gw_geo_deny:plugin``); nothing in l4gw knows about it.
+
+The plugin is an object, :class:`GeoDeny`, not a module of functions: its
+state (the compiled rules) lives on the instance, so a test makes a fresh one
+and nothing leaks from one test to the next. Its tests use only
+``gateway.testing`` (``tests/``).
 
 Lookups cost one set probe per distinct prefix length in the lists, so a
 country-sized list of thousands of networks is as cheap as a short one.
@@ -81,29 +86,40 @@ class Rules:
         return net
 
 
-_rules = Rules(NetworkSet(()), NetworkSet(()), False)
+class GeoDeny:
+    """The plugin: ``[plugin.geo_deny]`` compiled at every (re)configuration, checked
+    in ``l4gw_admit``."""
+
+    def __init__(self) -> None:
+        self.rules = Rules(NetworkSet(()), NetworkSet(()), False)
+        self.refused = 0
+        """Connections refused since start: a plain counter tests can read."""
+
+    @hookimpl
+    def l4gw_config_sections(self) -> Mapping[str, Mapping[str, Field]]:
+        return {"geo_deny": SCHEMA}
+
+    @hookimpl
+    def l4gw_configure(self, config: Config) -> None:
+        # Called at start-up and on every reload (SIGHUP): swap in one assignment, so a
+        # connection sees either the old rules or the new ones, never half of each.
+        self.rules = Rules.from_section(config.plugin("geo_deny"))
+
+    @hookimpl
+    def l4gw_admit(self, flow: Flow) -> Refusal | None:
+        rules = self.rules
+        if not rules.deny:
+            return None
+        flow.set_attribute("geo_deny.checked", True)
+        net = rules.denied_by(flow.client[0])
+        if net is None:
+            return None
+        self.refused += 1
+        flow.set_attribute("geo_deny.denied_by", str(net))
+        return Refusal(
+            f"client {flow.client[0]} is in {net}", rule=f"deny {net}", reset=rules.reset
+        )
 
 
-@hookimpl
-def l4gw_config_sections() -> Mapping[str, Mapping[str, Field]]:
-    return {"geo_deny": SCHEMA}
-
-
-@hookimpl
-def l4gw_configure(config: Config) -> None:
-    # Called at start-up and on every reload (SIGHUP): swap in one assignment.
-    global _rules
-    _rules = Rules.from_section(config.plugin("geo_deny"))
-
-
-@hookimpl
-def l4gw_admit(flow: Flow) -> Refusal | None:
-    rules = _rules
-    if not rules.deny:
-        return None
-    flow.set_attribute("geo_deny.checked", True)
-    net = rules.denied_by(flow.client[0])
-    if net is None:
-        return None
-    flow.set_attribute("geo_deny.denied_by", str(net))
-    return Refusal(f"client {flow.client[0]} is in {net}", rule=f"deny {net}", reset=rules.reset)
+plugin = GeoDeny()
+"""The instance the ``l4gw.plugins`` entry point names."""

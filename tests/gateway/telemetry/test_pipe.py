@@ -20,7 +20,7 @@ import pytest
 from gateway.telemetry import flows as tf
 from gateway.telemetry import pipe as telemetry_pipe
 from gateway.telemetry.pipe import ExporterPipe
-from gateway.telemetry.providers import ExportStats
+from gateway.telemetry.stats import ExportStats
 
 from gwproc import free_port
 from otlp_receiver import OTLPReceiver
@@ -238,7 +238,7 @@ def test_the_exporter_ignores_ctrl_c_and_flushes_at_close(receiver, pipes):
 
 PARENT = """
 import sys, time
-from gateway.telemetry.providers import ExportStats
+from gateway.telemetry.stats import ExportStats
 from gateway.telemetry.pipe import ExporterPipe
 settings = {settings!r}
 pipe = ExporterPipe(settings, ExportStats())

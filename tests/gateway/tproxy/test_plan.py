@@ -11,7 +11,7 @@ import pytest
 from gateway import config as config_mod
 from gateway.config import Config, ConfigError
 from gateway.tproxy.doctor import FAIL, OK, WARN, Facts, diagnose, has_cap_net_admin
-from gateway.tproxy.setup import (
+from gateway.tproxy.plan import (
     CHAIN_PRIORITY,
     ChainState,
     ForeignRule,

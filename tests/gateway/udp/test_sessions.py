@@ -12,21 +12,24 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway import proxy_protocol
-from gateway.config import ClusterConfig, Endpoint
-from gateway.flow import Flow
+from gateway import config as config_mod
+from gateway import plugin_manager
+from gateway.config import Endpoint
+from gateway.decisions import connect_upstream
+from gateway.flow import Flow, Route
 from gateway.linux import IP_ORIGDSTADDR, IPV6_ORIGDSTADDR
+from gateway.relay.copy import CopyRelay
+from gateway.runtime import Runtime
 from gateway.udp.sessions import (
     DatagramQueue,
     SessionTable,
     UdpCounters,
-    client_address,
     decode_sockaddr,
     encode_sockaddr,
     origdst_from_ancdata,
     pktinfo_destination,
 )
-from gateway.udp.sockets import UpstreamFailed, open_upstream, proxy_header
+from gateway.udp.sockets import UpstreamFailed, open_upstream
 
 
 @dataclass(eq=False)
@@ -227,53 +230,7 @@ def test_pktinfo_gives_the_destination_and_the_reply_source():
         pktinfo_destination(bytes(16))
 
 
-def test_client_address_drops_ipv6_flow_and_scope():
-    assert client_address(("fd00::2", 5353, 0, 0)) == ("fd00::2", 5353)
-    assert client_address(("::ffff:127.0.0.1", 9, 0, 0)) == ("127.0.0.1", 9)
-    assert client_address(("127.0.0.1", 9)) == ("127.0.0.1", 9)
-
-
-# --- socket helpers of gateway/udp/listener.py ------------------------------------------------------
-
-
-def _cluster(**kw: object) -> ClusterConfig:
-    values: dict[str, object] = dict(
-        name="dns",
-        endpoints=(Endpoint("127.0.0.1", 53),),
-        connect_timeout=1.0,
-        idle_timeout=1.0,
-        connect_attempts=1,
-        connect_budget=0.0,
-        balance="round_robin",
-        on_no_healthy="refuse",
-        health_check=None,
-        outlier=None,
-        upstream_source="gateway",
-        proxy_protocol="v2",
-        proxy_protocol_traceparent=True,
-    )
-    values.update(kw)
-    return ClusterConfig(**values)  # type: ignore[arg-type]
-
-
-def test_proxy_header_says_udp_with_both_addresses_and_traceparent():
-    flow = Flow(1, "dns", "udp", ("198.18.0.2", 40000), ("198.18.2.53", 53))
-    flow.traceparent_out = "00-0123456789abcdef0123456789abcdef-0123456789abcdef-01"
-    header = proxy_protocol.parse(proxy_header(_cluster(), flow) + b"payload")
-    assert isinstance(header, proxy_protocol.ProxyHeader)
-    assert header.transport == "udp"
-    assert header.source == ("198.18.0.2", 40000)
-    assert header.destination == ("198.18.2.53", 53)
-    assert header.traceparent == flow.traceparent_out
-    no_tp = proxy_protocol.parse(proxy_header(_cluster(proxy_protocol_traceparent=False), flow))
-    assert isinstance(no_tp, proxy_protocol.ProxyHeader) and no_tp.traceparent is None
-
-
-def test_proxy_header_with_mixed_families_is_local():
-    flow = Flow(1, "dns", "udp", ("198.18.0.2", 40000), ("fd00:2::53", 53))
-    header = proxy_protocol.parse(proxy_header(_cluster(), flow))
-    assert isinstance(header, proxy_protocol.ProxyHeader)
-    assert header.command == "LOCAL" and header.source is None
+# --- socket helpers of gateway/udp/sockets.py -------------------------------------------------------
 
 
 def test_upstream_socket_is_connected_and_non_blocking():
@@ -295,3 +252,42 @@ def test_upstream_socket_is_connected_and_non_blocking():
 def test_upstream_refuses_mixed_families_for_a_transparent_source():
     with pytest.raises(UpstreamFailed, match="different IP versions"):
         open_upstream(Endpoint("::1", 53), ("127.0.0.1", 4000))
+
+
+@pytest.mark.privileged
+def test_a_failed_transparent_bind_names_the_address_as_the_config_does():
+    # IPv6 in brackets (gateway.schema.format_address): "::1:5353" would read as an address.
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as holder:
+        holder.bind(("::1", 0))  # no SO_REUSEADDR: the transparent bind below must fail
+        port = holder.getsockname()[1]
+        with pytest.raises(UpstreamFailed, match=rf"^transparent bind to \[::1\]:{port}: "):
+            open_upstream(Endpoint("::1", 53), ("::1", port))
+
+
+async def test_a_failed_upstream_socket_is_a_failed_attempt_of_the_connect_loop():
+    raw = {
+        "listener": [{"name": "u", "bind": "127.0.0.1:1", "protocol": "udp"}],
+        "route": [{"listener": "u", "cluster": "c"}],
+        "cluster": {"c": {"endpoints": ["[::1]:53", "127.0.0.1:53"], "connect_attempts": 2}},
+    }
+    config = config_mod.from_dict(raw, "<test>", {})
+    rt = Runtime(config, plugin_manager.load(installed=False), CopyRelay(65536), {})
+    cluster = config.clusters["c"]
+
+    async def attempt(endpoint: Endpoint, timeout: float, source: tuple[str, int] | None):
+        # An IPv4 client's address as the source of an IPv6 endpoint: UpstreamFailed.
+        v6 = endpoint.family == socket.AF_INET6
+        return open_upstream(endpoint, ("127.0.0.1", 4000) if v6 else None)
+
+    flow = Flow(1, "u", "udp", ("127.0.0.1", 4000), ("127.0.0.1", 1))
+    up = await connect_upstream(rt, Route("r", cluster, cluster.endpoints), flow, attempt, None)
+    assert isinstance(up, socket.socket)  # the next endpoint was tried
+    up.close()
+    assert flow.endpoint == "127.0.0.1:53"
+
+    flow = Flow(2, "u", "udp", ("127.0.0.1", 4000), ("127.0.0.1", 1))
+    only_v6 = Route("r", cluster, cluster.endpoints[:1])
+    assert await connect_upstream(rt, only_v6, flow, attempt, None) == "connect_failed"
+    assert (
+        flow.error == "[::1]:53: client 127.0.0.1 and endpoint [::1]:53 are different IP versions"
+    )

@@ -16,24 +16,23 @@ from redisproc import RedisServer
 
 from gateway import Flow, Refusal, Route
 from gateway.config import ConfigError, from_dict
-from l4gw_plugins.ratelimit.plugin import (
+from l4gw_plugins.ratelimit.buckets import (
     BACKEND_ERROR,
     BACKEND_LOCAL,
-    SCHEMA,
     LruTable,
     MemoryBuckets,
-    RateLimit,
     Rule,
     TokenBucket,
     client_prefix,
+    parse_url,
 )
+from l4gw_plugins.ratelimit.plugin import SCHEMA, RateLimit
 from l4gw_plugins.ratelimit.redis import (
     RedisBuckets,
     RedisSettings,
     RespClient,
     RespError,
     encode_command,
-    parse_url,
 )
 
 from backends import recv_all

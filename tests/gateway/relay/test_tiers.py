@@ -1,0 +1,99 @@
+"""gateway.relay.tiers: one process's tiers moving real loopback flows (copy and splice;
+the sockmap tier end to end is tests/e2e/test_relay_tiers.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+
+from gateway.flow import CloseReason
+from gateway.relay.tiers import RelayTiers
+from gateway.testing import load_plugins, make_config, make_flow
+
+from relay_helpers import first_mismatch, payload, recv_to_eof, send_all, topology
+
+MiB = 1 << 20
+
+
+def configured(section: str) -> RelayTiers:
+    """Tiers configured by ``[plugin.relay]`` ``section`` (through the relay plugin's schema)."""
+    tiers = RelayTiers()
+    plugins = load_plugins(installed=True)
+    tiers.configure(make_config(f"[plugin.relay]\n{section}\n", plugins, configure=False))
+    return tiers
+
+
+async def relay_one(tiers: RelayTiers, up: bytes, down: bytes) -> dict[str, Any]:
+    flow = make_flow()
+    out: dict[str, Any] = {"flow": flow}
+    with topology() as topo, trio.fail_after(30):
+
+        async def run() -> None:
+            out["reason"] = await tiers.relay(flow, topo.gw_client, topo.gw_upstream, 10)
+            topo.close_gateway()
+
+        async def client() -> None:
+            await send_all(topo.client, up)
+            topo.client.shutdown(trio.socket.SHUT_WR)
+            out["at_client"] = await recv_to_eof(topo.client)
+
+        async def backend() -> None:
+            await send_all(topo.backend, down)
+            topo.backend.shutdown(trio.socket.SHUT_WR)
+            out["at_backend"] = await recv_to_eof(topo.backend)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(run)
+            n.start_soon(client)
+            n.start_soon(backend)
+    assert out["at_backend"] == up, first_mismatch(out["at_backend"], up)
+    assert out["at_client"] == down, first_mismatch(out["at_client"], down)
+    return out
+
+
+async def start(tiers: RelayTiers) -> None:
+    async with trio.open_nursery() as nursery:
+        await tiers.startup(nursery)
+
+
+@pytest.mark.timeout(60)
+async def test_a_flow_is_promoted_from_copy_to_splice_and_counted_in_both() -> None:
+    tiers = configured('tiers = ["splice"]\npromote_after_bytes = "64KiB"\nstatus_dir = ""')
+    await start(tiers)
+    assert tiers.plan == ("splice",)
+    up, down = payload(2 * MiB, 1), payload(MiB + 5, 2)
+    out = await relay_one(tiers, up, down)
+    flow = out["flow"]
+    assert out["reason"] in (CloseReason.CLIENT_EOF, CloseReason.BACKEND_EOF)
+    assert (flow.bytes_from_client, flow.bytes_to_client) == (len(up), len(down))
+    assert flow.tier == "splice"
+    (spliced,) = [attrs for name, attrs in flow.events if name == "spliced"]
+    assert spliced["tier"] == "splice" and spliced["bytes_before"] > 0
+    st = tiers.status()
+    assert tiers.promotions == 1 and st["promotions"] == 1
+    copy, splice = st["tiers"]["copy"], st["tiers"]["splice"]
+    assert (copy["flows_total"], splice["flows_total"]) == (1, 1)
+    assert copy["flows_now"] == splice["flows_now"] == 0
+    assert copy["bytes"] + splice["bytes"] == len(up) + len(down)
+    tiers.shutdown()
+    assert tiers.plan == ()
+
+
+@pytest.mark.timeout(60)
+async def test_a_short_flow_never_leaves_copy() -> None:
+    tiers = configured('tiers = ["splice"]\nstatus_dir = ""')
+    await start(tiers)
+    out = await relay_one(tiers, b"ping", b"pong")
+    assert out["flow"].tier == "copy" and tiers.promotions == 0
+    assert tiers.status()["tiers"]["splice"]["flows_total"] == 0
+
+
+async def test_without_a_started_kernel_tier_there_is_no_plan() -> None:
+    tiers = configured('tiers = ["splice"]')
+    assert tiers.plan == ()  # configured, not probed yet
+    copy_only = configured('tiers = ["copy"]\nstatus_dir = ""')
+    await start(copy_only)
+    assert copy_only.plan == ()
+    assert copy_only.status()["tiers"]["splice"]["why_not"] == "not in [plugin.relay] tiers"
