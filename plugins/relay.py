@@ -74,12 +74,3 @@ class RelayPlugin:
 
 plugin = RelayPlugin()
 """The instance the ``relay`` entry point registers."""
-
-# The entry point names the module (``l4gw_plugins.relay``): pluggy finds these
-# bound methods of ``plugin`` among its attributes.
-l4gw_config_sections = plugin.l4gw_config_sections
-l4gw_configure = plugin.l4gw_configure
-l4gw_startup = plugin.l4gw_startup
-l4gw_relay = plugin.l4gw_relay
-l4gw_status = plugin.l4gw_status
-l4gw_shutdown = plugin.l4gw_shutdown

@@ -85,13 +85,3 @@ class TelemetryPlugin:
 
 plugin = TelemetryPlugin()
 """The instance the ``telemetry`` entry point registers."""
-
-# The entry point names the module (``l4gw_plugins.telemetry``): pluggy finds these
-# bound methods of ``plugin`` among its attributes.
-l4gw_configure = plugin.l4gw_configure
-l4gw_startup = plugin.l4gw_startup
-l4gw_shutdown = plugin.l4gw_shutdown
-l4gw_connection_opened = plugin.l4gw_connection_opened
-l4gw_admit = plugin.l4gw_admit
-l4gw_connect_attempt = plugin.l4gw_connect_attempt
-l4gw_connection_closed = plugin.l4gw_connection_closed

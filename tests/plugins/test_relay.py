@@ -24,12 +24,12 @@ HOOKS = (
 )
 
 
-def test_the_entry_point_registers_the_module_with_the_hooks_of_its_plugin_object() -> None:
+def test_the_entry_point_registers_the_plugin_object_with_its_hooks() -> None:
     plugins = load_plugins(installed=True)
     (info,) = [i for i in plugins.infos if i.name == "relay"]
-    assert (info.module, info.hooks) == ("l4gw_plugins.relay", HOOKS)
-    assert plugins.pm.get_plugin("relay") is relay_module
-    for caller in plugins.pm.get_hookcallers(relay_module) or []:
+    assert (info.module, info.hooks) == ("l4gw_plugins.relay:plugin", HOOKS)
+    assert plugins.pm.get_plugin("relay") is relay_module.plugin
+    for caller in plugins.pm.get_hookcallers(relay_module.plugin) or []:
         for impl in caller.get_hookimpls():
             if impl.plugin_name == "relay":
                 assert impl.function.__self__ is relay_module.plugin  # type: ignore[attr-defined]

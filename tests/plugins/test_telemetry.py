@@ -50,14 +50,14 @@ class FakeTelemetry(FlowTelemetry):
         self.recorder = self.fake  # type: ignore[assignment]
 
 
-def test_the_entry_point_registers_the_module_with_the_hooks_of_its_plugin_object() -> None:
+def test_the_entry_point_registers_the_plugin_object_with_its_hooks() -> None:
     plugins = load_plugins(installed=True)
     (info,) = [i for i in plugins.infos if i.name == "telemetry"]
-    assert (info.module, info.hooks) == ("l4gw_plugins.telemetry", HOOKS)
-    assert plugins.pm.get_plugin("telemetry") is telemetry_module
+    assert (info.module, info.hooks) == ("l4gw_plugins.telemetry:plugin", HOOKS)
+    assert plugins.pm.get_plugin("telemetry") is telemetry_module.plugin
     impls = [
         impl
-        for caller in plugins.pm.get_hookcallers(telemetry_module) or []
+        for caller in plugins.pm.get_hookcallers(telemetry_module.plugin) or []
         for impl in caller.get_hookimpls()
         if impl.plugin_name == "telemetry"
     ]
