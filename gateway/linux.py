@@ -7,7 +7,9 @@ defines them again, and each one here is used (tests/gateway/test_linux.py).
 
 from __future__ import annotations
 
+import fcntl
 import socket
+import termios
 
 # --- transparent sockets, original destinations (listeners, upstream, gateway/udp/) ---
 # linux/in.h: IP_TRANSPARENT = 19
@@ -69,3 +71,18 @@ PR_SET_PDEATHSIG: int = 1
 # --- privileges (gateway/process.py) ---
 # linux/capability.h: CAP_NET_BIND_SERVICE = 10
 CAP_NET_BIND_SERVICE: int = 10
+
+# --- socket queue counters (gateway/relay/) ---
+# asm-generic/ioctls.h: FIONREAD = SIOCINQ = 0x541B (bytes received, not read yet)
+SIOCINQ: int = termios.FIONREAD
+# asm-generic/ioctls.h: TIOCOUTQ = SIOCOUTQ = 0x5411 (linux/sockios.h: bytes not yet ACKed)
+SIOCOUTQ: int = termios.TIOCOUTQ
+
+
+def ioctl_int(fd: int, request: int) -> int:
+    """One of the int-valued socket ioctls above (``SIOCINQ``, ``SIOCOUTQ``) for ``fd``.
+
+    Raises:
+        OSError: ``fd`` is closed or not a socket.
+    """
+    return int.from_bytes(fcntl.ioctl(fd, request, b"\0\0\0\0"), "little", signed=True)

@@ -25,10 +25,8 @@ Rules kept here:
 
 from __future__ import annotations
 
-import fcntl
 import socket
 import struct
-import termios
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -37,11 +35,10 @@ import trio
 from trio.lowlevel import checkpoint, wait_readable, wait_writable
 
 from gateway.flow import CloseReason, Flow
+from gateway.linux import SIOCINQ, ioctl_int
 from gateway.relay.stats import RelayStats
 
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
-# asm-generic/ioctls.h: FIONREAD = SIOCINQ = 0x541B
-_FIONREAD: Final = termios.FIONREAD
 _CHUNKS_PER_CHECKPOINT: Final = 16
 _IDLE_SLACK: Final = 1 + 1 / 64
 
@@ -92,10 +89,9 @@ def abort_on_close(sock: socket.socket) -> None:
 def _unread(sock: socket.socket) -> int:
     """Bytes ``sock`` received that nobody read yet (0 once it is gone)."""
     try:
-        raw = fcntl.ioctl(sock.fileno(), _FIONREAD, b"\0\0\0\0")
+        return ioctl_int(sock.fileno(), SIOCINQ)
     except OSError:
         return 0
-    return int.from_bytes(raw, "little", signed=True)
 
 
 @dataclass(frozen=True, slots=True)

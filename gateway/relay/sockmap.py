@@ -59,13 +59,11 @@ host is :mod:`gateway.relay.canary`.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import select
 import socket
 import struct
-import termios
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +71,7 @@ from typing import Any, Final, NamedTuple
 
 import trio
 
-from gateway.linux import SO_COOKIE, TCP_INFO
+from gateway.linux import SIOCINQ, SIOCOUTQ, SO_COOKIE, TCP_INFO, ioctl_int
 from gateway.relay import libbpf
 from gateway.relay.libbpf import BpfError
 from gateway.relay.stats import RelayStats
@@ -93,10 +91,6 @@ log = logging.getLogger("l4gw.relay.sockmap")
 DEFAULT_OBJECT: Final = Path(__file__).parent.parent / "bpf" / "l4gw_sockmap.bpf.o"
 """Package data of ``gateway`` (bpf/Makefile builds it there)."""
 
-# asm-generic/ioctls.h: TIOCOUTQ = SIOCOUTQ = 0x5411 (linux/sockios.h)
-SIOCOUTQ: Final = termios.TIOCOUTQ
-# asm-generic/ioctls.h: FIONREAD = SIOCINQ = 0x541B
-SIOCINQ: Final = termios.FIONREAD
 # net/tcp_states.h: TCP_ESTABLISHED = 1, TCP_CLOSE = 7
 TCP_ESTABLISHED: Final = 1
 _TCP_STATES: Final = (
@@ -209,10 +203,6 @@ def _tcp_info(sock: socket.socket) -> tuple[int, int, int]:
     return raw[0], acked, received
 
 
-def _ioctl_int(sock: socket.socket, req: int) -> int:
-    return int.from_bytes(fcntl.ioctl(sock.fileno(), req, b"\0\0\0\0"), "little", signed=True)
-
-
 _CONSISTENT_TRIES: Final = 32
 
 
@@ -229,7 +219,7 @@ def _sent_total(sock: socket.socket, *, upper: bool) -> int:
     """
     _, before, _ = _tcp_info(sock)
     for _ in range(_CONSISTENT_TRIES):
-        outq = _ioctl_int(sock, SIOCOUTQ)
+        outq = ioctl_int(sock.fileno(), SIOCOUTQ)
         _, after, _ = _tcp_info(sock)
         if after == before:
             return after + outq
@@ -245,7 +235,7 @@ def _consumed(sock: socket.socket) -> int:
     """
     _, _, before = _tcp_info(sock)
     for _ in range(_CONSISTENT_TRIES):
-        inq = _ioctl_int(sock, SIOCINQ)
+        inq = ioctl_int(sock.fileno(), SIOCINQ)
         _, _, received = _tcp_info(sock)
         if received == before:
             return received - inq
@@ -917,7 +907,7 @@ async def _flush_partial_skb(src: socket.socket, dst: socket.socket) -> int:
     (whole skbs from there on) and write them to the peer before arming.
     """
     _, _, received = _tcp_info(src)
-    inq = _ioctl_int(src, SIOCINQ)
+    inq = ioctl_int(src.fileno(), SIOCINQ)
     if received - inq <= 0 or inq <= 0:
         return 0
     data = memoryview(src.recv(inq))

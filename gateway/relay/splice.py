@@ -37,12 +37,12 @@ import os
 import select
 import socket
 import struct
-import termios
 from collections.abc import Callable
 from typing import Final
 
 import trio
 
+from gateway.linux import SIOCINQ, ioctl_int
 from gateway.relay.stats import RelayStats
 
 __all__ = ["CLOSE_REASONS", "splice_relay", "splice_self_test"]
@@ -54,8 +54,6 @@ CLOSE_REASONS: Final = frozenset(
 # fcntl.h via linux/fcntl.h: F_SETPIPE_SZ = 1031, F_GETPIPE_SZ = 1032 (Python has both).
 _F_SETPIPE_SZ: Final = fcntl.F_SETPIPE_SZ
 _F_GETPIPE_SZ: Final = fcntl.F_GETPIPE_SZ
-# asm-generic/ioctls.h: FIONREAD = SIOCINQ = 0x541B
-_FIONREAD: Final = termios.FIONREAD
 
 # 1 MiB is the default /proc/sys/fs/pipe-max-size: large enough that one
 # splice pair moves a whole GRO batch, and the unprivileged ceiling anyway.
@@ -134,16 +132,11 @@ class _Flow:
         self.cancel_scope.cancel()
 
 
-def _inq(fd: int) -> int:
-    buf = fcntl.ioctl(fd, _FIONREAD, b"\0\0\0\0")
-    return int.from_bytes(buf, "little", signed=True)
-
-
 def _in_flight(client: socket.socket, upstream: socket.socket, pipes: list[_Pipe]) -> bool:
     """Whether bytes are between the two peers: in a pipe, or unread on a socket."""
     try:
         fds = [client.fileno(), upstream.fileno(), *(p.rfd for p in pipes)]
-        return any(_inq(fd) > 0 for fd in fds)
+        return any(ioctl_int(fd, SIOCINQ) > 0 for fd in fds)
     except OSError:
         return True  # a socket failed: a reset loses nothing more
 
@@ -186,7 +179,7 @@ async def _pump(
                     pending += n
                     progressed = True
                     flow.touch()
-                    more = n == want and _inq(src_fd) > 0
+                    more = n == want and ioctl_int(src_fd, SIOCINQ) > 0
                     drained = n < want
         if pending:
             flags = _SPLICE_FLAGS | (os.SPLICE_F_MORE if more and not eof else 0)
