@@ -131,6 +131,11 @@ ROUTE = {
     "destination": Field(s.list_of(s.network), (), "original destination CIDRs"),
     "ports": Field(s.list_of(s.port), (), "original destination ports"),
     "sni": Field(s.list_of(s.hostname_pattern), (), 'TLS SNI, exact or "*.domain"'),
+    "alpn": Field(
+        s.list_of(s.alpn_protocol),
+        (),
+        'TLS ALPN: the client offers at least one of these (e.g. ["h2", "http/1.1"])',
+    ),
     "source": Field(s.list_of(s.network), (), "client CIDRs"),
 }
 
@@ -307,6 +312,8 @@ class RouteConfig:
     destination: tuple[IPNetwork, ...]
     ports: frozenset[int]
     sni: tuple[str, ...]
+    alpn: tuple[str, ...]
+    """ALPN protocol names; the route matches a client offering any one of them."""
     source: tuple[IPNetwork, ...]
 
 
@@ -565,6 +572,7 @@ def from_dict(raw: Mapping[str, Any], path: str, plugin_schemas: Mapping[str, s.
                 destination=v["destination"],
                 ports=frozenset(v["ports"]),
                 sni=v["sni"],
+                alpn=v["alpn"],
                 source=v["source"],
             )
         )

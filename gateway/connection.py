@@ -100,15 +100,18 @@ async def _serve(
     if refused:
         return _refuse(sock, refused)
 
-    no_sni = None
-    if lc.name in rt.peek_sni:
-        no_sni = await _peek_client_hello(lc, sock, flow)
+    peeked = lc.name in rt.peek_hello
+    no_hello = None
+    if peeked:
+        no_hello = await _peek_client_hello(lc, sock, flow)
 
     route = await choose_route(rt, flow)
     if isinstance(route, str):
-        if route == CloseReason.NO_ROUTE and lc.name in rt.peek_sni:
-            # SNI routes exist here: say what the client's ClientHello lacked.
-            flow.error = f"no SNI: {no_sni}" if no_sni else f'no route for SNI "{flow.sni}"'
+        if route == CloseReason.NO_ROUTE and peeked:
+            # SNI or ALPN routes exist here: say what the client's ClientHello offered.
+            flow.error = no_route_reason(
+                flow, no_hello, lc.name in rt.sni_routes, lc.name in rt.alpn_routes
+            )
         return route
     cluster = route.cluster
 
@@ -188,18 +191,53 @@ def _parse_hello(cap: int) -> Callable[[bytes], ClientHello | int]:
 
 
 async def _peek_client_hello(lc: ListenerConfig, sock: socket.socket, flow: Flow) -> str | None:
-    """Read SNI and ALPN into ``flow``; why it has no SNI, when it has none."""
+    """Read SNI and ALPN into ``flow``; why there is no ClientHello, when there is none."""
     try:
         hello = await peek(sock, _parse_hello(lc.peek_max), lc.peek_max, lc.peek_timeout)
     except PeekFailed as exc:
-        # Routes without an SNI condition may still match.
+        # Routes without an SNI or ALPN condition may still match.
         flow.add_event("peek_failed", reason=str(exc))
         return f"no TLS ClientHello ({exc})"
     flow.sni, flow.alpn = hello.sni, hello.alpn
     flow.add_event("peeked", sni=hello.sni or "", alpn=",".join(hello.alpn))
-    if hello is _NOT_TLS:
-        return "not TLS"
-    return None if hello.sni else "the ClientHello has no server_name"
+    return "not TLS" if hello is _NOT_TLS else None
+
+
+_ALPN_SHOWN = 64
+"""Characters of the offered ALPN list a refusal's reason shows: a ClientHello may
+offer kilobytes of names, and the reason is one short log field."""
+
+
+def no_route_reason(flow: Flow, no_hello: str | None, sni: bool, alpn: bool) -> str:
+    """Why no route took a connection whose ClientHello was peeked, in one short string.
+
+    Args:
+        flow: peeked (``flow.sni``, ``flow.alpn`` as the client sent them).
+        no_hello: why there is no ClientHello ("not TLS", ...), or None.
+        sni: the listener has routes with an ``sni`` condition.
+        alpn: the listener has routes with an ``alpn`` condition.
+
+    Returns:
+        E.g. ``no route for SNI "x", ALPN h2,http/1.1``, ``no SNI: not TLS`` or
+        ``no ALPN: the ClientHello offers none``.
+    """
+    if no_hello:
+        return f"no SNI: {no_hello}" if sni else f"no ALPN: {no_hello}"
+    offered = ",".join(flow.alpn)
+    if len(offered) > _ALPN_SHOWN:
+        offered = offered[: _ALPN_SHOWN - 3] + "..."
+    if not sni:
+        return (
+            f"no route for ALPN {offered}" if flow.alpn else "no ALPN: the ClientHello offers none"
+        )
+    text = (
+        f'no route for SNI "{flow.sni}"'
+        if flow.sni
+        else "no SNI: the ClientHello has no server_name"
+    )
+    if alpn:
+        text += f", ALPN {offered}" if flow.alpn else ", no ALPN"
+    return text
 
 
 async def _send_all(sock: socket.socket, data: bytes) -> None:

@@ -143,7 +143,7 @@ def l4gw_route(flow: Flow, config: Config) -> Route | Awaitable[Route | None] | 
     """Choose where an admitted connection goes.
 
     ``flow.sni``/``flow.alpn`` are set when a route of the listener matches on
-    SNI (the core peeked the ClientHello). Return a :class:`gateway.Route`
+    SNI or ALPN (the core peeked the ClientHello). Return a :class:`gateway.Route`
     (cluster and the endpoints to try, in order), or None to let the next
     plugin decide. When no plugin routes, the connection closes with reason
     ``no_route``: the gateway never forwards to a destination the config does

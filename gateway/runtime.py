@@ -112,14 +112,20 @@ class Runtime:
     """Live flows of the process (shared across reloads; /connections reads it)."""
     budget: LogBudget = field(default_factory=LogBudget)
     """Bounds the failure lines of the log (shared across reloads)."""
-    peek_sni: frozenset[str] = field(init=False)
-    """Listeners with at least one SNI route: only those peek the ClientHello."""
+    peek_hello: frozenset[str] = field(init=False)
+    """Listeners with at least one SNI or ALPN route: only those peek the ClientHello."""
+    sni_routes: frozenset[str] = field(init=False)
+    """Listeners with at least one SNI route (a refusal's reason names the SNI)."""
+    alpn_routes: frozenset[str] = field(init=False)
+    """Listeners with at least one ALPN route (a refusal's reason names the ALPN)."""
     admit_open: bool = field(init=False)
     route_open: bool = field(init=False)
     relay_hook: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        self.peek_sni = frozenset(r.listener for r in self.config.routes if r.sni)
+        self.sni_routes = frozenset(r.listener for r in self.config.routes if r.sni)
+        self.alpn_routes = frozenset(r.listener for r in self.config.routes if r.alpn)
+        self.peek_hello = self.sni_routes | self.alpn_routes
         self.admit_open = self.config.gateway.admit_on_error == "open"
         self.route_open = self.config.gateway.route_on_error == "open"
         self.relay_hook = self.plugins.implements("l4gw_relay")

@@ -375,6 +375,19 @@ def hostname_pattern(value: Any) -> str:
     return text
 
 
+ALPN_MAX = 255
+"""An ALPN protocol name is 1 to 255 bytes (RFC 7301 section 3.1: a one-byte length)."""
+
+
+def alpn_protocol(value: Any) -> str:
+    """A TLS ALPN protocol name ("h2", "http/1.1"), matched exactly, case included."""
+    text = string(value)
+    # The wire carries bytes; a TOML string is sent as its UTF-8 encoding.
+    if not 1 <= len(text.encode()) <= ALPN_MAX:
+        raise Invalid(f"not an ALPN protocol name (1 to {ALPN_MAX} bytes): {text!r}")
+    return text
+
+
 def format_address(host: str, port_: int) -> str:
     """The inverse of :func:`split_host_port`: IPv6 hosts are bracketed."""
     return f"[{host}]:{port_}" if ":" in host else f"{host}:{port_}"

@@ -2,7 +2,8 @@
 
 Routes are matched in file order; the first whose every condition holds wins
 (listener, original destination CIDR, destination port, SNI exact or
-``*.domain``, client CIDR; an absent condition matches everything). A route
+``*.domain``, ALPN: the client offers one of the route's protocols, client
+CIDR; an absent condition matches everything). A route
 may split new connections across clusters by weight (smooth weighted round
 robin: a 9:1 canary split sends exactly 1 of every 10). The chosen cluster's
 ``balance`` algorithm (plugins/balance.py) orders its available endpoints:
@@ -62,6 +63,8 @@ class _Compiled:
     exact_sni: frozenset[str]
     wildcard_sni: tuple[str, ...]
     """Suffixes with their leading dot: "*.example.org" -> ".example.org"."""
+    alpn: frozenset[str]
+    """The route's protocols as the ClientHello peek decodes them (latin-1)."""
     rr: SmoothWeighted[_Split] = field(default_factory=SmoothWeighted)
 
     def matches(self, flow: Flow, dst: IPAddress, src: IPAddress) -> bool:
@@ -71,6 +74,8 @@ class _Compiled:
         if c.destination and not any(dst in net for net in c.destination):
             return False
         if c.source and not any(src in net for net in c.source):
+            return False
+        if self.alpn and self.alpn.isdisjoint(flow.alpn):
             return False
         if c.sni:
             sni = flow.sni
@@ -99,6 +104,9 @@ class Router:
                 splits=tuple(_Split(config.clusters[name], w) for name, w in rc.clusters),
                 exact_sni=frozenset(sni),
                 wildcard_sni=wild,
+                # A config name is sent as its UTF-8 bytes; the peek decodes each byte
+                # as one latin-1 character, so compare in that form.
+                alpn=frozenset(p.encode().decode("latin-1") for p in rc.alpn),
             )
             self.by_listener.setdefault(rc.listener, []).append(compiled)
 

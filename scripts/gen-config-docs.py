@@ -78,7 +78,8 @@ SECTIONS: list[tuple[str, Schema, str]] = [
         config.ROUTE,
         "Routes of a listener, tried in file order; the first whose conditions all match "
         "(empty: any) picks the cluster. A connection no route matches is refused: the "
-        "gateway is never an open relay.",
+        "gateway is never an open relay. A listener with an `sni` or `alpn` route peeks "
+        "each connection's TLS ClientHello (up to `peek_max`, within `peek_timeout`).",
     ),
     (
         "[cluster.NAME]",
@@ -145,6 +146,7 @@ PLAIN: dict[Callable[..., Any], str] = {
     s.network: "CIDR",
     s.port: "port",
     s.hostname_pattern: 'host name or `"*.domain"`',
+    s.alpn_protocol: "ALPN protocol name (1..255 bytes)",
     config._endpoint: "address or `{address, weight}`",
 }
 

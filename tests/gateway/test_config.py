@@ -31,6 +31,7 @@ cluster = "api"
 destination = ["198.18.2.0/24"]
 ports = [443]
 sni = ["api.example.com", "*.example.org"]
+alpn = ["h2", "http/1.1"]
 source = ["198.18.1.0/24"]
 
 [[route]]
@@ -66,6 +67,8 @@ def test_good_config_values():
     assert [str(e) for e in api.endpoints] == ["127.0.0.1:9001", "[::1]:9002"]
     assert api.endpoints[1].weight == 3
     assert cfg.routes[0].sni == ("api.example.com", "*.example.org")
+    assert cfg.routes[0].alpn == ("h2", "http/1.1")
+    assert cfg.routes[1].alpn == ()
     assert cfg.routes[1].clusters == (("api", 9), ("canary", 1))
 
 
@@ -91,6 +94,11 @@ def test_good_config_values():
          'route[0].listener: no listener named "ghost"'),
         (('"198.18.2.0/24"', '"198.18.2.0/33"'), 'route[0].destination[0]: not a CIDR'),
         (('ports = [443]', 'ports = [0]'), "route[0].ports[0]: must be at least 1"),
+        (('"http/1.1"]', '""]'), "route[0].alpn[1]: not an ALPN protocol name (1 to 255 bytes)"),
+        (('"http/1.1"]', f'"{"x" * 256}"]'), "route[0].alpn[1]: not an ALPN protocol name"),
+        (('"http/1.1"]', f'"{"é" * 128}"]'), "route[0].alpn[1]: not an ALPN protocol name"),
+        (('alpn = ["h2", "http/1.1"]', 'alpn = "h2"'), "route[0].alpn: expected an array"),
+        (('"http/1.1"]', '2]'), "route[0].alpn[1]: expected a string, got"),
         (('protocol = "tcp"', 'protocol = "sctp"'), 'listener[0].protocol: must be one of'),
         (('transparent = false', 'transparent = "no"'),
          "listener[0].transparent: expected true or false"),
@@ -111,6 +119,15 @@ def test_each_problem_named_by_key_path(edit, expected):
         return
     found = problems(text)
     assert any(p.startswith(expected) for p in found), found
+
+
+def test_alpn_names_up_to_255_bytes():
+    import tomllib
+
+    longest = "x" * 255  # 255 bytes: the one-byte length's limit
+    text = GOOD.replace('"http/1.1"]', f'"{longest}", "{"é" * 127}"]', 1)
+    cfg = config_mod.from_dict(tomllib.loads(text), "t.toml", {})
+    assert cfg.routes[0].alpn == ("h2", longest, "é" * 127)
 
 
 def test_every_problem_reported_at_once():

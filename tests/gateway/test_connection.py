@@ -20,7 +20,7 @@ import trio.testing
 
 from gateway import Refusal, Route, hookimpl
 from gateway.config import Config, ListenerConfig, from_dict
-from gateway.connection import handle, refuse_over_capacity
+from gateway.connection import handle, no_route_reason, refuse_over_capacity
 from gateway.flow import CloseReason, Flow
 from gateway.plugin_manager import ENTRY_POINT_GROUP, load
 from gateway.relay.copy import CopyRelay
@@ -416,3 +416,29 @@ async def test_refused_over_capacity_is_reset_and_recorded(rigs: Callable[..., R
     assert flow.client == client.socket.getsockname()
     assert flow.destination == rig.lsn.getsockname()
     assert rig.recorder.opened == []
+
+
+@pytest.mark.parametrize(
+    ("sni", "alpn", "no_hello", "routes", "why"),
+    [
+        (
+            "a.test",
+            ("h2", "http/1.1"),
+            None,
+            "sni+alpn",
+            'no route for SNI "a.test", ALPN h2,http/1.1',
+        ),
+        ("a.test", (), None, "sni+alpn", 'no route for SNI "a.test", no ALPN'),
+        ("a.test", ("h2",), None, "sni", 'no route for SNI "a.test"'),
+        (None, ("h2",), None, "sni", "no SNI: the ClientHello has no server_name"),
+        (None, (), "not TLS", "sni+alpn", "no SNI: not TLS"),
+        ("a.test", ("http/1.1",), None, "alpn", "no route for ALPN http/1.1"),
+        ("a.test", (), None, "alpn", "no ALPN: the ClientHello offers none"),
+        (None, (), "not TLS", "alpn", "no ALPN: not TLS"),
+        (None, ("x" * 200,) * 300, None, "alpn", "no route for ALPN " + "x" * 61 + "..."),
+    ],
+)
+def test_no_route_reason_names_what_the_client_offered(sni, alpn, no_hello, routes, why):
+    flow = Flow(1, "tls", "tcp", ("127.0.0.1", 1), ("127.0.0.1", 2))
+    flow.sni, flow.alpn = sni, alpn
+    assert no_route_reason(flow, no_hello, "sni" in routes, "alpn" in routes) == why

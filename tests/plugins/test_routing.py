@@ -7,6 +7,7 @@ from collections import Counter
 
 from gateway import Config, Endpoint, Flow
 from gateway.config import from_dict
+from gateway.testing import make_flow
 from l4gw_plugins.health import CheckSpec, Health
 from l4gw_plugins.routing import Routing
 
@@ -166,3 +167,66 @@ def test_no_match_abstains() -> None:
     r, _, _ = routing()
     f = Flow(1, "other-listener", "tcp", ("192.0.2.1", 1), ("203.0.113.1", 80))
     assert r.route(f) is None
+
+
+ALPN = """
+[[listener]]
+name = "public"
+bind = "127.0.0.1:1"
+
+[[route]]
+name = "h2-api"
+listener = "public"
+sni = ["api.example.com"]
+alpn = ["h2"]
+cluster = "grpc"
+
+[[route]]
+name = "h2"
+listener = "public"
+alpn = ["h2", "h2c"]
+cluster = "h2"
+
+[[route]]
+name = "legacy"
+listener = "public"
+alpn = ["é"]
+cluster = "legacy"
+
+[cluster.grpc]
+endpoints = ["10.0.2.1:443"]
+[cluster.h2]
+endpoints = ["10.0.2.2:443"]
+[cluster.legacy]
+endpoints = ["10.0.2.3:443"]
+"""
+
+
+def alpn_route(sni: str | None, *alpn: str) -> str | None:
+    r = Routing(Health())
+    r.configure(from_dict(tomllib.loads(ALPN), "t", {}))
+    route = r.route(make_flow(listener="public", sni=sni, alpn=alpn))
+    return None if route is None else route.name
+
+
+def test_alpn_matches_when_the_client_offers_one_of_the_protocols() -> None:
+    assert alpn_route(None, "h2") == "h2"
+    assert alpn_route(None, "http/1.1", "h2") == "h2"  # any offered one, in any order
+    assert alpn_route(None, "h2c") == "h2"
+    assert alpn_route(None, "http/1.1") is None
+    assert alpn_route(None) is None  # no ALPN offered: no alpn route matches
+    assert alpn_route(None, "H2") is None  # protocol names are bytes, compared exactly
+
+
+def test_alpn_and_sni_must_both_hold() -> None:
+    assert alpn_route("api.example.com", "h2", "http/1.1") == "h2-api"
+    assert alpn_route("www.example.com", "h2") == "h2"  # SNI differs: the next route
+    assert alpn_route("api.example.com", "http/1.1") is None  # ALPN differs
+    assert alpn_route("api.example.com") is None
+
+
+def test_a_non_ascii_alpn_name_matches_its_utf8_bytes() -> None:
+    # The peek decodes each wire byte as one latin-1 character; the config's "é"
+    # goes on the wire as its UTF-8 bytes C3 A9.
+    assert alpn_route(None, b"\xc3\xa9".decode("latin-1")) == "legacy"
+    assert alpn_route(None, "é") is None  # the single byte E9 is another name
