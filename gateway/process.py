@@ -151,6 +151,8 @@ def unreadable_installation(identity: Identity, paths: list[str] | None = None) 
         parts = path.split(os.sep)
         for i in range(1, len(parts) + 1):
             directory = os.sep.join(parts[:i]) or os.sep
+            # Passing through a directory takes x; the directory imports read takes r too.
+            need = 0o5 if i == len(parts) else 0o1
             try:
                 st = os.stat(directory)
             except OSError:
@@ -161,7 +163,7 @@ def unreadable_installation(identity: Identity, paths: list[str] | None = None) 
                 bits = st.st_mode >> 3
             else:
                 bits = st.st_mode
-            if bits & 0o5 != 0o5:
+            if bits & need != need:
                 return directory
     return None
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gwproc import GatewayProcess
+from gwproc import GatewayProcess, installation_readable_by
 
 IS_ROOT = os.geteuid() == 0
 IN_CI = bool(os.environ.get("CI"))
@@ -40,3 +40,11 @@ def gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
     yield start
     for gw in started:
         gw.stop()
+
+
+@pytest.fixture
+def readable_by_nobody() -> Iterator[None]:
+    """The installation a dropping gateway runs from is enterable by ``nobody``
+    (gwproc.installation_readable_by)."""
+    with installation_readable_by("nobody"):
+        yield

@@ -400,7 +400,7 @@ def test_a_user_that_cannot_read_the_installation_is_refused_in_one_line(world_r
 @pytest.mark.privileged
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_runs_as_the_configured_user_with_only_the_capabilities_it_needs(
-    nursery, world_readable_dir, workers
+    nursery, world_readable_dir, readable_by_nobody, workers
 ):
     backend = ScriptedBackend()
     bport = await nursery.start(backend.run)

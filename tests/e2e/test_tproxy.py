@@ -890,7 +890,12 @@ async def test_second_start_touches_nothing_of_the_running_owner(
 
 @pytest.mark.parametrize(("workers", "user"), [(1, ""), (2, ""), (1, "nobody")])
 async def test_guard_restores_what_was_removed_and_says_so(
-    topology: Topology, gateway: StartGateway, nursery: trio.Nursery, workers: int, user: str
+    topology: Topology,
+    gateway: StartGateway,
+    nursery: trio.Nursery,
+    readable_by_nobody: None,
+    workers: int,
+    user: str,
 ) -> None:
     """The owner notices its table, an ip rule and a route removed, and its chain flushed, by
     hand: each time an ERROR names the difference, the state is restored to what it set up,

@@ -8,17 +8,21 @@ it too); this module adds what only this suite needs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from gateway import testing
+from gateway.identity import resolve_identity
+from gateway.process import unreadable_installation
 
 L4GW = list(testing.L4GW_COMMAND)
 
@@ -79,3 +83,31 @@ def readable_l4gw() -> dict[str, Any]:
                 "from gateway.cli.main import main; sys.exit(main())")
     return {"command": [SYSTEM_PYTHON, "-c", launcher, SITE_PACKAGES],
             "env": {"PYTHONPATH": SITE_PACKAGES}}
+
+
+@contextlib.contextmanager
+def installation_readable_by(user: str) -> Iterator[None]:
+    """Let ``user`` enter every directory on the way to what :func:`readable_l4gw` runs
+    (the checkout, this venv's site-packages, the system's Python), for the test's
+    duration: a checkout under a home only root may enter (/root, mode 0700) would make
+    the gateway refuse to drop to ``user``. Each directory that blocks gets o+x (enter,
+    not list) and its mode back afterwards; on a checkout anyone may read, nothing
+    changes."""
+    import gateway  # the checkout the editable install points at
+
+    identity = resolve_identity(user, "")
+    paths = [os.path.dirname(os.path.dirname(os.path.abspath(gateway.__file__))),
+             SITE_PACKAGES, os.path.dirname(SYSTEM_PYTHON)]
+    changed: list[tuple[str, int]] = []
+    try:
+        while (blocked := unreadable_installation(identity, paths)) is not None:
+            mode = os.stat(blocked).st_mode & 0o7777
+            assert mode & 0o005 != 0o005, f"{blocked} stays unreadable"
+            changed.append((blocked, mode))
+            os.chmod(blocked, mode | 0o001)  # enter; list too only where still needed
+            if unreadable_installation(identity, paths) == blocked:
+                os.chmod(blocked, mode | 0o005)
+        yield
+    finally:
+        for path, mode in reversed(changed):
+            os.chmod(path, mode)
