@@ -322,3 +322,24 @@ def abort(sock: trio.socket.SocketType) -> None:
     """Close with an RST."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
     sock.close()
+
+
+async def exchange(topo: Topology, up: bytes, down: bytes) -> tuple[bytes, bytes]:
+    """Client sends ``up`` and backend ``down``, each then half-closes and reads to EOF:
+    (what the backend got, what the client got)."""
+    got: dict[str, bytes] = {}
+
+    async def client() -> None:
+        await send_all(topo.client, up)
+        topo.client.shutdown(trio.socket.SHUT_WR)
+        got["client"] = await recv_to_eof(topo.client)
+
+    async def backend() -> None:
+        await send_all(topo.backend, down)
+        topo.backend.shutdown(trio.socket.SHUT_WR)
+        got["backend"] = await recv_to_eof(topo.backend)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(client)
+        n.start_soon(backend)
+    return got["backend"], got["client"]

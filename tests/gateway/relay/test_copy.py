@@ -11,6 +11,7 @@ from gateway.relay.stats import RelayStats
 
 from relay_helpers import (
     abort,
+    exchange,
     expect_reset,
     first_mismatch,
     payload,
@@ -20,25 +21,6 @@ from relay_helpers import (
 )
 
 MiB = 1 << 20
-
-
-async def exchange(topo, up: bytes, down: bytes) -> tuple[bytes, bytes]:
-    got: dict[str, bytes] = {}
-
-    async def client() -> None:
-        await send_all(topo.client, up)
-        topo.client.shutdown(trio.socket.SHUT_WR)
-        got["client"] = await recv_to_eof(topo.client)
-
-    async def backend() -> None:
-        await send_all(topo.backend, down)
-        topo.backend.shutdown(trio.socket.SHUT_WR)
-        got["backend"] = await recv_to_eof(topo.backend)
-
-    async with trio.open_nursery() as n:
-        n.start_soon(client)
-        n.start_soon(backend)
-    return got["backend"], got["client"]
 
 
 @pytest.mark.parametrize("size", [0, 1, 70_000, 8 * MiB])

@@ -12,7 +12,7 @@ from gateway.flow import CloseReason
 from gateway.relay.tiers import RelayTiers
 from gateway.testing import load_plugins, make_config, make_flow
 
-from relay_helpers import first_mismatch, payload, recv_to_eof, send_all, topology
+from relay_helpers import exchange, first_mismatch, payload, topology
 
 MiB = 1 << 20
 
@@ -34,20 +34,9 @@ async def relay_one(tiers: RelayTiers, up: bytes, down: bytes) -> dict[str, Any]
             out["reason"] = await tiers.relay(flow, topo.gw_client, topo.gw_upstream, 10)
             topo.close_gateway()
 
-        async def client() -> None:
-            await send_all(topo.client, up)
-            topo.client.shutdown(trio.socket.SHUT_WR)
-            out["at_client"] = await recv_to_eof(topo.client)
-
-        async def backend() -> None:
-            await send_all(topo.backend, down)
-            topo.backend.shutdown(trio.socket.SHUT_WR)
-            out["at_backend"] = await recv_to_eof(topo.backend)
-
         async with trio.open_nursery() as n:
             n.start_soon(run)
-            n.start_soon(client)
-            n.start_soon(backend)
+            out["at_backend"], out["at_client"] = await exchange(topo, up, down)
     assert out["at_backend"] == up, first_mismatch(out["at_backend"], up)
     assert out["at_client"] == down, first_mismatch(out["at_client"], down)
     return out
