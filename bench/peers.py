@@ -325,7 +325,10 @@ def start_gateway(
 
 
 def haproxy_config(
-    routes: dict[str, tuple[int, int]], nbthread: int | None, splice: bool = False
+    routes: dict[str, tuple[int, int]],
+    nbthread: int | None,
+    splice: bool = False,
+    maxconn: int = 8000,
 ) -> str:
     """HAProxy in ``mode tcp``: one frontend/backend pair per route.
 
@@ -335,12 +338,14 @@ def haproxy_config(
             run on, since 2.5).
         splice: ``option splice-auto``: HAProxy moves payload with splice(2)
             through pipes when it expects a large transfer (its own kernel tier).
+        maxconn: HAProxy's connection cap (it needs two descriptors per connection
+            under the 20,000 hard limit here).
     """
     threads = f"    nbthread {nbthread}\n" if nbthread else ""
     out = [
         "global\n"
         f"{threads}"
-        "    maxconn 8000\n" + ("    maxpipes 1024\n" if splice else "") + "defaults\n"
+        f"    maxconn {maxconn}\n" + ("    maxpipes 1024\n" if splice else "") + "defaults\n"
         # Pipes take fds too: HAProxy's default (maxconn / 4) would not fit the limit.
         "    mode tcp\n"
         "    timeout connect 2s\n"
@@ -364,10 +369,21 @@ def start_haproxy(
     routes: dict[str, tuple[int, int]],
     nbthread: int | None,
     splice: bool = False,
+    maxconn: int = 8000,
 ) -> Child:
     cfg = children.workdir / f"{name}.cfg"
-    cfg.write_text(haproxy_config(routes, nbthread, splice))
+    cfg.write_text(haproxy_config(routes, nbthread, splice, maxconn))
     # -db: stay in the foreground without a master process, so SIGTERM ends it.
     child = children.start(name, ["haproxy", "-f", str(cfg), "-db"])
+    child.wait_listening([listen for listen, _ in routes.values()])
+    return child
+
+
+def start_uvloop_proxy(children: Children, name: str, routes: dict[str, tuple[int, int]]) -> Child:
+    """bench/uvloop_proxy.py, the asyncio+uvloop reference proxy, one process."""
+    argv = [sys.executable, str(Path(__file__).with_name("uvloop_proxy.py"))]
+    for listen, backend in routes.values():
+        argv += [str(listen), str(backend)]
+    child = children.start(name, argv)
     child.wait_listening([listen for listen, _ in routes.values()])
     return child

@@ -38,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -55,6 +56,7 @@ from peers import (
     start_haproxy,
     start_iperf3_server,
     start_nginx,
+    start_uvloop_proxy,
 )
 
 TIER_PATHS = {
@@ -62,8 +64,8 @@ TIER_PATHS = {
     "splice": '["splice", "copy"]',
     "sockmap": '["sockmap", "copy"]',
 }
-PATHS = ("direct", "copy", "splice", "sockmap", "default", "haproxy", "haproxy-splice")
-DEFAULT_PATHS = ("direct", "copy", "splice", "sockmap", "haproxy")
+PATHS = ("direct", "copy", "splice", "sockmap", "default", "haproxy", "uvloop", "haproxy-splice")
+DEFAULT_PATHS = ("direct", "copy", "splice", "sockmap", "haproxy", "uvloop")
 PATH_NOTES = {
     "direct": "client -> backend",
     "copy": 'l4gw, [plugin.relay] tiers = ["copy"] (the core\'s trio relay)',
@@ -72,6 +74,7 @@ PATH_NOTES = {
     "default": "l4gw with the default [plugin.relay] policy",
     "haproxy": "haproxy mode tcp, nbthread 1",
     "haproxy-splice": "haproxy mode tcp, nbthread 1, option splice-auto (its splice(2) tier)",
+    "uvloop": "bench/uvloop_proxy.py: a lean asyncio+uvloop proxy, the floor for Python",
 }
 PINGPONG_SIZE = 64
 DEFAULT_LOADS = ("iperf-1", "iperf-4", "wrk-keepalive", "pingpong")
@@ -150,6 +153,18 @@ class Path_:
     ports: dict[str, int]
     procs: list[Child] = field(default_factory=list)
     status_dir: Path | None = None
+    start: Callable[[], list[Child]] | None = None
+    """Starts the proxy processes (none for direct): each round starts new ones."""
+
+    def restart(self, children: Children) -> None:
+        """Stop the processes and start new ones on the same ports."""
+        if self.start is None:
+            return
+        for p in self.procs:
+            children.stop(p)
+        self.procs = self.start()
+        if self.status_dir is not None:
+            _wait_status(self)
 
     def cpu_seconds(self) -> float:
         return sum(p.cpu_seconds() for p in self.procs)
@@ -201,16 +216,31 @@ def start_paths(children: Children, names: list[str], backends: set[str]) -> lis
             continue
         routes = {kind: (free_port(), port) for kind, port in targets.items()}
         ports = {kind: listen for kind, (listen, _) in routes.items()}
-        if name in ("haproxy", "haproxy-splice"):
-            ha = start_haproxy(children, name, routes, 1, splice=name == "haproxy-splice")
-            paths.append(Path_(name, ports, [ha]))
-            continue
-        status_dir = children.workdir / f"status-{name}"
-        proc = start_gateway(children, name, routes, _relay_extra(name, status_dir))
-        path = Path_(name, ports, [proc], status_dir)
+        status_dir = None if name in _NOT_L4GW else children.workdir / f"status-{name}"
+        start = _starter(children, name, routes, status_dir)
+        path = Path_(name, ports, start(), status_dir, start)
         paths.append(path)
-        _wait_status(path)
+        if status_dir is not None:
+            _wait_status(path)
     return paths
+
+
+_NOT_L4GW = ("haproxy", "haproxy-splice", "uvloop")
+
+
+def _starter(
+    children: Children, name: str, routes: dict[str, tuple[int, int]], status_dir: Path | None
+) -> Callable[[], list[Child]]:
+    """What starts path ``name``'s proxy (again, every round)."""
+
+    def start() -> list[Child]:
+        if name == "uvloop":
+            return [start_uvloop_proxy(children, name, routes)]
+        if status_dir is None:
+            return [start_haproxy(children, name, routes, 1, splice=name == "haproxy-splice")]
+        return [start_gateway(children, name, routes, _relay_extra(name, status_dir))]
+
+    return start
 
 
 def _wait_status(path: Path_, timeout: float = 20.0) -> None:
@@ -272,9 +302,19 @@ def _run_load(load: Load, port: int, seconds: float) -> Metrics:
 Samples = dict[str, dict[str, list[Metrics]]]
 
 
-def rounds(loads: list[Load], paths: list[Path_], args: argparse.Namespace) -> Samples:
+def rounds(
+    loads: list[Load], paths: list[Path_], args: argparse.Namespace, children: Children
+) -> Samples:
     samples: Samples = {load.name: {p.name: [] for p in paths} for load in loads}
     for r in range(args.rounds):
+        if r > 0 and not args.same_processes:
+            # New processes every round: a CPython process keeps its speed for life
+            # (bench/README.md, "One process per path"); the median averages it out.
+            for path in paths:
+                path.restart(children)
+                if args.warmup > 0:
+                    for load in loads:
+                        measure(load, path, args.warmup)
         for load in loads:
             shift = r % len(paths)
             for path in paths[shift:] + paths[:shift]:
@@ -383,6 +423,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", default=",".join(DEFAULT_LOADS),
                    help=f"loads, of {', '.join(ALL_LOADS)}")  # fmt: skip
     p.add_argument("--paths", default=",".join(DEFAULT_PATHS), help=f"paths, of {', '.join(PATHS)}")
+    p.add_argument(
+        "--same-processes",
+        action="store_true",
+        help="start each proxy once for the whole run (default: new processes every round)",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
     p.add_argument("--echo-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
@@ -423,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
             for load in loads:
                 for path in paths:
                     measure(load, path, args.warmup)
-        samples = rounds(loads, paths, args)
+        samples = rounds(loads, paths, args, children)
         results = report(loads, paths, samples)
         tiers = [p.name for p in paths if p.name in (*TIER_PATHS, "default")]
         status = {p.name: p.relay_status() for p in paths if p.status_dir}

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -48,16 +49,19 @@ from peers import (
     start_haproxy,
     start_iperf3_server,
     start_nginx,
+    start_uvloop_proxy,
 )
 
-PATHS = ("direct", "gateway", "gateway-copy", "haproxy", "haproxy-mt", "gateway-x2")
-DEFAULT_PATHS = ("direct", "gateway", "gateway-copy", "haproxy")
+PATHS = ("direct", "gateway", "gateway-copy", "haproxy", "uvloop", "haproxy-mt", "gateway-x2")
+DEFAULT_PATHS = ("direct", "gateway", "gateway-copy", "haproxy", "uvloop")
 PATH_NOTES = {
     "direct": "client -> backend",
     "gateway": "l4gw run, one process (one trio thread), installed plugins, default config",
     "gateway-copy": "the same with the relay plugin disabled: every byte through the core's "
     "copy relay",
     "haproxy": "haproxy mode tcp, nbthread 1",
+    "uvloop": "bench/uvloop_proxy.py: a lean asyncio+uvloop proxy (Protocols), the floor "
+    "for a Python proxy",
     "haproxy-mt": "haproxy mode tcp, default nbthread (one per CPU)",
     "gateway-x2": "two l4gw processes sharing the ports with SO_REUSEPORT",
 }
@@ -67,6 +71,7 @@ RATIOS = (
     ("gateway", "direct"),
     ("gateway", "haproxy"),
     ("gateway-copy", "haproxy"),
+    ("gateway", "uvloop"),
     ("gateway-x2", "gateway"),
     ("haproxy-mt", "haproxy"),
 )
@@ -82,6 +87,16 @@ class Path_:
     """Backend kind ("iperf", "http") -> the port the client connects to."""
     procs: list[Child] = field(default_factory=list)
     """The proxy processes whose CPU time is measured (none for direct)."""
+    start: Callable[[], list[Child]] | None = None
+    """Starts the proxy processes (none for direct): each round starts new ones."""
+
+    def restart(self, children: Children) -> None:
+        """Stop the processes and start new ones on the same ports."""
+        if self.start is None:
+            return
+        for p in self.procs:
+            children.stop(p)
+        self.procs = self.start()
 
     def cpu_times(self) -> tuple[float, float]:
         times = [p.cpu_times() for p in self.procs]
@@ -117,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             for load in loads:
                 for path in paths:
                     _measure(load, path, args.warmup)
-        samples = _rounds(loads, paths, args)
+        samples = _rounds(loads, paths, args, children)
         report = _report(args, loads, paths, samples)
         print(_table(report))
         if args.json:
@@ -163,6 +178,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="add a path gw-LABEL: l4gw run from DIR/gateway and DIR/l4gw_plugins\n"
         "(A/B a code change in one interleaved run; repeatable)",
     )
+    p.add_argument(
+        "--same-processes",
+        action="store_true",
+        help="start each proxy once for the whole run (default: new processes every round)",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
     args = p.parse_args(argv)
@@ -207,24 +227,35 @@ def _start(children: Children, args: argparse.Namespace, backends: set[str]) -> 
             continue
         routes = {kind: (free_port(), port) for kind, port in targets.items()}
         ports = {kind: listen for kind, (listen, _) in routes.items()}
+        start = _starter(children, args, name, routes)
+        paths.append(Path_(name, ports, start(), start))
+    _log("paths: " + "; ".join(f"{p.name} {p.ports}" for p in paths))
+    return paths
+
+
+def _starter(
+    children: Children, args: argparse.Namespace, name: str, routes: dict[str, tuple[int, int]]
+) -> Callable[[], list[Child]]:
+    """What starts path ``name``'s proxy processes (again, every round)."""
+
+    def start() -> list[Child]:
         if name == "gateway":
-            procs = [start_gateway(children, name, routes, args.gateway_extra)]
-        elif name == "gateway-copy":
-            extra = _COPY_ONLY + args.gateway_extra
-            procs = [start_gateway(children, name, routes, extra)]
-        elif name in args.sources:
+            return [start_gateway(children, name, routes, args.gateway_extra)]
+        if name == "gateway-copy":
+            return [start_gateway(children, name, routes, _COPY_ONLY + args.gateway_extra)]
+        if name in args.sources:
             src = args.sources[name]
-            procs = [start_gateway(children, name, routes, args.gateway_extra, src=src)]
-        elif name == "gateway-x2":
-            procs = [
+            return [start_gateway(children, name, routes, args.gateway_extra, src=src)]
+        if name == "gateway-x2":
+            return [
                 start_gateway(children, f"{name}-{i}", routes, args.gateway_extra, reuseport=True)
                 for i in (1, 2)
             ]
-        else:
-            procs = [start_haproxy(children, name, routes, 1 if name == "haproxy" else None)]
-        paths.append(Path_(name, ports, procs))
-    _log("paths: " + "; ".join(f"{p.name} {p.ports}" for p in paths))
-    return paths
+        if name == "uvloop":
+            return [start_uvloop_proxy(children, name, routes)]
+        return [start_haproxy(children, name, routes, 1 if name == "haproxy" else None)]
+
+    return start
 
 
 def _measure(load: Load, path: Path_, seconds: float) -> Metrics:
@@ -251,9 +282,20 @@ def _measure(load: Load, path: Path_, seconds: float) -> Metrics:
 Samples = dict[str, dict[str, list[Metrics]]]
 
 
-def _rounds(loads: list[Load], paths: list[Path_], args: argparse.Namespace) -> Samples:
+def _rounds(
+    loads: list[Load], paths: list[Path_], args: argparse.Namespace, children: Children
+) -> Samples:
     samples: Samples = {load.name: {p.name: [] for p in paths} for load in loads}
     for r in range(args.rounds):
+        if r > 0 and not args.same_processes:
+            # A CPython process keeps its speed (where its hot objects landed in
+            # memory) for life: new processes every round let the median average
+            # that out (bench/README.md, "One process per path").
+            for path in paths:
+                path.restart(children)
+                if args.warmup > 0:
+                    for load in loads:
+                        _measure(load, path, args.warmup)
         for load in loads:
             shift = r % len(paths)
             for path in paths[shift:] + paths[:shift]:

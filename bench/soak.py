@@ -78,7 +78,6 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -97,6 +96,7 @@ from peers import (
     socket_inodes,
     start_nginx,
 )
+from script import interrupt_on_sigterm, missing_tools, write_report
 from udp import bound_udp_ports, free_udp_port
 
 BENCH = Path(__file__).resolve().parent
@@ -1264,15 +1264,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    missing = [t for t in ("wrk", "nginx") if shutil.which(t) is None]
-    if missing:
-        print(f"soak: missing tools {missing}: run scripts/install.sh", file=sys.stderr)
+    if missing_tools(("wrk", "nginx"), "soak"):
         return 2
-
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
+    interrupt_on_sigterm()
     workdir = Path(tempfile.mkdtemp(prefix="l4gw-soak-"))
     soak = Soak(args, workdir)
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
@@ -1326,8 +1320,7 @@ def main(argv: list[str] | None = None) -> int:
             for r in soak.reloads
         ],
     }
-    if args.json:
-        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+    write_report(args.json, doc)
     if args.csv:
         write_csv(soak.rows, Path(args.csv))
     return 0

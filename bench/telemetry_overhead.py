@@ -65,12 +65,10 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import os
 import random
 import re
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -78,7 +76,6 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -94,6 +91,7 @@ from peers import (
     gateway_config,
     start_nginx,
 )
+from script import interrupt_on_sigterm, missing_tools, write_report
 
 PATHS = ("disabled", "off", "traced", "traced-10%")
 BASELINE = "traced-before"
@@ -293,9 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     args.paths = tuple(n for n in PATHS if n in {*paths, "off", "traced"})
     if args.quick:
         args.seconds, args.rounds, args.warmup = 1.0, 1, 0.0
-    missing = [t for t in ("wrk", "nginx") if shutil.which(t) is None]
-    if missing:
-        print(f"bench: missing tools {missing}: run scripts/install.sh", file=sys.stderr)
+    if missing_tools(("wrk", "nginx")):
         return 2
     cpus = sorted(os.sched_getaffinity(0))
     if args.pin:
@@ -304,11 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         # Children inherit this; each gateway's main thread then moves to the first
         # CPU (its exporter process, started before, stays on the others).
         os.sched_setaffinity(0, cpus[1:])
-
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
+    interrupt_on_sigterm()
     workdir = Path(tempfile.mkdtemp(prefix="l4gw-telemetry-bench-"))
     children = Children(workdir)
     sink = SpanSink()
@@ -369,8 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         report = summarize(samples, sink.spans(), traced_conns, args)
         report["load_average"] = {"before": load_before, "after": load_average()}
         print(table(report))
-        if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_report(args.json, report)
         return 0
     except KeyboardInterrupt:
         return 130

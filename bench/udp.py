@@ -45,7 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from peers import LOOPBACK, ROOT, Child, Children
 
-PATHS = ("direct", "gateway")
+PATHS = ("direct", "gateway", "nginx")
+#: nginx's stream module (Debian: libnginx-mod-stream), the reference UDP proxy.
+NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 LOADS = ("rr-1", "rr-32", "bulk-64", "bulk-1400")
 RESEND_AFTER = 0.2
 REPORT = b"?report"
@@ -207,6 +209,40 @@ def start_gateway(children: Children, listen: int, backend: int) -> Child:
     return child
 
 
+def nginx_udp_config(workdir: Path, listen: int, backend: int) -> str:
+    """nginx's stream module proxying UDP, one process (no master), as HAProxy's one
+    thread is the TCP reference: a session per client address, kept 30 s."""
+    return f"""
+load_module {NGINX_STREAM_MODULE};
+daemon off;
+master_process off;
+worker_processes 1;
+pid {workdir}/nginx-udp.pid;
+error_log {workdir}/nginx-udp-error.log warn;
+events {{ worker_connections 20000; }}
+stream {{
+    server {{
+        listen {LOOPBACK}:{listen} udp;
+        proxy_pass {LOOPBACK}:{backend};
+        proxy_timeout 30s;
+    }}
+}}
+"""
+
+
+def start_nginx_udp(children: Children, listen: int, backend: int) -> Child:
+    cfg = children.workdir / "nginx-udp.conf"
+    cfg.write_text(nginx_udp_config(children.workdir, listen, backend))
+    child = children.start("nginx-udp", ["nginx", "-c", str(cfg), "-p", str(children.workdir)])
+    deadline = time.monotonic() + 15
+    while listen not in bound_udp_ports():
+        child.check_alive()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"nginx not ready:\n{child.log()}")
+        time.sleep(0.02)
+    return child
+
+
 def bound_udp_ports() -> set[int]:
     ports = set()
     for line in Path("/proc/net/udp").read_text().splitlines()[1:]:
@@ -246,24 +282,33 @@ def bench(loads: list[str], seconds: float, rounds: int, workdir: Path) -> dict[
                 raise RuntimeError("backend not ready")
             time.sleep(0.02)
         gw_port = free_udp_port()
-        gateway = start_gateway(children, gw_port, backend_port)
+        proxies = {"gateway": start_gateway(children, gw_port, backend_port)}
         ports = {"direct": backend_port, "gateway": gw_port}
+        if NGINX_STREAM_MODULE.exists():
+            ports["nginx"] = free_udp_port()
+            proxies["nginx"] = start_nginx_udp(children, ports["nginx"], backend_port)
+        else:
+            print(f"udp: {NGINX_STREAM_MODULE} missing (libnginx-mod-stream): no nginx path")
+        paths = [p for p in PATHS if p in ports]
         results: dict[str, dict[str, list[dict[str, Any]]]] = {
-            load: {path: [] for path in PATHS} for load in loads
+            load: {path: [] for path in paths} for load in loads
         }
         for r in range(rounds):
             for load in loads:
-                order = PATHS if r % 2 == 0 else PATHS[::-1]
-                for path in order:
-                    cpu0 = gateway.cpu_seconds()
+                shift = r % len(paths)
+                for path in paths[shift:] + paths[:shift]:
+                    proxy = proxies.get(path)
+                    cpu0 = proxy.cpu_seconds() if proxy else 0.0
                     result = run_load(load, ports[path], seconds)
-                    if path == "gateway":
-                        # Over the load's own duration: the gateway idles while the
+                    if proxy is not None:
+                        # Over the load's own duration: the proxy idles while the
                         # load process starts, and that costs it (almost) no CPU.
-                        busy = gateway.cpu_seconds() - cpu0
-                        result["gateway_cpu_pct"] = 100 * busy / result["seconds"]
+                        busy = proxy.cpu_seconds() - cpu0
+                        result["proxy_cpu_pct"] = 100 * busy / result["seconds"]
+                        if path == "gateway":
+                            result["gateway_cpu_pct"] = result["proxy_cpu_pct"]
+                        proxy.check_alive()
                     results[load][path].append(result)
-                    gateway.check_alive()
         return {
             "seconds": seconds,
             "rounds": rounds,
@@ -285,12 +330,19 @@ def bench(loads: list[str], seconds: float, rounds: int, workdir: Path) -> dict[
 
 def table(report: dict[str, Any]) -> str:
     lines = [
-        "| load | unit | direct | gateway | gw÷direct | loss direct / gateway | gateway CPU |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| load | unit | direct | gateway | nginx | gw÷direct | gw÷nginx "
+        "| loss direct / gateway | gateway CPU | nginx CPU |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for load, by_path in report["results"].items():
         direct = by_path["direct"]["median_per_s"]
         gw = by_path["gateway"]["median_per_s"]
+        ngx = by_path.get("nginx", {}).get("median_per_s")
+        ngx_cpu = (
+            f"{statistics.median(r['proxy_cpu_pct'] for r in by_path['nginx']['runs']):.0f}%"
+            if ngx is not None
+            else "-"
+        )
         runs = by_path["gateway"]["runs"]
         direct_runs = by_path["direct"]["runs"]
         if load.startswith("rr-"):
@@ -303,8 +355,11 @@ def table(report: dict[str, Any]) -> str:
             )
         cpu = statistics.median(r["gateway_cpu_pct"] for r in runs)
         ratio = gw / direct if direct else 0.0
+        ngx_cells = f"{ngx:,.0f} | " if ngx is not None else "- | "
+        ngx_ratio = f"{gw / ngx:.2f}" if ngx else "-"
         lines.append(
-            f"| {load} | {unit} | {direct:,.0f} | {gw:,.0f} | {ratio:.2f} | {loss} | {cpu:.0f}% |"
+            f"| {load} | {unit} | {direct:,.0f} | {gw:,.0f} | {ngx_cells}{ratio:.2f} | "
+            f"{ngx_ratio} | {loss} | {cpu:.0f}% | {ngx_cpu} |"
         )
     return "\n".join(lines)
 

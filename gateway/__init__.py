@@ -12,6 +12,11 @@ Besides ``gateway`` and ``gateway.schema``:
 * ``gateway.testing`` is public too: what a plugin's tests need (load plugins,
   a config from TOML text, a flow, the core's decisions, a real ``l4gw run``
   process and its pytest fixture).
+* ``gateway.shield`` is public too: a plugin puts a client or prefix in the
+  eBPF shield (the kernel drops its new connections) with a TTL and a reason,
+  removes it, or looks a client up (its docstring is the API's documentation).
+* ``gateway.discovery`` is public: a plugin publishes a cluster's endpoint set
+  with it (``discovery.publish``), and reads the current sets.
 * ``gateway.relay`` and ``gateway.telemetry`` are semi-public namespaces, as
   ``trio.lowlevel`` is: the modules their ``__all__`` lists, for plugins that
   take over the relay or the telemetry.

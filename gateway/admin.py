@@ -4,13 +4,24 @@ Paths (GET or HEAD):
 
 * ``/healthz``: 200 while the process's loop answers.
 * ``/readyz``: 200 once plugins started and every listener is open, 503
-  before that and while draining (a load balancer stops sending).
-* ``/metrics``: Prometheus text of the gateway's OpenTelemetry metrics.
-* ``/connections``: the live flows as JSON, with their byte counts as of now.
-* ``/config``: the running configuration as JSON, secrets redacted.
+  before that and while draining (a load balancer stops sending); with
+  ``[gateway] workers > 1``, only when every worker is.
+* ``/metrics``: Prometheus text of the gateway's OpenTelemetry metrics, every
+  worker's summed (gateway/telemetry/aggregate.py).
+* ``/connections``: the live flows of every worker as JSON, with their byte
+  counts as of now (and ``worker``, with several).
+* ``/config``: the running configuration as JSON, every default filled in
+  (gateway/effective.py), secrets redacted.
 * ``/status``: what plugins report through ``l4gw_status`` (the relay
   tiers: enabled or why not, flows per tier, kernel-path bytes, ...), and
-  under ``tproxy`` the TPROXY guard's last check (the owning gateway's worker 0).
+  under ``tproxy`` the TPROXY guard's last check (the owning gateway's worker 0),
+  under ``reload`` this process's last reload (time, ``ok``, the error) and
+  the reload counts by result,
+  under ``shield`` the eBPF shield (kernel on or why off, entries, changes),
+  under ``endpoints`` every cluster's endpoints with origin, source, weight,
+  priority, health and when last updated (gateway/discovery).
+* ``/shield``: the shield's entries; POST adds one, DELETE removes one
+  (gateway/shield/admin.py; ``l4gw shield`` uses it).
 
 Rules kept here:
 
@@ -30,13 +41,15 @@ Rules kept here:
 * **A token guards what is not a probe.** With ``[admin] token`` set, every
   path except ``/healthz`` and ``/readyz`` needs ``Authorization: Bearer
   <token>`` (compared in constant time).
-* **Nothing secret leaves.** ``/config`` is the running file through
+* **Nothing secret leaves.** ``/config`` is the running file with its
+  defaults (:func:`gateway.effective.effective_config`) through
   :func:`gateway.redact.redact_config`: the admin token, every key named like
   a password, token, secret or key, and the credentials of every URL, found
   by parsing it, are masked.
 * **The loop never blocks on it.** Building the Prometheus text runs in a
-  worker thread; the flow snapshot is taken without an await in between, so
-  it is consistent.
+  worker thread, and so do the questions to the other workers (bounded:
+  :data:`PEER_TIMEOUT`, :data:`PROBE_PEER_TIMEOUT`); the flow snapshot is
+  taken without an await in between, so it is consistent.
 """
 
 from __future__ import annotations
@@ -52,12 +65,16 @@ from typing import Any, Protocol
 
 import trio
 
+from gateway import discovery, peers
 from gateway.config import ADMIN_MAX_CONNECTIONS, Config, is_loopback
+from gateway.effective import effective_config
 from gateway.flow import Flow
 from gateway.listeners import bind_error
 from gateway.plugin_manager import Plugins
-from gateway.redact import redact_config
+from gateway.reloads import Reloads
 from gateway.schema import format_address
+from gateway.shield import admin as shield_admin
+from gateway.shield import table as shield_table
 from gateway.telemetry import providers as telemetry
 from gateway.tproxy import guard as tproxy_guard
 
@@ -68,7 +85,7 @@ READ_TIMEOUT = 5.0
 SEND_TIMEOUT = 10.0
 PROBES = frozenset({"/healthz", "/readyz"})
 """Paths open without the token (orchestrator probes carry no credentials)."""
-PATHS = ("/healthz", "/readyz", "/metrics", "/connections", "/config", "/status")
+PATHS = ("/healthz", "/readyz", "/metrics", "/connections", "/config", "/status", "/shield")
 _ACCEPT_BACKOFF_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 _FULL_LOG_INTERVAL = 60.0
 """Seconds between two "admin connections at the cap" warnings."""
@@ -103,6 +120,10 @@ class GatewayView(Protocol):
 
     @property
     def draining(self) -> bool: ...
+
+    @property
+    def reloads(self) -> Reloads:
+        """The last reload's outcome and the counts (gateway/reloads.py)."""
 
 
 # --- decisions on plain values (unit-tested) --------------------------------------------------
@@ -216,9 +237,11 @@ _REASONS = {
     200: "OK",
     400: "Bad Request",
     401: "Unauthorized",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
+    409: "Conflict",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
@@ -353,6 +376,15 @@ async def _handle(gateway: GatewayView, stream: trio.SocketStream) -> None:
             if not chunk:
                 return
             head += chunk
+        # A body (POST/DELETE /shield): at most MAX_HEAD bytes, within the same deadline.
+        want = _body_length(head) if response is None else 0
+        if want > MAX_HEAD:
+            response = _text(400, "request body too large\n")
+        while response is None and len(head) - head.index(b"\r\n\r\n") - 4 < want:
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                return
+            head += chunk
     if scope.cancelled_caught:
         response = _text(408, "request timeout\n")
     if response is None:
@@ -362,7 +394,7 @@ async def _handle(gateway: GatewayView, stream: trio.SocketStream) -> None:
             response = _text(400, f"{exc}\n")
     if response is None:
         assert request is not None
-        response = await _respond(gateway, request)
+        response = await _respond(gateway, request, head.split(b"\r\n\r\n", 1)[1])
     with trio.move_on_after(SEND_TIMEOUT):
         await stream.send_all(
             _encode(response, head_only=request is not None and request.method == "HEAD")
@@ -382,8 +414,18 @@ def _encode(response: Response, head_only: bool) -> bytes:
     return head if head_only else head + response.body
 
 
-async def _respond(gateway: GatewayView, request: Request) -> Response:
-    if request.method not in ("GET", "HEAD"):
+def _body_length(head: bytes) -> int:
+    """The Content-Length of a complete request head (0 when absent or not a number)."""
+    for line in head.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value) if value.strip().isdigit() else 0
+    return 0
+
+
+async def _respond(gateway: GatewayView, request: Request, body: bytes = b"") -> Response:
+    shield_change = request.path == "/shield" and request.method in shield_admin.METHODS
+    if request.method not in ("GET", "HEAD") and not shield_change:
         return Response(405, b"", "text/plain", (("Allow", "GET, HEAD"),))
     admin = gateway.config.admin
     if not authorized(request, admin.token if admin is not None else ""):
@@ -394,17 +436,20 @@ async def _respond(gateway: GatewayView, request: Request) -> Response:
     if path == "/healthz":
         return _text(200, "ok\n")
     if path == "/readyz":
-        ready, document = readiness(gateway)
+        ready, document = await every_worker_ready(gateway)
         return _json(200 if ready else 503, document)
     if path == "/metrics":
         return await _metrics()
     if path == "/connections":
-        return _json(200, connections_document(list(gateway.flows.values()), time.time()))
+        return _json(200, await every_worker_connections(gateway))
     if path == "/config":
         config = gateway.config
-        return _json(200, {"path": config.path, "config": redact_config(config.raw)})
+        document = effective_config(config, gateway.plugins.schemas())
+        return _json(200, {"path": config.path, "config": document})
     if path == "/status":
         return _json(200, _status(gateway))
+    if path == "/shield":
+        return _shield(gateway, request, body)
     if path == "/":
         return _json(200, {"paths": [*PATHS]})
     return _text(404, "not found\n")
@@ -416,7 +461,86 @@ def _status(gateway: GatewayView) -> dict[str, Any]:
     guard = tproxy_guard.current()
     if guard is not None:
         document["tproxy"] = guard.status()
+    document["shield"] = shield_table.current().status()
+    document["endpoints"] = discovery.registry.status()
+    # The last reload of this process (SIGHUP, watch_config) and the counts by result.
+    document["reload"] = gateway.reloads.status()
     return document
+
+
+def _shield(gateway: GatewayView, request: Request, body: bytes) -> Response:
+    """``/shield`` (gateway/shield/admin.py): a change needs a token off loopback."""
+    admin = gateway.config.admin
+    may_change = admin is not None and (bool(admin.token) or is_loopback(admin.host))
+    status, document = shield_admin.respond(
+        shield_table.current(), request.method, request.query, body, may_change
+    )
+    return _json(status, document)
+
+
+# --- every worker ([gateway] workers > 1: worker 0 asks the others, gateway/peers.py) ----------
+
+PROBE_PEER_TIMEOUT = 0.5
+"""Seconds ``/readyz`` waits for the other workers (orchestrator probes time out at 1 s)."""
+PEER_TIMEOUT = 2.0
+"""Seconds ``/connections`` waits for the other workers."""
+
+
+async def every_worker_ready(gateway: GatewayView) -> tuple[bool, dict[str, Any]]:
+    """:func:`readiness` of this process, and with several workers of every worker:
+    ready only when each is (one that does not answer in time is not)."""
+    ready, document = readiness(gateway)
+    link = peers.current()
+    if link is None or link.index != 0:
+        return ready, document
+    answers = await trio.to_thread.run_sync(link.query, "ready", PROBE_PEER_TIMEOUT)
+    workers = [{"worker": 0, **document}]
+    for index, answer in sorted(answers.items()):
+        if answer is None:
+            workers.append({"worker": index, "ready": False, "error": "no answer"})
+        else:
+            workers.append({"worker": index, **answer})
+    ready = all(w.get("ready") is True for w in workers)
+    return ready, {**document, "ready": ready, "workers": workers}
+
+
+async def every_worker_connections(gateway: GatewayView) -> dict[str, Any]:
+    """``/connections``: this process's flows, and with several workers every worker's,
+    each with its ``worker``; ``workers_missing`` lists those that did not answer."""
+    now = time.time()
+    link = peers.current()
+    document = connections_document(list(gateway.flows.values()), now)
+    if link is None:
+        return document
+    records = [{**r, "worker": link.index} for r in document["connections"]]
+    missing = []
+    if link.index == 0:
+        answers = await trio.to_thread.run_sync(link.query, "flows", PEER_TIMEOUT)
+        for index, answer in sorted(answers.items()):
+            if answer is None:
+                missing.append(index)
+            else:
+                records.extend({**r, "worker": index} for r in answer["connections"])
+    return {"count": len(records), "connections": records, "workers_missing": missing}
+
+
+def peer_handlers(gateway: GatewayView) -> dict[str, Callable[[], Awaitable[Any]]]:
+    """What a worker other than 0 answers worker 0 (:meth:`gateway.peers.Link.answer`)."""
+
+    async def flows() -> Any:
+        # Taken without an await in between: consistent, as this process's own.
+        return connections_document(list(gateway.flows.values()), time.time())
+
+    async def ready() -> Any:
+        return readiness(gateway)[1]
+
+    async def metrics() -> Any:
+        current = telemetry.current()
+        if current is None:
+            return {"metrics": []}
+        return await trio.to_thread.run_sync(current.worker_report)
+
+    return {"flows": flows, "ready": ready, "metrics": metrics}
 
 
 async def _metrics() -> Response:

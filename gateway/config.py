@@ -18,9 +18,10 @@ schema module and a loading module, every new key would touch both.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -68,6 +69,16 @@ GATEWAY = {
     ),
     "log_connections": Field(s.boolean, False, "one log line per connection (the demo sets it)"),
     "log_level": Field(s.choice("debug", "info", "warning", "error"), "info", "log threshold"),
+    "log_format": Field(
+        s.choice("text", "json"),
+        "text",
+        'the gateway\'s own log on stderr: "text" lines, or one JSON object per line',
+    ),
+    "watch_config": Field(
+        s.boolean,
+        False,
+        "reload when the config file is replaced or changed (checked every second), as SIGHUP does",
+    ),
     "disable_plugins": Field(
         s.list_of(s.name),
         (),
@@ -140,8 +151,21 @@ ROUTE = {
 }
 
 ENDPOINT_TABLE = {
-    "address": Field(s.address, doc='"ip:port"'),
-    "weight": Field(s.integer(0, 1_000_000), 1, "relative share"),
+    "address": Field(
+        s.string, doc='"ip:port", "[ipv6]:port" or "name:port" (a DNS name, followed)'
+    ),
+    "weight": Field(
+        s.integer(0, 1_000_000),
+        1,
+        "relative share; a name gives it to each of its addresses",
+    ),
+}
+
+SRV_TABLE = {
+    "srv": Field(
+        s.string,
+        doc="a DNS SRV name (_service._proto.domain): its targets, ports, priorities and weights",
+    ),
 }
 
 HEALTH_CHECK = {
@@ -159,26 +183,112 @@ OUTLIER = {
 }
 
 
-def _endpoint(value: Any) -> Endpoint:
-    # Port 0 is "any free port" to bind(2); to connect(2) it is no port at all.
+DNS_NAME_MAX = 253
+"""Longest DNS name in text form (RFC 1035 section 2.3.4: 255 octets on the wire)."""
+_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
+
+
+def dns_name(value: Any) -> str:
+    """A DNS name, checked for syntax only (never resolved), stored lower-case.
+
+    RFC 1123 labels (letters, digits, inner hyphens, at most 63 characters, the
+    whole at most 253), plus "_": SRV names need it (``_api._tcp``) and Docker
+    Compose service names may hold it. The last label may not be all digits
+    (RFC 1123 section 2.1), so a mistyped address ("10.0.0.300") is refused as one.
+    """
+    text = s.string(value).lower()
+    body = text[:-1] if text.endswith(".") else text
+    labels = body.split(".")
+    if (
+        not body
+        or len(body) > DNS_NAME_MAX
+        or not all(_LABEL.fullmatch(label) for label in labels)
+        or labels[-1].isdigit()
+    ):
+        raise Invalid(
+            f'not a DNS name: "{value}" (labels of letters, digits and inner "-", '
+            "at most 63 characters each)"
+        )
+    return text
+
+
+def _address_or_name(text: str) -> tuple[str, int, bool]:
+    """(host, port, is_name) of "ip:port", "[ipv6]:port" or "name:port"."""
+    try:
+        host, port = s.split_host_port(text)
+        named = False
+    except ValueError:
+        head, sep, tail = text.rpartition(":")
+        if not sep or text.startswith("[") or ":" in head:
+            raise Invalid(
+                f'not an address: "{text}" (expected "1.2.3.4:80", "[::1]:80" or "name:80")'
+            ) from None
+        try:
+            host = dns_name(head)
+        except Invalid:
+            raise Invalid(
+                f'not an address: "{text}" (expected "1.2.3.4:80", "[::1]:80" or "name:80"; '
+                f'"{head}" is neither an IP address nor a DNS name)'
+            ) from None
+        if not tail.isdigit() or int(tail) > 65535 or (len(tail) > 1 and tail[0] == "0"):
+            raise Invalid(f'not a port in "{text}": "{tail}"')
+        port = int(tail)
+        named = True
+    if port == 0:
+        # Port 0 is "any free port" to bind(2); to connect(2) it is no port at all.
+        raise Invalid(f'port 0 in "{text}": a backend needs the port it listens on')
+    return host, port, named
+
+
+def endpoint_spec(value: Any) -> Endpoint | NamedEndpoint | SrvEndpoint:
+    """One endpoint item: "ip:port", "[ipv6]:port", "name:port", a table with
+    ``address`` (either form) and ``weight``, or ``{ srv = "..." }``.
+
+    Raises:
+        Invalid: naming the problem (and the sub key of a table).
+    """
     if isinstance(value, str):
-        host, port = s.address(value)
-        if port == 0:
-            raise Invalid(f'port 0 in "{value}": a backend needs the port it listens on')
-        return Endpoint(host, port, 1)
+        host, port, named = _address_or_name(value)
+        return NamedEndpoint(host, port, 1) if named else Endpoint(host, port, 1)
     if isinstance(value, Mapping):
+        if "srv" in value:
+            t = s.table(SRV_TABLE)(value)
+            try:
+                return SrvEndpoint(dns_name(t["srv"]))
+            except Invalid as exc:
+                raise Invalid(problems=[(".srv", str(exc))]) from None
         t = s.table(ENDPOINT_TABLE)(value)
-        host, port = t["address"]
-        if port == 0:
-            raise Invalid(problems=[(".address", "port 0: a backend needs the port it listens on")])
+        try:
+            host, port, named = _address_or_name(t["address"])
+        except Invalid as exc:
+            raise Invalid(problems=[(".address", str(exc))]) from None
+        if named:
+            return NamedEndpoint(host, port, t["weight"])
         return Endpoint(host, port, t["weight"])
     raise Invalid(
-        f'expected "ip:port" or {{address = "...", weight = N}}, got {s.type_name(value)}'
+        'expected "ip:port", "name:port", {address = "...", weight = N} or {srv = "..."}, '
+        f"got {s.type_name(value)}"
     )
 
 
 CLUSTER = {
-    "endpoints": Field(s.list_of(_endpoint, min_items=1), doc="backends"),
+    "endpoints": Field(
+        s.list_of(endpoint_spec),
+        (),
+        'backends: "ip:port", "[ipv6]:port", "name:port" (followed in DNS), '
+        '{ address = "...", weight = N } or { srv = "_svc._tcp.domain" }',
+    ),
+    "endpoints_file": Field(
+        s.string,
+        None,
+        "a JSON list of the same endpoint forms, watched for changes (instead of endpoints; "
+        "relative to this file's directory)",
+    ),
+    "discovery": Field(
+        s.name,
+        "",
+        "a loaded plugin, by name, that publishes this cluster's endpoints (instead of endpoints)",
+    ),
     "connect_timeout": Field(s.positive_duration, 2.0, "per connect attempt"),
     "idle_timeout": Field(s.duration, 300.0, "close a pair idle this long (0 = never)"),
     "connect_attempts": Field(s.integer(1, 100), 3, "endpoints tried per connection"),
@@ -229,6 +339,12 @@ TELEMETRY = {
 ADMIN = {
     "bind": Field(s.address, ("127.0.0.1", 9901), "admin HTTP endpoint (port 0: any free port)"),
     "token": Field(s.string, "", "bearer token required when set (and when bind is not loopback)"),
+    "token_file": Field(
+        s.secret_file(),
+        None,
+        "read token from this file instead (a mounted secret; one trailing newline is "
+        "removed; read again on reload)",
+    ),
     "insecure": Field(
         s.boolean,
         False,
@@ -241,7 +357,47 @@ ADMIN = {
     ),
 }
 
-TOP_LEVEL = {"gateway", "listener", "route", "cluster", "tproxy", "telemetry", "admin", "plugin"}
+DNS = {
+    "servers": Field(
+        s.list_of(s.string),
+        (),
+        'resolvers, "ip" or "ip:port" (port 53 by default); '
+        "empty: the system's (/etc/resolv.conf)",
+    ),
+    "family": Field(s.choice("any", "ipv4", "ipv6"), "any", "which records a name resolves to"),
+    "min_ttl": Field(s.positive_duration, 1.0, "a record's TTL is clamped into [min_ttl, max_ttl]"),
+    "max_ttl": Field(s.positive_duration, 300.0, "longest time an answer is used unrefreshed"),
+    "timeout": Field(s.positive_duration, 2.0, "per query"),
+}
+
+SHIELD = {
+    "interfaces": Field(
+        s.list_of(s.name),
+        (),
+        "where the eBPF shield drops listed clients' new connections "
+        "(default: the interfaces of [[tproxy.intercept]]; else required)",
+    ),
+    "mode": Field(
+        s.choice("auto", "xdp", "tc"),
+        "auto",
+        "auto: tc on veth, native XDP where the driver has it, else tc",
+    ),
+    "max_entries": Field(s.integer(1, 1 << 24), 65536, "most shielded clients and prefixes"),
+    "never": Field(s.list_of(s.network), (), "CIDRs never shielded, beside the built-in ones"),
+}
+
+TOP_LEVEL = {
+    "shield",
+    "gateway",
+    "listener",
+    "route",
+    "cluster",
+    "tproxy",
+    "telemetry",
+    "admin",
+    "plugin",
+    "dns",
+}
 
 
 # --- the runtime values -------------------------------------------------------
@@ -249,11 +405,22 @@ TOP_LEVEL = {"gateway", "listener", "route", "cluster", "tproxy", "telemetry", "
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """A backend address with its balancing weight."""
+    """A backend address with its balancing weight.
+
+    ``origin`` and ``source`` say where it came from and take no part in equality
+    or hashing: state keyed by endpoint (health, least-conn counts) carries over
+    when the same address arrives by another route.
+    """
 
     host: str
     port: int
     weight: int = 1
+    priority: int = 0
+    """SRV priority: lower is preferred; the next group serves only as fallback."""
+    origin: str = field(default="literal", compare=False)
+    """How it was found: "literal", "name", "srv", "file" or "plugin"."""
+    source: str = field(default="", compare=False)
+    """The name, SRV name, file path or plugin name it came from ("" for literal)."""
 
     def __str__(self) -> str:
         return s.format_address(self.host, self.port)
@@ -264,6 +431,49 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class NamedEndpoint:
+    """ "name:port" or ``{ address = "name:port", weight = N }``: followed in DNS."""
+
+    name: str
+    """A DNS name (validated syntactically, never resolved by ``l4gw check``)."""
+    port: int
+    weight: int
+    """Given to each address the name resolves to (as Envoy's STRICT_DNS does)."""
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class SrvEndpoint:
+    """``{ srv = "_api._tcp.example.internal" }``: the SRV targets, followed in DNS."""
+
+    srv: str
+
+    def __str__(self) -> str:
+        return f"srv {self.srv}"
+
+
+EndpointSpec = Endpoint | NamedEndpoint | SrvEndpoint
+"""One item of ``endpoints`` (or of an ``endpoints_file``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    """``[dns]``: how names in endpoints are resolved."""
+
+    servers: tuple[tuple[str, int], ...] = ()
+    """Empty: the system's (/etc/resolv.conf)."""
+    family: str = "any"
+    """ "any" | "ipv4" | "ipv6"."""
+    min_ttl: float = 1.0
+    """A record's TTL is clamped into [min_ttl, max_ttl] (seconds)."""
+    max_ttl: float = 300.0
+    timeout: float = 2.0
+    """Per query (seconds)."""
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     drain_timeout: float
     buffer_size: int
@@ -271,6 +481,8 @@ class GatewayConfig:
     route_on_error: str
     log_connections: bool
     log_level: str
+    log_format: str
+    watch_config: bool
     disable_plugins: tuple[str, ...]
     workers: int
     user: str
@@ -332,6 +544,12 @@ class ClusterConfig:
     upstream_source: str
     proxy_protocol: str
     proxy_protocol_traceparent: bool
+    names: tuple[NamedEndpoint | SrvEndpoint, ...] = ()
+    """The names and SRV names of ``endpoints``, followed in DNS by each worker."""
+    endpoints_file: str | None = None
+    """An absolute path: a JSON list of endpoint forms, watched (gateway.discovery)."""
+    discovery: str = ""
+    """The plugin that publishes this cluster's endpoints ("" for none)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,6 +589,14 @@ class AdminConfig:
     max_connections: int = ADMIN_MAX_CONNECTIONS
 
 
+@dataclass(frozen=True, slots=True)
+class ShieldConfig:
+    interfaces: tuple[str, ...]
+    mode: str
+    max_entries: int
+    never: tuple[IPNetwork, ...]
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole validated file. Frozen: a reload builds a new one."""
@@ -385,6 +611,9 @@ class Config:
         default_factory=lambda: TelemetryConfig("none", 1.0, "l4gw", 10.0)
     )
     admin: AdminConfig | None = None
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    shield: ShieldConfig | None = None
+    """``[shield]``: the kernel shield is loaded only when the file has the section."""
     plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     """Validated ``[plugin.<name>]`` sections, by plugin name: every declared
     section except one the file leaves out whose schema has a required key."""
@@ -423,17 +652,23 @@ class ConfigError(Exception):
         return "\n".join(f"{self.path}: {p}" for p in self.problems)
 
 
-def load(path: str | Path, plugin_schemas: Mapping[str, s.Schema] | None = None) -> Config:
+def load(
+    path: str | Path,
+    plugin_schemas: Mapping[str, s.Schema] | None = None,
+    plugin_names: Collection[str] | None = None,
+) -> Config:
     """Read, parse and validate a config file.
 
     Args:
         path: the TOML file.
         plugin_schemas: ``{plugin name: schema}`` declared by loaded plugins.
+        plugin_names: every loaded plugin, for ``[cluster.NAME] discovery``
+            (None: not checked).
 
     Raises:
         ConfigError: listing every problem found.
     """
-    return from_dict(read(path), str(path), plugin_schemas or {})
+    return from_dict(read(path), str(path), plugin_schemas or {}, plugin_names)
 
 
 MAX_FILE_SIZE = 16 << 20
@@ -479,7 +714,12 @@ def read(path: str | Path) -> dict[str, Any]:
         raise ConfigError(path, [f"an integer too long to read ({why})"]) from None
 
 
-def from_dict(raw: Mapping[str, Any], path: str, plugin_schemas: Mapping[str, s.Schema]) -> Config:
+def from_dict(
+    raw: Mapping[str, Any],
+    path: str,
+    plugin_schemas: Mapping[str, s.Schema],
+    plugin_names: Collection[str] | None = None,
+) -> Config:
     """Validate an already parsed document (see :func:`load`)."""
     problems: list[str] = []
     for key in raw:
@@ -538,9 +778,9 @@ def from_dict(raw: Mapping[str, Any], path: str, plugin_schemas: Mapping[str, s.
         except Invalid as exc:
             problems.append(f"cluster.{cname}: {exc}")
         v = s.check_section(item, f"cluster.{cname}", CLUSTER, problems)
-        if v is None or "endpoints" not in v:
+        if v is None:
             continue
-        clusters[cname] = ClusterConfig(name=cname, **v)
+        clusters[cname] = _cluster(cname, item, v, path, plugin_names, problems)
 
     listener_names = {li.name for li in listeners}
     routes: list[RouteConfig] = []
@@ -618,13 +858,18 @@ def from_dict(raw: Mapping[str, Any], path: str, plugin_schemas: Mapping[str, s.
         a = s.check_section(raw["admin"], "admin", ADMIN, problems)
         if a is not None:
             host, port = a["bind"]
-            admin = AdminConfig(host, port, a["token"], a["insecure"], a["max_connections"])
+            token = a["token_file"].value if a["token_file"] else a["token"]
+            admin = AdminConfig(host, port, token, a["insecure"], a["max_connections"])
             if not admin.token and not admin.insecure and not is_loopback(host):
                 problems.append(
                     f'admin.bind: "{s.format_address(host, port)}" is not loopback: set '
-                    "admin.token (or admin.insecure = true to serve /config, /connections "
+                    "admin.token or admin.token_file (or admin.insecure = true to serve "
+                    "/config, /connections "
                     "and /metrics to the network without one)"
                 )
+
+    dns = _dns(raw.get("dns", {}), problems)
+    shield = _shield(raw["shield"], tproxy, problems) if "shield" in raw else None
 
     plugins, notes = _plugin_sections(raw, gateway, plugin_schemas, problems)
 
@@ -639,10 +884,109 @@ def from_dict(raw: Mapping[str, Any], path: str, plugin_schemas: Mapping[str, s.
         tproxy=tproxy,
         telemetry=telemetry,
         admin=admin,
+        dns=dns or DnsConfig(),
+        shield=shield,
         plugins=MappingProxyType(plugins),
         notes=tuple(notes),
         raw=raw,
     )
+
+
+def _shield(section: Any, tproxy: TproxyConfig | None, problems: list[str]) -> ShieldConfig | None:
+    v = s.check_section(section, "shield", SHIELD, problems)
+    if v is None:
+        return None
+    if not v["interfaces"]:
+        intercepted = tproxy.intercept if tproxy is not None else ()
+        v["interfaces"] = tuple(dict.fromkeys(i for ic in intercepted for i in ic.interfaces))
+        if not v["interfaces"]:
+            problems.append(
+                "shield.interfaces: required (no [[tproxy.intercept]] names its interfaces)"
+            )
+    for i, name in enumerate(v["interfaces"]):
+        if len(name) > 15:  # linux/if.h: IFNAMSIZ = 16, with the NUL
+            problems.append(f'shield.interfaces[{i}]: "{name}" is longer than 15 characters')
+    return ShieldConfig(**v)
+
+
+def _cluster(
+    cname: str,
+    item: Mapping[str, Any],
+    v: dict[str, Any],
+    path: str,
+    plugin_names: Collection[str] | None,
+    problems: list[str],
+) -> ClusterConfig:
+    """One cluster from its checked keys.
+
+    Its endpoints come from exactly one of ``endpoints`` (literal addresses,
+    names and SRV names, combined), ``endpoints_file`` or ``discovery``: a file
+    or a plugin publishes the whole set, so a literal list beside it would be
+    either overridden or merged, and neither reading is obvious to whoever edits
+    the file next.
+    """
+    where = f"cluster.{cname}"
+    # By value, not presence: /config writes every key (endpoints = [] beside a file).
+    given = [k for k in ("endpoints", "endpoints_file", "discovery") if v[k]]
+    if len(given) > 1:
+        problems.append(
+            f"{where}: give one of endpoints, endpoints_file or discovery, not "
+            + " and ".join(given)
+        )
+    elif not given and "endpoints" in item:
+        problems.append(f"{where}.endpoints: needs at least 1 item")
+    elif not given:
+        problems.append(f"{where}.endpoints: required (or endpoints_file, or discovery)")
+    discovery = v.pop("discovery")
+    if discovery and plugin_names is not None and discovery not in plugin_names:
+        problems.append(
+            f'{where}.discovery: no loaded plugin is named "{discovery}" '
+            f"(loaded: {', '.join(sorted(plugin_names)) or 'none'})"
+        )
+    specs = v.pop("endpoints")
+    file = v.pop("endpoints_file")
+    if "endpoints_file" in item and not file:
+        problems.append(f"{where}.endpoints_file: an empty path")
+    if file:
+        # Relative to the config file, like Prometheus' file_sd: the pair moves together.
+        file = str(Path(path).parent / file) if not Path(file).is_absolute() else file
+    return ClusterConfig(
+        name=cname,
+        endpoints=tuple(e for e in specs if isinstance(e, Endpoint)),
+        names=tuple(e for e in specs if not isinstance(e, Endpoint)),
+        endpoints_file=file or None,
+        discovery=discovery,
+        **v,
+    )
+
+
+def _dns(raw: Any, problems: list[str]) -> DnsConfig | None:
+    d = s.check_section(raw, "dns", DNS, problems)
+    if d is None:
+        return None
+    servers: list[tuple[str, int]] = []
+    for i, text in enumerate(d.pop("servers")):
+        try:
+            ip = ipaddress.ip_address(text)
+            servers.append((str(ip), 53))
+            continue
+        except ValueError:
+            pass
+        try:
+            host, port = s.split_host_port(text)
+        except ValueError:
+            problems.append(
+                f'dns.servers[{i}]: not an address: "{text}" '
+                '(expected "1.2.3.4", "1.2.3.4:5353", "::1" or "[::1]:5353")'
+            )
+            continue
+        if port == 0:
+            problems.append(f'dns.servers[{i}]: port 0 in "{text}"')
+            continue
+        servers.append((host, port))
+    if d["min_ttl"] > d["max_ttl"]:
+        problems.append("dns.max_ttl: shorter than min_ttl")
+    return DnsConfig(servers=tuple(servers), **d)
 
 
 def _plugin_sections(

@@ -40,16 +40,26 @@ log = logging.getLogger("l4gw.conn")
 
 
 async def handle(
-    rt: Runtime, lc: ListenerConfig, sock: socket.socket, peer: Any, draining: Callable[[], bool]
+    rt: Runtime,
+    lc: ListenerConfig,
+    sock: socket.socket,
+    peer: Any,
+    draining: Callable[[], bool],
+    local: tuple[str, int] | None = None,
 ) -> None:
-    """Serve one accepted connection; always closes ``sock``."""
-    try:
-        local = sock.getsockname()
-    except OSError:
-        # Reset between accept and now: nothing to record.
-        sock.close()
-        return
-    flow = Flow(next_flow_id(), lc.name, "tcp", unmap(peer), unmap(local))
+    """Serve one accepted connection; always closes ``sock``.
+
+    ``local`` is the connection's local address when the listener knows it
+    (:attr:`gateway.listeners.Listener.local`), else it is asked of ``sock``.
+    """
+    if local is None:
+        try:
+            local = unmap(sock.getsockname())
+        except OSError:
+            # Reset between accept and now: nothing to record.
+            sock.close()
+            return
+    flow = Flow(next_flow_id(), lc.name, "tcp", unmap(peer), local)
     rt.flows[flow.id] = flow
     upstream: list[socket.socket] = []
     try:
@@ -94,7 +104,7 @@ async def _serve(
         if bad:
             return bad
 
-    plugins.observe("l4gw_connection_opened", flow=flow)
+    plugins.opened(flow)
 
     refused = await refusal(rt, flow, "l4gw_admit")
     if refused:

@@ -11,19 +11,22 @@ opened (gateway/upstream.py for TCP, gateway/udp/sockets.py for UDP).
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Final
 
 import trio
 
-from gateway import proxy_protocol
+from gateway import discovery, proxy_protocol
 from gateway.config import ClusterConfig, Endpoint
 from gateway.flow import CloseReason, Flow, Route
 from gateway.plugin_manager import Raised
 from gateway.runtime import Runtime
 from gateway.upstream import ConnectFailed, ResetAfterConnect
+
+_NO_LIMIT: Final = contextlib.nullcontext()
 
 Opener = Callable[[Endpoint, float, tuple[str, int] | None], Awaitable[socket.socket]]
 """One connect attempt: ``(endpoint, timeout, source)`` to a connected socket, or
@@ -83,13 +86,19 @@ async def connect_upstream(
             "client"``), else None.
 
     Returns:
-        The connected socket, or the close reason: ``connect_failed``, or
+        The connected socket, or the close reason: ``no_endpoint`` when the
+        cluster has none at all (not merely none healthy), ``connect_failed``, or
         ``backend_reset`` when a backend reset right after accepting (not worth
         a retry elsewhere: it has seen the connection).
     """
     cluster = route.cluster
+    if not route.endpoints and not discovery.registry.current(cluster):
+        flow.error = f"cluster {cluster.name} has no endpoints"
+        return CloseReason.NO_ENDPOINT
     errors: list[str] = []
-    with trio.move_on_after(cluster.connect_budget or float("inf")):
+    # No budget (the default): no cancel scope, which costs ~5 µs per connection.
+    budget = trio.move_on_after(cluster.connect_budget) if cluster.connect_budget else _NO_LIMIT
+    with budget:
         for endpoint in route.endpoints[: cluster.connect_attempts]:
             start = time.monotonic()
             try:

@@ -30,6 +30,8 @@ class CloseReason:
     CONNECT_FAILED = "connect_failed"
     REFUSED = "refused"
     NO_ROUTE = "no_route"
+    NO_ENDPOINT = "no_endpoint"
+    """The routed cluster has no endpoint at all (discovery found none yet)."""
     DRAIN = "drain"
     BAD_PROXY_HEADER = "bad_proxy_header"
     PLUGIN_ERROR = "plugin_error"
@@ -45,6 +47,7 @@ class CloseReason:
             CONNECT_FAILED,
             REFUSED,
             NO_ROUTE,
+            NO_ENDPOINT,
             BAD_PROXY_HEADER,
             PLUGIN_ERROR,
             OVER_CAPACITY,
@@ -101,6 +104,7 @@ class Flow(RelayStats):
         "refused_rule",
         "route",
         "sni",
+        "span",
         "started",
         "started_monotonic",
         "tier",
@@ -161,6 +165,11 @@ class Flow(RelayStats):
         """W3C traceparent received in a trusted PROXY v2 header's TRACEPARENT TLV, if
         any (the telemetry plugin makes it the parent of the flow's span)."""
         self._trace_id: str | int | None = None
+        self.span: Any = None
+        """The connection's span as the OpenTelemetry API sees it while it is sampled
+        (set by the telemetry plugin when the flow opens), else None. The core makes
+        it the current span for the flow's hooks (``trace.get_current_span()``);
+        what a plugin sets on it lands on the flow's span (gateway/telemetry/context.py)."""
         self.traceparent_out: str | None = None
         """W3C traceparent to send upstream in the PROXY v2 TRACEPARENT TLV; set by the
         telemetry plugin (after a successful connect) for clusters that send one."""

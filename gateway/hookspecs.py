@@ -34,6 +34,13 @@ the file; then, in each worker process, ``l4gw_configure`` and
 ``l4gw_startup``; at the end ``l4gw_shutdown`` after the drain, then the
 background tasks are cancelled. docs/plugins.md ("Lifecycle") tells the rest.
 
+Tracing: during every hook of a sampled connection (from the telemetry plugin's
+``l4gw_connection_opened``, which runs first, to the last ``l4gw_connection_closed``)
+the OpenTelemetry current span is the connection's SERVER span (``flow.span``):
+``trace.get_current_span()`` returns it, what is set on it lands on the
+connection's span, and a span started in a hook is its child
+(gateway/telemetry/context.py; docs/plugins.md, "Inside the connection's trace").
+
 A UDP session is a flow like a TCP connection (``flow.transport == "udp"``):
 opened, admit, route and routed run once, for its first datagram; later
 datagrams follow the session without hook calls; closed runs when it ends.

@@ -72,6 +72,11 @@ PR_SET_PDEATHSIG: int = 1
 # linux/capability.h: CAP_NET_BIND_SERVICE = 10
 CAP_NET_BIND_SERVICE: int = 10
 
+# --- the shield (gateway/shield/attach.py) ---
+# linux/sockios.h: SIOCETHTOOL = 0x8946; linux/ethtool.h: ETHTOOL_GDRVINFO = 3 (the driver's name)
+SIOCETHTOOL: int = 0x8946
+ETHTOOL_GDRVINFO: int = 3
+
 # --- socket queue counters (gateway/relay/) ---
 # asm-generic/ioctls.h: FIONREAD = SIOCINQ = 0x541B (bytes received, not read yet)
 SIOCINQ: int = termios.FIONREAD

@@ -15,6 +15,7 @@ never a traceback (gateway/cli/common.py: start-up failures).
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import socket
 import time
@@ -73,6 +74,9 @@ def open_socket(lc: ListenerConfig, reuse_port: bool = False) -> socket.socket:
                 sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
             else:
                 sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
+        # Accepted sockets inherit it (Linux copies the listener's TCP options
+        # into each child): one setsockopt per listener instead of per connection.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((lc.host, lc.port))
         sock.listen(lc.backlog)
         sock.setblocking(False)
@@ -82,12 +86,30 @@ def open_socket(lc: ListenerConfig, reuse_port: bool = False) -> socket.socket:
     return sock
 
 
+def _fixed_local_address(config: ListenerConfig, sock: socket.socket) -> tuple[str, int] | None:
+    if config.transparent:
+        return None  # TPROXY: the original destination differs per connection
+    try:
+        host, port = sock.getsockname()[:2]
+    except OSError:
+        return None
+    if ipaddress.ip_address(host).is_unspecified:
+        return None  # 0.0.0.0 / [::]: the address the client chose
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]  # as gateway.flow.unmap spells it
+    return host, port
+
+
 class Listener:
     """One open listener: its socket, its accept loop, its connection count."""
 
     def __init__(self, config: ListenerConfig, sock: socket.socket) -> None:
         self.config = config
         self.sock = sock
+        self.local = _fixed_local_address(config, sock)
+        """The local address of every connection it accepts, when one address is
+        all it can be (bound to one address, not transparent); else None and each
+        connection asks its own socket (getsockname: one syscall per connection)."""
         self.active = 0
         self.scope = trio.CancelScope()
         self._slot = trio.Event()
@@ -147,8 +169,8 @@ class Listener:
                     if self.active >= cap:
                         refuse(self, conn, peer)
                         continue
+                    # TCP_NODELAY comes from the listening socket (open_socket).
                     conn.setblocking(False)
-                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     self.active += 1
                     spawn(self, conn, peer)
                     accepted += 1

@@ -22,6 +22,11 @@ Rules kept here:
   implementation of any other hook (an observer, ``l4gw_configure``, ...)
   would never run (its coroutine dropped with a RuntimeWarning), so it is
   refused at load as well.
+* **A sampled flow's span is current during its hooks**, from the
+  implementation of ``l4gw_connection_opened`` that set it (the telemetry
+  plugin's runs first) to the last of ``l4gw_connection_closed``: attached once
+  by :meth:`Plugins.opened`, detached once by :meth:`Plugins.closed`, never per
+  hook (gateway/telemetry/context.py).
 """
 
 from __future__ import annotations
@@ -31,12 +36,15 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from gateway import hookspecs
 from gateway.schema import Schema
+
+if TYPE_CHECKING:
+    from gateway.flow import Flow
 
 log = logging.getLogger("l4gw.plugins")
 
@@ -213,6 +221,34 @@ class Plugins:
                 impl.function(*[kwargs[a] for a in impl.argnames])
             except Exception:
                 log.exception("plugin %s raised in %s", impl.plugin, hook)
+
+    def opened(self, flow: Flow) -> None:
+        """``l4gw_connection_opened``, observed like :meth:`observe`; once an
+        implementation (the telemetry plugin's, ``tryfirst``) has given the flow a
+        span, that span becomes the current OpenTelemetry span for the rest of the
+        flow's hooks (gateway/telemetry/context.py). An unsampled flow costs one
+        slot read per implementation."""
+        attached = False
+        for impl in self._impls["l4gw_connection_opened"]:
+            try:
+                impl.function(flow) if impl.argnames else impl.function()
+            except Exception:
+                log.exception("plugin %s raised in l4gw_connection_opened", impl.plugin)
+            if not attached and flow.span is not None:
+                flow.span.attach()
+                attached = True
+
+    def closed(self, flow: Flow) -> None:
+        """``l4gw_connection_closed``, observed like :meth:`observe`; then the flow's
+        span (if :meth:`opened` attached one) stops being the current span."""
+        for impl in self._impls["l4gw_connection_closed"]:
+            try:
+                impl.function(flow) if impl.argnames else impl.function()
+            except Exception:
+                log.exception("plugin %s raised in l4gw_connection_closed", impl.plugin)
+        span = flow.span
+        if span is not None:
+            span.detach()
 
 
 class _Failed(Exception):

@@ -25,6 +25,9 @@ Rules kept here:
   it is masked. In ``user:password`` only the password is.
 * **Keys named like secrets are masked whole** (``token``, ``password``,
   ``api_key``, ``client_secret``, ...), whatever their value looks like.
+  A key ending in ``_file`` (``token_file``, ``redis_url_file``) names the
+  file a secret is read from: its value is a path and is shown; the secret
+  read from it (:class:`gateway.schema.SecretFile`) is shown as that path.
 * Nothing here raises: any text goes in, text comes out.
 """
 
@@ -34,6 +37,8 @@ import logging
 import re
 from collections.abc import Mapping
 from typing import Any
+
+from gateway.schema import SecretFile
 
 REDACTED = "<redacted>"
 """What a secret is replaced with."""
@@ -90,8 +95,9 @@ def redact_value(value: str) -> str:
 
 
 def is_secret_key(key: str) -> bool:
-    """True for a key named like a secret (``token``, ``redis_password``, ``api_key``...)."""
-    return bool(_SECRET_KEY.search(key))
+    """True for a key named like a secret (``token``, ``redis_password``, ``api_key``...),
+    but not for the path of the file that holds one (``token_file``)."""
+    return bool(_SECRET_KEY.search(key)) and not key.endswith("_file")
 
 
 def redact_config(value: Any, key: str = "") -> Any:
@@ -101,6 +107,8 @@ def redact_config(value: Any, key: str = "") -> Any:
         value: tables, arrays and scalars as :mod:`tomllib` returns them.
         key: the key ``value`` was found under (decides whether it is a secret).
     """
+    if isinstance(value, SecretFile):
+        return redact_value(value.path)
     if isinstance(value, Mapping):
         return {str(k): redact_config(v, str(k)) for k, v in value.items()}
     if isinstance(value, list | tuple):

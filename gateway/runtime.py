@@ -143,11 +143,13 @@ def record_close(rt: Runtime, flow: Flow, dropped: int = 0) -> None:
         dropped: UDP: the session's datagrams dropped (shown in its log line).
     """
     flow.ended = time.time()
-    rt.plugins.observe("l4gw_connection_closed", flow=flow)
+    rt.plugins.closed(flow)
     line = close_line(rt, flow)
     if line is None:
         return
     level, suffix = line
+    # For [gateway] log_format = "json" (gateway/logformat.py); a line is rare, budgeted.
+    ids = {"connection_id": flow.id, "trace_id": flow.trace_id}
     if flow.transport == "udp":
         _udp_log.log(
             level,
@@ -163,6 +165,7 @@ def record_close(rt: Runtime, flow: Flow, dropped: int = 0) -> None:
             flow.close_reason,
             why(flow),
             suffix,
+            extra=ids,
         )
     else:
         _tcp_log.log(
@@ -176,6 +179,7 @@ def record_close(rt: Runtime, flow: Flow, dropped: int = 0) -> None:
             flow.close_reason,
             why(flow),
             suffix,
+            extra=ids,
         )
 
 

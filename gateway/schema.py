@@ -18,6 +18,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any
 
 # What a plugin declares its section with (docs/plugins.md); the rest serves the core.
@@ -37,6 +38,7 @@ __all__ = [
     "number",
     "port",
     "positive_duration",
+    "secret_file",
     "size",
     "string",
     "table",
@@ -93,6 +95,10 @@ def check_section(
     for key in raw:
         if key not in schema:
             problems.append(f"{join(path, key)}: unknown key")
+        elif key.endswith("_file") and key[:-5] in schema and raw[key] and raw.get(key[:-5]):
+            # A value and the file holding it: which one is in force would be a guess.
+            # ("" is unset, as for every string key that switches something on.)
+            problems.append(f"{join(path, key)}: give {key[:-5]} or {key}, not both")
     for key, field in schema.items():
         if key not in raw:
             if field.default is REQUIRED:
@@ -322,6 +328,72 @@ def _split(problem: str) -> tuple[str, str]:
     # check_section with an empty path yields "key: message" or ": message".
     key, _, message = problem.partition(": ")
     return ((f".{key}" if key else ""), message)
+
+
+# --- secrets in files -------------------------------------------------------
+
+SECRET_FILE_MAX = 64 << 10
+"""Largest secret file read: a token, a URL or a passphrase is a line, and a
+mistyped path (``/dev/zero``) must not be read whole."""
+
+
+@dataclass(frozen=True, slots=True)
+class SecretFile:
+    """A secret read from a file: what a ``*_file`` key holds once validated.
+
+    Shown as its path (``str``, ``repr``, ``/config``), never as its value.
+    """
+
+    path: str
+    """The file, as the configuration names it."""
+    value: Any = dataclass_field(repr=False)
+    """The file's text, one trailing newline removed (and converted by the
+    key's content check, when it has one)."""
+
+    def __str__(self) -> str:
+        return self.path
+
+
+def secret_file(content: Converter | None = None) -> Converter:
+    """A key naming a file that holds a secret (a mounted Kubernetes Secret).
+
+    The file is read when the configuration is validated, so every reload
+    (SIGHUP) reads it again: a rotated secret applies with the reload. One
+    trailing newline (``\\n`` or ``\\r\\n``, as ``echo`` and editors leave) is
+    removed; an empty, unreadable or non-UTF-8 file is a problem naming the
+    file. A problem never quotes the file's text. ``""`` is unset (None).
+
+    Args:
+        content: checks or converts the text (a URL parser, say); its
+            problems are reported with the file's path.
+    """
+
+    def convert(value: Any) -> SecretFile | None:
+        path = string(value)
+        if not path:
+            return None  # "" is unset, like the key's absence
+        try:
+            with open(path, "rb") as f:
+                data = f.read(SECRET_FILE_MAX + 1)
+        except OSError as exc:
+            raise Invalid(f'cannot read "{path}": {exc.strerror}')
+        if len(data) > SECRET_FILE_MAX:
+            raise Invalid(f'"{path}" is larger than {format_size(SECRET_FILE_MAX)}')
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:
+            raise Invalid(f'"{path}" is not UTF-8 text')
+        text = text.removesuffix("\n").removesuffix("\r") if text.endswith("\n") else text
+        if not text:
+            raise Invalid(f'"{path}" is empty')
+        if content is None:
+            return SecretFile(path, text)
+        try:
+            return SecretFile(path, content(text))
+        except Invalid as exc:
+            raise Invalid(problems=[(sub, f'in "{path}": {msg}') for sub, msg in exc.problems])
+
+    return convert
 
 
 # --- network values ---------------------------------------------------------

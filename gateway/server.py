@@ -28,7 +28,7 @@ from typing import Any
 
 import trio
 
-from gateway import admin
+from gateway import admin, configwatch, discovery, logformat, peers, sdnotify
 from gateway import config as config_mod
 from gateway.config import Config, ConfigError
 from gateway.connection import handle, refuse_over_capacity
@@ -38,8 +38,11 @@ from gateway.listeners import Listener, open_socket
 from gateway.plugin_manager import PluginError, Plugins
 from gateway.process import drop_privileges, needed_capabilities
 from gateway.relay.copy import CopyRelay
+from gateway.reloads import Reloads
 from gateway.runtime import Runtime
 from gateway.schema import format_address
+from gateway.shield import table as shield_table
+from gateway.telemetry import providers
 from gateway.tproxy.guard import Guard
 from gateway.udp.listener import UdpListener, UpstreamTuple
 from gateway.udp.sockets import open_udp_socket
@@ -66,6 +69,9 @@ class Gateway:
         self.draining = False
         self.started_plugins = False
         self.on_reload: list[Callable[[Config], None]] = []
+        self.reloads = Reloads(sdnotify.current())
+        self.on_reload.append(logformat.follow)
+        """The last reload's outcome and the counts (``/status``, ``l4gw.reloads``)."""
         self._reload_when_ready = False
         """A SIGHUP came before the listeners were open: reload once they are."""
         self._stop = trio.Event()
@@ -94,11 +100,19 @@ class Gateway:
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Run until stopped; ``task_status.started()`` once every listener is open."""
         config = self.config
+        shield_table.current().configure(config, self.worker)  # before acl applies its list
+        discovery.registry.configure(config)
         self.plugins.call_all("l4gw_configure", config=config)
+        self.reloads.instrument(providers.current())
         async with trio.open_nursery() as root:
             root.start_soon(self._signal_loop)
+            link = peers.current()
+            if link is not None and link.index > 0:  # worker 0 asks for every worker
+                root.start_soon(link.answer, admin.peer_handlers(self))
             async with trio.open_nursery() as background:
                 self._background = background
+                # Names resolved and files read before plugins start health checks.
+                await discovery.registry.start(background)
                 for _, result in self.plugins.call_all(
                     "l4gw_startup", config=config, nursery=background
                 ):
@@ -110,6 +124,7 @@ class Gateway:
                     self._admin_bound = _admin_bind(config)
                 if self.worker == 0:
                     await self._start_tproxy_guard(background)
+                    background.start_soon(shield_table.current().sweeper)
                 async with trio.open_nursery() as connections:
                     self._connections = connections
                     async with trio.open_nursery() as accepting:
@@ -130,7 +145,9 @@ class Gateway:
                             ", ".join(f"{li.name}={self._bound(li)}" for li in config.listeners),
                         )
                         task_status.started()
+                        self._notify_ready(background)
                         await self._stop.wait()
+                        sdnotify.current().stopping()
                         self.ready = False
                         accepting.cancel_scope.cancel()
                         for listener in self.listeners.values():
@@ -139,6 +156,7 @@ class Gateway:
                     await self._drain(connections)
                 self.plugins.observe("l4gw_shutdown", config=self.config)
                 background.cancel_scope.cancel()
+                discovery.registry.stop()
             root.cancel_scope.cancel()
         log.info("stopped")
 
@@ -196,7 +214,9 @@ class Gateway:
 
     async def _connection(self, listener: Listener, conn: socket.socket, peer: Any) -> None:
         try:
-            await handle(self.runtime, listener.config, conn, peer, self._is_draining)
+            await handle(
+                self.runtime, listener.config, conn, peer, self._is_draining, listener.local
+            )
         finally:
             listener.released()
             if not self.flows:
@@ -242,17 +262,25 @@ class Gateway:
             self._reload_when_ready = True
             return False
         self._reload_when_ready = False
+        self.reloads.begin()
         old = self.config
         try:
-            new = config_mod.load(old.path, self.plugins.schemas())
+            names = [i.name for i in self.plugins.infos]
+            new = config_mod.load(old.path, self.plugins.schemas(), names)
         except ConfigError as exc:
             log.error("reload failed; the running config stays:\n%s", exc.report())
+            self.reloads.failed(exc.report())
             return False
         try:
+            shield_table.current().configure(new, self.worker)
+            discovery.registry.configure(new)
             self.plugins.call_all("l4gw_configure", config=new)
         except PluginError as exc:
             log.error("reload failed; the running config stays: %s", exc)
+            shield_table.current().configure(old, self.worker)
+            discovery.registry.configure(old)
             self.plugins.call_all("l4gw_configure", config=old)
+            self.reloads.failed(str(exc))
             return False
         copy = self.runtime.copy
         if new.gateway.buffer_size != old.gateway.buffer_size:
@@ -267,7 +295,21 @@ class Gateway:
         log.info("reloaded %s", new.path)
         for note in new.notes:
             log.info("%s: %s", new.path, note)
+        self.reloads.succeeded(f"reloaded {new.path}")
         return True
+
+    def _notify_ready(self, background: trio.Nursery) -> None:
+        """Listeners open: tell systemd (or the supervisor); a single process also
+        pings systemd's watchdog and watches its config file (with workers, the
+        supervisor does both: gateway/sdnotify.py, gateway/configwatch.py)."""
+        notifier = sdnotify.current()
+        notifier.ready(f"serving {len(self.listeners)} listeners")
+        if self.config.gateway.workers == 1:
+            background.start_soon(sdnotify.watchdog, notifier)
+            background.start_soon(configwatch.run, self._current_config)
+
+    def _current_config(self) -> Config:
+        return self.config
 
     async def _start_tproxy_guard(self, nursery: trio.Nursery) -> None:
         """``[tproxy] manage = true``: the owner's guard restores removed or changed rules

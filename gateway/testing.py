@@ -260,7 +260,7 @@ async def run_decisions(plugins: Plugins, config: Config, flow: Flow) -> Decisio
     ``trio.run(run_decisions, plugins, config, flow)``.
     """
     rt = _runtime(plugins, config)
-    plugins.observe("l4gw_connection_opened", flow=flow)
+    plugins.opened(flow)
     route: Route | None = None
     closed: tuple[str, bool] | None = await refusal(rt, flow, "l4gw_admit")
     if closed is None:

@@ -49,11 +49,11 @@ async def connect(
     """
     family = endpoint.family
     try:
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # Non-blocking from socket() on: no separate setblocking() syscall.
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     except OSError as exc:  # EMFILE/ENFILE: out of descriptors
         raise ConnectFailed(f"no socket: {exc.strerror}")
     try:
-        sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if source is not None:
             _bind_transparent(sock, family, source)

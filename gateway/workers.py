@@ -6,9 +6,12 @@ listeners with SO_REUSEPORT, so the kernel spreads new connections over
 them), forwards SIGTERM/SIGINT/SIGHUP/SIGUSR1 to every worker, restarts a
 worker that dies on its own (with a back-off), and exits once all workers
 have exited after a stop. Worker 0 alone serves UDP listeners and the admin
-endpoint (a UDP session table is per process). Workers die with the
-supervisor (PR_SET_PDEATHSIG), so a kill -9 of the supervisor leaves no
-orphan serving stale config.
+endpoint (a UDP session table is per process); it answers for every worker
+(``/metrics``, ``/connections``, ``/readyz``) by asking the others over the
+channels the supervisor sets up before the first fork (:mod:`gateway.peers`),
+which also keep each worker's last metrics report across its restarts.
+Workers die with the supervisor (PR_SET_PDEATHSIG), so a kill -9 of the
+supervisor leaves no orphan serving stale config.
 
 State that must be shared across workers (global rate limits) belongs in a
 real store (the Redis backend), as across hosts.
@@ -23,7 +26,9 @@ import signal
 import time
 from collections.abc import Callable
 
+from gateway import peers
 from gateway.linux import PR_SET_PDEATHSIG
+from gateway.sdnotify import WorkerReports
 
 log = logging.getLogger("l4gw.workers")
 
@@ -40,7 +45,10 @@ EXIT_START_FAILED = 3
 
 
 def supervise(
-    count: int, run_worker: Callable[[int], int], on_reload: Callable[[], None] | None = None
+    count: int,
+    run_worker: Callable[[int], int],
+    on_reload: Callable[[], None] | None = None,
+    reports: WorkerReports | None = None,
 ) -> int:
     """Fork ``count`` workers running ``run_worker(index)``; return when all are done.
 
@@ -53,6 +61,8 @@ def supervise(
         run_worker: what a worker process runs; its return value is its exit code.
         on_reload: called in the supervisor on SIGHUP (before forwarding it), so
             that a worker restarted later runs the config the others run.
+        reports: the workers' readiness, turned into sd_notify messages for systemd
+            (gateway/sdnotify.py); its ``wait`` replaces ``os.wait``.
 
     Returns:
         0 after a requested stop, 1 when the workers could not be kept running.
@@ -62,6 +72,7 @@ def supervise(
     restarted: set[int] = set()
     stopping = False
     backoff = _RESTART_BACKOFF[0]
+    fleet = peers.Fleet(count)
 
     def spawn(index: int) -> None:
         pid = os.fork()
@@ -74,19 +85,29 @@ def supervise(
                 # (their default action): held until its signal loop takes them.
                 signal.pthread_sigmask(signal.SIG_BLOCK, HELD_WHILE_STARTING)
                 _die_with_parent()
+                peers.install(fleet.link(index))
+                if reports is not None:
+                    reports.in_worker(index)
                 code = run_worker(index)
             finally:
                 logging.shutdown()
                 os._exit(code)
         children[pid] = index
         started[pid] = time.monotonic()
+        if reports is not None:
+            reports.started(index)
 
     def forward(signum: int, frame: object) -> None:
         nonlocal stopping
         if signum in (signal.SIGTERM, signal.SIGINT):
             stopping = True
-        elif signum == signal.SIGHUP and on_reload is not None:
-            on_reload()
+            if reports is not None:
+                reports.stopping()
+        elif signum == signal.SIGHUP:
+            if reports is not None:
+                reports.reloading()
+            if on_reload is not None:
+                on_reload()
         for pid in children:
             try:
                 os.kill(pid, signum)
@@ -101,12 +122,14 @@ def supervise(
     try:
         while children:
             try:
-                pid, status = os.wait()
+                pid, status = os.wait() if reports is None else reports.wait()
             except ChildProcessError:
                 break
             if pid not in children:
                 continue
             index = children.pop(pid)
+            if reports is not None:
+                reports.exited(index)
             if time.monotonic() - started.pop(pid) >= _HEALTHY_RUN:
                 backoff = _RESTART_BACKOFF[0]  # a crash now and then is not a crash loop
             if stopping:

@@ -23,6 +23,10 @@ Rules kept here:
   are plain state machines; the probes only report "ok" or why not.
 * **The connection path only reads**: :meth:`Health.filter` is a dict
   lookup per cluster while everything is healthy.
+* **Endpoint sets change at run time** (``gateway.discovery``: DNS, files,
+  plugins): checks start for an address that arrives and stop for one that
+  leaves; an address that stays keeps its state (health, outlier count and
+  ejection), however it arrived. Outlier state of a departed address is dropped.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from typing import Any
 import trio
 from opentelemetry import metrics
 
-from gateway import Config, Endpoint, Flow, hookimpl
+from gateway import Config, Endpoint, Flow, discovery, hookimpl
 from gateway import schema as s
 
 log = logging.getLogger("l4gw.health")
@@ -257,8 +261,13 @@ class Health:
         self,
         clock: Callable[[], float] = time.monotonic,
         meter_provider: metrics.MeterProvider | None = None,
+        registry: discovery.Registry | None = None,
     ) -> None:
         self.clock = clock
+        self.registry = registry if registry is not None else discovery.registry
+        self._subscribed = False
+        self._specs: dict[str, CheckSpec] = {}
+        """Each checked cluster's check, for endpoints that arrive later."""
         self.states: dict[Key, HealthState] = {}
         self.ejections: dict[Key, Ejection] = {}
         self.unhealthy: dict[str, set[tuple[str, int]]] = {}
@@ -304,6 +313,34 @@ class Health:
 
     def available(self, cluster: str, endpoint: Endpoint) -> bool:
         return bool(self.filter(cluster, (endpoint,)))
+
+    def state_of(self, cluster: str, endpoint: Endpoint) -> str:
+        """ "ejected", "unhealthy", "healthy" (checked) or "unchecked" (for /status)."""
+        addr = (endpoint.host, endpoint.port)
+        ej = self.outliers.get(cluster, {}).get(addr)
+        if ej is not None and ej.ejected(self.clock()):
+            return "ejected"
+        if addr in self.unhealthy.get(cluster, ()):
+            return "unhealthy"
+        state = self.states.get((cluster, *addr))
+        return "healthy" if state is not None and state.known else "unchecked"
+
+    def endpoints_changed(self, cluster: str, endpoints: tuple[Endpoint, ...]) -> None:
+        """A cluster's set changed (a registry subscriber): check what arrived,
+        stop checking what left; the rest keeps its state."""
+        spec = self._specs.get(cluster)
+        if spec is not None:
+            for key in [k for k in self._wanted if k[0] == cluster]:
+                del self._wanted[key]
+            for e in endpoints:
+                self._wanted[(cluster, e.host, e.port)] = spec
+        here = {(e.host, e.port) for e in endpoints}
+        per_cluster = self.outliers.get(cluster)
+        if per_cluster:
+            for addr in [a for a in per_cluster if a not in here]:
+                del per_cluster[addr]
+        if spec is not None:
+            self._reconcile()
 
     # -- active checks -------------------------------------------------------
 
@@ -407,13 +444,19 @@ class Health:
 
     @hookimpl
     def l4gw_configure(self, config: Config) -> None:
+        if not self._subscribed:
+            self.registry.subscribe(self.endpoints_changed)
+            self.registry.report_health(self.state_of)
+            self._subscribed = True
         transports = cluster_transports(config)
         wanted: dict[Key, CheckSpec] = {}
         outlier: dict[str, tuple[int, float]] = {}
+        self._specs = {}
         for name, cluster in config.clusters.items():
             if cluster.health_check is not None:
                 spec = CheckSpec.from_config(cluster.health_check, transports.get(name, "tcp"))
-                for e in cluster.endpoints:
+                self._specs[name] = spec
+                for e in self.registry.current(cluster):
                     wanted[(name, e.host, e.port)] = spec
             if cluster.outlier is not None:
                 o = cluster.outlier

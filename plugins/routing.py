@@ -23,6 +23,16 @@ Rules kept here:
   random_two.
 * **A reload keeps balancer state** (round-robin position, Maglev table) for
   every cluster whose endpoints and algorithm did not change.
+* **Endpoint sets come from discovery** (``gateway.discovery``): names followed
+  in DNS, an ``endpoints_file``, a plugin. A change of one cluster's set
+  rebuilds that cluster's balancers only (a new Maglev table); the others keep
+  theirs, and active counts carry over for the addresses that stay. A cluster
+  with no endpoint at all gets a route with none (the core closes the
+  connection ``no_endpoint``).
+* **Priorities** (SRV): the lowest priority group's available endpoints are
+  offered first, each group balanced on its own; the next groups follow only
+  as fallbacks (the connect retries), and take new connections first only when
+  no endpoint of a lower group is available.
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
-from gateway import ClusterConfig, Config, Endpoint, Flow, Route, RouteConfig, hookimpl
+from gateway import ClusterConfig, Config, Endpoint, Flow, Route, RouteConfig, discovery, hookimpl
 
 from .balance import Balancer, SmoothWeighted, make_balancer
 from .health import Health
@@ -122,12 +132,40 @@ class Router:
 
 
 @dataclass(eq=False)
-class _ClusterState:
-    endpoints: tuple[Endpoint, ...]
-    balance: str
+class _Group:
+    """The endpoints of one priority, with their own balancer."""
+
+    priority: int
     balancer: Balancer
     members: tuple[Endpoint, ...]
     """Endpoints with a weight above zero."""
+
+
+@dataclass(eq=False)
+class _ClusterState:
+    endpoints: tuple[Endpoint, ...]
+    balance: str
+    groups: tuple[_Group, ...]
+    """By priority, lowest first; one group when no endpoint has a priority."""
+
+    @property
+    def balancer(self) -> Balancer:
+        return self.groups[0].balancer
+
+    @property
+    def members(self) -> tuple[Endpoint, ...]:
+        return tuple(e for g in self.groups for e in g.members)
+
+
+def cluster_state(endpoints: tuple[Endpoint, ...], balance: str) -> _ClusterState:
+    priorities = sorted({e.priority for e in endpoints}) or [0]
+    groups = []
+    for p in priorities:
+        group = tuple(e for e in endpoints if e.priority == p)
+        groups.append(
+            _Group(p, make_balancer(balance, group), tuple(e for e in group if e.weight > 0))
+        )
+    return _ClusterState(endpoints, balance, tuple(groups))
 
 
 class Routing:
@@ -137,8 +175,10 @@ class Routing:
         health: where endpoint availability comes from.
     """
 
-    def __init__(self, health: Health) -> None:
+    def __init__(self, health: Health, registry: discovery.Registry | None = None) -> None:
         self.health = health
+        self.registry = registry if registry is not None else discovery.registry
+        self._subscribed = False
         self.router: Router | None = None
         self.clusters: dict[str, _ClusterState] = {}
         self.active: dict[tuple[str, str, int], int] = {}
@@ -150,20 +190,25 @@ class Routing:
         return self.active.get((cluster, endpoint.host, endpoint.port), 0)
 
     def configure(self, config: Config) -> None:
+        if not self._subscribed:
+            self.registry.subscribe(self.endpoints_changed)
+            self._subscribed = True
         clusters: dict[str, _ClusterState] = {}
         for name, cc in config.clusters.items():
             old = self.clusters.get(name)
-            if old is not None and old.endpoints == cc.endpoints and old.balance == cc.balance:
+            endpoints = self.registry.current(cc)
+            if old is not None and old.endpoints == endpoints and old.balance == cc.balance:
                 clusters[name] = old
                 continue
-            clusters[name] = _ClusterState(
-                endpoints=cc.endpoints,
-                balance=cc.balance,
-                balancer=make_balancer(cc.balance, cc.endpoints),
-                members=tuple(e for e in cc.endpoints if e.weight > 0),
-            )
+            clusters[name] = cluster_state(endpoints, cc.balance)
         self.clusters = clusters
         self.router = Router(config)
+
+    def endpoints_changed(self, cluster: str, endpoints: tuple[Endpoint, ...]) -> None:
+        """A cluster's set changed (a registry subscriber): rebuild its balancers only."""
+        old = self.clusters.get(cluster)
+        if old is not None and old.endpoints != endpoints:
+            self.clusters[cluster] = cluster_state(endpoints, old.balance)
 
     def route(self, flow: Flow) -> Route | None:
         if self.router is None:
@@ -178,20 +223,45 @@ class Routing:
     def endpoints(self, cluster: ClusterConfig, flow: Flow, client: bytes) -> tuple[Endpoint, ...]:
         """The endpoints of ``cluster`` to try for ``flow``, in order."""
         state = self.clusters.get(cluster.name)
-        if state is None:
+        if state is None or not state.endpoints:
             return ()
-        candidates: Sequence[Endpoint] = self.health.filter(cluster.name, state.members)
+        name = cluster.name
+        attempts = cluster.connect_attempts
+        if len(state.groups) > 1:
+            return self._by_priority(cluster, flow, state, client)
+        candidates: Sequence[Endpoint] = self.health.filter(name, state.groups[0].members)
         if not candidates:
             candidates = self._no_healthy(cluster, flow, state)
             if not candidates:
                 return ()
-        elif cluster.name in self._panicking:
-            self._panicking.discard(cluster.name)
-            log.warning("cluster %s: endpoints available again, panic mode over", cluster.name)
+        elif name in self._panicking:
+            self._panicking.discard(name)
+            log.warning("cluster %s: endpoints available again, panic mode over", name)
+        return state.balancer.order(candidates, lambda e: self.load_of(name, e), client, attempts)
+
+    def _by_priority(
+        self, cluster: ClusterConfig, flow: Flow, state: _ClusterState, client: bytes
+    ) -> tuple[Endpoint, ...]:
+        """Each priority group's available endpoints in balancer order, lowest first."""
         name = cluster.name
-        return state.balancer.order(
-            candidates, lambda e: self.load_of(name, e), client, cluster.connect_attempts
-        )
+        attempts = cluster.connect_attempts
+        out: list[Endpoint] = []
+        for group in state.groups:
+            candidates = self.health.filter(name, group.members)
+            if candidates:
+                out.extend(
+                    group.balancer.order(
+                        candidates, lambda e: self.load_of(name, e), client, attempts - len(out)
+                    )
+                )
+                if len(out) >= attempts:
+                    break
+        if out:
+            if name in self._panicking:
+                self._panicking.discard(name)
+                log.warning("cluster %s: endpoints available again, panic mode over", name)
+            return tuple(out)
+        return tuple(self._no_healthy(cluster, flow, state))[:attempts]
 
     def _no_healthy(
         self, cluster: ClusterConfig, flow: Flow, state: _ClusterState
@@ -205,7 +275,7 @@ class Routing:
                 "cluster %s: no healthy endpoint, panic mode: trying all of them", cluster.name
             )
         flow.add_event("panic", cluster=cluster.name)
-        return state.members or cluster.endpoints
+        return state.members or state.endpoints
 
     def connected(self, flow: Flow, endpoint: Endpoint) -> None:
         if flow.cluster is None:

@@ -7,12 +7,15 @@ recorded, and the rules that keep it cheap, are
 
 * ``l4gw_configure`` sets telemetry up on the first call (``[telemetry]``,
   ``OTEL_*``) and applies a reload's ``sample_ratio`` after it;
-* ``l4gw_connection_opened`` starts the flow's span;
+* ``l4gw_connection_opened`` (``tryfirst``) starts the flow's span, and gives a
+  sampled flow its ``flow.span``: from there on the core makes it the current
+  OpenTelemetry span during the flow's hooks (gateway/telemetry/context.py);
 * ``l4gw_admit`` (``trylast``: it runs only once every other plugin let the
   connection through, and never refuses) stamps the "admitted" event;
 * ``l4gw_connect_attempt`` notes each upstream attempt (and sets
   ``flow.traceparent_out`` for a cluster that sends one);
-* ``l4gw_connection_closed`` records the flow, exactly once;
+* ``l4gw_connection_closed`` (``trylast``: after every other plugin's, so what
+  they add to the span is in it) records the flow, exactly once;
 * ``l4gw_startup`` starts the span pipe's task (partial batches, the
   exporter's counts); ``l4gw_shutdown`` delivers what is left, bounded.
 
@@ -56,7 +59,7 @@ class TelemetryPlugin:
     def l4gw_shutdown(self, config: Config) -> None:
         self.telemetry.shutdown()
 
-    @hookimpl
+    @hookimpl(tryfirst=True)
     def l4gw_connection_opened(self, flow: Flow) -> None:
         recorder = self.recorder
         if recorder is not None:
@@ -76,7 +79,7 @@ class TelemetryPlugin:
         if recorder is not None:
             recorder.connect_attempt(flow, endpoint, error, seconds)
 
-    @hookimpl
+    @hookimpl(trylast=True)
     def l4gw_connection_closed(self, flow: Flow) -> None:
         recorder = self.recorder
         if recorder is not None:

@@ -15,7 +15,6 @@ committed file differs from this script's output.
 
 from __future__ import annotations
 
-import inspect
 import json
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -27,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gateway import config
 from gateway import schema as s
+from gateway.effective import closure, converter_kind, format_duration, is_schema, list_item
 from gateway.schema import REQUIRED, Field, Schema
 
 INTRO = """\
@@ -84,7 +84,32 @@ SECTIONS: list[tuple[str, Schema, str]] = [
     (
         "[cluster.NAME]",
         config.CLUSTER,
-        "A named group of backends (`[cluster.api]` defines cluster `api`).",
+        "A named group of backends (`[cluster.api]` defines cluster `api`). Its endpoints come "
+        "from exactly one of `endpoints` (addresses, names followed in DNS and SRV names, "
+        "combined), `endpoints_file` (a JSON list of the same forms, e.g. "
+        '`["10.0.0.7:8080", {"address": "api.internal:8080", "weight": 2}]`, watched: '
+        "replace it atomically; a bad version keeps the last good set, a missing file at start "
+        "is an empty set) or `discovery` (a plugin publishes them: docs/plugins.md). A cluster "
+        "with no endpoint closes new connections with reason `no_endpoint`. A change of the "
+        "set moves new connections only; connections open to an address that left keep "
+        "running, and health state and least-conn counts carry over for addresses that stay. "
+        "Each change is one log line.",
+    ),
+    (
+        "[cluster.NAME] endpoints = [{ srv = ... }]",
+        config.SRV_TABLE,
+        "An SRV name among the endpoints: each target of the record is an endpoint with the "
+        "record's port, priority and weight. New connections go to the lowest priority's "
+        "available endpoints (balanced by their weights); the next priorities serve only as "
+        "fallbacks (connect retries), or when no endpoint of a lower one is available.",
+    ),
+    (
+        "[dns]",
+        config.DNS,
+        "How names and SRV names in `endpoints` (and in an `endpoints_file`) are resolved. "
+        "Optional: every key has a default. Each worker process resolves on its own, again "
+        "when an answer's TTL runs out; a failure keeps the last good addresses. Names "
+        "in the hosts file and `localhost` are asked of the system resolver.",
     ),
     (
         "[tproxy]",
@@ -103,14 +128,27 @@ SECTIONS: list[tuple[str, Schema, str]] = [
         "[admin]",
         config.ADMIN,
         "The admin HTTP endpoint: `/healthz`, `/readyz`, `/metrics`, `/connections`, "
-        "`/config`, `/status`. Off when the section is absent. Probes (`/healthz`, "
-        "`/readyz`) never need the token. A `bind` that is not loopback (`0.0.0.0`, a "
+        "`/config`, `/status`, `/shield` (the eBPF shield's entries: GET lists, POST adds, "
+        "DELETE removes). Off when the section is absent. Probes (`/healthz`, "
+        "`/readyz`) never need the token; changes to `/shield` need it unless `bind` is "
+        "loopback. A `bind` that is not loopback (`0.0.0.0`, a "
         "public address) needs a `token`, or `insecure = true` to say that the network in "
         "front is trusted (then a warning is logged at start). At most `max_connections` "
         "admin connections are open at once: more wait in the kernel backlog until one "
         "closes (each lasts at most "
         "5 s reading the request and 10 s sending the answer), so admin clients cannot take "
         "file descriptors or tasks from the data plane.",
+    ),
+    (
+        "[shield]",
+        config.SHIELD,
+        "The eBPF shield: a BPF program at the ingress of `interfaces` drops the new "
+        "connections (TCP SYN without ACK; UDP datagrams to a UDP listener's port) of "
+        "clients the plugins or `l4gw shield add` listed, before they reach nftables or "
+        "the gateway. Only the gateway's listener and intercepted ports are shielded, and "
+        "established connections never. Loaded at start when the section is present; when "
+        "the kernel refuses it, one line says why and the plugins refuse listed clients in "
+        "admit instead. See docs/security.md.",
     ),
 ]
 
@@ -125,8 +163,12 @@ NESTED_HEADINGS = {
 NESTED_TEXT = {
     "[[route]] clusters = [{...}]": "An item of a route's weighted split, "
     '`clusters = [{cluster = "blue", weight = 9}, {cluster = "green", weight = 1}]`.',
-    "[cluster.NAME] endpoints = [{...}]": 'An endpoint is `"ip:port"`, or this table when it '
-    "needs a weight.",
+    "[cluster.NAME] endpoints = [{...}]": 'An endpoint is `"ip:port"`, `"[ipv6]:port"` or '
+    '`"name:port"`, or this table when it needs a weight. A name is resolved in DNS (see '
+    "`[dns]`) and followed as its records change: each of its addresses is an endpoint of its "
+    "own with the name's weight (as Envoy's STRICT_DNS does), balanced, health-checked and "
+    "ejected on its own. `l4gw check` validates names without resolving them; `l4gw check "
+    "--resolve` resolves them.",
     "[cluster.NAME.health_check]": "Active health checks: present means on. An endpoint "
     "starts healthy.",
     "[cluster.NAME.outlier]": "Passive ejection of endpoints that fail to connect: present "
@@ -147,37 +189,18 @@ PLAIN: dict[Callable[..., Any], str] = {
     s.port: "port",
     s.hostname_pattern: 'host name or `"*.domain"`',
     s.alpn_protocol: "ALPN protocol name (1..255 bytes)",
-    config._endpoint: "address or `{address, weight}`",
+    config.endpoint_spec: 'address, `"name:port"`, `{address, weight}` or `{srv}`',
+    config.dns_name: "DNS name",
 }
-
-
-def nonlocals(fn: Callable[..., Any]) -> dict[str, Any]:
-    try:
-        return dict(inspect.getclosurevars(fn).nonlocals)
-    except (TypeError, ValueError):
-        return {}
-
-
-def kind(fn: Callable[..., Any]) -> str:
-    """The converter's factory (``integer``, ``list_of``...) or its own name."""
-    return getattr(fn, "__qualname__", "").split(".<locals>")[0]
-
-
-def is_schema(value: Any) -> bool:
-    return (
-        isinstance(value, Mapping)
-        and bool(value)
-        and all(isinstance(f, Field) for f in value.values())
-    )
 
 
 def nested_schema(fn: Callable[..., Any], depth: int = 3) -> Schema | None:
     """The table schema a converter checks against, looked for in its closure."""
-    if fn is config._endpoint:
+    if fn is config.endpoint_spec:
         return config.ENDPOINT_TABLE
     if depth == 0:
         return None
-    for value in nonlocals(fn).values():
+    for value in closure(fn).values():
         if is_schema(value):
             result: Schema = value
             return result
@@ -185,14 +208,6 @@ def nested_schema(fn: Callable[..., Any], depth: int = 3) -> Schema | None:
             found = nested_schema(value, depth - 1)
             if found is not None:
                 return found
-    return None
-
-
-def list_item(fn: Callable[..., Any]) -> Callable[..., Any] | None:
-    """The item converter of a ``list_of`` converter."""
-    if kind(fn) == "list_of":
-        item: Callable[..., Any] = nonlocals(fn)["item"]
-        return item
     return None
 
 
@@ -210,7 +225,7 @@ def describe(fn: Callable[..., Any], default: Any = REQUIRED) -> str:
     """A short type for the table's type column."""
     if fn in PLAIN:
         return PLAIN[fn]
-    k, cells = kind(fn), nonlocals(fn)
+    k, cells = converter_kind(fn), closure(fn)
     if k == "integer":
         return "integer" + bounds(cells.get("low"), cells.get("high"))
     if k == "number":
@@ -240,27 +255,19 @@ def describe(fn: Callable[..., Any], default: Any = REQUIRED) -> str:
 
 
 def fmt_duration(seconds: float) -> str:
-    if seconds == 0:
-        return '"0s"'
-    for unit, size in (("h", 3600.0), ("m", 60.0), ("s", 1.0), ("ms", 1e-3)):
-        n = seconds / size
-        if n >= 1 and abs(n - round(n)) < 1e-9:
-            return f'"{round(n)}{unit}"'
-    return f'"{round(seconds * 1e6)}us"'
+    return f'"{format_duration(seconds)}"'
 
 
 def fmt_size(n: int) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size and n % size == 0:
-            return f'"{n // size}{unit}"'
-    return str(n)
+    text = s.format_size(n)
+    return text if text.isdigit() else f'"{text}"'
 
 
 def toml_value(fn: Callable[..., Any], value: Any) -> str:
     """``value`` written as it would be in the file."""
     if fn in (s.duration, s.positive_duration):
         return fmt_duration(value)
-    if fn is s.size or kind(fn) == "size_in":
+    if fn is s.size or converter_kind(fn) == "size_in":
         return fmt_size(value)
     if fn is s.address and isinstance(value, tuple):
         return json.dumps(s.format_address(*value))

@@ -22,10 +22,11 @@ runtime_pkgs=(python3 python3-venv libbpf1 libnftables1 nftables iproute2 ca-cer
 # made with debootstrap when no registry is reachable; runc because crun
 # refuses hybrid cgroup layouts). iptables: the doctor's tests seed
 # iptables-legacy rules (and the doctor reads them with its -save tools).
+# systemd: systemd-analyze verifies the shipped unit (examples/systemd/).
 build_pkgs=(clang llvm libbpf-dev linux-libc-dev make gcc python3-dev)
 dev_pkgs=("${build_pkgs[@]}"
-          nginx-light haproxy redis-server dnsmasq-base dnsutils iperf3 wrk
-          iputils-ping procps psmisc curl iptables
+          nginx-light libnginx-mod-stream haproxy redis-server dnsmasq-base dnsutils iperf3 wrk
+          iputils-ping procps psmisc curl iptables systemd
           podman buildah runc debootstrap)
 
 sudo_() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -45,6 +46,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   sudo_ apt-get update -qq
   sudo_ apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# The DNS tests start their own dnsmasq (tests/support/dnsmasq.py): dnsmasq-base
+# ships the binary only, no service to disable.
+if [ "$mode" != "--runtime" ] && [ "$mode" != "--build" ] && ! command -v dnsmasq >/dev/null \
+   && [ ! -x /usr/sbin/dnsmasq ]; then
+  echo "install: dnsmasq-base is installed but no dnsmasq binary was found" >&2
+  exit 1
 fi
 # Debian starts these on install; the tests start their own instances.
 for svc in nginx haproxy redis-server; do

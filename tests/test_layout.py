@@ -76,7 +76,9 @@ PURE = (
 PURE_OPTIONAL = ("gateway/tproxy/plan.py",)
 
 # What a plugin may import of the core besides the names of gateway.__all__.
-PUBLIC_MODULES = frozenset({"gateway.schema", "gateway.testing"})
+PUBLIC_MODULES = frozenset(
+    {"gateway.discovery", "gateway.schema", "gateway.shield", "gateway.testing"}
+)
 PUBLIC_NAMESPACES = ("gateway.relay", "gateway.telemetry")
 
 # A cycle of more modules than this is reported with its hidden imports only.

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from gateway.cli.common import help_without_action
 from gateway.config import ConfigError
 from gateway.plugin_manager import PluginError
 from gateway.relay import libbpf
@@ -55,12 +56,7 @@ def register(subparsers: Any) -> None:
     status.add_argument("-c", "--config", help="TOML configuration file (default: defaults)")
     status.add_argument("--json", action="store_true", help="print JSON instead of text")
     status.set_defaults(func=cmd_status)
-
-    def usage(args: argparse.Namespace) -> int:
-        accel.print_help()
-        return EXIT_CONFIG
-
-    accel.set_defaults(func=usage)
+    help_without_action(accel)
 
 
 def _section(path: str | None) -> tuple[Mapping[str, Any], bool]:

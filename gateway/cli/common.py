@@ -8,10 +8,12 @@ and it imports none of them.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 
 from gateway import config as config_mod
+from gateway import logformat
 from gateway.config import Config, ConfigError
 from gateway.plugin_manager import PluginError, Plugins
 from gateway.plugin_manager import load as load_plugins
@@ -23,17 +25,14 @@ EXIT_CONFIG = 2
 """The configuration is invalid (every problem listed with its key path)."""
 
 
-def setup_logging(level: str, workers: int = 1) -> None:
-    """Log to stderr at ``level``; with several workers each line names its process."""
-    pid = " [%(process)d]" if workers > 1 else ""
+def setup_logging(level: str, workers: int = 1, log_format: str = "text") -> None:
+    """Log to stderr at ``level``, as text lines or JSON objects (gateway/logformat.py);
+    with several workers each line names its process."""
     handler = logging.StreamHandler(sys.stderr)
     # Whatever a plugin logs, a URL's password does not reach the log.
     handler.addFilter(RedactingFilter())
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format=f"%(asctime)s %(levelname)s{pid} %(name)s: %(message)s",
-        handlers=[handler],
-    )
+    logformat.install(handler, log_format, workers)
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 
 def disabled_plugins(path: str) -> list[str]:
@@ -54,7 +53,8 @@ def load_config(path: str) -> tuple[Config, Plugins]:
         ConfigError, PluginError.
     """
     plugins = load_plugins(disabled_plugins(path))
-    return config_mod.load(path, plugins.schemas()), plugins
+    names = [i.name for i in plugins.infos]
+    return config_mod.load(path, plugins.schemas(), names), plugins
 
 
 def load_or_report(path: str) -> tuple[Config, Plugins] | None:
@@ -66,6 +66,17 @@ def load_or_report(path: str) -> tuple[Config, Plugins] | None:
     except PluginError as exc:
         print(f"{path}: {exc}", file=sys.stderr)
     return None
+
+
+def help_without_action(parser: argparse.ArgumentParser) -> None:
+    """A command run without its action (``l4gw shield``) prints its help and exits
+    :data:`EXIT_CONFIG`."""
+
+    def usage(args: argparse.Namespace) -> int:
+        parser.print_help()
+        return EXIT_CONFIG
+
+    parser.set_defaults(func=usage)
 
 
 def startup_failures(exc: BaseException) -> list[str] | None:

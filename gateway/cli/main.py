@@ -1,10 +1,11 @@
 """The ``l4gw`` command: ``run``, ``check``, ``demo``, ``plugins``, and the
-subcommands of gateway/cli/tproxy.py (``tproxy``) and gateway/cli/accel.py
-(``accel``); what they share is in gateway/cli/common.py.
+subcommands of gateway/cli/tproxy.py (``tproxy``), gateway/cli/accel.py
+(``accel``) and gateway/cli/shield.py (``shield``); what they share is in
+gateway/cli/common.py.
 
 Exit codes: 0 success; 1 the gateway could not run (a port in use, a plugin
-that failed to start); 2 the configuration is invalid (every problem listed
-with its key path).
+that failed to start), or ``check --resolve`` found a name that does not
+resolve; 2 the configuration is invalid (every problem listed with its key path).
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from typing import Any
 import trio
 import trio.lowlevel
 
-from gateway import __version__
+from gateway import __version__, configwatch, sdnotify
 from gateway import config as config_mod
-from gateway.cli import accel, tproxy
+from gateway.cli import accel, shield, tproxy
 from gateway.cli.common import (
     EXIT_CONFIG,
     EXIT_RUNTIME,
@@ -64,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
         "check", help="validate a configuration", description="Validate a configuration file."
     )
     check.add_argument("-c", "--config", required=True, help="TOML configuration file")
+    check.add_argument(
+        "--resolve",
+        action="store_true",
+        help="also resolve every name and SRV name once and print what each gives "
+        "(exit 1 if any fails)",
+    )
     check.set_defaults(func=cmd_check)
 
     demo = sub.add_parser(
@@ -88,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
 
     tproxy.register(sub)
     accel.register(sub)
+    shield.register(sub)
     return p
 
 
@@ -98,6 +106,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     for note in loaded[0].notes:
         print(f"{args.config}: note: {note}")
     print("ok")
+    if args.resolve:
+        from gateway.cli.resolve import check_resolve
+
+        return check_resolve(loaded[0])
     return 0
 
 
@@ -106,7 +118,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if loaded is None:
         return EXIT_CONFIG
     config, plugins = loaded
-    setup_logging(args.log_level or config.gateway.log_level, config.gateway.workers)
+    setup_logging(
+        args.log_level or config.gateway.log_level,
+        config.gateway.workers,
+        config.gateway.log_format,
+    )
+    # systemd's socket is this process's alone: workers and exporters do not inherit it.
+    sdnotify.take()
     raise_open_file_limit(config)
     for note in config.notes:
         log.info("%s: %s", config.path, note)
@@ -125,6 +143,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def run_gateway(config: Config, plugins: Plugins) -> int:
+    from gateway.shield.startup import shield_installed
+
+    # The kernel shield is loaded once, here, before the workers fork (they share its maps).
+    with shield_installed(config):
+        return _run_workers(config, plugins)
+
+
+def _run_workers(config: Config, plugins: Plugins) -> int:
     if config.gateway.workers > 1:
         # A worker restarted after a crash serves the config the others serve: the
         # last one a SIGHUP loaded without problems, not the one from start-up.
@@ -132,12 +158,24 @@ def run_gateway(config: Config, plugins: Plugins) -> int:
 
         def reload() -> None:
             try:
-                current[0] = config_mod.load(current[0].path, plugins.schemas())
+                names = [i.name for i in plugins.infos]
+                current[0] = config_mod.load(current[0].path, plugins.schemas(), names)
             except ConfigError:
                 pass  # each worker reports the problems; the running config stays
 
+        watch = configwatch.ConfigWatch()
+
+        def tick() -> None:
+            if watch.poll(current[0]):
+                log.info("%s changed: reloading", current[0].path)
+                configwatch.request_reload()
+
+        reports = sdnotify.WorkerReports(config.gateway.workers, sdnotify.current(), tick)
         return supervise(
-            config.gateway.workers, lambda i: run_one(current[0], plugins, i), on_reload=reload
+            config.gateway.workers,
+            lambda i: run_one(current[0], plugins, i),
+            on_reload=reload,
+            reports=reports,
         )
     code = run_one(config, plugins, 0)
     return EXIT_RUNTIME if code == EXIT_START_FAILED else code

@@ -25,9 +25,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from gateway.cli.common import EXIT_CONFIG, load_config
-from gateway.config import Config, ConfigError
-from gateway.plugin_manager import PluginError
+from gateway.cli.common import EXIT_CONFIG, help_without_action, load_or_report
+from gateway.config import Config
 
 EXIT_PROBLEM = 1
 
@@ -60,23 +59,14 @@ def register(subparsers: Any) -> None:
                 "and leaves it in place at exit",
             )
         p.set_defaults(func=func)
-
-    def usage(args: argparse.Namespace) -> int:
-        tp.print_help()
-        return EXIT_CONFIG
-
-    tp.set_defaults(func=usage)
+    help_without_action(tp)
 
 
 def _config(path: str) -> Config | None:
-    try:
-        config, _ = load_config(path)
-    except ConfigError as exc:
-        print(exc.report(), file=sys.stderr)
+    loaded = load_or_report(path)
+    if loaded is None:
         return None
-    except PluginError as exc:
-        print(f"{path}: {exc}", file=sys.stderr)
-        return None
+    config = loaded[0]
     if config.tproxy is None:
         print(f"{path}: no [tproxy] section", file=sys.stderr)
         return None

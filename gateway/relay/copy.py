@@ -21,6 +21,13 @@ Rules kept here:
 4. **Fair and cancellable.** Every wait is a trio checkpoint, and a direction
    that never has to wait checkpoints every few chunks anyway.
 5. **The caller owns the sockets** and closes them.
+6. **One task per pair.** Both directions are moved by the task that called
+   :meth:`CopyRelay.run`: its two sockets are registered once in the process's
+   poller (gateway/relay/poller.py, edge-triggered) and the task waits there for
+   whichever side has work. A nursery and a second task per connection cost
+   about a third of an idle connection's memory and ~10 % of a new
+   connection's CPU (bench/README.md, "Per-connection cost"). Each read goes on
+   until EAGAIN (or a checkpoint), as an edge-triggered wait requires.
 """
 
 from __future__ import annotations
@@ -32,10 +39,12 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import trio
-from trio.lowlevel import checkpoint, wait_readable, wait_writable
+from trio.lowlevel import checkpoint
 
 from gateway.flow import CloseReason, Flow
 from gateway.linux import SIOCINQ, ioctl_int
+from gateway.relay.poller import Poller, Waiter
+from gateway.relay.poller import current as current_poller
 from gateway.relay.stats import RelayStats
 
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
@@ -134,20 +143,38 @@ class CopyRelay:
         directions are still open: at that point no byte is held in
         userspace, so a kernel tier can take the sockets over in order.
 
+        One task moves both directions (rule 6): the two sockets are registered
+        once in the process's poller (gateway/relay/poller.py) and the task waits
+        there for whichever side is ready.
+
         Returns:
             The close reason (a :class:`CloseReason` value), or None when promoted.
         """
         pair = _Pair(idle_timeout, promotion)
-        with pair.scope:
-            if idle_timeout:
-                pair.scope.deadline = trio.current_time() + idle_timeout
-            reset = await both_directions(
-                self._copy,
-                (upstream, client, stats, False, pair),
-                (client, upstream, stats, True, pair),
-            )
-            if reset is not None:
-                return reset
+        poller = current_poller()
+        cfd, ufd = client.fileno(), upstream.fileno()
+        # The client has usually sent its first bytes by now; the upstream has not
+        # been sent anything yet (if it speaks first, registering reports it).
+        pair.readable[_CLIENT] = True
+        pair.writable[_CLIENT] = pair.writable[_UPSTREAM] = True
+        try:
+            poller.register(cfd, pair, _CLIENT)
+            poller.register(ufd, pair, _UPSTREAM)
+            with pair.scope:
+                reset = await self._pump(
+                    _Direction(client, upstream, True), _Direction(upstream, client, False),
+                    stats, pair, poller,
+                )  # fmt: skip
+                if reset is not None:
+                    return reset
+        finally:
+            if pair.promoted:
+                # A kernel tier takes the sockets on: out of the set, not only forgotten.
+                poller.unregister(cfd)
+                poller.unregister(ufd)
+            else:
+                poller.forget(cfd)
+                poller.forget(ufd)
         if pair.promoted:
             return None
         if pair.scope.cancelled_caught:
@@ -159,93 +186,173 @@ class CopyRelay:
             return CloseReason.IDLE_TIMEOUT
         return pair.first_eof or CloseReason.CLIENT_EOF
 
-    async def _copy(
+    async def _pump(
         self,
-        src: socket.socket,
-        dst: socket.socket,
+        c2u: _Direction,
+        u2c: _Direction,
         stats: RelayStats,
-        from_client: bool,
         pair: _Pair,
-    ) -> None:
+        poller: Poller,
+    ) -> str | None:
+        """Move bytes both ways until both ended (None), a reset (its reason), or a
+        promotion (None, ``pair.promoted``)."""
         view = self._view
         size = len(view)
+        readable, writable = pair.readable, pair.writable
         chunks = 0
-        src_reset = CloseReason.CLIENT_RESET if from_client else CloseReason.BACKEND_RESET
-        dst_reset = CloseReason.BACKEND_RESET if from_client else CloseReason.CLIENT_RESET
-        while not pair.promoted:
-            try:
-                n = src.recv_into(view, size)
-            except BlockingIOError:
-                pair.reading.add(from_client)
-                try:
-                    await wait_readable(src)
-                finally:
-                    pair.reading.discard(from_client)
-                continue
-            except OSError:
-                abort_on_close(dst)
-                raise RelayReset(src_reset)
-            if n == 0:
-                if pair.first_eof is None and isinstance(stats, Flow):
-                    # The flow's span shows when it became half-closed, and by whom.
-                    stats.add_event("half_closed", by="client" if from_client else "backend")
-                pair.eof(CloseReason.CLIENT_EOF if from_client else CloseReason.BACKEND_EOF)
-                try:
-                    dst.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
-                return
-            try:
-                sent = dst.send(view[:n])
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                abort_on_close(src)
-                raise RelayReset(dst_reset)
-            if sent < n:
-                # The destination is congested: hold only what it did not take.
-                pending = memoryview(bytes(view[sent:n]))
-                # Left set if the idle timeout cancels the wait: run() then resets.
-                pair.holding.add(from_client)
-                while pending:
-                    await wait_writable(dst)
+        directions = (c2u, u2c)
+        while True:
+            for d in directions:
+                if d.done:
+                    continue
+                src_side = _CLIENT if d.from_client else _UPSTREAM
+                dst_side = _UPSTREAM if d.from_client else _CLIENT
+                if d.pending is not None:
+                    if not writable[dst_side]:
+                        continue
                     try:
-                        pending = pending[dst.send(pending) :]
+                        while d.pending:
+                            d.pending = d.pending[d.dst.send(d.pending) :]
                     except BlockingIOError:
-                        pass
+                        writable[dst_side] = False
+                        continue
                     except OSError:
-                        abort_on_close(src)
-                        raise RelayReset(dst_reset)
-                pair.holding.discard(from_client)
-            if from_client:
-                stats.bytes_from_client += n
-            else:
-                stats.bytes_to_client += n
-            pair.touch()
-            if pair.promotion is not None and pair.promotion.due(stats):
-                pair.promote()
-                return
-            chunks += 1
-            if chunks == _CHUNKS_PER_CHECKPOINT:
+                        abort_on_close(d.src)
+                        return d.dst_reset
+                    d.pending = None
+                    pair.holding -= 1
+                    self._moved(d, d.held, stats, pair)
+                while readable[src_side] and not pair.stopping:
+                    try:
+                        n = d.src.recv_into(view, size)
+                    except BlockingIOError:
+                        readable[src_side] = False
+                        break
+                    except OSError:
+                        abort_on_close(d.dst)
+                        return d.src_reset
+                    if n == 0:
+                        self._eof(d, stats, pair)
+                        break
+                    try:
+                        sent = d.dst.send(view[:n])
+                    except BlockingIOError:
+                        sent = 0
+                    except OSError:
+                        abort_on_close(d.src)
+                        return d.dst_reset
+                    if sent < n:
+                        # The destination is congested: hold only what it did not
+                        # take, and read no more from this source until it has.
+                        d.pending = memoryview(bytes(view[sent:n]))
+                        d.held = n
+                        pair.holding += 1
+                        writable[dst_side] = False
+                        break
+                    self._moved(d, n, stats, pair)
+                    chunks += 1
+                    if chunks >= _CHUNKS_PER_CHECKPOINT:
+                        break
+            if c2u.done and u2c.done:
+                return None
+            if pair.stopping and not pair.holding:
+                pair.promoted = True
+                return None
+            if chunks >= _CHUNKS_PER_CHECKPOINT:
+                # Rule 4: a pair that never has to wait lets the others run.
                 chunks = 0
                 await checkpoint()
+                continue
+            chunks = 0
+            if not _can_move(c2u, u2c, pair):
+                await poller.wait(pair)
+
+    @staticmethod
+    def _moved(d: _Direction, n: int, stats: RelayStats, pair: _Pair) -> None:
+        if d.from_client:
+            stats.bytes_from_client += n
+        else:
+            stats.bytes_to_client += n
+        pair.touch()
+        if pair.promotion is not None and pair.promotion.due(stats):
+            # Stop reading; a direction still holding bytes delivers them first,
+            # so the kernel tier takes over with nothing held here.
+            pair.stopping = True
+
+    @staticmethod
+    def _eof(d: _Direction, stats: RelayStats, pair: _Pair) -> None:
+        d.done = True
+        if pair.first_eof is None and isinstance(stats, Flow):
+            # The flow's span shows when it became half-closed, and by whom.
+            stats.add_event("half_closed", by="client" if d.from_client else "backend")
+        other_ended = pair.first_eof is not None
+        pair.eof(CloseReason.CLIENT_EOF if d.from_client else CloseReason.BACKEND_EOF)
+        if not other_ended:
+            try:
+                d.dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        # else both directions are over: ``dst`` sent its EOF and every byte before
+        # it was read, so the caller's close() sends the FIN with no RST risk, and a
+        # shutdown() here would be one more syscall for it.
 
 
-class _Pair:
+_CLIENT: Final = 1
+_UPSTREAM: Final = 0
+
+
+def _can_move(c2u: _Direction, u2c: _Direction, pair: _Pair) -> bool:
+    """Whether some direction has work it can do without waiting."""
+    for d in (c2u, u2c):
+        if d.done:
+            continue
+        src_side = _CLIENT if d.from_client else _UPSTREAM
+        dst_side = _UPSTREAM if d.from_client else _CLIENT
+        if d.pending is not None:
+            if pair.writable[dst_side]:
+                return True
+        elif pair.readable[src_side] and not pair.stopping:
+            return True
+    return False
+
+
+class _Direction:
+    """One direction of a pair: where from, where to, what it holds."""
+
+    __slots__ = ("done", "dst", "dst_reset", "from_client", "held", "pending", "src", "src_reset")
+
+    def __init__(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
+        self.src = src
+        self.dst = dst
+        self.from_client = from_client
+        self.done = False
+        self.pending: memoryview | None = None
+        self.held = 0
+        """Bytes of the chunk ``pending`` is the rest of (counted once all are sent)."""
+        self.src_reset = CloseReason.CLIENT_RESET if from_client else CloseReason.BACKEND_RESET
+        self.dst_reset = CloseReason.BACKEND_RESET if from_client else CloseReason.CLIENT_RESET
+
+
+class _Pair(Waiter):
     """State shared by the two directions of one pair: idle deadline, EOFs, promotion."""
 
-    __slots__ = ("first_eof", "holding", "idle", "promoted", "promotion", "reading", "scope")
+    __slots__ = ("first_eof", "holding", "idle", "promoted", "promotion", "scope", "stopping")
 
     def __init__(self, idle: float, promotion: Promotion | None) -> None:
-        self.scope = trio.CancelScope()
+        super().__init__()
+        # The deadline given before the scope is entered costs no re-sort of trio's
+        # deadline heap (setting it after did, once per connection); with the slack
+        # of touch() already, so the first chunks do not move it either.
+        deadline = trio.current_time() + idle * _IDLE_SLACK if idle else float("inf")
+        self.scope = trio.CancelScope(deadline=deadline)
         self.idle = idle
         self.promotion = promotion
         self.promoted = False
+        self.stopping = False
+        """The promotion is due: read no more, deliver what is held, then hand over."""
         self.first_eof: str | None = None
-        # The directions (from_client) waiting to read right now.
-        self.reading: set[bool] = set()
-        # The directions holding bytes their destination has not taken yet.
-        self.holding: set[bool] = set()
+        self.holding = 0
+        """Directions holding bytes their destination has not taken yet."""
 
     def touch(self) -> None:
         # Moving a trio deadline re-sorts the deadline heap; per chunk that
@@ -263,15 +370,4 @@ class _Pair:
             self.first_eof = reason
         # A half-closed pair stays in this tier: kernel tiers need both open.
         self.promotion = None
-
-    def promote(self) -> None:
-        self.promoted = True
-        # Wake the other direction only if it is waiting to read: then it
-        # holds no bytes. One that is writing finishes, then sees the flag.
-        # The pair's own scope wakes it: run() tells promotion from an idle
-        # timeout by the flag, and no scope per direction is needed (entering
-        # one costs about as much as relaying a small chunk, bench/README.md).
-        # (Cancelled while parked in wait_readable, it returns; already woken,
-        # it sees the flag before it reads again.)
-        if self.reading:
-            self.scope.cancel()
+        self.stopping = False

@@ -1,6 +1,8 @@
-"""A minimal cffi ABI-mode binding of libbpf 1.x (``libbpf.so.1``) for the sockmap tier.
+"""A minimal cffi ABI-mode binding of libbpf 1.x (``libbpf.so.1``) for the kernel tiers.
 
-Only the calls the accelerator needs are declared (reference/sockmap.md §5).
+Only the calls the sockmap accelerator (reference/sockmap.md §5) and the shield
+(reference/shield.md: XDP and tcx links, tc filters, ``BPF_PROG_TEST_RUN``) need
+are declared.
 
 Rules kept (sockmap.md §8 rule 17):
 
@@ -8,7 +10,12 @@ Rules kept (sockmap.md §8 rule 17):
    ``errno`` set; both become :class:`BpfError` with that errno. ``errno`` is read
    right after the call (cffi saves it per thread). ``libbpf_get_error`` is not used.
 2. Every ``*_opts`` argument is ``NULL``: a struct-layout mismatch in ABI mode would be
-   silent memory corruption.
+   silent memory corruption. The exceptions are the calls that cannot work without
+   one (``bpf_prog_test_run_opts``, the ``bpf_tc_*`` calls, an XDP link's mode
+   flags); their structs are copied field for field from libbpf 1.1's ``bpf.h`` and
+   ``libbpf.h`` (``size_t :0`` written as the padding it makes), and ``sz`` is the
+   size cffi computes. libbpf reads only the fields that fit in ``sz`` and refuses
+   non-zero bytes it does not know, so a layout it has outgrown stays safe.
 3. The print callback is created once, kept referenced for the life of the process,
    and formats ``va_list`` (passed as ``void*``) with libc ``vsnprintf``; it routes
    libbpf's messages (including the verifier log on a failed load) to :mod:`logging`.
@@ -22,6 +29,8 @@ from __future__ import annotations
 import errno as _errno
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -30,9 +39,16 @@ __all__ = [
     "BPF_EXIST",
     "BPF_NOEXIST",
     "BPF_SK_SKB_STREAM_VERDICT",
+    "BPF_TCX_INGRESS",
+    "BPF_TC_INGRESS",
+    "BPF_XDP",
+    "XDP_FLAGS_DRV_MODE",
+    "XDP_FLAGS_SKB_MODE",
     "BpfError",
     "BpfObject",
     "KernelObject",
+    "ProgRun",
+    "captured",
     "install_logging",
     "kernel_objects",
     "link_create",
@@ -41,9 +57,21 @@ __all__ = [
     "map_get_next_key",
     "map_lookup_elem",
     "map_update_elem",
+    "num_possible_cpus",
     "object_exists",
     "prog_attach",
     "prog_detach",
+    "prog_name",
+    "prog_query",
+    "prog_test_run",
+    "summary",
+    "tc_attach",
+    "tc_detach",
+    "tc_hook_create",
+    "tc_query",
+    "xdp_attach",
+    "xdp_detach",
+    "xdp_query_id",
 ]
 
 log = logging.getLogger("l4gw.relay.libbpf")
@@ -54,6 +82,15 @@ BPF_SK_SKB_STREAM_VERDICT: Final = 5
 BPF_ANY: Final = 0
 BPF_NOEXIST: Final = 1
 BPF_EXIST: Final = 2
+# linux/bpf.h: enum bpf_attach_type BPF_XDP = 37, BPF_TCX_INGRESS = 46 (kernel 6.6;
+# Debian's libbpf-dev 1.1 headers predate it)
+BPF_XDP: Final = 37
+BPF_TCX_INGRESS: Final = 46
+# linux/if_link.h: XDP_FLAGS_SKB_MODE = 2 (generic), XDP_FLAGS_DRV_MODE = 4 (native)
+XDP_FLAGS_SKB_MODE: Final = 2
+XDP_FLAGS_DRV_MODE: Final = 4
+# bpf/libbpf.h: enum bpf_tc_attach_point BPF_TC_INGRESS = 1
+BPF_TC_INGRESS: Final = 1
 
 _CDEF: Final = """
 typedef unsigned int __u32;
@@ -82,6 +119,8 @@ int bpf_map_get_next_key(int fd, const void *key, void *next_key);
 int bpf_prog_attach(int prog_fd, int attachable_fd, int type, unsigned int flags);
 int bpf_prog_detach2(int prog_fd, int attachable_fd, int type);
 int bpf_link_create(int prog_fd, int target_fd, int attach_type, const void *opts);
+int bpf_prog_query(int target_fd, int type, __u32 query_flags, __u32 *attach_flags,
+                   __u32 *prog_ids, __u32 *prog_cnt);
 
 int bpf_prog_get_next_id(__u32 start_id, __u32 *next_id);
 int bpf_map_get_next_id(__u32 start_id, __u32 *next_id);
@@ -91,12 +130,67 @@ int bpf_map_get_fd_by_id(__u32 id);
 int bpf_link_get_fd_by_id(__u32 id);
 int bpf_btf_get_fd_by_id(__u32 id);
 int bpf_obj_get_info_by_fd(int bpf_fd, void *info, __u32 *info_len);
+int libbpf_num_possible_cpus(void);
+
+struct bpf_test_run_opts {
+    size_t sz;
+    const void *data_in;
+    void *data_out;
+    __u32 data_size_in;
+    __u32 data_size_out;
+    const void *ctx_in;
+    void *ctx_out;
+    __u32 ctx_size_in;
+    __u32 ctx_size_out;
+    __u32 retval;
+    int repeat;
+    __u32 duration;
+    __u32 flags;
+    __u32 cpu;
+    __u32 batch_size;
+};
+int bpf_prog_test_run_opts(int prog_fd, struct bpf_test_run_opts *opts);
+
+/* The head of struct bpf_link_create_opts: libbpf reads flags and, for attach types it
+   has no case for (BPF_XDP, BPF_TCX_INGRESS in 1.1), requires the rest to be zero. */
+struct l4gw_link_create_opts {
+    size_t sz;
+    __u32 flags;
+    __u32 _pad;
+};
+
+int bpf_xdp_attach(int ifindex, int prog_fd, __u32 flags, const void *opts);
+int bpf_xdp_detach(int ifindex, __u32 flags, const void *opts);
+int bpf_xdp_query_id(int ifindex, int flags, __u32 *prog_id);
+
+struct bpf_tc_hook {
+    size_t sz;
+    int ifindex;
+    int attach_point;
+    __u32 parent;
+    __u32 _pad;
+};
+struct bpf_tc_opts {
+    size_t sz;
+    int prog_fd;
+    __u32 flags;
+    __u32 prog_id;
+    __u32 handle;
+    __u32 priority;
+    __u32 _pad;
+};
+int bpf_tc_hook_create(struct bpf_tc_hook *hook);
+int bpf_tc_attach(const struct bpf_tc_hook *hook, struct bpf_tc_opts *opts);
+int bpf_tc_detach(const struct bpf_tc_hook *hook, const struct bpf_tc_opts *opts);
+int bpf_tc_query(const struct bpf_tc_hook *hook, struct bpf_tc_opts *opts);
 """
 
 _ffi: Any = None
 _lib: Any = None
 _libc: Any = None
 _print_cb: Any = None  # must stay referenced while libbpf may call it
+_captured: list[tuple[int, str]] | None = None
+_CAPTURE_SIZE: Final = 1 << 20
 
 
 class BpfError(OSError):
@@ -171,16 +265,54 @@ def install_logging(logger: logging.Logger = log, *, ceiling: int = logging.WARN
     @ffi.callback("int(int, const char *, void *)")  # type: ignore[untyped-decorator]
     def _cb(level: int, fmt: Any, ap: Any) -> int:
         lvl = _levels.get(level, logging.DEBUG)
-        if not logger.isEnabledFor(lvl):
+        capture = _captured
+        if capture is None and not logger.isEnabledFor(lvl):
             return 0
-        buf = ffi.new("char[]", 4096)
-        n = _libc.vsnprintf(buf, 4096, fmt, ap)
+        # A verifier log comes as one message whose end says why: keep room for it
+        # while a caller captures.
+        size = 4096 if capture is None else _CAPTURE_SIZE
+        buf = ffi.new("char[]", size)
+        n = _libc.vsnprintf(buf, size, fmt, ap)
         if n > 0:
-            logger.log(lvl, "%s", ffi.string(buf).decode(errors="replace").rstrip())
+            text = ffi.string(buf).decode(errors="replace").rstrip()
+            if capture is not None:
+                capture.append((level, text))
+            logger.log(lvl, "%s", text)
         return 0
 
     _print_cb = _cb
     lib.libbpf_set_print(_cb)
+
+
+@contextmanager
+def captured() -> Iterator[list[tuple[int, str]]]:
+    """Collect libbpf's messages, as (level, text), while the block runs (they are
+    logged as well); :func:`summary` makes one line of them. Needs
+    :func:`install_logging` first."""
+    global _captured
+    previous, _captured = _captured, []
+    try:
+        yield _captured
+    finally:
+        _captured = previous
+
+
+def summary(messages: list[tuple[int, str]], limit: int = 200) -> str:
+    """The one line that says why, from captured libbpf messages: the verifier's last
+    word when a program was refused, else libbpf's last warning; "" when none."""
+    for _, text in messages:
+        if "-- BEGIN PROG LOAD LOG --" not in text:
+            continue
+        body = text.split("-- BEGIN PROG LOAD LOG --", 1)[1].split("-- END PROG LOAD LOG --")[0]
+        lines = [
+            line.strip()
+            for line in body.splitlines()
+            if line.strip() and not line.startswith(("processed ", "verification time"))
+        ]
+        if lines:
+            return lines[-1][:limit]
+    warnings = [text for level, text in messages if level == 0 and text]
+    return warnings[-1].removeprefix("libbpf: ")[:limit] if warnings else ""
 
 
 class BpfObject:
@@ -262,11 +394,153 @@ def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> None:
     _check(lib.bpf_prog_detach2(prog_fd, target_fd, attach_type), "bpf_prog_detach2")
 
 
-def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+def link_create(prog_fd: int, target_fd: int, attach_type: int, flags: int = 0) -> int:
     """``bpf_link_create`` (kernel ≥ 6.10 for sockmaps): returns a link fd that
-    detaches the program when closed, including when the process dies."""
+    detaches the program when closed, including when the process dies.
+
+    Args:
+        prog_fd: The program.
+        target_fd: The map, or for ``BPF_XDP``/``BPF_TCX_INGRESS`` the ifindex.
+        attach_type: ``enum bpf_attach_type``.
+        flags: ``link_create.flags`` (for ``BPF_XDP`` the ``XDP_FLAGS_*`` mode).
+    """
     ffi, lib = _load()
-    return _check(lib.bpf_link_create(prog_fd, target_fd, attach_type, ffi.NULL), "bpf_link_create")
+    opts = ffi.NULL
+    if flags:
+        opts = ffi.new("struct l4gw_link_create_opts *")
+        opts.sz = ffi.sizeof("struct l4gw_link_create_opts")
+        opts.flags = flags
+    return _check(lib.bpf_link_create(prog_fd, target_fd, attach_type, opts), "bpf_link_create")
+
+
+def prog_query(target_fd: int, attach_type: int) -> list[int]:
+    """``bpf_prog_query``: the ids of the programs attached to ``target_fd`` (for
+    ``BPF_TCX_INGRESS`` an ifindex of this network namespace) as ``attach_type``."""
+    ffi, lib = _load()
+    ids = ffi.new("__u32[]", 64)
+    count = ffi.new("__u32 *", 64)
+    ret = lib.bpf_prog_query(target_fd, attach_type, 0, ffi.NULL, ids, count)
+    if ret == -_errno.ENOENT:
+        return []
+    _check(ret, "bpf_prog_query")
+    return [int(ids[i]) for i in range(min(int(count[0]), 64))]
+
+
+def num_possible_cpus() -> int:
+    """How many per-CPU slots a ``PERCPU_*`` map value has."""
+    _, lib = _load()
+    return _check(lib.libbpf_num_possible_cpus(), "libbpf_num_possible_cpus")
+
+
+@dataclass(frozen=True, slots=True)
+class ProgRun:
+    """The outcome of one ``BPF_PROG_TEST_RUN``.
+
+    Attributes:
+        retval: The program's return value (a u32: tc's -1 is 0xFFFFFFFF).
+        duration_ns: Average run time per repetition.
+    """
+
+    retval: int
+    duration_ns: int
+
+
+def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1) -> ProgRun:
+    """Run a loaded XDP or tc program on ``data`` (a frame from its Ethernet header).
+
+    Raises:
+        BpfError: e.g. ``EINVAL`` for a frame shorter than an Ethernet header.
+    """
+    ffi, lib = _load()
+    buf = ffi.new("char[]", data)
+    opts = ffi.new("struct bpf_test_run_opts *")
+    opts.sz = ffi.sizeof("struct bpf_test_run_opts")
+    opts.data_in = buf
+    opts.data_size_in = len(data)
+    opts.repeat = repeat
+    _check(lib.bpf_prog_test_run_opts(prog_fd, opts), "bpf_prog_test_run_opts")
+    return ProgRun(int(opts.retval), int(opts.duration))
+
+
+def xdp_attach(ifindex: int, prog_fd: int, flags: int) -> None:
+    """``bpf_xdp_attach`` (netlink: the program stays after the process dies)."""
+    ffi, lib = _load()
+    _check(lib.bpf_xdp_attach(ifindex, prog_fd, flags, ffi.NULL), "bpf_xdp_attach")
+
+
+def xdp_detach(ifindex: int, flags: int) -> None:
+    """``bpf_xdp_detach``. Pass the mode (``XDP_FLAGS_SKB_MODE`` for a generic one):
+    with flags 0 it returned 0 and left a generic program attached (shield.md §1).
+
+    Raises:
+        BpfError: ``EBUSY`` when the program is held by a link (netlink cannot touch it).
+    """
+    ffi, lib = _load()
+    _check(lib.bpf_xdp_detach(ifindex, flags, ffi.NULL), "bpf_xdp_detach")
+
+
+def xdp_query_id(ifindex: int, flags: int) -> int:
+    """The id of the XDP program attached in mode ``flags`` (0 when none)."""
+    ffi, lib = _load()
+    out = ffi.new("__u32 *")
+    _check(lib.bpf_xdp_query_id(ifindex, flags, out), "bpf_xdp_query_id")
+    return int(out[0])
+
+
+def _tc_hook(ifindex: int) -> Any:
+    ffi, _ = _load()
+    hook = ffi.new("struct bpf_tc_hook *")
+    hook.sz = ffi.sizeof("struct bpf_tc_hook")
+    hook.ifindex = ifindex
+    hook.attach_point = BPF_TC_INGRESS
+    return hook
+
+
+def _tc_opts(handle: int, priority: int, prog_fd: int = 0) -> Any:
+    ffi, _ = _load()
+    opts = ffi.new("struct bpf_tc_opts *")
+    opts.sz = ffi.sizeof("struct bpf_tc_opts")
+    opts.handle = handle
+    opts.priority = priority
+    opts.prog_fd = prog_fd
+    return opts
+
+
+def tc_hook_create(ifindex: int) -> bool:
+    """Add the clsact qdisc to ``ifindex``; ``False`` when it was there already."""
+    _, lib = _load()
+    ret = lib.bpf_tc_hook_create(_tc_hook(ifindex))
+    if ret == -_errno.EEXIST:
+        return False
+    _check(ret, "bpf_tc_hook_create")
+    return True
+
+
+def tc_attach(ifindex: int, prog_fd: int, handle: int, priority: int) -> None:
+    """A direct-action ingress filter (netlink: it stays after the process dies)."""
+    _, lib = _load()
+    _check(
+        lib.bpf_tc_attach(_tc_hook(ifindex), _tc_opts(handle, priority, prog_fd)),
+        "bpf_tc_attach",
+    )
+
+
+def tc_query(ifindex: int, handle: int, priority: int) -> int | None:
+    """The program id of the ingress filter ``handle``/``priority``; ``None`` when absent."""
+    _, lib = _load()
+    opts = _tc_opts(handle, priority)
+    ret = lib.bpf_tc_query(_tc_hook(ifindex), opts)
+    if ret in (-_errno.ENOENT, -_errno.EINVAL):  # no filter; no clsact qdisc at all
+        return None
+    _check(ret, "bpf_tc_query")
+    return int(opts.prog_id)
+
+
+def tc_detach(ifindex: int, handle: int, priority: int) -> None:
+    """Remove the ingress filter ``handle``/``priority`` (only that one: never
+    ``bpf_tc_hook_destroy``, which flushes every ingress filter, other tools' too)."""
+    _, lib = _load()
+    _check(lib.bpf_tc_detach(_tc_hook(ifindex), _tc_opts(handle, priority)), "bpf_tc_detach")
 
 
 def map_update_elem(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
@@ -413,3 +687,20 @@ def map_fd_by_id(map_id: int) -> int:
     """
     _, lib = _load()
     return _check(lib.bpf_map_get_fd_by_id(map_id), "bpf_map_get_fd_by_id")
+
+
+def prog_name(prog_id: int) -> str | None:
+    """The name of the BPF program ``prog_id``; ``None`` when it no longer exists.
+
+    Raises:
+        BpfError: ``EPERM`` without CAP_SYS_ADMIN.
+    """
+    _, lib = _load()
+    fd = lib.bpf_prog_get_fd_by_id(prog_id)
+    if fd == -_errno.ENOENT:
+        return None
+    _check(fd, "bpf_prog_get_fd_by_id")
+    try:
+        return _name(_info(fd, _PROG_INFO_LEN), _PROG_NAME_AT)
+    finally:
+        os.close(fd)

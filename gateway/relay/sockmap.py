@@ -71,6 +71,7 @@ from typing import Any, Final, NamedTuple
 
 import trio
 
+from gateway import bpfobjects
 from gateway.linux import SIOCINQ, SIOCOUTQ, SO_COOKIE, TCP_INFO, ioctl_int
 from gateway.relay import libbpf
 from gateway.relay.libbpf import BpfError
@@ -88,7 +89,7 @@ __all__ = [
 
 log = logging.getLogger("l4gw.relay.sockmap")
 
-DEFAULT_OBJECT: Final = Path(__file__).parent.parent / "bpf" / "l4gw_sockmap.bpf.o"
+DEFAULT_OBJECT: Final = bpfobjects.object_path("l4gw_sockmap.bpf.o")
 """Package data of ``gateway`` (bpf/Makefile builds it there)."""
 
 # net/tcp_states.h: TCP_ESTABLISHED = 1, TCP_CLOSE = 7
@@ -355,16 +356,10 @@ class Accelerator:
             AcceleratorError: With a one-line reason (no privileges, object missing,
                 verifier rejection, attach failure).
         """
-        obj_path = Path(path) if path is not None else DEFAULT_OBJECT
-        if not obj_path.is_file():
-            raise AcceleratorError(f"sockmap: BPF object {obj_path} missing (run make -C bpf)")
         try:
-            # The AcceleratorError is the one line that says why; libbpf's own lines
-            # (a verifier log can run to hundreds) are there at debug level.
-            libbpf.install_logging(ceiling=logging.DEBUG)
-            obj = libbpf.BpfObject(str(obj_path))
-        except BpfError as exc:
-            raise AcceleratorError(f"sockmap: cannot open {obj_path}: {exc.strerror}") from exc
+            obj = bpfobjects.open_object(Path(path) if path is not None else DEFAULT_OBJECT)
+        except bpfobjects.ObjectUnavailable as exc:
+            raise AcceleratorError(f"sockmap: {exc}") from exc
         try:
             for name in _MAPS:
                 obj.set_max_entries(name, 2 * max_flows)

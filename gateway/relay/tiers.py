@@ -35,12 +35,13 @@ Rules kept here:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -73,6 +74,9 @@ log = logging.getLogger("l4gw.relay")
 _PUBLISH_EVERY: Final = 1.0
 # Accelerator.relay's own abort reasons; the core knows them as internal errors.
 _SOCKMAP_ABORTS: Final = frozenset({"backlog_cap", "drain_timeout", "anomaly"})
+
+
+_OUT_OF_FDS: Final = frozenset({errno.EMFILE, errno.ENFILE})
 
 
 @dataclass
@@ -345,8 +349,20 @@ class RelayTiers:
                     flow.error = f"sockmap tier aborted the flow: {reason}"
                     return CloseReason.INTERNAL_ERROR
                 return reason
+            moved = flow.bytes_from_client + flow.bytes_to_client
             with self._in(flow, "splice"):
-                return await splice_relay(client, upstream, flow, idle_timeout=idle)
+                try:
+                    return await splice_relay(client, upstream, flow, idle_timeout=idle)
+                except OSError as exc:
+                    # Out of descriptors for its two pipes (many held flows near the
+                    # fd limit): no byte went through splice, so the copy tier, which
+                    # needs no descriptor of its own, carries the flow on.
+                    if exc.errno not in _OUT_OF_FDS or (
+                        flow.bytes_from_client + flow.bytes_to_client != moved
+                    ):
+                        raise
+                    self.fallbacks += 1
+                    flow.add_event("relay_fallback", tier="splice", reason=str(exc))
         with self._in(flow, "copy"):
             closed = await self.copy.run(client, upstream, flow, idle_timeout)
         assert closed is not None
@@ -364,28 +380,43 @@ class RelayTiers:
         moved = flow.bytes_from_client + flow.bytes_to_client - before
         return closed, policy.is_bulk(moved, trio.current_time() - began)
 
-    @contextlib.contextmanager
-    def _in(self, flow: Flow, tier: str, entered: bool = True) -> Iterator[Any]:
+    def _in(self, flow: Flow, tier: str, entered: bool = True) -> _InTier:
         """Count ``flow`` in ``tier`` while the block runs; with ``entered=False`` the
-        flow enters only when the yielded callable is called (sockmap: once armed)."""
-        c = self.tiers[tier].counters
-        before = flow.bytes_from_client + flow.bytes_to_client
-        inside = False
+        flow enters only when the callable the block gets is called (sockmap: once armed)."""
+        return _InTier(self.tiers[tier].counters, flow, tier, entered)
 
-        def enter() -> None:
-            nonlocal inside
-            inside = True
-            c.flows_now += 1
-            c.flows_total += 1
-            flow.tier = tier
-            if tier != "copy":
-                flow.add_event("spliced", tier=tier, bytes_before=before)
 
-        if entered:
-            enter()
-        try:
-            yield enter
-        finally:
-            if inside:
-                c.flows_now -= 1
-                c.bytes += flow.bytes_from_client + flow.bytes_to_client - before
+class _InTier:
+    """:meth:`Tiers._in`: a class rather than a generator, since a flow in the copy
+    tier holds it while idle (a suspended generator and its closure were ~600 bytes
+    of each idle connection, bench/conn_cost.py idle)."""
+
+    __slots__ = ("before", "counters", "entered", "flow", "inside", "tier")
+
+    def __init__(self, counters: TierCounters, flow: Flow, tier: str, entered: bool) -> None:
+        self.counters = counters
+        self.flow = flow
+        self.tier = tier
+        self.entered = entered
+        self.before = flow.bytes_from_client + flow.bytes_to_client
+        self.inside = False
+
+    def enter(self) -> None:
+        self.inside = True
+        c, flow = self.counters, self.flow
+        c.flows_now += 1
+        c.flows_total += 1
+        flow.tier = self.tier
+        if self.tier != "copy":
+            flow.add_event("spliced", tier=self.tier, bytes_before=self.before)
+
+    def __enter__(self) -> Callable[[], None]:
+        if self.entered:
+            self.enter()
+        return self.enter
+
+    def __exit__(self, *exc: object) -> None:
+        if self.inside:
+            c, flow = self.counters, self.flow
+            c.flows_now -= 1
+            c.bytes += flow.bytes_from_client + flow.bytes_to_client - self.before

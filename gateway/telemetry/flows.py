@@ -13,8 +13,9 @@ Rules kept here:
 
 * **The mapping is the span contract.** Span names, kinds, attributes
   (OpenTelemetry semantic conventions v1.44.0 for a proxy, conventions.md
-  A.2: ``client.*`` the real client, ``server.*`` the original destination,
-  ``network.local.*`` the listener, gateway values under ``l4gw.*``), events
+  A.2: ``client.*`` the real client, ``server.*`` the original destination (its
+  address the SNI when one was peeked), ``network.local.*`` the listener (with an SNI,
+  the address connected to), gateway values under ``l4gw.*``), events
   in time order with "closed" last, and error status for
   :attr:`CloseReason.FAILURES <gateway.flow.CloseReason.FAILURES>`.
 * **Plugin values are cleaned here.** ``flow.attributes`` and ``flow.events``
@@ -299,7 +300,16 @@ def server_attributes(r: Sequence[Any]) -> dict[str, Any]:
     client, destination = r[F_CLIENT], r[F_DESTINATION]
     attrs["client.address"] = client[0]
     attrs["client.port"] = client[1]
-    attrs["server.address"] = destination[0]
+    sni = r[F_SNI]
+    if sni:
+        # Semantic conventions v1.44.0 deprecate tls.client.server_name for server.address,
+        # the server's domain name when known: the name the client asked for. The address
+        # it connected to is then the connection's local address (getsockname).
+        attrs["network.local.address"] = destination[0]
+        attrs["network.local.port"] = destination[1]
+        attrs["server.address"] = sni
+    else:
+        attrs["server.address"] = destination[0]
     attrs["server.port"] = destination[1]
     attrs["network.transport"] = r[F_TRANSPORT]
     attrs["network.type"] = "ipv6" if ":" in client[0] else "ipv4"
@@ -332,7 +342,6 @@ OPTIONAL = (
     ("l4gw.tier", F_TIER),
     ("l4gw.refused_by", F_REFUSED_BY),
     ("l4gw.refused_rule", F_REFUSED_RULE),
-    ("tls.client.server_name", F_SNI),
 )
 
 

@@ -57,7 +57,9 @@ class Histogram:
         for k, s in list(self.series.items()):
             series = list(s)
             series[0] = sum(series[4:])
-            out.append((dict(zip(self.keys, k, strict=True)), series))
+            # An absent value (None, "") is left out: never a "null" attribute.
+            attrs = {n: v for n, v in zip(self.keys, k, strict=True) if v is not None and v != ""}
+            out.append((attrs, series))
         return out
 
 

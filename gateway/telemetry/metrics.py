@@ -63,11 +63,23 @@ class CountingMetricExporter(MetricExporter):
 
 
 class InjectingPrometheusReader(PrometheusMetricReader):
-    """The Prometheus reader, with the plugin's own metrics added at each scrape."""
+    """The Prometheus reader, with the plugin's own metrics added at each scrape (and in
+    worker 0 of several, every worker's: :meth:`Telemetry.inject
+    <gateway.telemetry.providers.Telemetry.inject>`)."""
 
     def __init__(self, inject: Inject, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.inject = inject
+        # The exporter labels a scope without a version or schema (a plugin's meter)
+        # otel_scope_version="": an empty label is an absent one, so it is left out.
+        collector = getattr(self, "_collector", None)
+        build = getattr(collector, "_build_scope_attrs", None)
+        if collector is not None and build is not None:
+
+            def scope_attrs(scope: Any) -> dict[str, Any]:
+                return {k: v for k, v in build(scope).items() if v != ""}
+
+            collector._build_scope_attrs = scope_attrs
 
     def _receive_metrics(
         self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
@@ -75,3 +87,74 @@ class InjectingPrometheusReader(PrometheusMetricReader):
         data = self.inject(metrics_data)
         if data is not None:
             super()._receive_metrics(data, timeout_millis=timeout_millis, **kwargs)
+
+
+class WorkersProcessCollector:
+    """``process_*`` of every worker (``[gateway] workers > 1``), each with an
+    ``l4gw_worker`` label, from the reports of the collection that just ran.
+
+    Registered after the Prometheus reader, whose collection asks the workers for
+    their reports (:meth:`Telemetry.inject <gateway.telemetry.providers.Telemetry.inject>`
+    fills ``reports``): the registry collects in registration order.
+    ``process_cpu_seconds_total`` carries over a worker's restarts as every counter
+    does; the gauges describe the process running now.
+    """
+
+    def __init__(self, reports: Callable[[], dict[int, dict[str, Any]]]) -> None:
+        self.reports = reports
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        families: dict[str, Any] = {}
+        for index, process in sorted(self.reports().items()):
+            for name, value in process.items():
+                family = families.get(name)
+                if family is None:
+                    meta = PROCESS_METRICS.get(name)
+                    if meta is None:
+                        continue
+                    kind, family_name, help_text = meta
+                    cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                    family = families[name] = cls(family_name, help_text, labels=["l4gw_worker"])
+                family.add_metric([str(index)], value)
+        return list(families.values())
+
+
+PROCESS_METRICS = {
+    "process_cpu_seconds_total": (
+        "counter",
+        "process_cpu_seconds",
+        "Total user and system CPU time spent in seconds.",
+    ),
+    "process_open_fds": ("gauge", "process_open_fds", "Number of open file descriptors."),
+    "process_max_fds": ("gauge", "process_max_fds", "Maximum number of open file descriptors."),
+    "process_resident_memory_bytes": (
+        "gauge",
+        "process_resident_memory_bytes",
+        "Resident memory size in bytes.",
+    ),
+    "process_virtual_memory_bytes": (
+        "gauge",
+        "process_virtual_memory_bytes",
+        "Virtual memory size in bytes.",
+    ),
+    "process_start_time_seconds": (
+        "gauge",
+        "process_start_time_seconds",
+        "Start time of the process since unix epoch in seconds.",
+    ),
+}
+"""The samples of prometheus_client's ProcessCollector: (kind, family, help)."""
+
+
+def process_samples() -> dict[str, float]:
+    """This process's ``process_*`` samples (prometheus_client's ProcessCollector)."""
+    from prometheus_client import ProcessCollector
+
+    return {
+        sample.name: sample.value
+        for family in ProcessCollector(registry=None).collect()
+        for sample in family.samples
+        if sample.name in PROCESS_METRICS
+    }

@@ -294,8 +294,11 @@ class SpanEncoder:
         """The SERVER ``Span`` message of a flow record."""
         extra = r[tf.F_ATTRIBUTES]
         listener = r[tf.F_LISTENER]
-        if extra and not (_SERVER_KEYS.isdisjoint(extra) and listener.keys().isdisjoint(extra)):
-            # A plugin attribute replaces one of the span's own: the general path.
+        if r[tf.F_SNI] or (
+            extra and not (_SERVER_KEYS.isdisjoint(extra) and listener.keys().isdisjoint(extra))
+        ):
+            # A plugin attribute replaces one of the span's own, or the SNI replaces the
+            # listener's local address (flows.server_attributes): the general path.
             return self.span(tf.spans_of(r))
         parent_id = r[tf.F_PARENT_ID]
         start, end = r[tf.F_START], r[tf.F_END]

@@ -21,6 +21,12 @@ Rules kept here:
   periodic reader (its own thread) exports them, and ``/metrics`` is pulled
   from a worker thread. Nothing here calls ``force_flush`` on the loop
   (conventions.md A.9).
+* **Several workers, one set of metrics.** With ``[gateway] workers > 1`` worker
+  0 alone serves ``/metrics`` and exports, each collection the sum of every
+  worker's report (:meth:`Telemetry.inject`, :mod:`gateway.telemetry.aggregate`,
+  :mod:`gateway.peers`); the other workers only answer it, from one in-memory
+  reader. A worker's report includes the last one of the process it replaced,
+  so counters never go backwards across restarts.
 * **A collector that is down costs spans, never service.** The span queue is
   bounded; a span that would overflow it, and every span of a batch the
   exporter could not deliver, is counted (``l4gw.telemetry.spans.dropped``) and
@@ -58,12 +64,18 @@ from gateway.telemetry.stats import ExportStats, fold_exporter_logs
 if TYPE_CHECKING:
     from opentelemetry.metrics import Meter
     from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import Metric, MetricExporter, MetricsData
+    from opentelemetry.sdk.metrics.export import (
+        InMemoryMetricReader,
+        Metric,
+        MetricExporter,
+        MetricsData,
+    )
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
     from opentelemetry.trace import Tracer
     from prometheus_client import CollectorRegistry
 
+    from gateway.peers import Link
     from gateway.telemetry.metrics import CountingMetricExporter
     from gateway.telemetry.pipe import ExporterPipe
 
@@ -74,6 +86,9 @@ SCHEMA_URL = "https://opentelemetry.io/schemas/1.44.0"
 
 EXIT_FLUSH_TIMEOUT = 5.0
 """Seconds a stopping gateway gives telemetry to deliver what it holds."""
+
+PEER_TIMEOUT = 2.0
+"""Seconds worker 0 waits for the other workers' metrics at a collection."""
 
 EXPORTERS = ("otlp", "console", "none")
 PROTOCOLS = ("grpc", "http/protobuf")
@@ -238,10 +253,86 @@ class Telemetry:
     metric_producers: list[Callable[[], Sequence[Metric]]] = field(default_factory=list)
     """Called at each collection, on the reader's thread: metrics aggregated outside
     the SDK's instruments (the plugin's histograms), added to the "l4gw" scope."""
+    link: Link | None = None
+    """This worker's link to the others (``[gateway] workers > 1``): worker 0 sums every
+    worker's metrics at each collection (:meth:`inject`), the others answer with
+    :meth:`worker_report`."""
+    snapshot: InMemoryMetricReader | None = None
+    """The reader :meth:`worker_report` collects (workers other than 0, which neither
+    serve ``/metrics`` nor export)."""
+    processes: dict[int, dict[str, float]] = field(default_factory=dict)
+    """Worker 0 of several: each worker's ``process_*`` samples, from the last collection
+    (``/metrics`` shows them per worker)."""
     _exporters: list[CountingMetricExporter] = field(default_factory=list, repr=False)
     _stopped: bool = field(default=False, repr=False)
 
     def inject(self, data: MetricsData | None) -> MetricsData | None:
+        """``data`` with the producers' metrics added to the "l4gw" scope; in worker 0 of
+        several, the sum of every worker's (:mod:`gateway.telemetry.aggregate`).
+        Blocking (it may ask the other workers): called on the readers' threads."""
+        data = self._produce(data)
+        if self.link is not None and self.link.index == 0:
+            data = self._all_workers(data)
+        return data
+
+    def worker_report(self, data: MetricsData | None = None) -> dict[str, Any]:
+        """This worker's metrics as a plain report, with those of the process it
+        replaced added, stored in its slot before it is returned
+        (:mod:`gateway.peers`, rule 4). Blocking: call from a thread."""
+        from gateway.telemetry import aggregate
+
+        if data is None:
+            data = self._produce(
+                self.snapshot.get_metrics_data() if self.snapshot is not None else None
+            )
+        own = aggregate.families(data)
+        link = self.link
+        previous = link.previous if link is not None else None
+        if previous:
+            own = aggregate.merge(
+                [(None, aggregate.cumulative(previous.get("metrics", []))), (None, own)]
+            )
+        process: dict[str, float] = {}
+        if link is not None:
+            from gateway.telemetry.metrics import process_samples
+
+            process = process_samples()
+            before = (previous or {}).get("process", {}).get("process_cpu_seconds_total")
+            if before is not None and "process_cpu_seconds_total" in process:
+                process["process_cpu_seconds_total"] += before  # carries over, as counters do
+        report = {"pid": os.getpid(), "metrics": own, "process": process}
+        if link is not None:
+            link.save(report)
+        return report
+
+    def _all_workers(self, data: MetricsData | None) -> MetricsData:
+        """Worker 0's collection: its report and every other worker's, summed; for a
+        worker that does not answer in time, its last stored report's counters."""
+        import time
+
+        from gateway.telemetry import aggregate
+
+        link = self.link
+        assert link is not None
+        own = self.worker_report(data)
+        reports = [(0, own["metrics"])]
+        process = {0: own["process"]}
+        for index, answer in sorted(link.query("metrics", PEER_TIMEOUT).items()):
+            if answer is None:
+                last = link.last(index)
+                reports.append((index, aggregate.cumulative(last["metrics"]) if last else []))
+            else:
+                reports.append((index, answer.get("metrics", [])))
+                process[index] = answer.get("process", {})
+        self.processes = process
+        from opentelemetry.sdk.resources import Resource
+
+        resource = self.resource if self.resource is not None else Resource.create({})
+        return aggregate.metrics_data(
+            aggregate.merge(reports), resource, link.started_ns, time.time_ns()
+        )
+
+    def _produce(self, data: MetricsData | None) -> MetricsData | None:
         """``data`` with the producers' metrics added to the "l4gw" scope."""
         if not self.metric_producers or self.meter_provider is None:
             return data
@@ -480,10 +571,19 @@ def _setup_metrics(
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 
+    from gateway import peers
     from gateway.telemetry.metrics import CountingMetricExporter, InjectingPrometheusReader
 
     readers: list[MetricReader] = []
-    if telemetry.metrics != "none":
+    link = telemetry.link = peers.current()
+    if link is not None and link.index > 0:
+        # Worker 0 serves /metrics and exports for every worker; this one answers it.
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+        telemetry.snapshot = InMemoryMetricReader()
+        readers.append(telemetry.snapshot)
+        prometheus = False
+    elif telemetry.metrics != "none":
         counting = CountingMetricExporter(
             _metric_exporter(telemetry.metrics, env), telemetry.stats, telemetry.inject
         )
@@ -497,8 +597,13 @@ def _setup_metrics(
         from prometheus_client import CollectorRegistry, ProcessCollector
 
         registry = CollectorRegistry()
-        ProcessCollector(registry=registry)
+        if link is None:
+            ProcessCollector(registry=registry)
         readers.append(InjectingPrometheusReader(telemetry.inject, registry=registry))
+        if link is not None:  # after the reader, whose collection asks every worker
+            from gateway.telemetry.metrics import WorkersProcessCollector
+
+            registry.register(WorkersProcessCollector(lambda: telemetry.processes))
         telemetry.registry = registry
     provider = MeterProvider(resource=resource, metric_readers=readers, shutdown_on_exit=False)
     telemetry.meter_provider = provider
@@ -531,6 +636,9 @@ def _setup_metrics(
         description="Periodic metric exports that failed",
     )
     _tproxy_guard_metrics(meter)
+    from gateway.shield import metrics as shield_metrics
+
+    shield_metrics.register(meter)
 
 
 def _tproxy_guard_metrics(meter: Meter) -> None:

@@ -55,6 +55,11 @@ Rules kept here:
   few tuples; nothing is formatted, validated or logged for a connection
   that is not sampled.
 * **A flow is recorded exactly once**: :meth:`Recorder.closed` pops it.
+* **Metric attributes are bounded and never null.** Connection metrics carry
+  listener, transport, route and cluster (:data:`FLOW_KEYS`), all from the
+  config; the endpoint only on connect attempts, at most
+  :data:`ENDPOINTS_PER_CLUSTER` per cluster; a value that is absent (no route
+  yet, no rule, no error) leaves its attribute out (:func:`attributes`).
 """
 
 from __future__ import annotations
@@ -83,6 +88,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CONNECT_BUCKETS",
     "DURATION_BUCKETS",
+    "ENDPOINTS_PER_CLUSTER",
     "SCOPE",
     "FlowTelemetry",
     "Recorder",
@@ -97,6 +103,20 @@ DURATION_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3
 CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 SCOPE: Scope = ("l4gw", __version__, tel.SCHEMA_URL, None)
 """The instrumentation scope of the plugin's spans."""
+FLOW_KEYS = ("l4gw.listener", "network.transport", "l4gw.route", "l4gw.cluster")
+"""The attributes of every connection metric (route and cluster absent until routed)."""
+IO_KEYS = ("l4gw.listener", "l4gw.route", "l4gw.cluster", "network.io.direction")
+ENDPOINTS_PER_CLUSTER = 32
+"""Endpoints of one cluster that get their own ``l4gw.endpoint`` value on metrics (the
+first seen since start); the others share :data:`OTHER_ENDPOINT`, so that a resolver
+returning ever new addresses cannot grow the series without bound."""
+OTHER_ENDPOINT = "other"
+
+
+def attributes(keys: tuple[str, ...], values: tuple[Any, ...]) -> Attributes:
+    """Metric attributes from a series key: an absent value (None, "") is left out, never
+    exported as "null" or an empty label."""
+    return {k: v for k, v in zip(keys, values, strict=True) if v is not None and v != ""}
 
 
 class _Trace:
@@ -138,15 +158,15 @@ class Recorder:
         self._live: dict[int, Flow] = {}
         """Open flows (``l4gw.io`` counts their bytes so far)."""
         self._traces: dict[int, _Trace] = {}
-        self._refused: dict[tuple[str, str, str, str, str], int] = {}
-        self._spliced: dict[tuple[str, str, str], int] = {}
-        self._io_closed: dict[str, list[int]] = {}
-        """Bytes of the closed flows by listener: [from clients, to clients]."""
+        self._refused: dict[tuple[Any, ...], int] = {}
+        self._spliced: dict[tuple[Any, ...], int] = {}
+        self._io_closed: dict[tuple[str, str | None, str | None], list[int]] = {}
+        """Bytes of the closed flows by (listener, route, cluster): [from clients, to clients]."""
         self.duration = Histogram(
             "l4gw.connection.duration",
             "s",
             "Connection lifetime, accept to close",
-            ("l4gw.listener", "network.transport", "l4gw.close_reason"),
+            (*FLOW_KEYS, "l4gw.close_reason"),
             DURATION_BUCKETS,
         )
         self.connect = Histogram(
@@ -158,6 +178,10 @@ class Recorder:
         )
         self._listener_attrs: dict[str, Attributes] = {}
         self._endpoints: dict[tuple[str, int], str] = {}
+        self._endpoint_labels: dict[tuple[str, str, int], str] = {}
+        """(cluster, host, port) -> its ``l4gw.endpoint`` value, at most
+        :data:`ENDPOINTS_PER_CLUSTER` per cluster (the others are "other", uncached)."""
+        self._endpoint_counts: dict[str, int] = {}
         self._traceparent_clusters: frozenset[str] = frozenset()
         self.reconfigure(config)
         self._ratio_bound: int | None = None
@@ -206,7 +230,10 @@ class Recorder:
         from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
         from opentelemetry.sdk.trace.sampling import Decision, TraceIdRatioBased
 
+        from gateway.telemetry.context import FlowSpan
+
         self._emit = emit
+        self._flow_span = FlowSpan
         self._sampler = provider.sampler
         if t.sample_ratio is not None:
             self._ratio_bound = TraceIdRatioBased.get_bound_for_rate(t.sample_ratio)
@@ -231,11 +258,11 @@ class Recorder:
         ) -> Callable[[CallbackOptions], Iterable[Observation]]:
             def callback(options: CallbackOptions) -> Iterable[Observation]:
                 items = list(series.items())  # one atomic copy (see the class docstring)
-                return [Observation(v, dict(zip(keys, k, strict=True))) for k, v in items]
+                return [Observation(v, attributes(keys, k)) for k, v in items]
 
             return callback
 
-        flow_keys = ("l4gw.listener", "network.transport")
+        flow_keys = FLOW_KEYS
         meter.create_observable_up_down_counter(
             "l4gw.connection.active",
             [self._observe_active],
@@ -299,7 +326,10 @@ class Recorder:
         cluster = flow.cluster or ""
         if self.metrics:
             failed = None if error is None else CloseReason.CONNECT_FAILED
-            self.connect.record((cluster, address, failed), seconds)
+            label = self._endpoint_labels.get((cluster, endpoint.host, endpoint.port))
+            if label is None:
+                label = self._endpoint_label(cluster, endpoint.host, endpoint.port, address)
+            self.connect.record((flow.cluster, label, failed), seconds)
         trace = self._traces.get(flow.id)
         if trace is None:
             return
@@ -335,17 +365,20 @@ class Recorder:
         opened = self._live.pop(flow.id, None) is not None
         if self.metrics:
             # The duration histogram's counts are the closed counter too.
-            self.duration.record((listener, transport, reason), ended - flow.started)
-            io = self._io_closed.get(listener)
+            route, cluster = flow.route, flow.cluster
+            key = (listener, transport, route, cluster, reason)
+            self.duration.record(key, ended - flow.started)
+            ik = (listener, route, cluster)
+            io = self._io_closed.get(ik)
             if io is None:
-                io = self._io_closed[listener] = [0, 0]
+                io = self._io_closed[ik] = [0, 0]
             io[0] += flow.bytes_from_client
             io[1] += flow.bytes_to_client
             if flow.refused_by is not None:
-                rk = (listener, transport, reason, flow.refused_by, flow.refused_rule or "")
+                rk = (*key, flow.refused_by, flow.refused_rule)
                 self._refused[rk] = self._refused.get(rk, 0) + 1
             if flow.tier in KERNEL_TIERS:
-                sk = (listener, transport, flow.tier)
+                sk = (listener, transport, route, cluster, flow.tier)
                 self._spliced[sk] = self._spliced.get(sk, 0) + 1
         if not self._tracing:
             return
@@ -375,7 +408,11 @@ class Recorder:
             flow.trace_id = trace_id  # formatted when read (access log, /connections)
         elif not self._traceparent_clusters:
             return None  # not recorded, and no cluster to send a traceparent to
-        return _Trace(trace_id, self._span_id() or 1, sampled, state, parent_id)
+        span_id = self._span_id() or 1
+        if sampled:
+            # The current span during the flow's hooks (gateway/telemetry/context.py).
+            flow.span = self._flow_span(flow, trace_id, span_id, state)
+        return _Trace(trace_id, span_id, sampled, state, parent_id)
 
     def _sample(
         self, flow: Flow, trace_id: int, parent_id: int, flags: int
@@ -453,46 +490,52 @@ class Recorder:
     # --- metric collection (reader threads) ------------------------------------------------
 
     def _observe_active(self, options: CallbackOptions) -> Iterable[Observation]:
-        """Open flows by listener and transport, counted now rather than kept up to
-        date per connection; 0 for those with closed flows only."""
+        """Open flows by listener, transport, route and cluster, counted now rather than
+        kept up to date per connection; 0 for those with closed flows only."""
         from opentelemetry.metrics import Observation
 
-        counts = {key[:2]: 0 for key in list(self.duration.series)}
+        width = len(FLOW_KEYS)
+        counts = {key[:width]: 0 for key in list(self.duration.series)}
         for flow in list(self._live.values()):
-            key = (flow.listener, flow.transport)
+            key = (flow.listener, flow.transport, flow.route, flow.cluster)
             counts[key] = counts.get(key, 0) + 1
-        return [
-            Observation(n, {"l4gw.listener": listener, "network.transport": transport})
-            for (listener, transport), n in counts.items()
-        ]
+        return [Observation(n, attributes(FLOW_KEYS, key)) for key, n in counts.items()]
 
     def _observe_closed(self, options: CallbackOptions) -> Iterable[Observation]:
         from opentelemetry.metrics import Observation
 
         keys = self.duration.keys
         return [
-            Observation(int(s[0]), dict(zip(keys, k, strict=True)))
+            Observation(int(s[0]), attributes(keys, k))
             for k, s in list(self.duration.series.items())
         ]
 
     def _observe_io(self, options: CallbackOptions) -> Iterable[Observation]:
         from opentelemetry.metrics import Observation
 
-        totals: dict[tuple[str, str], int] = {}
-        for listener, (received, transmitted) in list(self._io_closed.items()):
-            totals[(listener, "receive")] = received
-            totals[(listener, "transmit")] = transmitted
+        totals: dict[tuple[Any, ...], int] = {}
+        for (listener, route, cluster), (received, transmitted) in list(self._io_closed.items()):
+            totals[(listener, route, cluster, "receive")] = received
+            totals[(listener, route, cluster, "transmit")] = transmitted
         for flow in list(self._live.values()):
             if flow.bytes_from_client:
-                key = (flow.listener, "receive")
+                key = (flow.listener, flow.route, flow.cluster, "receive")
                 totals[key] = totals.get(key, 0) + flow.bytes_from_client
             if flow.bytes_to_client:
-                key = (flow.listener, "transmit")
+                key = (flow.listener, flow.route, flow.cluster, "transmit")
                 totals[key] = totals.get(key, 0) + flow.bytes_to_client
-        return [
-            Observation(value, {"l4gw.listener": listener, "network.io.direction": direction})
-            for (listener, direction), value in totals.items()
-        ]
+        return [Observation(value, attributes(IO_KEYS, key)) for key, value in totals.items()]
+
+    def _endpoint_label(self, cluster: str, host: str, port: int, address: str) -> str:
+        """The ``l4gw.endpoint`` value of a cluster's endpoint not labelled yet: its
+        address while the cluster has fewer than :data:`ENDPOINTS_PER_CLUSTER`, else
+        "other" (not cached, so the map stays bounded whatever a resolver returns)."""
+        count = self._endpoint_counts.get(cluster, 0)
+        if count >= ENDPOINTS_PER_CLUSTER:
+            return OTHER_ENDPOINT
+        self._endpoint_counts[cluster] = count + 1
+        self._endpoint_labels[(cluster, host, port)] = address
+        return address
 
     def _histograms(self) -> list[Metric]:
         data = [(h, h.snapshot()) for h in (self.duration, self.connect)]

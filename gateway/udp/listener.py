@@ -456,7 +456,7 @@ class UdpListener:
     async def _serve(self, session: UdpSession, rt: Runtime) -> str | None:
         flow = session.flow
         plugins = rt.plugins
-        plugins.observe("l4gw_connection_opened", flow=flow)
+        plugins.opened(flow)
 
         refused = await refusal(rt, flow, "l4gw_admit")
         if refused:

@@ -44,19 +44,24 @@ class RedisAddress:
     username: str | None
     password: str | None
     db: int
+    tls: bool = False
+    """``rediss://``: TLS to Redis (and to the sentinels)."""
 
     def __str__(self) -> str:
         # Never the credentials: this is what log lines show.
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"redis://{host}:{self.port}/{self.db}"
+        return f"{'rediss' if self.tls else 'redis'}://{host}:{self.port}/{self.db}"
 
 
 # Said without "user:password@" after the scheme, which redaction would mask.
-_URL_FORM = '"redis://host[:port][/db]" (with "user:password@" or ":password@" before the host)'
+_URL_FORM = (
+    '"redis://host[:port][/db]" (with "user:password@" or ":password@" before the host; '
+    '"rediss://" for TLS)'
+)
 
 
 def parse_url(url: str) -> RedisAddress:
-    """Parse ``redis://[[user]:password@]host[:port][/db]`` (percent-escapes decoded).
+    """Parse ``redis[s]://[[user]:password@]host[:port][/db]`` (percent-escapes decoded).
 
     A message quotes only what cannot hold a part of the password: the scheme,
     and a port or db when no ``@`` follows the host.
@@ -67,9 +72,7 @@ def parse_url(url: str) -> RedisAddress:
     scheme, sep, _ = url.partition("://")
     if not sep or not scheme.isascii() or not scheme.replace("+", "").isalnum():
         raise ValueError(f"expected {_URL_FORM}")
-    if scheme.lower() == "rediss":
-        raise ValueError("TLS (rediss://) is not supported: use a local TLS tunnel")
-    if scheme.lower() != "redis":
+    if scheme.lower() not in ("redis", "rediss"):
         raise ValueError(f'expected {_URL_FORM}, got a "{scheme}://" URL')
     try:
         parts = urlsplit(url)
@@ -104,6 +107,7 @@ def parse_url(url: str) -> RedisAddress:
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password is not None else None,
         db=int(path) if path else 0,
+        tls=scheme.lower() == "rediss",
     )
 
 
@@ -237,6 +241,9 @@ class Backend:
 
     def start(self, nursery: Nursery) -> None:
         """Start background work, if any."""
+
+    def stop(self) -> None:
+        """End the background work (a reload replaced this store); give back what it holds."""
 
     def tracked(self) -> int:
         return 0

@@ -17,9 +17,9 @@ and nothing is connected yet.
 
 Backends for the buckets: ``memory`` (this process), or ``redis`` (shared by
 every gateway process and host using the same Redis; see
-plugins/ratelimit/redis.py). Connection caps are always per process: they
-count live connections, which a crashed process could never give back to a
-shared store.
+plugins/ratelimit/redis.py, its keys in plugins/ratelimit/redis_schema.py).
+Connection caps are always per process: they count live connections, which
+a crashed process could never give back to a shared store.
 
 Rules kept here:
 
@@ -58,10 +58,12 @@ from .buckets import (
     MemoryBuckets,
     Rule,
     client_prefix,
-    parse_url,
 )
 from .redis import RedisBuckets, RedisSettings
+from .redis_schema import REDIS_SCHEMA
 from .shaping import shaped_relay
+from .shield import FIELD as SHIELD_AFTER
+from .shield import ShieldAfter
 
 log = logging.getLogger("l4gw.ratelimit")
 
@@ -90,15 +92,6 @@ PREFIX_LENGTHS = {
 }
 
 
-def _redis_url(value: Any) -> str:
-    text = s.string(value)
-    try:
-        parse_url(text)
-    except ValueError as exc:
-        raise Invalid(str(exc)) from None
-    return text
-
-
 SCHEMA: dict[str, Field] = {
     "per_client": Field(_rule_table(), None, "token bucket per client IP"),
     "per_prefix": Field(
@@ -111,30 +104,11 @@ SCHEMA: dict[str, Field] = {
     "refuse_with": Field(s.choice("rst", "fin"), "rst", "how a refused connection is closed"),
     "max_tracked": Field(s.integer(1), 100_000, "most buckets kept (LRU eviction beyond)"),
     "backend": Field(s.choice("memory", "redis"), "memory", "where buckets live"),
-    "redis_url": Field(
-        _redis_url,
-        "redis://127.0.0.1:6379/0",
-        'redis://[[user]:password@]host[:port][/db]; in the password write "/", "?", "#", '
-        '"[" and "]" as %2F, %3F, %23, %5B and %5D',
-    ),
-    "redis_timeout": Field(s.positive_duration, 0.25, "a Redis call slower than this is an error"),
-    "redis_lease": Field(
-        s.integer(1, 1000), 5, "tokens taken from Redis per call and spent locally"
-    ),
-    "redis_lease_ttl": Field(
-        s.positive_duration, 1.0, "unspent leased tokens are dropped after this"
-    ),
-    "redis_retry": Field(s.duration, 1.0, "while Redis is down, try it again this often"),
-    "redis_key_prefix": Field(s.string, "l4gw:rl:", "prefix of every Redis key"),
-    "on_backend_error": Field(
-        s.choice("local", "open", "closed"),
-        "local",
-        "Redis unreachable: limit with this process's own buckets (local), admit (open) "
-        "or refuse (closed)",
-    ),
+    **REDIS_SCHEMA,
     "bytes_per_second": Field(
         s.size, 0, "pace each connection to this many bytes/s per direction (0: off)"
     ),
+    "shield_after": SHIELD_AFTER,
 }
 
 
@@ -203,6 +177,8 @@ class RateLimit:
         """Open connections per cluster (when the cap is on)."""
         self._counted: dict[int, tuple[str | None, str | None]] = {}
         self._nursery: trio.Nursery | None = None
+        self.shield_after = ShieldAfter(clock)
+        """``shield_after``: refusals counted per client (plugins/ratelimit/shield.py)."""
         meter = metrics.get_meter("l4gw.ratelimit", meter_provider=meter_provider)
         self._m_refused = meter.create_counter(
             "l4gw.ratelimit.refused", "{connection}", "connections refused, by rule"
@@ -350,15 +326,21 @@ class RateLimit:
         cap = section.get("max_tracked", 100_000)
         if cap != self.memory.table.cap:
             self.memory = MemoryBuckets(cap)
+        shared = self.shared
         if section.get("backend") == "redis":
             wanted = RedisSettings.from_config(section)
-            if not (isinstance(self.shared, RedisBuckets) and self.shared.settings == wanted):
-                self.shared = RedisBuckets(wanted)
-                if self._nursery is not None:
-                    self.shared.start(self._nursery)
+            if not (isinstance(shared, RedisBuckets) and shared.settings == wanted):
+                shared = RedisBuckets(wanted)
         else:
-            self.shared = None
+            shared = None
+        if shared is not self.shared:
+            if self.shared is not None:
+                self.shared.stop()  # gives back the tokens it holds
+            self.shared = shared
+            if shared is not None and self._nursery is not None:
+                shared.start(self._nursery)
         self.settings = settings
+        self.shield_after.configure(section)
 
     # -- hooks -----------------------------------------------------------------------------
 
@@ -378,7 +360,7 @@ class RateLimit:
 
     @hookimpl
     def l4gw_admit(self, flow: Flow) -> Refusal | Awaitable[Refusal | None] | None:
-        return self.admit(flow)
+        return self.shield_after.admit(flow, self.admit)
 
     @hookimpl
     def l4gw_routed(self, flow: Flow, route: Route) -> Refusal | Awaitable[Refusal | None] | None:

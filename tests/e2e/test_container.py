@@ -398,18 +398,25 @@ promote_after = 0
 
 
 @pytest.mark.timeout(BUILD_TIMEOUT + 60)
-def test_image_contents(image: str) -> None:
-    """Runs as UID 10001, carries the BPF object and no toolchain, validates the annotated
+def test_image_contents(image: str, tmp_path: Path) -> None:
+    """Runs as UID 10001, carries the BPF objects and no toolchain, validates the annotated
     example with its own plugins, and has OCI labels and a HEALTHCHECK."""
     script = (
         'echo "uid=$(id -u)"; '
         'echo "toolchain=$(command -v clang gcc cc make ld | tr "\\n" " ")"; '
         "python3 -c 'import gateway, pathlib; "
-        'o = pathlib.Path(gateway.__file__).parent / "bpf/l4gw_sockmap.bpf.o"; '
-        'print(f"bpf={o.stat().st_size}")\'; '
+        'd = pathlib.Path(gateway.__file__).parent / "bpf"; '
+        'print(f"bpf={min(o.stat().st_size for o in d.glob("*.bpf.o"))}"); '
+        'print(f"objects={len(list(d.glob("*.bpf.o")))}")\'; '
         'echo "check=$(l4gw check -c /etc/l4gw/example.toml 2>&1)"'
     )
-    example = ROOT / "examples" / "gateway.toml"
+    # The one cluster fed by an example plugin package (examples/plugin-exec-discovery),
+    # which the image does not carry, gets an address instead.
+    text = (ROOT / "examples" / "gateway.toml").read_text()
+    assert 'discovery = "exec_discovery"' in text
+    example = tmp_path / "example.toml"
+    example.write_text(text.replace('discovery = "exec_discovery"', 'endpoints = ["192.0.2.1:80"]'))
+    example.chmod(0o644)
     result = podman(
         "run", "--rm", *ulimits(), "--network", "none",
         "-v", f"{example}:/etc/l4gw/example.toml:ro",
@@ -420,6 +427,7 @@ def test_image_contents(image: str) -> None:
     assert facts["uid"] == "10001"
     assert facts["toolchain"].strip() == ""
     assert int(facts["bpf"]) > 1000
+    assert int(facts["objects"]) == len(list((ROOT / "bpf").glob("*.bpf.c")))
     assert facts["check"] == "ok"
 
     info = json.loads(podman("image", "inspect", image).stdout)[0]
@@ -430,4 +438,6 @@ def test_image_contents(image: str) -> None:
     assert labels["org.opencontainers.image.title"] == "l4gw"
     assert labels["org.opencontainers.image.version"]
     assert labels["org.l4gw.inputs"]
-    assert "L4GW_HEALTHZ" in " ".join(info["Healthcheck"]["Test"])
+    probe = " ".join(info["Healthcheck"]["Test"])
+    # The probe starts no interpreter (scripts/healthcheck: bash and /dev/tcp).
+    assert "l4gw-healthcheck" in probe and "python" not in probe, probe

@@ -7,26 +7,19 @@ third-party plugin is found.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import trio
 
 from backends import ScriptedBackend, check_exchange, recv_all, scripted_exchange
+from entrypoints import plugin_env
 from gwproc import free_port, l4gw
-
-HERE = Path(__file__).resolve().parent.parent / "testplugins"
 
 
 @pytest.fixture
 def faulty_env(tmp_path: Path) -> dict[str, str]:
-    dist = tmp_path / "site" / "l4gw_test_faulty-1.0.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: l4gw-test-faulty\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[l4gw.plugins]\nfaulty = l4gw_test_faulty\n")
-    path = os.pathsep.join([str(tmp_path / "site"), str(HERE), os.environ.get("PYTHONPATH", "")])
-    return {"PYTHONPATH": path}
+    return plugin_env(tmp_path, "faulty", "l4gw_test_faulty")
 
 
 def config(ok: int, boom: int, bport: int, fail_in: str, gateway_extra: str = "") -> str:

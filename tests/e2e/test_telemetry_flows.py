@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 
 import pytest
 import trio
@@ -22,15 +21,6 @@ ENV = {
     "OTEL_TRACES_EXPORTER": "",
     "OTEL_METRICS_EXPORTER": "",
 }
-
-
-@pytest.fixture
-def receiver() -> Iterator[OTLPReceiver]:
-    r = OTLPReceiver()
-    try:
-        yield r
-    finally:
-        r.stop()
 
 
 def server_spans(receiver: OTLPReceiver, n: int) -> list[Span]:

@@ -109,11 +109,39 @@ def test_example_config_passes_check(path: Path) -> None:
     assert result.stdout.strip() == "ok"
 
 
+# `token_file = "/run/secrets/..."`: a secret a pod mounts, absent on this machine.
+SECRET_FILE = re.compile(r'^(\s*\w+_file\s*=\s*)"(/[^"]+)"', re.MULTILINE)
+
+
+def secret_mounts() -> set[str]:
+    """Mount paths of the Secret volumes of every pod spec under examples/."""
+    found = set()
+    for _, _, spec in pod_specs():
+        secrets = {v["name"] for v in spec.get("volumes") or [] if "secret" in v}
+        for container in spec["containers"]:
+            for mount in container.get("volumeMounts") or []:
+                if mount["name"] in secrets:
+                    found.add(mount["mountPath"].rstrip("/") + "/")
+    return found
+
+
 @pytest.mark.parametrize("name,text", [pytest.param(n, t, id=n) for n, t in configmap_configs()])
 def test_configmap_config_passes_check(name: str, text: str, tmp_path: Path) -> None:
+    """Each secret a config reads from a file is on a Secret mount of the pod (the check
+    reads a stand-in, since the mount exists only in the cluster)."""
     require_plugins(tomllib.loads(text))
+    mounts = secret_mounts()
+
+    def stand_in(match: re.Match[str]) -> str:
+        secret = match.group(2)
+        assert any(secret.startswith(m) for m in mounts), f"{name}: {secret} is on no Secret mount"
+        local = tmp_path / "secrets" / secret.lstrip("/")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_text("stand-in-secret\n")
+        return f'{match.group(1)}"{local}"'
+
     path = tmp_path / "gateway.toml"
-    path.write_text(text)
+    path.write_text(SECRET_FILE.sub(stand_in, text))
     result = l4gw("check", "-c", str(path))
     assert result.returncode == 0, f"{name}:\n{result.stderr}"
 
@@ -203,18 +231,32 @@ def pod_specs() -> Iterator[tuple[str, Path, Mapping[str, Any]]]:
 
 
 def test_pod_specs_mount_configmaps_that_exist() -> None:
-    """A pod's configMap volume names a ConfigMap of the same directory, with the keys it
-    mounts; and the container's ``-c`` file is on such a mount."""
+    """A pod's configMap (and secret) volume names a ConfigMap (Secret) of the same
+    directory, with the keys it mounts; and the container's ``-c`` file is on such a mount."""
     configmaps = {
         (path.parent, doc["metadata"]["name"]): doc.get("data") or {}
         for path, doc in yaml_documents()
         if doc.get("kind") == "ConfigMap"
+    }
+    secrets = {
+        (path.parent, doc["metadata"]["name"]): {
+            **(doc.get("data") or {}),
+            **(doc.get("stringData") or {}),
+        }
+        for path, doc in yaml_documents()
+        if doc.get("kind") == "Secret"
     }
     specs = list(pod_specs())
     assert specs
     for kind, path, spec in specs:
         mounted: dict[str, set[str]] = {}
         for volume in spec.get("volumes") or []:
+            if "secret" in volume:
+                name = volume["secret"]["secretName"]
+                data = secrets.get((path.parent, name))
+                assert data is not None, f"{rel(path)}: {kind} mounts Secret {name}, not defined"
+                for item in volume["secret"].get("items") or []:
+                    assert item["key"] in data, f"{rel(path)}: {name} has no key {item['key']}"
             if "configMap" not in volume:
                 continue
             name = volume["configMap"]["name"]
@@ -279,6 +321,12 @@ def example_coverage(raw: Mapping[str, Any]) -> dict[str, tuple[Mapping[str, Fie
         "INTERCEPT": (config.INTERCEPT, keys(_tables(tproxy.get("intercept")))),
         "TELEMETRY": (config.TELEMETRY, keys(_tables(raw.get("telemetry")))),
         "ADMIN": (config.ADMIN, keys(_tables(raw.get("admin")))),
+        "SHIELD": (config.SHIELD, keys(_tables(raw.get("shield")))),
+        "SRV_TABLE": (
+            config.SRV_TABLE,
+            keys([e for c in clusters for e in _tables(c.get("endpoints")) if "srv" in e]),
+        ),
+        "DNS": (config.DNS, keys(_tables(raw.get("dns")))),
     }
 
 
@@ -326,3 +374,17 @@ def test_configuration_reference_is_current() -> None:
         "docs/configuration.md is out of date: run "
         "`.venv/bin/python scripts/gen-config-docs.py > docs/configuration.md`"
     )
+
+
+def test_probes_start_no_process() -> None:
+    """Kubernetes probes ask the admin endpoint over HTTP: an exec probe would start an
+    interpreter in the container every few seconds."""
+    probed = 0
+    for kind, path, spec in pod_specs():
+        for container in spec["containers"]:
+            for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+                if probe in container:
+                    probed += 1
+                    assert "exec" not in container[probe], f"{rel(path)}: {kind} {probe} execs"
+                    assert container[probe].get("httpGet", {}).get("path") in ("/healthz", "/readyz")
+    assert probed

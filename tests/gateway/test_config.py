@@ -304,7 +304,7 @@ def ratelimit_problems(url: str) -> list[str]:
         ("redis://:hunt#er2@127.0.0.1:6379/0", '"@" after the host: percent-encode "/"'),
         ("redis://:hunt[er2@127.0.0.1:6379/0", "the host is not an address or name"),
         ("redis://127.0.0.1:6379/0?password=hunter2", 'unexpected "?" or "#" part'),
-        ("rediss://:hunter2@127.0.0.1:6379/0", "TLS (rediss://) is not supported"),
+        ("rediss://:hunter2@127.0.0.1:0/0", 'invalid port "0" (1 to 65535)'),
         ("http://:hunter2@127.0.0.1:6379/0", 'expected "redis://host[:port][/db]" (with'),
         ("hunter2@127.0.0.1:6379", 'expected "redis://host[:port][/db]" (with'),
     ],
@@ -316,7 +316,7 @@ def test_redis_url_refused_without_its_password(url, expected):
 
 
 def test_redis_url_with_escaped_password_parses():
-    from l4gw_plugins.ratelimit.plugin import parse_url
+    from l4gw_plugins.ratelimit.buckets import parse_url
 
     a = parse_url("redis://gw:p%2Fa%23s%3Fs%40w:rd@[::1]:6380/2")
     assert (a.host, a.port, a.username, a.password, a.db) == ("::1", 6380, "gw", "p/a#s?s@w:rd", 2)

@@ -160,11 +160,14 @@ async def check_exchange(backend: ScriptedBackend, seed: int, sent: tuple[int, s
     )
 
 
-async def echo_server(host: str = "127.0.0.1", port: int = 0, *,
+async def echo_server(host: str = "127.0.0.1", port: int = 0, *, tag: bytes = b"",
                       task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Echo every connection back, then its EOF; first send ``tag`` if there is one."""
     async def serve(stream: trio.SocketStream) -> None:
         async with stream:
             try:
+                if tag:
+                    await stream.send_all(tag)
                 while data := await stream.receive_some(65536):
                     await stream.send_all(data)
                 await stream.send_eof()
@@ -214,3 +217,9 @@ def reset_next_handshake(stalled: socket.socket) -> None:
     backend, _ = stalled.accept()
     backend.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     backend.close()
+
+
+async def tagged_echo_server(tag: bytes, host: str = "127.0.0.1", port: int = 0, *,
+                             task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """An echo server that first sends ``tag``: a client knows which backend it reached."""
+    await echo_server(host, port, tag=tag, task_status=task_status)

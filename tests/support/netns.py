@@ -140,6 +140,19 @@ async def tcp_connect(ns: str, host: str, port: int, timeout: float = 5) -> trio
     return trio.SocketStream(sock)
 
 
+async def tcp_socket_from(ns: str, source: str) -> trio.socket.SocketType:
+    """A TCP socket of namespace ``ns`` bound to address ``source`` (any port): a
+    connection from a client address of the test's choosing."""
+    with inside(ns):
+        sock = trio.socket.socket(family_of(source), socket.SOCK_STREAM)
+    try:
+        await sock.bind((source, 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def tcp_listen(ns: str, host: str, port: int, backlog: int = 128) -> trio.SocketListener:
     """A listening socket in namespace ``ns`` (pass it to ``trio.serve_listeners``)."""
     with inside(ns):

@@ -5,6 +5,7 @@ inside a real ``l4gw run``."""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 import socketserver
@@ -150,6 +151,11 @@ def echo_from(source: str, port: int) -> bytes | None:
             return got
         except ConnectionResetError:
             return None
+        except OSError as exc:
+            # The reset can arrive before the shutdown: the socket is already closed.
+            if exc.errno == errno.ENOTCONN:
+                return None
+            raise
 
 
 @pytest.mark.timeout(60)

@@ -62,3 +62,12 @@ def test_the_command_line_has_every_subcommand(capsys: pytest.CaptureFixture[str
     out = capsys.readouterr().out
     for command in ("run", "check", "demo", "plugins", "tproxy", "accel"):
         assert command in out
+
+
+@pytest.mark.parametrize("command", ["tproxy", "accel", "shield"])
+def test_a_command_without_its_action_prints_its_help(
+    command: str, capsys: pytest.CaptureFixture[str]
+):
+    assert cli_main.main([command]) == EXIT_CONFIG
+    out = capsys.readouterr().out
+    assert f"usage: l4gw {command}" in out

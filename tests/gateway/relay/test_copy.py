@@ -15,6 +15,7 @@ from relay_helpers import (
     expect_reset,
     first_mismatch,
     payload,
+    recv_exact,
     recv_to_eof,
     send_all,
     topology,
@@ -156,3 +157,37 @@ async def test_no_promotion_after_half_close():
             topo.backend.shutdown(trio.socket.SHUT_WR)
             assert await recv_to_eof(topo.client) == payload(100_000, 6)
         assert result["reason"] == CloseReason.CLIENT_EOF
+
+
+async def test_backend_speaks_first_and_an_idle_pair_is_one_task():
+    """A backend that sends first (SMTP, SSH banners) is relayed before the client sends
+    anything: the relay waits on both sockets at once. While it waits, the pair is one
+    task, not one per direction (gateway/relay/copy.py, rule 6)."""
+    relay = CopyRelay(65536)
+    banner, request = payload(100, 7), payload(5000, 8)
+    with topology() as topo, trio.fail_after(10):
+        stats = RelayStats()
+        result = {}
+
+        async def run() -> None:
+            result["reason"] = await relay.run(topo.gw_client, topo.gw_upstream, stats, 10)
+            topo.close_gateway()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(run)
+            await trio.sleep(0.05)
+            parent = trio.lowlevel.current_task()
+            assert len(n.child_tasks) == 1, n.child_tasks
+            (task,) = n.child_tasks
+            assert not task.child_nurseries, "the pair runs a nursery of its own"
+            assert parent is not task
+            await send_all(topo.backend, banner)
+            assert await recv_exact(topo.client, len(banner)) == banner
+            await send_all(topo.client, request)
+            assert await recv_exact(topo.backend, len(request)) == request
+            topo.client.shutdown(trio.socket.SHUT_WR)
+            assert await recv_to_eof(topo.backend) == b""
+            topo.backend.shutdown(trio.socket.SHUT_WR)
+            assert await recv_to_eof(topo.client) == b""
+        assert result["reason"] == CloseReason.CLIENT_EOF
+        assert (stats.bytes_from_client, stats.bytes_to_client) == (len(request), len(banner))

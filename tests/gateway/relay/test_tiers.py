@@ -3,12 +3,16 @@ the sockmap tier end to end is tests/e2e/test_relay_tiers.py)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import resource
 from typing import Any
 
 import pytest
 import trio
 
 from gateway.flow import CloseReason
+from gateway.relay import poller
 from gateway.relay.tiers import RelayTiers
 from gateway.testing import load_plugins, make_config, make_flow
 
@@ -86,3 +90,46 @@ async def test_without_a_started_kernel_tier_there_is_no_plan() -> None:
     await start(copy_only)
     assert copy_only.plan == ()
     assert copy_only.status()["tiers"]["splice"]["why_not"] == "not in [plugin.relay] tiers"
+
+
+@pytest.mark.timeout(60)
+async def test_out_of_descriptors_for_the_splice_pipes_the_flow_stays_in_copy() -> None:
+    """Near the fd limit (many held flows), splice cannot make its two pipes: the flow
+    goes on in copy, which needs no descriptor of its own, instead of failing."""
+    tiers = configured('tiers = ["splice"]\npromote_after_bytes = "64KiB"\nstatus_dir = ""')
+    await start(tiers)
+    poller.current()  # the copy tier's epoll set exists before the descriptors run out
+    up, down = payload(MiB, 3), payload(MiB + 7, 4)
+    flow = make_flow()
+    out: dict[str, Any] = {}
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    filler: list[int] = []
+    with topology() as topo, trio.fail_after(30):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(_open_fds()) + 1, hard))
+            with contextlib.suppress(OSError):
+                while True:  # the holes below the limit too
+                    filler.append(os.open("/dev/null", os.O_RDONLY))
+
+            async def run() -> None:
+                out["reason"] = await tiers.relay(flow, topo.gw_client, topo.gw_upstream, 10)
+                topo.close_gateway()
+
+            async with trio.open_nursery() as n:
+                n.start_soon(run)
+                at_backend, at_client = await exchange(topo, up, down)
+        finally:
+            for fd in filler:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert filler, "no descriptor was free to fill"
+    assert at_backend == up, first_mismatch(at_backend, up)
+    assert at_client == down, first_mismatch(at_client, down)
+    assert out["reason"] in (CloseReason.CLIENT_EOF, CloseReason.BACKEND_EOF)
+    assert flow.tier == "copy" and tiers.fallbacks == 1
+    (fallback,) = [attrs for name, attrs in flow.events if name == "relay_fallback"]
+    assert fallback["tier"] == "splice" and "Too many open files" in fallback["reason"]
+
+
+def _open_fds() -> list[int]:
+    return [int(fd) for fd in os.listdir("/proc/self/fd")]

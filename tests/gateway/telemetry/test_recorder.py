@@ -20,6 +20,7 @@ from gateway import CloseReason, Endpoint, Flow
 from gateway import config as config_mod
 from gateway.config import TelemetryConfig
 from gateway.telemetry import providers as tel
+from gateway.telemetry import recorder as recorder_mod
 from gateway.telemetry.recorder import FlowTelemetry, Recorder
 from gateway.telemetry.stats import ExportStats
 
@@ -135,15 +136,17 @@ def test_served_connection(r):
     a = dict(server.attributes or {})
     assert server.name == "tcp proxy"
     assert a["client.address"] == "198.18.0.1" and a["client.port"] == 40000
-    assert a["server.address"] == "198.18.1.1" and a["server.port"] == 443
-    assert a["network.local.address"] == "127.0.0.1" and a["network.local.port"] == 8080
+    # The SNI is server.address (semantic conventions v1.44.0 deprecate
+    # tls.client.server_name for it); the destination connected to is the local address.
+    assert a["server.address"] == "api.example" and a["server.port"] == 443
+    assert a["network.local.address"] == "198.18.1.1" and a["network.local.port"] == 443
+    assert "tls.client.server_name" not in a
     assert a["network.transport"] == "tcp" and a["network.type"] == "ipv4"
     assert a["l4gw.route"] == "route0" and a["l4gw.cluster"] == "api"
     assert a["l4gw.endpoint"] == "127.0.0.1:9002"
     assert a["l4gw.bytes.from_client"] == 1234 and a["l4gw.bytes.to_client"] == 5678
     assert a["l4gw.close_reason"] == "backend_eof"
     assert a["l4gw.spliced"] is False and a["l4gw.tier"] == "copy"
-    assert a["tls.client.server_name"] == "api.example"
     assert a["l4gw.alpn"] == ("h2", "http/1.1")
     assert a["myplugin.user"] == "alice"
     assert a["myplugin.weird"].startswith("<object object")
@@ -185,26 +188,25 @@ def test_served_connection(r):
     assert flow.traceparent_out == (f"00-{ok.context.trace_id:032x}-{ok.context.span_id:016x}-01")
 
     closed = r.points("l4gw.connection.closed")
-    assert closed == [
-        (
-            {
-                "l4gw.listener": "public",
-                "network.transport": "tcp",
-                "l4gw.close_reason": "backend_eof",
-            },
-            1,
-        )
-    ]
-    assert r.points("l4gw.connection.active") == [
-        ({"l4gw.listener": "public", "network.transport": "tcp"}, 0)
-    ]
+    routed = {
+        "l4gw.listener": "public",
+        "network.transport": "tcp",
+        "l4gw.route": "route0",
+        "l4gw.cluster": "api",
+    }
+    assert closed == [({**routed, "l4gw.close_reason": "backend_eof"}, 1)]
+    assert r.points("l4gw.connection.active") == [(routed, 0)]
     io = {attrs["network.io.direction"]: v for attrs, v in r.points("l4gw.io")}
     assert io == {"receive": 1234, "transmit": 5678}
+    assert all(a["l4gw.route"] == "route0" and a["l4gw.cluster"] == "api" for a, _ in r.points("l4gw.io"))
     connects = {
         (a["l4gw.endpoint"], a.get("error.type")): n
         for a, n in r.points("l4gw.upstream.connect.duration")
     }
     assert connects == {("127.0.0.1:9001", "connect_failed"): 1, ("127.0.0.1:9002", None): 1}
+    # A successful connect has no error.type at all (it used to be exported as "null").
+    ok_point = next(a for a, _ in r.points("l4gw.upstream.connect.duration") if "error.type" not in a)
+    assert None not in ok_point.values() and "null" not in ok_point.values()
     assert r.points("l4gw.connection.refused") == []
 
 
@@ -239,6 +241,39 @@ def test_refused_by_plugin_is_an_error_with_its_rule(r):
     (refused,) = r.points("l4gw.connection.refused")
     assert refused[0]["l4gw.refused_by"] == "ratelimit"
     assert refused[0]["l4gw.refused_rule"] == "per_client"
+
+
+def test_unrouted_refusal_has_no_empty_or_null_attribute(r):
+    """Refused before routing, without a rule: route, cluster and rule are absent."""
+    flow = tcp_flow()
+    r.recorder.opened(flow)
+    flow.refused_by = "core"
+    close(r.recorder, flow, CloseReason.NO_ROUTE)
+    for name in ("l4gw.connection.refused", "l4gw.connection.closed", "l4gw.io"):
+        for attrs, _ in r.points(name):
+            assert "l4gw.route" not in attrs and "l4gw.cluster" not in attrs, (name, attrs)
+            assert all(v not in (None, "", "null", "None") for v in attrs.values()), (name, attrs)
+    ((refused, n),) = r.points("l4gw.connection.refused")
+    assert n == 1 and refused["l4gw.refused_by"] == "core" and "l4gw.refused_rule" not in refused
+
+
+def test_endpoint_labels_are_capped_per_cluster(r):
+    """Past ENDPOINTS_PER_CLUSTER endpoints of one cluster, the rest share "other"."""
+    cap = recorder_mod.ENDPOINTS_PER_CLUSTER
+    flow = tcp_flow()
+    flow.cluster = "api"
+    for i in range(cap + 10):
+        r.recorder.connect_attempt(flow, Endpoint("198.18.2.1", 1000 + i), None, 0.001)
+    other = tcp_flow(2)
+    other.cluster = "resolvers"
+    r.recorder.connect_attempt(other, Endpoint("198.18.3.1", 53), None, 0.001)
+    counts: dict[tuple[str, str], int] = {}
+    for attrs, n in r.points("l4gw.upstream.connect.duration"):
+        key = (attrs["l4gw.cluster"], attrs["l4gw.endpoint"])
+        counts[key] = counts.get(key, 0) + n
+    api = {e: n for (c, e), n in counts.items() if c == "api"}
+    assert len(api) == cap + 1 and api["other"] == 10
+    assert counts[("resolvers", "198.18.3.1:53")] == 1  # another cluster has its own cap
 
 
 def test_incoming_traceparent_is_the_parent(r):
@@ -307,7 +342,15 @@ def test_udp_session_and_spliced_flow(r):
     (attempt,) = [s for s in r.finished() if s.kind is SpanKind.CLIENT]
     assert attempt.name == "udp connect resolvers"
     assert r.points("l4gw.connection.spliced") == [
-        ({"l4gw.listener": "dns", "network.transport": "udp", "l4gw.tier": "splice"}, 1)
+        (
+            {
+                "l4gw.listener": "dns",
+                "network.transport": "udp",
+                "l4gw.cluster": "resolvers",
+                "l4gw.tier": "splice",
+            },
+            1,
+        )
     ]
 
 

@@ -6,7 +6,6 @@ import logging
 import os
 import socket
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from l4gw_plugins.ratelimit.buckets import (
     client_prefix,
     parse_url,
 )
-from l4gw_plugins.ratelimit.plugin import SCHEMA, RateLimit
+from l4gw_plugins.ratelimit.plugin import RateLimit
 from l4gw_plugins.ratelimit.redis import (
     RedisBuckets,
     RedisSettings,
@@ -36,35 +35,7 @@ from l4gw_plugins.ratelimit.redis import (
 )
 
 from backends import recv_all
-
-BASE = """
-[[listener]]
-name = "public"
-bind = "127.0.0.1:1"
-
-[[route]]
-name = "main"
-listener = "public"
-cluster = "api"
-
-[cluster.api]
-endpoints = ["127.0.0.1:2"]
-"""
-
-
-def section(text: str) -> dict[str, Any]:
-    config = from_dict(
-        tomllib.loads(BASE + "[plugin.ratelimit]\n" + text), "t", {"ratelimit": SCHEMA}
-    )
-    return dict(config.plugin("ratelimit"))
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from ratelimit_setup import BASE, Clock, section
 
 
 def limiter(text: str) -> tuple[RateLimit, Clock]:
@@ -229,15 +200,6 @@ def test_max_tracked_evicts_and_reports() -> None:
 
 
 # --- Redis -------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path).start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def test_parse_url_and_encoding() -> None:

@@ -1,0 +1,383 @@
+#!/usr/bin/env python3
+"""What one connection costs a proxy: CPU, syscalls, and memory while idle.
+
+Measured in units that do not depend on how busy the machine is, so that a
+code change can be judged on a shared 2-vCPU VM:
+
+* ``cpu``: CPU µs (utime+stime from ``/proc/PID/stat``) per new connection over a
+  fixed count of short connections (an HTTP request with ``Connection: close`` to
+  nginx, through the proxy), fresh proxy processes every round, rounds
+  interleaved over the paths, medians.
+* ``syscalls``: ``strace -c -f -p PID`` on the proxy over the same fixed-count
+  load: syscalls per connection, by name.
+* ``idle``: RSS per idle connection: ``--hold`` connections opened through the
+  proxy to an echo backend, one 16-byte exchange each, then held; (RSS with them
+  − RSS before) / count. At the end every held connection exchanges a unique
+  payload once more and it must come back byte-exact. The default is 9,900, not
+  10,000: the hard ``RLIMIT_NOFILE`` here is 20,000 and one proxy process holds
+  two descriptors per connection plus its own.
+
+    .venv/bin/python bench/conn_cost.py cpu --connections 5000 --rounds 5
+    .venv/bin/python bench/conn_cost.py syscalls --connections 3000
+    .venv/bin/python bench/conn_cost.py idle --hold 9900
+    .venv/bin/python bench/conn_cost.py cpu --paths gateway-copy --gateway-src ref=/tmp/ref
+    .venv/bin/python bench/conn_cost.py cpu --quick               # smoke: tiny counts
+
+Paths: ``gateway`` (``l4gw run``, installed plugins at their defaults),
+``gateway-copy`` (``disable_plugins = ["relay"]``), ``haproxy`` (``nbthread 1``),
+``uvloop`` (bench/uvloop_proxy.py), and ``gw-LABEL`` for ``--gateway-src
+LABEL=DIR``. Every child is stopped on exit; every load is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import selectors
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from peers import (
+    LOOPBACK,
+    Child,
+    Children,
+    free_port,
+    rss_kib,
+    start_gateway,
+    start_haproxy,
+    start_nginx,
+    start_uvloop_proxy,
+)
+
+PATHS = ("gateway", "gateway-copy", "haproxy", "uvloop")
+_COPY_ONLY = 'disable_plugins = ["relay"]\n'
+_REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+_STRACE_LINE = re.compile(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)\s*$")
+
+
+# --- children: the fixed-count client and the echo backend ------------------------
+
+
+def client(port: int, count: int, concurrency: int) -> None:
+    """``count`` short HTTP connections to ``port``, ``concurrency`` at a time; exit 1
+    if any failed (run as a child process, so its CPU is not the bench's)."""
+    lock = threading.Lock()
+    left = [count]
+    failed: list[str] = []
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if left[0] <= 0 or failed:
+                    return
+                left[0] -= 1
+            try:
+                with socket.create_connection((LOOPBACK, port), timeout=10) as s:
+                    s.sendall(_REQUEST)
+                    reply = b""
+                    while chunk := s.recv(4096):
+                        reply += chunk
+                if not reply.startswith(b"HTTP/1.1 200"):
+                    raise OSError(f"bad reply {reply[:40]!r}")
+            except OSError as exc:
+                with lock:
+                    failed.append(repr(exc))
+                return
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failed:
+        print(f"client: {len(failed)} failed, first: {failed[0]}", file=sys.stderr)
+        sys.exit(1)
+
+
+def echo_server(port: int) -> None:
+    """Echo every byte back; one thread and a selector for any number of connections."""
+    sel = selectors.DefaultSelector()
+    lsn = socket.create_server((LOOPBACK, port), backlog=4096)
+    lsn.setblocking(False)
+    sel.register(lsn, selectors.EVENT_READ)
+    while True:
+        for key, _ in sel.select():
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            if sock is lsn:
+                try:
+                    conn, _ = lsn.accept()
+                except BlockingIOError:
+                    continue
+                conn.setblocking(False)
+                sel.register(conn, selectors.EVENT_READ)
+                continue
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                sel.unregister(sock)
+                sock.close()
+                continue
+            sock.setblocking(True)  # small echoes: never more than the send buffer
+            sock.sendall(data)
+            sock.setblocking(False)
+
+
+# --- paths ------------------------------------------------------------------------
+
+
+def start_path(
+    children: Children,
+    name: str,
+    listen: int,
+    backend: int,
+    sources: dict[str, Path],
+    maxconn: int = 8000,
+) -> list[Child]:
+    """Start one proxy on ``listen`` forwarding to ``backend``; its processes."""
+    routes = {"bench": (listen, backend)}
+    if name == "gateway":
+        return [start_gateway(children, name, routes)]
+    if name == "gateway-copy":
+        return [start_gateway(children, name, routes, _COPY_ONLY)]
+    if name in sources:
+        return [
+            start_gateway(
+                children, name, routes, _COPY_ONLY if "copy" in name else "", src=sources[name]
+            )
+        ]
+    if name == "haproxy":
+        return [start_haproxy(children, name, routes, 1, maxconn=maxconn)]
+    if name == "uvloop":
+        return [start_uvloop_proxy(children, name, routes)]
+    raise ValueError(name)
+
+
+def _cpu(procs: list[Child]) -> float:
+    return sum(p.cpu_seconds() for p in procs)
+
+
+def _run_client(port: int, count: int, concurrency: int) -> None:
+    argv = [sys.executable, __file__, "--client", str(port), str(count), str(concurrency)]
+    subprocess.run(argv, check=True, timeout=120)
+
+
+def measure_cpu(args: argparse.Namespace, backend: int, workdir: Path) -> dict[str, list[float]]:
+    """CPU µs per connection, one fresh process per path and round."""
+    samples: dict[str, list[float]] = {p: [] for p in args.paths}
+    for r in range(args.rounds):
+        shift = r % len(args.paths)
+        for name in args.paths[shift:] + args.paths[:shift]:
+            children = Children(workdir)
+            try:
+                listen = free_port()
+                procs = start_path(children, name, listen, backend, args.sources)
+                _run_client(listen, args.warmup, args.concurrency)
+                before = _cpu(procs)
+                _run_client(listen, args.connections, args.concurrency)
+                used = _cpu(procs) - before
+                for p in procs:
+                    p.check_alive()
+            finally:
+                children.stop_all()
+            samples[name].append(1e6 * used / args.connections)
+            _log(f"round {r + 1} {name}: {samples[name][-1]:.1f} µs/conn")
+    return samples
+
+
+def measure_syscalls(
+    args: argparse.Namespace, backend: int, workdir: Path
+) -> dict[str, dict[str, float]]:
+    """Syscalls per connection by name (strace -c -f) for each path."""
+    out: dict[str, dict[str, float]] = {}
+    for name in args.paths:
+        children = Children(workdir)
+        try:
+            listen = free_port()
+            procs = start_path(children, name, listen, backend, args.sources)
+            _run_client(listen, args.warmup, args.concurrency)
+            summary = workdir / f"strace-{name}.txt"
+            strace = subprocess.Popen(
+                ["strace", "-c", "-f", "-o", str(summary), "-p", str(procs[0].pid)],
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(0.5)  # attached
+            _run_client(listen, args.connections, args.concurrency)
+            time.sleep(0.2)
+            strace.terminate()
+            strace.wait(10)
+        finally:
+            children.stop_all()
+        counts: dict[str, float] = {}
+        for line in summary.read_text().splitlines():
+            m = _STRACE_LINE.match(line)
+            if m and m.group(2) != "total":
+                counts[m.group(2)] = int(m.group(1)) / args.connections
+        out[name] = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+        total = sum(counts.values())
+        _log(
+            f"{name}: {total:.1f} syscalls/conn: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in out[name].items() if v >= 0.05)
+        )
+    return out
+
+
+def measure_idle(args: argparse.Namespace, echo: int, workdir: Path) -> dict[str, dict[str, float]]:
+    """RSS per held idle connection, and a byte-exact exchange on each at the end."""
+    out: dict[str, dict[str, float]] = {}
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    for name in args.paths:
+        children = Children(workdir)
+        socks: list[socket.socket] = []
+        try:
+            listen = free_port()
+            procs = start_path(children, name, listen, echo, args.sources, args.hold + 50)
+            _exchange_new(listen, 200)  # warm-up: first-use allocations are not per connection
+            time.sleep(0.5)
+            rss0 = sum(rss_kib(p.pid) or 0 for p in procs)
+            for i in range(args.hold):
+                s = socket.create_connection((LOOPBACK, listen), timeout=10)
+                socks.append(s)
+                s.sendall(b"%016d" % i)
+            for i, s in enumerate(socks):
+                _expect(s, b"%016d" % i)
+            time.sleep(1.0)
+            rss1 = sum(rss_kib(p.pid) or 0 for p in procs)
+            for i, s in enumerate(socks):
+                s.sendall(b"again-%010d" % i)
+            bad = 0
+            for i, s in enumerate(socks):
+                try:
+                    _expect(s, b"again-%010d" % i)
+                except OSError:
+                    bad += 1
+            for p in procs:
+                p.check_alive()
+        finally:
+            for s in socks:
+                s.close()
+            children.stop_all()
+        per = 1024 * (rss1 - rss0) / args.hold
+        out[name] = {
+            "rss_before_kib": rss0,
+            "rss_held_kib": rss1,
+            "bytes_per_conn": per,
+            "failed": bad,
+        }
+        _log(f"{name}: RSS {rss0} -> {rss1} KiB over {args.hold}: {per:.0f} B/conn; {bad} failed")
+    return out
+
+
+def _exchange_new(port: int, count: int) -> None:
+    for i in range(count):
+        with socket.create_connection((LOOPBACK, port), timeout=10) as s:
+            s.sendall(b"warm-%011d" % i)
+            _expect(s, b"warm-%011d" % i)
+
+
+def _expect(s: socket.socket, want: bytes) -> None:
+    got = b""
+    while len(got) < len(want):
+        chunk = s.recv(len(want) - len(got))
+        if not chunk:
+            break
+        got += chunk
+    if got != want:
+        raise OSError(f"echo differs: {got!r} != {want!r}")
+
+
+# --- main -------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("what", choices=("cpu", "syscalls", "idle"))
+    p.add_argument("--paths", default=",".join(PATHS), help="comma-separated (%(default)s)")
+    p.add_argument("--gateway-src", action="append", default=[], metavar="LABEL=DIR")
+    p.add_argument("--connections", type=int, default=3000, help="per measurement (3000)")
+    p.add_argument("--warmup", type=int, default=300, help="connections before measuring (300)")
+    p.add_argument("--concurrency", type=int, default=16, help="client threads (16)")
+    p.add_argument("--rounds", type=int, default=3, help="cpu: interleaved rounds (3)")
+    p.add_argument("--hold", type=int, default=9900, help="idle: connections held (9900)")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny counts, 1 round")
+    p.add_argument("--json", metavar="FILE")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.connections, args.warmup, args.rounds, args.hold = 200, 20, 1, 300
+    args.paths = [x for x in args.paths.split(",") if x]
+    args.sources = {}
+    for item in args.gateway_src:
+        label, _, src = item.partition("=")
+        args.sources[f"gw-{label}"] = Path(src).resolve()
+        args.paths.append(f"gw-{label}")
+    if args.what == "syscalls" and not _which("strace"):
+        p.error("strace not found")
+    if args.what == "idle" and args.hold > 9900:
+        p.error("--hold: at most 9900 (RLIMIT_NOFILE 20000; the proxy needs 2 fds per connection)")
+
+    workdir = Path(tempfile.mkdtemp(prefix="l4gw-conncost-"))
+    backends = Children(workdir)
+    try:
+        port = free_port()
+        if args.what == "idle":
+            child = backends.start("echo", [sys.executable, __file__, "--echo-server", str(port)])
+            child.wait_listening([port])
+            result: object = measure_idle(args, port, workdir)
+        else:
+            start_nginx(backends, port)
+            if args.what == "cpu":
+                samples = measure_cpu(args, port, workdir)
+                result = {
+                    k: {"median": statistics.median(v), "samples": v} for k, v in samples.items()
+                }
+                print("| path | CPU µs per connection (median) | samples |")
+                print("|---|---|---|")
+                for k, v in samples.items():
+                    print(
+                        f"| {k} | {statistics.median(v):.1f} | {', '.join(f'{x:.1f}' for x in v)} |"
+                    )
+            else:
+                result = measure_syscalls(args, port, workdir)
+                for k, v in result.items():  # type: ignore[attr-defined]
+                    total = sum(v.values())
+                    top = ", ".join(f"{n} {c:.2f}" for n, c in v.items() if c >= 0.05)
+                    print(f"| {k} | {total:.1f} | {top} |")
+    finally:
+        backends.stop_all()
+    if args.json:
+        Path(args.json).write_text(json.dumps({"what": args.what, "result": result}, indent=1))
+    return 0
+
+
+def _which(tool: str) -> bool:
+    return any(os.access(os.path.join(d, tool), os.X_OK) for d in os.environ["PATH"].split(":"))
+
+
+def _log(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--client":
+        client(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+        sys.exit(0)
+    if len(sys.argv) > 1 and sys.argv[1] == "--echo-server":
+        echo_server(int(sys.argv[2]))
+        sys.exit(0)
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""One epoll set per process for the copy relay: each socket registered once, edge-triggered.
+
+trio's own ``wait_readable``/``wait_writable`` register a file descriptor one-shot and
+re-arm it at every wait (one ``epoll_ctl`` per wait), and one task can wait on one
+descriptor at a time, so a pair needed a task per direction and a nursery. Here a
+relay registers its two sockets once, for both directions, and waits in one task for
+whichever becomes ready.
+
+Rules kept here:
+
+1. **Registered once, edge-triggered.** ``register`` adds a socket with
+   ``EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET``; nothing re-arms it. So a waiter may
+   wait for a condition only after the socket said EAGAIN to it (or right after
+   ``register``: adding a socket that is already readable reports it): an edge
+   that came before would not come again.
+2. **Readiness is a flag the waiter clears.** An event sets the owner's flags
+   (:class:`Waiter` ``readable``/``writable``, indexed by the side registered) and
+   wakes it if it is parked; the waiter clears a flag when the socket says EAGAIN.
+   A flag set for nothing (an edge it did not need) costs one EAGAIN, never a hang.
+3. **A registration ends with the socket.** ``forget`` drops the owner (events for a
+   descriptor nobody owns are ignored: an edge that raced a close); ``unregister``
+   also removes it from the set, for a socket that lives on (a kernel tier takes it).
+   Closing the socket removes it from the set in the kernel.
+4. **One system task per trio run** polls the set when trio says its descriptor is
+   readable and wakes the owners; it closes the set when the run ends.
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+from typing import Final
+
+from trio.lowlevel import (
+    Abort,
+    RunVar,
+    Task,
+    current_task,
+    reschedule,
+    spawn_system_task,
+    wait_readable,
+    wait_task_rescheduled,
+)
+
+_EVENTS: Final = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+_READ: Final = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_WRITE: Final = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+
+
+class Waiter:
+    """What one relay waits for: two sides (0 and 1), each readable and/or writable."""
+
+    __slots__ = ("readable", "task", "writable")
+
+    def __init__(self) -> None:
+        self.task: Task | None = None
+        self.readable = [False, False]
+        self.writable = [False, False]
+
+    def abort(self, _: object) -> Abort:
+        """Cancelled while parked (a bound method, not a closure per wait: an idle
+        pair is parked for its whole idle life)."""
+        self.task = None
+        return Abort.SUCCEEDED
+
+
+class Poller:
+    """The process's epoll set for relays (:func:`current`)."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._owners: dict[int, tuple[Waiter, int]] = {}
+
+    def register(self, fd: int, waiter: Waiter, side: int) -> None:
+        """Watch ``fd`` for ``waiter`` as its side ``side`` (0 or 1)."""
+        self._owners[fd] = (waiter, side)
+        try:
+            self._epoll.register(fd, _EVENTS)
+        except FileExistsError:
+            # Still in the set from an earlier relay of the same socket that ended
+            # without unregistering: re-arming it reports what is ready now.
+            self._epoll.modify(fd, _EVENTS)
+
+    def forget(self, fd: int) -> None:
+        """Stop waking anyone for ``fd``; the socket is about to be closed."""
+        self._owners.pop(fd, None)
+
+    def unregister(self, fd: int) -> None:
+        """Take ``fd`` out of the set (the socket lives on elsewhere)."""
+        self._owners.pop(fd, None)
+        try:
+            self._epoll.unregister(fd)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.EBADF):
+                raise
+
+    async def wait(self, waiter: Waiter) -> None:
+        """Park until an event for one of ``waiter``'s sockets (a checkpoint)."""
+        waiter.task = current_task()
+        await wait_task_rescheduled(waiter.abort)
+
+    async def run(self) -> None:
+        epoll, owners = self._epoll, self._owners
+        try:
+            while True:
+                await wait_readable(epoll.fileno())
+                for fd, events in epoll.poll(0):
+                    owner = owners.get(fd)
+                    if owner is None:
+                        continue
+                    waiter, side = owner
+                    if events & _READ:
+                        waiter.readable[side] = True
+                    if events & _WRITE:
+                        waiter.writable[side] = True
+                    task = waiter.task
+                    if task is not None:
+                        waiter.task = None
+                        reschedule(task)
+        finally:
+            self._owners.clear()
+            epoll.close()
+
+
+_CURRENT: RunVar[Poller] = RunVar("l4gw_relay_poller")
+
+
+def current() -> Poller:
+    """This trio run's poller, started on first use."""
+    try:
+        return _CURRENT.get()
+    except LookupError:
+        poller = Poller()
+        _CURRENT.set(poller)
+        spawn_system_task(poller.run, name="l4gw relay poller")
+        return poller

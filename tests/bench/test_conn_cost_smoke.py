@@ -1,0 +1,34 @@
+"""bench/conn_cost.py still runs: CPU per connection and idle memory, tiny counts.
+
+Not a performance test (no number is compared with a threshold): it keeps the
+script, the uvloop reference proxy and the 9,900-connection harness from rotting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchrun import run_quick
+
+TOOLS = ("nginx", "haproxy")
+
+
+@pytest.mark.timeout(90)
+def test_cpu_per_connection_every_path(tmp_path: Path) -> None:
+    _, report = run_quick("conn_cost.py", ["cpu"], TOOLS, tmp_path, 80)
+    result = report["result"]
+    assert set(result) == {"gateway", "gateway-copy", "haproxy", "uvloop"}
+    for name, cell in result.items():
+        assert cell["median"] > 0, name
+
+
+@pytest.mark.timeout(60)
+def test_idle_connections_all_served(tmp_path: Path) -> None:
+    _, report = run_quick(
+        "conn_cost.py", ["idle", "--paths", "gateway-copy,uvloop"], TOOLS, tmp_path, 50
+    )
+    for name, cell in report["result"].items():
+        assert cell["failed"] == 0, name
+        assert cell["rss_held_kib"] >= cell["rss_before_kib"] > 0, name
