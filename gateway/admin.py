@@ -257,27 +257,39 @@ def _text(status: int, text: str) -> Response:
     return Response(status, text.encode(), "text/plain; charset=utf-8")
 
 
-async def serve(gateway: GatewayView, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+async def serve(
+    gateway: GatewayView,
+    bind: tuple[str, int] | None = None,
+    *,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Serve the admin endpoint of ``gateway`` until cancelled.
 
     ``task_status.started(port)`` once listening (the port, for ``bind`` port 0).
+
+    Args:
+        gateway: what the endpoint reports on.
+        bind: the address to bind; default: ``[admin] bind`` of the config in force
+            (a caller that records what it bound passes it, since a reload may
+            change the config before this task runs).
 
     Raises:
         OSError: the address cannot be bound (the message names it).
     """
     admin = gateway.config.admin
     assert admin is not None
+    host, port = bind if bind is not None else (admin.host, admin.port)
     try:
-        listeners = await trio.open_tcp_listeners(admin.port, host=admin.host)
+        listeners = await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
-        raise bind_error(f"admin endpoint ({format_address(admin.host, admin.port)})", exc) from exc
+        raise bind_error(f"admin endpoint ({format_address(host, port)})", exc) from exc
     port = listeners[0].socket.getsockname()[1]
-    log.info("admin endpoint on http://%s/", format_address(admin.host, port))
-    if not admin.token and not is_loopback(admin.host):
+    log.info("admin endpoint on http://%s/", format_address(host, port))
+    if not admin.token and not is_loopback(host):
         log.warning(
             "admin endpoint on %s serves /config, /connections and /metrics to the network "
             "without a token ([admin] insecure = true)",
-            format_address(admin.host, port),
+            format_address(host, port),
         )
     task_status.started(port)
 

@@ -37,6 +37,7 @@ from gateway.identity import resolve_identity
 from gateway.listeners import Listener, open_socket
 from gateway.plugin_manager import PluginError, Plugins
 from gateway.process import drop_privileges, needed_capabilities
+from gateway.relay import poller as relay_poller
 from gateway.relay.copy import CopyRelay
 from gateway.reloads import Reloads
 from gateway.runtime import Runtime
@@ -129,6 +130,9 @@ class Gateway:
                     self._connections = connections
                     async with trio.open_nursery() as accepting:
                         self._accepting = accepting
+                        # The copy relay's epoll set, made now rather than with the first
+                        # copied flow: a process's descriptors stay what they are at start.
+                        relay_poller.current()
                         for lc in self._mine(config):
                             self._open(lc)
                         if config.gateway.user:
@@ -319,15 +323,20 @@ class Gateway:
             self.on_reload.append(guard.follow)
             await nursery.start(guard.run)
 
-    async def _serve_admin(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """The admin endpoint of the config in force, in a scope of its own (a reload
-        that moves it cancels that scope); ``started`` with the scope and an event set
-        once its socket is closed."""
+    async def _serve_admin(
+        self,
+        bind: tuple[str, int] | None = None,
+        *,
+        task_status: Any = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The admin endpoint on ``bind`` (default: the config in force), in a scope of
+        its own (a reload that moves it cancels that scope); ``started`` with the scope
+        and an event set once its socket is closed."""
         closed = trio.Event()
         try:
             with trio.CancelScope() as scope:
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(admin.serve, self)
+                    await nursery.start(admin.serve, self, bind)
                     task_status.started((scope, closed))
         finally:
             closed.set()
@@ -351,8 +360,10 @@ class Gateway:
                     await old[1].wait()
                     log.info("admin endpoint closed")
                 return
+            # Bind exactly ``want``: a reload during the await below may change the
+            # config, and what is recorded as bound must be what is.
             try:
-                self._admin = await background.start(self._serve_admin)
+                self._admin = await background.start(self._serve_admin, want)
             except OSError as first:
                 if old is None:
                     log.error("reload: %s", first)
@@ -361,7 +372,7 @@ class Gateway:
                 await old[1].wait()
                 old = None
                 try:
-                    self._admin = await background.start(self._serve_admin)
+                    self._admin = await background.start(self._serve_admin, want)
                 except OSError as exc:
                     log.error("reload: %s; the admin endpoint is off until the next reload", exc)
                     return
