@@ -199,6 +199,7 @@ class WorkerReports:
     def in_worker(self, index: int) -> None:
         """Right after the fork: this worker reports to the supervisor, never to systemd."""
         self._ours.close()
+        self._theirs.setblocking(False)  # a report never stalls the worker's loop
         use(Notifier(sock=self._theirs, tag=f"{WORKER_FIELD}={index}"))
 
     # in the supervisor
@@ -221,7 +222,8 @@ class WorkerReports:
         applies it in that order.
         """
         try:
-            self._theirs.send(f"{SUPERVISOR_FIELD}=reloading\n".encode())
+            # Never block in a signal handler (the only reader is this same thread).
+            self._theirs.send(f"{SUPERVISOR_FIELD}=reloading\n".encode(), socket.MSG_DONTWAIT)
         except OSError as exc:  # pragma: no cover - a full queue of tiny datagrams
             log.warning("sd_notify: reload not tracked: %s", exc)
 

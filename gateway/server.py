@@ -35,7 +35,7 @@ from gateway.connection import handle, refuse_over_capacity
 from gateway.flow import Flow
 from gateway.identity import resolve_identity
 from gateway.listeners import Listener, open_socket
-from gateway.plugin_manager import PluginError, Plugins
+from gateway.plugin_manager import Plugins
 from gateway.process import drop_privileges, needed_capabilities
 from gateway.relay import poller as relay_poller
 from gateway.relay.copy import CopyRelay
@@ -279,7 +279,7 @@ class Gateway:
             shield_table.current().configure(new, self.worker)
             discovery.registry.configure(new)
             self.plugins.call_all("l4gw_configure", config=new)
-        except PluginError as exc:
+        except Exception as exc:  # a plugin's, or the shield's or discovery's (OSError)
             log.error("reload failed; the running config stays: %s", exc)
             shield_table.current().configure(old, self.worker)
             discovery.registry.configure(old)

@@ -14,6 +14,7 @@ import argparse
 import gc
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -164,8 +165,15 @@ def _run_workers(config: Config, plugins: Plugins) -> int:
                 pass  # each worker reports the problems; the running config stays
 
         watch = configwatch.ConfigWatch()
+        next_poll = [0.0]
 
         def tick() -> None:
+            # Called at every report too: poll at the watch's own pace, so that its
+            # "unchanged for one more poll" rule still means a second of stillness.
+            now = time.monotonic()
+            if now < next_poll[0]:
+                return
+            next_poll[0] = now + configwatch.POLL
             if watch.poll(current[0]):
                 log.info("%s changed: reloading", current[0].path)
                 configwatch.request_reload()

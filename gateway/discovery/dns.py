@@ -139,6 +139,7 @@ class Resolver:
         self.search = False
         self.resolv_conf = resolv_conf
         self._configured = bool(config.servers)
+        self._configuring = trio.Lock()
         if config.servers:
             r.nameservers = [dns.nameserver.Do53Nameserver(h, port=p) for h, p in config.servers]
         # No cache: each name is asked again only when its TTL ran out.
@@ -172,21 +173,27 @@ class Resolver:
         """
         if self._configured:
             return
-        r = self._resolver
-        try:
-            await trio.to_thread.run_sync(r.read_resolv_conf, self.resolv_conf)
-            # The system's servers come with its search list: "api" finds
-            # "api.default.svc.cluster.local" as it does for every other program.
-            self.search = True
-        except dns.resolver.NoResolverConfiguration:
-            r.nameservers = []
-        self._configured = True
-        self._set_timeouts()
+        # Every follow task shares this resolver and calls this at once on start.
+        async with self._configuring:
+            if self._configured:
+                return
+            r = self._resolver
+            try:
+                await trio.to_thread.run_sync(r.read_resolv_conf, self.resolv_conf)
+                # The system's servers come with its search list: "api" finds
+                # "api.default.svc.cluster.local" as it does for every other program.
+                self.search = True
+            except dns.resolver.NoResolverConfiguration:
+                r.nameservers = []
+            self._configured = True
+            self._set_timeouts()
 
     def count_failure(self, cluster: str, spec: Spec, kind: str) -> None:
         """Count one failed refresh of a followed name (:func:`follow` does)."""
-        attributes = {"l4gw.cluster": cluster, "l4gw.dns.name": _spec_name(spec)}
-        self._m_failures.add(1, {**attributes, "error.type": kind})
+        attributes = {"l4gw.dns.name": _spec_name(spec), "error.type": kind}
+        if cluster:  # a name several clusters share is followed once, for all of them
+            attributes["l4gw.cluster"] = cluster
+        self._m_failures.add(1, attributes)
 
     @property
     def servers(self) -> tuple[str, ...]:
@@ -385,14 +392,7 @@ async def follow(
             found, delay = await resolver.endpoints(spec)
         except ResolveError as exc:
             failures += 1
-            resolver._m_failures.add(
-                1,
-                {
-                    "l4gw.cluster": cluster,
-                    "l4gw.dns.name": _spec_name(spec),
-                    "error.type": exc.kind,
-                },
-            )
+            resolver.count_failure(cluster, spec, exc.kind)
             if failures == 1:
                 failed_since = time.monotonic()
                 if last:

@@ -416,7 +416,9 @@ class Shield:
         that expire soonest go first (expired ones among them), from a heap of deadlines,
         so that a full table under a flood of new clients costs O(log n) per add (hold
         the lock)."""
-        records: list[dict[str, Any]] = []
+        # Choose every victim before taking any out: a refusal then changes nothing
+        # (neither the kernel map nor the journal).
+        victims: list[Entry] = []
         chosen: set[Network] = set()
         while len(self._entries) - len(chosen) >= self.max_entries:
             victim = self._soonest(chosen)
@@ -426,6 +428,9 @@ class Shield:
                     f"expiry (max_entries = {self.max_entries})"
                 )
             chosen.add(victim.network)
+            victims.append(victim)
+        records: list[dict[str, Any]] = []
+        for victim in victims:
             action = "expire" if victim.expired(now) else "evict"
             record = self._unlist(victim, action)
             records.append(record)
