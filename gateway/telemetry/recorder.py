@@ -72,7 +72,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from gateway import __version__
+from gateway import __version__, discovery
 from gateway.config import Config, Endpoint, TelemetryConfig
 from gateway.flow import KERNEL_TIERS, CloseReason, Flow
 from gateway.telemetry import providers as tel
@@ -108,8 +108,9 @@ FLOW_KEYS = ("l4gw.listener", "network.transport", "l4gw.route", "l4gw.cluster")
 IO_KEYS = ("l4gw.listener", "l4gw.route", "l4gw.cluster", "network.io.direction")
 ENDPOINTS_PER_CLUSTER = 32
 """Endpoints of one cluster that get their own ``l4gw.endpoint`` value on metrics (the
-first seen since start); the others share :data:`OTHER_ENDPOINT`, so that a resolver
-returning ever new addresses cannot grow the series without bound."""
+first seen among its current endpoints: an address that leaves the cluster's set gives
+its label back); the others share :data:`OTHER_ENDPOINT`, so that a resolver returning
+ever new addresses cannot grow the labels without bound."""
 OTHER_ENDPOINT = "other"
 
 
@@ -182,6 +183,9 @@ class Recorder:
         """(cluster, host, port) -> its ``l4gw.endpoint`` value, at most
         :data:`ENDPOINTS_PER_CLUSTER` per cluster (the others are "other", uncached)."""
         self._endpoint_counts: dict[str, int] = {}
+        # Labels follow each cluster's current set (DNS, files, plugins change it):
+        # an address that left gives its label back, so live ones are never "other".
+        self.unsubscribe = discovery.subscribe(self._endpoints_changed)
         self._traceparent_clusters: frozenset[str] = frozenset()
         self.reconfigure(config)
         self._ratio_bound: int | None = None
@@ -526,6 +530,16 @@ class Recorder:
                 totals[key] = totals.get(key, 0) + flow.bytes_to_client
         return [Observation(value, attributes(IO_KEYS, key)) for key, value in totals.items()]
 
+    def _endpoints_changed(self, cluster: str, endpoints: tuple[Endpoint, ...]) -> None:
+        """Release the labels of ``cluster``'s endpoints that left its set (a series
+        already exported keeps its counts; the label is free for a new address)."""
+        live = {(e.host, e.port) for e in endpoints}
+        gone = [key for key in self._endpoint_labels if key[0] == cluster and key[1:] not in live]
+        for key in gone:
+            del self._endpoint_labels[key]
+        if gone:
+            self._endpoint_counts[cluster] -= len(gone)
+
     def _endpoint_label(self, cluster: str, host: str, port: int, address: str) -> str:
         """The ``l4gw.endpoint`` value of a cluster's endpoint not labelled yet: its
         address while the cluster has fewer than :data:`ENDPOINTS_PER_CLUSTER`, else
@@ -619,4 +633,5 @@ class FlowTelemetry:
         """
         recorder = self.recorder
         if recorder is not None:
+            recorder.unsubscribe()
             recorder.telemetry.shutdown()

@@ -99,7 +99,9 @@ def rig(ratio: float = 1.0, fast: bool = False) -> Rig:
 
 @pytest.fixture
 def r() -> Iterator[Rig]:
-    yield rig()
+    made = rig()
+    yield made
+    made.recorder.unsubscribe()  # from the process's discovery registry
 
 
 def tcp_flow(id: int = 1) -> Flow:
@@ -274,6 +276,24 @@ def test_endpoint_labels_are_capped_per_cluster(r):
     api = {e: n for (c, e), n in counts.items() if c == "api"}
     assert len(api) == cap + 1 and api["other"] == 10
     assert counts[("resolvers", "198.18.3.1:53")] == 1  # another cluster has its own cap
+
+
+def test_endpoint_labels_follow_the_clusters_current_set(r):
+    """An address that left the cluster's set (DNS, a file, a plugin) gives its label back:
+    after churn, the live endpoints have their own labels, not "other"."""
+    cap = recorder_mod.ENDPOINTS_PER_CLUSTER
+    flow = tcp_flow()
+    flow.cluster = "api"
+    for i in range(cap):
+        r.recorder.connect_attempt(flow, Endpoint("198.18.2.1", 1000 + i), None, 0.001)
+    new = tuple(Endpoint("198.18.2.2", 2000 + i) for i in range(3))
+    # What the discovery registry calls after a change of the cluster's set.
+    r.recorder._endpoints_changed("api", new)
+    for endpoint in new:
+        r.recorder.connect_attempt(flow, endpoint, None, 0.001)
+    labels = {a["l4gw.endpoint"] for a, _ in r.points("l4gw.upstream.connect.duration")}
+    assert {"198.18.2.2:2000", "198.18.2.2:2001", "198.18.2.2:2002"} <= labels
+    assert "other" not in labels
 
 
 def test_incoming_traceparent_is_the_parent(r):
