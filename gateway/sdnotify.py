@@ -302,6 +302,10 @@ class WorkerReports:
                 if not failed
                 else f"{self.count} workers ready; worker {failed[0][0]}: {failed[0][1]}"
             )
+            if not self._announced:
+                # The workers' own "ready:" lines come one by one; this one says the
+                # whole fleet (and worker 0's admin endpoint) serves.
+                log.info("all %d workers ready", self.count)
             self._announced = True
             self._reloading = False
             self.systemd.ready(status)

@@ -376,8 +376,19 @@ class GatewayProcess:
             stdin=subprocess.DEVNULL,
         )
         if wait_ready:
-            self.wait_log(r"ready: ", timeout)
+            # With workers, each logs its own "ready:"; the supervisor's line follows
+            # the last of them (and worker 0's admin endpoint).
+            workers = self._workers()
+            self.wait_log(r"ready: " if workers == 1 else rf"all {workers} workers ready", timeout)
         return self
+
+    def _workers(self) -> int:
+        try:
+            gateway = tomllib.loads(self.config_path.read_text()).get("gateway", {})
+            workers = gateway.get("workers", 1) if isinstance(gateway, dict) else 1
+        except (OSError, tomllib.TOMLDecodeError):
+            return 1
+        return workers if isinstance(workers, int) and workers > 1 else 1
 
     def write_config(self, config: str) -> None:
         """Replace the config file atomically, as a deploy should: a reload must

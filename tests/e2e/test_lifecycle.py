@@ -67,7 +67,7 @@ async def test_reload_valid_file(nursery, gateway):
         gw.signal(signal.SIGHUP)
         await trio.to_thread.run_sync(gw.wait_log, "reloaded")
         # Listener "a" was removed, "b" added; new connections use the new cluster.
-        assert await refused(a)
+        assert await refused(a), gw.log
         sent, got = await scripted_exchange("127.0.0.1", b, 1000, 1000, seed=2)
         await check_exchange(b2, 2, sent, got, 1000)
         # The connection opened under the old config keeps its backend.

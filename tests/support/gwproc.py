@@ -41,12 +41,21 @@ class GatewayProcess(testing.GatewayProcess):
         self.netns = netns
 
 
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now, and never one this process handed out before:
+    the kernel may offer the same free port twice in a row, and a test that opens one
+    listener after closing another (a reload) would then see the old one still there."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+    while True:
+        with socket.socket(family) as s:
+            s.bind((host, 0))
+            port: int = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 async def refused(port: int, host: str = "127.0.0.1") -> bool:
