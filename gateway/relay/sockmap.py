@@ -556,13 +556,22 @@ class Accelerator:
                 f"sockmap pre-arming flush failed: {exc.strerror or exc}", exc.errno or 0
             )
         try:
+            # The flow's epoll set, made before arming: out of descriptors (EMFILE), the
+            # flow stays where it is instead of failing after the kernel took it.
+            ep = select.epoll(2)
+        except OSError as exc:
+            self._totals.arm_failures += 1
+            raise ArmError(f"sockmap: no epoll set for the flow: {exc.strerror}", exc.errno or 0)
+        try:
             a = self._snapshot(client, "client")
             b = self._snapshot(upstream, "backend")
             self._arm(a, b, limits or self.limits)
         except ArmError:
+            ep.close()
             self._totals.arm_failures += 1
             raise
         except OSError as exc:
+            ep.close()
             self._totals.arm_failures += 1
             raise ArmError(f"sockmap arming failed: {exc.strerror or exc}", exc.errno or 0)
         self._totals.flows_now += 1
@@ -577,10 +586,11 @@ class Accelerator:
                 # R6: bytes queued before insertion get no data_ready of their own.
                 side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
             reason, clean = await self._supervise(
-                a, b, stats, base_from, base_to, idle_timeout, limits or self.limits, report
+                ep, a, b, stats, base_from, base_to, idle_timeout, limits or self.limits, report
             )
             return reason
         finally:
+            ep.close()  # closed already unless on_armed or the setsockopt raised
             # Synchronous on purpose: it must run to the end even when cancelled.
             self._finish(a, b, stats, base_from, base_to, clean, reason)
 
@@ -718,6 +728,7 @@ class Accelerator:
 
     async def _supervise(
         self,
+        ep: select.epoll,
         a: _Side,
         b: _Side,
         stats: RelayStats,
@@ -727,7 +738,7 @@ class Accelerator:
         lim: Limits,
         report: FlowReport | None,
     ) -> tuple[str, bool]:
-        ep = select.epoll(2)
+        """Watch an armed flow until it ends; closes ``ep``, its epoll set."""
         by_fd = {a.sock.fileno(): a, b.sock.fileno(): b}
         masks = dict.fromkeys(by_fd, _WATCH)
         try:

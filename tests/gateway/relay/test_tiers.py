@@ -93,11 +93,14 @@ async def test_without_a_started_kernel_tier_there_is_no_plan() -> None:
 
 
 @pytest.mark.timeout(60)
-async def test_out_of_descriptors_for_the_splice_pipes_the_flow_stays_in_copy() -> None:
-    """Near the fd limit (many held flows), splice cannot make its two pipes: the flow
-    goes on in copy, which needs no descriptor of its own, instead of failing."""
-    tiers = configured('tiers = ["splice"]\npromote_after_bytes = "64KiB"\nstatus_dir = ""')
+@pytest.mark.parametrize("tier", ["splice", "sockmap"])
+async def test_out_of_descriptors_for_a_kernel_tier_the_flow_stays_in_copy(tier: str) -> None:
+    """Near the fd limit (many held flows), splice cannot make its two pipes nor sockmap
+    the flow's epoll set: the flow goes on in copy, which needs no descriptor of its own,
+    instead of failing (sockmap makes its set before the kernel takes the flow)."""
+    tiers = configured(f'tiers = ["{tier}"]\npromote_after_bytes = "64KiB"\nstatus_dir = ""')
     await start(tiers)
+    assert tiers.plan == (tier,), tiers.status()
     poller.current()  # the copy tier's epoll set exists before the descriptors run out
     up, down = payload(MiB, 3), payload(MiB + 7, 4)
     flow = make_flow()
@@ -128,7 +131,8 @@ async def test_out_of_descriptors_for_the_splice_pipes_the_flow_stays_in_copy() 
     assert out["reason"] in (CloseReason.CLIENT_EOF, CloseReason.BACKEND_EOF)
     assert flow.tier == "copy" and tiers.fallbacks == 1
     (fallback,) = [attrs for name, attrs in flow.events if name == "relay_fallback"]
-    assert fallback["tier"] == "splice" and "Too many open files" in fallback["reason"]
+    assert fallback["tier"] == tier and "Too many open files" in fallback["reason"]
+    tiers.shutdown()
 
 
 def _open_fds() -> list[int]:
