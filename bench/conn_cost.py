@@ -25,8 +25,9 @@ code change can be judged on a shared 2-vCPU VM:
 
 Paths: ``gateway`` (``l4gw run``, installed plugins at their defaults),
 ``gateway-copy`` (``disable_plugins = ["relay"]``), ``haproxy`` (``nbthread 1``),
-``uvloop`` (bench/uvloop_proxy.py), and ``gw-LABEL`` for ``--gateway-src
-LABEL=DIR``. Every child is stopped on exit; every load is bounded in count and time.
+``uvloop`` (bench/uvloop_proxy.py), ``trio-lean`` and ``trio-naive`` (bench/trio_proxy.py:
+the gateway's connection machinery without l4gw's layers, and a textbook trio proxy; not
+in the default set), and ``gw-LABEL`` for ``--gateway-src LABEL=DIR``. Every child is stopped on exit; every load is bounded in count and time.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from peers import (
     LOOPBACK,
+    REFERENCE_PROXIES,
     Child,
     Children,
     free_port,
@@ -57,7 +59,7 @@ from peers import (
     start_gateway,
     start_haproxy,
     start_nginx,
-    start_uvloop_proxy,
+    start_reference_proxy,
 )
 
 PATHS = ("gateway", "gateway-copy", "haproxy", "uvloop")
@@ -148,13 +150,17 @@ def start_path(
     backend: int,
     sources: dict[str, Path],
     maxconn: int = 8000,
+    variants: dict[str, str] | None = None,
 ) -> list[Child]:
     """Start one proxy on ``listen`` forwarding to ``backend``; its processes."""
     routes = {"bench": (listen, backend)}
+    variants = variants or {}
     if name == "gateway":
         return [start_gateway(children, name, routes)]
     if name == "gateway-copy":
         return [start_gateway(children, name, routes, _COPY_ONLY)]
+    if name in variants:
+        return [start_gateway(children, name, routes, variants[name])]
     if name in sources:
         return [
             start_gateway(
@@ -163,13 +169,15 @@ def start_path(
         ]
     if name == "haproxy":
         return [start_haproxy(children, name, routes, 1, maxconn=maxconn)]
-    if name == "uvloop":
-        return [start_uvloop_proxy(children, name, routes)]
+    if name in REFERENCE_PROXIES:
+        return [start_reference_proxy(children, name, routes)]
     raise ValueError(name)
 
 
-def _cpu(procs: list[Child]) -> float:
-    return sum(p.cpu_seconds() for p in procs)
+def _cpu(procs: list[Child]) -> tuple[float, float]:
+    """(user, kernel) CPU seconds of ``procs`` so far."""
+    times = [p.cpu_times() for p in procs]
+    return sum(u for u, _ in times), sum(k for _, k in times)
 
 
 def _run_client(port: int, count: int, concurrency: int) -> None:
@@ -177,26 +185,44 @@ def _run_client(port: int, count: int, concurrency: int) -> None:
     subprocess.run(argv, check=True, timeout=120)
 
 
-def measure_cpu(args: argparse.Namespace, backend: int, workdir: Path) -> dict[str, list[float]]:
-    """CPU µs per connection, one fresh process per path and round."""
-    samples: dict[str, list[float]] = {p: [] for p in args.paths}
+def measure_cpu(
+    args: argparse.Namespace, backend: int, workdir: Path
+) -> dict[str, dict[str, list[float]]]:
+    """CPU µs per connection (total, user, kernel), one fresh process per path and round.
+
+    The split tells what a change can win: the kernel part (the syscalls, and on
+    loopback the peers' TCP work done inline in them) is much the same for every proxy
+    that makes the same calls; the user part is the proxy's own code."""
+    samples: dict[str, dict[str, list[float]]] = {
+        p: {"total": [], "user": [], "kernel": []} for p in args.paths
+    }
     for r in range(args.rounds):
         shift = r % len(args.paths)
         for name in args.paths[shift:] + args.paths[:shift]:
             children = Children(workdir)
             try:
                 listen = free_port()
-                procs = start_path(children, name, listen, backend, args.sources)
+                procs = start_path(
+                    children, name, listen, backend, args.sources, variants=args.variants
+                )
                 _run_client(listen, args.warmup, args.concurrency)
-                before = _cpu(procs)
+                user0, kernel0 = _cpu(procs)
                 _run_client(listen, args.connections, args.concurrency)
-                used = _cpu(procs) - before
+                user1, kernel1 = _cpu(procs)
                 for p in procs:
                     p.check_alive()
             finally:
                 children.stop_all()
-            samples[name].append(1e6 * used / args.connections)
-            _log(f"round {r + 1} {name}: {samples[name][-1]:.1f} µs/conn")
+            per = 1e6 / args.connections
+            user, kernel = (user1 - user0) * per, (kernel1 - kernel0) * per
+            got = samples[name]
+            got["total"].append(user + kernel)
+            got["user"].append(user)
+            got["kernel"].append(kernel)
+            _log(
+                f"round {r + 1} {name}: {user + kernel:.1f} µs/conn "
+                f"(user {user:.1f}, kernel {kernel:.1f})"
+            )
     return samples
 
 
@@ -209,7 +235,9 @@ def measure_syscalls(
         children = Children(workdir)
         try:
             listen = free_port()
-            procs = start_path(children, name, listen, backend, args.sources)
+            procs = start_path(
+                children, name, listen, backend, args.sources, variants=args.variants
+            )
             _run_client(listen, args.warmup, args.concurrency)
             summary = workdir / f"strace-{name}.txt"
             strace = subprocess.Popen(
@@ -310,6 +338,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("what", choices=("cpu", "syscalls", "idle"))
     p.add_argument("--paths", default=",".join(PATHS), help="comma-separated (%(default)s)")
     p.add_argument("--gateway-src", action="append", default=[], metavar="LABEL=DIR")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=TOML",
+        help="a gateway path gw-LABEL with TOML lines added to [gateway] "
+        "(e.g. 'nop=disable_plugins = [\"geo_deny\"]')",
+    )
     p.add_argument("--connections", type=int, default=3000, help="per measurement (3000)")
     p.add_argument("--warmup", type=int, default=300, help="connections before measuring (300)")
     p.add_argument("--concurrency", type=int, default=16, help="client threads (16)")
@@ -321,6 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.connections, args.warmup, args.rounds, args.hold = 200, 20, 1, 300
     args.paths = [x for x in args.paths.split(",") if x]
+    args.variants = {}
+    for item in args.variant:
+        label, _, extra = item.partition("=")
+        args.variants[f"gw-{label}"] = extra.replace("\\n", "\n")
+        args.paths.append(f"gw-{label}")
     args.sources = {}
     for item in args.gateway_src:
         label, _, src = item.partition("=")
@@ -344,20 +385,29 @@ def main(argv: list[str] | None = None) -> int:
             if args.what == "cpu":
                 samples = measure_cpu(args, port, workdir)
                 result = {
-                    k: {"median": statistics.median(v), "samples": v} for k, v in samples.items()
+                    k: {
+                        "median": statistics.median(v["total"]),
+                        "user": statistics.median(v["user"]),
+                        "kernel": statistics.median(v["kernel"]),
+                        "samples": v["total"],
+                    }
+                    for k, v in samples.items()
                 }
-                print("| path | CPU µs per connection (median) | samples |")
-                print("|---|---|---|")
+                print("| path | CPU µs per connection (median) | user | kernel | samples |")
+                print("|---|---|---|---|---|")
                 for k, v in samples.items():
+                    med = result[k]
                     print(
-                        f"| {k} | {statistics.median(v):.1f} | {', '.join(f'{x:.1f}' for x in v)} |"
+                        f"| {k} | {med['median']:.1f} | {med['user']:.1f} | {med['kernel']:.1f} "
+                        f"| {', '.join(f'{x:.1f}' for x in v['total'])} |"
                     )
             else:
-                result = measure_syscalls(args, port, workdir)
-                for k, v in result.items():  # type: ignore[attr-defined]
-                    total = sum(v.values())
-                    top = ", ".join(f"{n} {c:.2f}" for n, c in v.items() if c >= 0.05)
-                    print(f"| {k} | {total:.1f} | {top} |")
+                calls = measure_syscalls(args, port, workdir)
+                result = calls
+                for path, counts in calls.items():
+                    total = sum(counts.values())
+                    top = ", ".join(f"{n} {c:.2f}" for n, c in counts.items() if c >= 0.05)
+                    print(f"| {path} | {total:.1f} | {top} |")
     finally:
         backends.stop_all()
     if args.json:

@@ -379,9 +379,21 @@ def start_haproxy(
     return child
 
 
-def start_uvloop_proxy(children: Children, name: str, routes: dict[str, tuple[int, int]]) -> Child:
-    """bench/uvloop_proxy.py, the asyncio+uvloop reference proxy, one process."""
-    argv = [sys.executable, str(Path(__file__).with_name("uvloop_proxy.py"))]
+REFERENCE_PROXIES = {
+    "uvloop": ("uvloop_proxy.py",),
+    "trio-lean": ("trio_proxy.py", "lean"),
+    "trio-naive": ("trio_proxy.py", "naive"),
+}
+"""Reference proxies by path name: a script of bench/ and its first arguments."""
+
+
+def start_reference_proxy(
+    children: Children, name: str, routes: dict[str, tuple[int, int]]
+) -> Child:
+    """One of :data:`REFERENCE_PROXIES` (bench/uvloop_proxy.py, the asyncio+uvloop
+    proxy; bench/trio_proxy.py lean or naive), one process."""
+    script, *args = REFERENCE_PROXIES[name]
+    argv = [sys.executable, str(Path(__file__).with_name(script)), *args]
     for listen, backend in routes.values():
         argv += [str(listen), str(backend)]
     child = children.start(name, argv)

@@ -56,7 +56,7 @@ from peers import (
     start_haproxy,
     start_iperf3_server,
     start_nginx,
-    start_uvloop_proxy,
+    start_reference_proxy,
 )
 
 TIER_PATHS = {
@@ -185,12 +185,18 @@ class Path_:
         return None
 
 
+POLICIES: dict[str, str] = {}
+"""``--policy LABEL=TOML``: path ``policy-LABEL`` runs l4gw with these [plugin.relay] lines."""
+
+
 def _relay_extra(path: str, status_dir: Path) -> str:
     # start_gateway puts ``extra`` at the end of the [gateway] table; a new table
     # header there is valid TOML and keeps bench/peers.py untouched.
     lines = [f'\n[plugin.relay]\nstatus_dir = "{status_dir}"']
     if path in TIER_PATHS:
         lines.append(f"tiers = {TIER_PATHS[path]}\npromote_after_bytes = 0")
+    if path in POLICIES:
+        lines.append(POLICIES[path])
     return "\n".join(lines) + "\n"
 
 
@@ -235,7 +241,7 @@ def _starter(
 
     def start() -> list[Child]:
         if name == "uvloop":
-            return [start_uvloop_proxy(children, name, routes)]
+            return [start_reference_proxy(children, name, routes)]
         if status_dir is None:
             return [start_haproxy(children, name, routes, 1, splice=name == "haproxy-splice")]
         return [start_gateway(children, name, routes, _relay_extra(name, status_dir))]
@@ -428,6 +434,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="start each proxy once for the whole run (default: new processes every round)",
     )
+    p.add_argument(
+        "--policy",
+        action="append",
+        default=[],
+        metavar="LABEL=TOML",
+        help="add path policy-LABEL: l4gw with these [plugin.relay] lines "
+        "('eager=promote_after = \"100ms\"')",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
     p.add_argument("--echo-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
@@ -439,8 +453,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     for name in args.only:
         if name not in ALL_LOADS:
             p.error(f"unknown load {name!r}")
+    for item in args.policy:
+        label, _, lines = item.partition("=")
+        name = f"policy-{label}"
+        POLICIES[name] = lines.replace("\\n", "\n")
+        PATH_NOTES[name] = f"l4gw with the default policy and [plugin.relay] {lines}"
+        args.paths.append(name)
     for name in args.paths:
-        if name not in PATHS:
+        if name not in PATHS and name not in POLICIES:
             p.error(f"unknown path {name!r}")
     return args
 
@@ -470,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
                     measure(load, path, args.warmup)
         samples = rounds(loads, paths, args, children)
         results = report(loads, paths, samples)
-        tiers = [p.name for p in paths if p.name in (*TIER_PATHS, "default")]
+        tiers = [p.name for p in paths if p.name in (*TIER_PATHS, "default", *POLICIES)]
         status = {p.name: p.relay_status() for p in paths if p.status_dir}
         doc = {
             "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},

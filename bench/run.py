@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loads import DEFAULT_LOADS, LOADS, Load, LoadFailed, Metrics, run_load
 from peers import (
+    REFERENCE_PROXIES,
     ROOT,
     Child,
     Children,
@@ -49,10 +50,20 @@ from peers import (
     start_haproxy,
     start_iperf3_server,
     start_nginx,
-    start_uvloop_proxy,
+    start_reference_proxy,
 )
 
-PATHS = ("direct", "gateway", "gateway-copy", "haproxy", "uvloop", "haproxy-mt", "gateway-x2")
+PATHS = (
+    "direct",
+    "gateway",
+    "gateway-copy",
+    "haproxy",
+    "uvloop",
+    "haproxy-mt",
+    "gateway-x2",
+    "trio-lean",
+    "trio-naive",
+)
 DEFAULT_PATHS = ("direct", "gateway", "gateway-copy", "haproxy", "uvloop")
 PATH_NOTES = {
     "direct": "client -> backend",
@@ -64,6 +75,9 @@ PATH_NOTES = {
     "for a Python proxy",
     "haproxy-mt": "haproxy mode tcp, default nbthread (one per CPU)",
     "gateway-x2": "two l4gw processes sharing the ports with SO_REUSEPORT",
+    "trio-lean": "bench/trio_proxy.py lean: the gateway's accept, connect and copy relay "
+    "in one trio task per connection, without flows, hooks or plugins",
+    "trio-naive": "bench/trio_proxy.py naive: trio.serve_tcp and two tasks per connection",
 }
 TOOLS = ("iperf3", "wrk", "nginx", "haproxy")
 # Ratio columns of the table (numerator, denominator), shown when both ran.
@@ -251,8 +265,8 @@ def _starter(
                 start_gateway(children, f"{name}-{i}", routes, args.gateway_extra, reuseport=True)
                 for i in (1, 2)
             ]
-        if name == "uvloop":
-            return [start_uvloop_proxy(children, name, routes)]
+        if name in REFERENCE_PROXIES:
+            return [start_reference_proxy(children, name, routes)]
         return [start_haproxy(children, name, routes, 1 if name == "haproxy" else None)]
 
     return start

@@ -14,13 +14,18 @@ front of the same backend:
 * ``traced-10%``: the same with ``sample_ratio = 0.1`` (metrics for every
   connection, spans for one in ten).
 
-* ``traced-before`` (with ``--baseline DIR``): ``traced`` with another
-  version of the telemetry code, for a before/after comparison in the same
-  run. DIR holds copies of ``gateway/telemetry/providers.py``,
-  ``gateway/telemetry/metrics.py``, ``gateway/telemetry/otlp.py`` and
-  ``plugins/telemetry.py`` (that one named ``plugin_telemetry.py``); they
-  run as a plugin of their own (package ``l4gw_telemetry_before``) in place
-  of the built-in one, on the same gateway core.
+* ``off-before`` and ``traced-before`` (with ``--baseline DIR``): ``off`` and
+  ``traced`` run by another version of l4gw, for a before/after comparison in
+  the same run. DIR is a copy of the tree taken before a change, with the
+  ``gateway`` package and the plugins as package ``l4gw_plugins`` (what
+  ``bench/conn_cost.py --gateway-src`` takes too)::
+
+      mkdir /tmp/before && git archive HEAD gateway plugins | tar -x -C /tmp/before
+      mv /tmp/before/plugins /tmp/before/l4gw_plugins
+      cp gateway/bpf/*.o /tmp/before/gateway/bpf/
+
+  Both versions' traced÷off are reported: tracing's share of a cheaper core is
+  larger, so compare the ratios and the CPU µs per connection, not one alone.
 
 Then wrk runs new-connection load (``Connection: close``: one connection per
 request, the case where a span per connection costs most) and keepalive
@@ -67,7 +72,6 @@ import argparse
 import gzip
 import os
 import random
-import re
 import shutil
 import statistics
 import sys
@@ -95,6 +99,7 @@ from script import interrupt_on_sigterm, missing_tools, write_report
 
 PATHS = ("disabled", "off", "traced", "traced-10%")
 BASELINE = "traced-before"
+BASELINE_OFF = "off-before"
 LOADS_RUN = ("wrk-close", "wrk-keepalive")
 TARGET_RATIO = 0.90
 """traced ÷ off connections/s must stay at or above this."""
@@ -152,40 +157,14 @@ class SpanSink:
         self.server.server_close()
 
 
-def baseline_overlay(source: Path, workdir: Path) -> Path:
-    """A PYTHONPATH entry running the telemetry files in ``source`` as plugin
-    ``telemetry_before`` (package ``l4gw_telemetry_before``).
-
-    Their relative imports of the gateway core become absolute; the plugin's
-    ``gateway.telemetry.providers`` becomes the overlay's own copy.
-    """
-    root = workdir / "baseline"
-    package = root / "l4gw_telemetry_before"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text('"""Another version of the telemetry code."""\n')
-    core = re.compile(r"^from \.(config|flow|schema)? ?import ", re.M)
-    for name in ("telemetry.py", "telemetry_export.py", "otlp_encode.py"):
-        path = source / name
-        if not path.exists():
-            raise RuntimeError(f"--baseline: {path} is missing")
-        text = path.read_text()
-        text = text.replace("from . import __version__", "from gateway import __version__")
-        text = core.sub(lambda m: f"from gateway.{m.group(1)} import ", text)
-        (package / name).write_text(text)
-    plugin = (source / "plugin_telemetry.py").read_text()
-    plugin = plugin.replace(
-        "from gateway import telemetry as tel", "from l4gw_telemetry_before import telemetry as tel"
-    )
-    (package / "plugin.py").write_text(plugin)
-    dist = root / "l4gw_telemetry_before-0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: l4gw-telemetry-before\nVersion: 0\n"
-    )
-    (dist / "entry_points.txt").write_text(
-        "[l4gw.plugins]\ntelemetry_before = l4gw_telemetry_before.plugin\n"
-    )
-    return root
+def baseline_tree(source: Path) -> Path:
+    """``source`` checked: a tree copy holding ``gateway`` and ``l4gw_plugins``."""
+    for package in ("gateway", "l4gw_plugins"):
+        if not (source / package / "__init__.py").exists():
+            raise RuntimeError(
+                f"--baseline: {source / package} is missing (a tree copy: see the docstring)"
+            )
+    return source.resolve()
 
 
 def start_path(
@@ -193,12 +172,13 @@ def start_path(
 ) -> tuple[int, Child]:
     listen = free_port()
     routes = {"http": (listen, backend)}
-    extra = 'disable_plugins = ["telemetry"]\n' if name in ("disabled", BASELINE) else ""
+    extra = 'disable_plugins = ["telemetry"]\n' if name == "disabled" else ""
     telemetry = {
         "disabled": "",
         "off": '\n[telemetry]\nexporter = "none"\n',
         "traced": '\n[telemetry]\nexporter = "otlp"\nsample_ratio = 1.0\n',
         "traced-10%": '\n[telemetry]\nexporter = "otlp"\nsample_ratio = 0.1\n',
+        BASELINE_OFF: '\n[telemetry]\nexporter = "none"\n',
         BASELINE: '\n[telemetry]\nexporter = "otlp"\nsample_ratio = 1.0\n',
     }[name]
     cfg = children.workdir / f"{name}.toml"
@@ -210,13 +190,17 @@ def start_path(
         "OTEL_TRACES_EXPORTER": "",
         "OTEL_METRICS_EXPORTER": "",
     }
-    if name == BASELINE:
+    cwd = ROOT
+    if name in (BASELINE, BASELINE_OFF):
         assert baseline is not None
+        # The copy's packages come first (before the editable install's); run from it,
+        # so that the working tree is not on sys.path either.
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(baseline), os.environ.get("PYTHONPATH", "")) if p
         )
+        cwd = baseline
     child = children.start(
-        name, [sys.executable, "-m", "gateway.cli", "run", "-c", str(cfg)], cwd=ROOT, env=env
+        name, [sys.executable, "-m", "gateway.cli", "run", "-c", str(cfg)], cwd=cwd, env=env
     )
     child.wait_listening([listen])
     return listen, child
@@ -262,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--baseline",
         type=Path,
-        help="another version of the telemetry files, run as path traced-before (see above)",
+        help="a tree copy of another l4gw version, run as paths off-before and "
+        "traced-before (see above)",
     )
     p.add_argument(
         "--paths",
@@ -305,11 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     children = Children(workdir)
     sink = SpanSink()
     loads = tuple(args.loads)
-    names = args.paths + ((BASELINE,) if args.baseline else ())
+    names = args.paths + ((BASELINE_OFF, BASELINE) if args.baseline else ())
     samples: dict[str, dict[str, list[Metrics]]] = {ld: {n: [] for n in names} for ld in loads}
     load_before = load_average()
     try:
-        baseline = baseline_overlay(args.baseline, workdir) if args.baseline else None
+        baseline = baseline_tree(args.baseline) if args.baseline else None
         backend = free_port()
         start_nginx(children, backend)
 
@@ -328,20 +313,20 @@ def main(argv: list[str] | None = None) -> int:
                             traced_conns += m["requests"]
             return started
 
-        paths = start_gateways()
+        running = start_gateways()
         for r in range(args.rounds):
             if r and not args.same_processes:
                 # Fresh processes each round: where a process's hot objects land in
                 # memory shifts its speed by a few percent for its whole life (two
                 # identical configurations measured up to 7 % apart in one run);
                 # new ones each round turn that into noise the rounds average out.
-                for _, child in paths.values():
+                for _, child in running.values():
                     children.stop(child)
-                paths = start_gateways()
+                running = start_gateways()
             for load in loads:
                 order = list(names[r % len(names) :] + names[: r % len(names)])
                 for name in order:
-                    port, child = paths[name]
+                    port, child = running[name]
                     m = measure(load, port, child, args.seconds)
                     samples[load][name].append(m)
                     if name == "traced" and load == "wrk-close":
@@ -403,11 +388,13 @@ def summarize(
             "samples": per_path,
         }
         if BASELINE in med:
-            res["before_over_off"] = med[BASELINE]["rps"] / off
+            # The baseline's tracing against its own core, and its core against ours.
+            res["before_over_off"] = med[BASELINE]["rps"] / med[BASELINE_OFF]["rps"]
             res["before_over_off_per_round"] = statistics.median(
                 t["rps"] / o["rps"]
-                for t, o in zip(per_path[BASELINE], per_path["off"], strict=True)
+                for t, o in zip(per_path[BASELINE], per_path[BASELINE_OFF], strict=True)
             )
+            res["off_over_off_before"] = off / med[BASELINE_OFF]["rps"]
         results[load] = res
     main = results.get("wrk-close") or next(iter(results.values()))
     return {
@@ -440,7 +427,9 @@ def median_ci(values: list[float], level: float = 0.95, n: int = 5000) -> tuple[
 
 def table(report: dict[str, Any]) -> str:
     results = report["results"]
-    names = [n for n in (*PATHS, BASELINE) if n in next(iter(results.values()))["median"]]
+    names = [
+        n for n in (*PATHS, BASELINE_OFF, BASELINE) if n in next(iter(results.values()))["median"]
+    ]
     lines = [
         "| load | metric | "
         + " | ".join(names)
@@ -479,8 +468,9 @@ def table(report: dict[str, Any]) -> str:
         f"{main['traced_over_off_per_round_ci'][1]:.1%}; "
         f"target >= {report['target']:.0%}: {verdict})"
         + (
-            f"; the baseline keeps {main['before_over_off']:.1%} "
-            f"(per round {main['before_over_off_per_round']:.1%})"
+            f"; the baseline keeps {main['before_over_off']:.1%} of its own off "
+            f"(per round {main['before_over_off_per_round']:.1%}), and off runs at "
+            f"{main['off_over_off_before']:.1%} of the baseline's off"
             if "before_over_off" in main
             else ""
         )

@@ -151,6 +151,8 @@ class CopyRelay:
             The close reason (a :class:`CloseReason` value), or None when promoted.
         """
         pair = _Pair(idle_timeout, promotion)
+        c2u, u2c = _Direction(client, upstream, True), _Direction(upstream, client, False)
+        pair.relay, pair.c2u, pair.u2c, pair.stats = self, c2u, u2c, stats
         poller = current_poller()
         cfd, ufd = client.fileno(), upstream.fileno()
         # The client has usually sent its first bytes by now; the upstream has not
@@ -161,13 +163,11 @@ class CopyRelay:
             poller.register(cfd, pair, _CLIENT)
             poller.register(ufd, pair, _UPSTREAM)
             with pair.scope:
-                reset = await self._pump(
-                    _Direction(client, upstream, True), _Direction(upstream, client, False),
-                    stats, pair, poller,
-                )  # fmt: skip
+                reset = await self._pump(pair, poller)
                 if reset is not None:
                     return reset
         finally:
+            pair.relay = None  # no more moving in the poller's task
             if pair.promoted:
                 # A kernel tier takes the sockets on: out of the set, not only forgotten.
                 poller.unregister(cfd)
@@ -186,86 +186,95 @@ class CopyRelay:
             return CloseReason.IDLE_TIMEOUT
         return pair.first_eof or CloseReason.CLIENT_EOF
 
-    async def _pump(
-        self,
-        c2u: _Direction,
-        u2c: _Direction,
-        stats: RelayStats,
-        pair: _Pair,
-        poller: Poller,
-    ) -> str | None:
+    async def _pump(self, pair: _Pair, poller: Poller) -> str | None:
         """Move bytes both ways until both ended (None), a reset (its reason), or a
-        promotion (None, ``pair.promoted``)."""
-        view = self._view
-        size = len(view)
-        readable, writable = pair.readable, pair.writable
-        chunks = 0
-        directions = (c2u, u2c)
+        promotion (None, ``pair.promoted``). While the task is parked, the poller
+        may move bytes for it (:meth:`_Pair.ready`); what it could not finish wakes
+        the task, which takes it from there."""
+        c2u, u2c = pair.c2u, pair.u2c
         while True:
-            for d in directions:
-                if d.done:
-                    continue
-                src_side = _CLIENT if d.from_client else _UPSTREAM
-                dst_side = _UPSTREAM if d.from_client else _CLIENT
-                if d.pending is not None:
-                    if not writable[dst_side]:
-                        continue
-                    try:
-                        while d.pending:
-                            d.pending = d.pending[d.dst.send(d.pending) :]
-                    except BlockingIOError:
-                        writable[dst_side] = False
-                        continue
-                    except OSError:
-                        abort_on_close(d.src)
-                        return d.dst_reset
-                    d.pending = None
-                    pair.holding -= 1
-                    self._moved(d, d.held, stats, pair)
-                while readable[src_side] and not pair.stopping:
-                    try:
-                        n = d.src.recv_into(view, size)
-                    except BlockingIOError:
-                        readable[src_side] = False
-                        break
-                    except OSError:
-                        abort_on_close(d.dst)
-                        return d.src_reset
-                    if n == 0:
-                        self._eof(d, stats, pair)
-                        break
-                    try:
-                        sent = d.dst.send(view[:n])
-                    except BlockingIOError:
-                        sent = 0
-                    except OSError:
-                        abort_on_close(d.src)
-                        return d.dst_reset
-                    if sent < n:
-                        # The destination is congested: hold only what it did not
-                        # take, and read no more from this source until it has.
-                        d.pending = memoryview(bytes(view[sent:n]))
-                        d.held = n
-                        pair.holding += 1
-                        writable[dst_side] = False
-                        break
-                    self._moved(d, n, stats, pair)
-                    chunks += 1
-                    if chunks >= _CHUNKS_PER_CHECKPOINT:
-                        break
+            if pair.error is not None:
+                raise pair.error  # raised by a step the poller ran for this pair
+            reset = pair.failure or self._step(pair)
+            if reset is not None:
+                return reset
             if c2u.done and u2c.done:
                 return None
             if pair.stopping and not pair.holding:
                 pair.promoted = True
                 return None
-            if chunks >= _CHUNKS_PER_CHECKPOINT:
+            if pair.chunks >= _CHUNKS_PER_CHECKPOINT:
                 # Rule 4: a pair that never has to wait lets the others run.
-                chunks = 0
+                pair.chunks = 0
                 await checkpoint()
                 continue
-            chunks = 0
+            pair.chunks = 0
             if not _can_move(c2u, u2c, pair):
                 await poller.wait(pair)
+
+    def _step(self, pair: _Pair) -> str | None:
+        """One pass over both directions: move what can move without waiting.
+
+        Synchronous (rule 1: no ``await`` between a read into the shared buffer and
+        its write), so the pair's task and the poller's (for a parked pair) may both
+        run it. Returns the close reason of a reset, else None.
+        """
+        view = self._view
+        size = len(view)
+        stats = pair.stats
+        readable, writable = pair.readable, pair.writable
+        for d in (pair.c2u, pair.u2c):
+            if d.done:
+                continue
+            src_side = _CLIENT if d.from_client else _UPSTREAM
+            dst_side = _UPSTREAM if d.from_client else _CLIENT
+            if d.pending is not None:
+                if not writable[dst_side]:
+                    continue
+                try:
+                    while d.pending:
+                        d.pending = d.pending[d.dst.send(d.pending) :]
+                except BlockingIOError:
+                    writable[dst_side] = False
+                    continue
+                except OSError:
+                    abort_on_close(d.src)
+                    return d.dst_reset
+                d.pending = None
+                pair.holding -= 1
+                self._moved(d, d.held, stats, pair)
+            while readable[src_side] and not pair.stopping:
+                try:
+                    n = d.src.recv_into(view, size)
+                except BlockingIOError:
+                    readable[src_side] = False
+                    break
+                except OSError:
+                    abort_on_close(d.dst)
+                    return d.src_reset
+                if n == 0:
+                    self._eof(d, stats, pair)
+                    break
+                try:
+                    sent = d.dst.send(view[:n])
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    abort_on_close(d.src)
+                    return d.dst_reset
+                if sent < n:
+                    # The destination is congested: hold only what it did not
+                    # take, and read no more from this source until it has.
+                    d.pending = memoryview(bytes(view[sent:n]))
+                    d.held = n
+                    pair.holding += 1
+                    writable[dst_side] = False
+                    break
+                self._moved(d, n, stats, pair)
+                pair.chunks += 1
+                if pair.chunks >= _CHUNKS_PER_CHECKPOINT:
+                    break
+        return None
 
     @staticmethod
     def _moved(d: _Direction, n: int, stats: RelayStats, pair: _Pair) -> None:
@@ -336,7 +345,26 @@ class _Direction:
 class _Pair(Waiter):
     """State shared by the two directions of one pair: idle deadline, EOFs, promotion."""
 
-    __slots__ = ("first_eof", "holding", "idle", "promoted", "promotion", "scope", "stopping")
+    __slots__ = (
+        "c2u",
+        "chunks",
+        "error",
+        "failure",
+        "first_eof",
+        "holding",
+        "idle",
+        "promoted",
+        "promotion",
+        "relay",
+        "scope",
+        "stats",
+        "stopping",
+        "u2c",
+    )
+
+    c2u: _Direction
+    u2c: _Direction
+    stats: RelayStats
 
     def __init__(self, idle: float, promotion: Promotion | None) -> None:
         super().__init__()
@@ -353,6 +381,37 @@ class _Pair(Waiter):
         self.first_eof: str | None = None
         self.holding = 0
         """Directions holding bytes their destination has not taken yet."""
+        self.relay: CopyRelay | None = None
+        """While the pair is relayed: who moves its bytes (the poller asks it too)."""
+        self.chunks = 0
+        """Chunks moved since the last wait or checkpoint (rule 4)."""
+        self.failure: str | None = None
+        """A reset the poller met for the parked task (its close reason)."""
+        self.error: Exception | None = None
+        """An unexpected error the poller met for the parked task, raised by it."""
+
+    def ready(self) -> bool:
+        """Move what the event made movable, here in the poller's task; wake the
+        pair's task only for what it must see: an end, a reset, a promotion due, a
+        congested side, or a full budget of chunks (rule 4)."""
+        relay = self.relay
+        if relay is None:
+            return False
+        try:
+            reset = relay._step(self)
+        except Exception as exc:  # not the poller's to raise: the task raises it
+            self.error = exc
+            return False
+        if reset is not None:
+            self.failure = reset
+            return False
+        c2u, u2c = self.c2u, self.u2c
+        if (c2u.done and u2c.done) or self.stopping:
+            return False
+        if self.chunks >= _CHUNKS_PER_CHECKPOINT:
+            return False
+        self.chunks = 0
+        return not _can_move(c2u, u2c, self)
 
     def touch(self) -> None:
         # Moving a trio deadline re-sorts the deadline heap; per chunk that

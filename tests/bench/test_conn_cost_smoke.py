@@ -1,7 +1,7 @@
 """bench/conn_cost.py still runs: CPU per connection and idle memory, tiny counts.
 
 Not a performance test (no number is compared with a threshold): it keeps the
-script, the uvloop reference proxy and the 9,900-connection harness from rotting.
+script, the reference proxies (uvloop, trio) and the 9,900-connection harness from rotting.
 """
 
 from __future__ import annotations
@@ -21,6 +21,22 @@ def test_cpu_per_connection_every_path(tmp_path: Path) -> None:
     result = report["result"]
     assert set(result) == {"gateway", "gateway-copy", "haproxy", "uvloop"}
     for name, cell in result.items():
+        assert cell["median"] > 0, name
+        assert cell["median"] == pytest.approx(cell["user"] + cell["kernel"], abs=1e-6), name
+
+
+@pytest.mark.timeout(90)
+def test_reference_proxies_and_a_variant(tmp_path: Path) -> None:
+    """bench/trio_proxy.py (both kinds) and a ``--variant`` of the gateway serve the load."""
+    _, report = run_quick(
+        "conn_cost.py",
+        ["cpu", "--paths", "trio-lean,trio-naive", "--variant", 'core=disable_plugins = ["relay"]'],
+        TOOLS,
+        tmp_path,
+        80,
+    )
+    assert set(report["result"]) == {"trio-lean", "trio-naive", "gw-core"}
+    for name, cell in report["result"].items():
         assert cell["median"] > 0, name
 
 

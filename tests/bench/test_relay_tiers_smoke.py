@@ -41,3 +41,21 @@ def test_quick_run_prints_a_table(tmp_path: Path) -> None:
         counts = report["relay_status"][tier]["tiers"]
         assert counts[tier]["enabled"], counts[tier]
         assert counts[tier]["flows_total"] > 0 and counts["copy"]["flows_total"] == 0, counts
+
+
+@pytest.mark.privileged
+@pytest.mark.timeout(90)
+def test_a_policy_path_runs_with_its_relay_lines(tmp_path: Path) -> None:
+    """``--policy LABEL=TOML`` adds path policy-LABEL, a gateway with those lines: here
+    promotion at once to splice, so its flows are counted in splice."""
+    _, report = run_quick(
+        "relay_tiers.py",
+        ["--only", "pingpong", "--paths", "direct", "--policy",
+         'now=tiers = ["splice", "copy"]\\npromote_after_bytes = 0'],
+        TOOLS,
+        tmp_path,
+        80,
+    )  # fmt: skip
+    assert set(report["results"]["pingpong"]["paths"]) == {"direct", "policy-now"}
+    counts = report["relay_status"]["policy-now"]["tiers"]
+    assert counts["splice"]["flows_total"] > 0, counts
