@@ -191,3 +191,42 @@ async def test_backend_speaks_first_and_an_idle_pair_is_one_task():
             assert await recv_to_eof(topo.client) == b""
         assert result["reason"] == CloseReason.CLIENT_EOF
         assert (stats.bytes_from_client, stats.bytes_to_client) == (len(request), len(banner))
+
+
+class _FailsInThePoller(CopyRelay):
+    """A relay whose step fails once it runs in the poller's task (a parked pair)."""
+
+    def __init__(self) -> None:
+        super().__init__(65536)
+        self.failed = False
+
+    def _step(self, pair):  # type: ignore[no-untyped-def]
+        if pair.task is not None and not self.failed:  # parked: the poller is calling
+            self.failed = True
+            raise RuntimeError("a bug in a step")
+        return super()._step(pair)
+
+
+async def test_an_error_in_the_pollers_step_is_the_pairs_and_the_poller_lives_on():
+    """An unexpected error while the poller moves a parked pair's bytes is raised by
+    that pair's own task (its connection ends as an internal error), never by the
+    poller's system task: the next relay of the process is served as usual."""
+    relay = _FailsInThePoller()
+    with topology() as topo, trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            outcome: dict[str, BaseException] = {}
+
+            async def run() -> None:
+                try:
+                    await relay.run(topo.gw_client, topo.gw_upstream, RelayStats(), 10)
+                except RuntimeError as exc:
+                    outcome["error"] = exc
+                topo.close_gateway()
+
+            n.start_soon(run)
+            await trio.sleep(0.05)  # the pair's task parks: nothing to move yet
+            await send_all(topo.backend, b"hello")
+            await recv_to_eof(topo.client)
+        assert relay.failed and str(outcome["error"]) == "a bug in a step"
+    # The poller survived: a second relay in the same run moves bytes both ways.
+    await test_bytes_both_ways_and_reason(70_000)

@@ -31,7 +31,7 @@ def section(**raw: object) -> dict[str, object]:
 def test_defaults() -> None:
     p = Policy.from_section(section())
     assert p.tiers == DEFAULT_TIERS and p.tiers[-1] == "copy"
-    assert (p.after_bytes, p.after_seconds, p.sockmap_for_bulk) == (256 * 1024, 0.1, False)
+    assert (p.after_bytes, p.after_seconds, p.sockmap_for_bulk) == (256 * 1024, 1.0, False)
     assert p.bulk_rate == 16 << 20
     assert not p.immediate
 
