@@ -199,8 +199,10 @@ class _FailsInThePoller(CopyRelay):
     def __init__(self) -> None:
         super().__init__(65536)
         self.failed = False
+        self.pair = None
 
     def _step(self, pair):  # type: ignore[no-untyped-def]
+        self.pair = pair
         if pair.task is not None and not self.failed:  # parked: the poller is calling
             self.failed = True
             raise RuntimeError("a bug in a step")
@@ -224,7 +226,8 @@ async def test_an_error_in_the_pollers_step_is_the_pairs_and_the_poller_lives_on
                 topo.close_gateway()
 
             n.start_soon(run)
-            await trio.sleep(0.05)  # the pair's task parks: nothing to move yet
+            while relay.pair is None or relay.pair.task is None:
+                await trio.lowlevel.checkpoint()  # until the pair task is parked in the poller
             await send_all(topo.backend, b"hello")
             await recv_to_eof(topo.client)
         assert relay.failed and str(outcome["error"]) == "a bug in a step"
