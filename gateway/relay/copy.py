@@ -27,7 +27,12 @@ Rules kept here:
    whichever side has work. A nursery and a second task per connection cost
    about a third of an idle connection's memory and ~10 % of a new
    connection's CPU (bench/README.md, "Per-connection cost"). Each read goes on
-   until EAGAIN (or a checkpoint), as an edge-triggered wait requires.
+   until EAGAIN (or a checkpoint), as an edge-triggered wait requires, except
+   that a short read ends it: TCP returns less than asked only when its queue
+   ran empty, and each segment that arrives later raises a new edge, so the read
+   that would meet EAGAIN is saved (two syscalls of a request/response exchange,
+   as HAProxy does). Not when the event that made the side readable said the
+   peer's FIN is queued: no later edge comes for it, so reading goes on to it.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from trio.lowlevel import checkpoint
 
 from gateway.flow import CloseReason, Flow
 from gateway.linux import SIOCINQ, ioctl_int
-from gateway.relay.poller import Poller, Waiter
+from gateway.relay.poller import READABLE, Poller, Waiter
 from gateway.relay.poller import current as current_poller
 from gateway.relay.stats import RelayStats
 
@@ -157,7 +162,7 @@ class CopyRelay:
         cfd, ufd = client.fileno(), upstream.fileno()
         # The client has usually sent its first bytes by now; the upstream has not
         # been sent anything yet (if it speaks first, registering reports it).
-        pair.readable[_CLIENT] = True
+        pair.readable[_CLIENT] = READABLE
         pair.writable[_CLIENT] = pair.writable[_UPSTREAM] = True
         try:
             poller.register(cfd, pair, _CLIENT)
@@ -247,7 +252,7 @@ class CopyRelay:
                 try:
                     n = d.src.recv_into(view, size)
                 except BlockingIOError:
-                    readable[src_side] = False
+                    readable[src_side] = 0
                     break
                 except OSError:
                     abort_on_close(d.dst)
@@ -272,6 +277,10 @@ class CopyRelay:
                     break
                 self._moved(d, n, stats, pair)
                 pair.chunks += 1
+                if n < size and readable[src_side] == READABLE:
+                    # A short read emptied the queue (rule 6): wait for the next edge.
+                    readable[src_side] = 0
+                    break
                 if pair.chunks >= _CHUNKS_PER_CHECKPOINT:
                     break
         return None

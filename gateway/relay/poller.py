@@ -50,6 +50,13 @@ from trio.lowlevel import (
 _EVENTS: Final = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _BATCH: Final = 256
 _READ: Final = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_ENDS: Final = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+
+READABLE: Final = 1
+"""``Waiter.readable[side]``: an event said there are bytes to read."""
+READABLE_TO_END: Final = 2
+"""``Waiter.readable[side]``: an event said the peer's FIN (or an error) is queued too:
+read on to it, since no later edge will come for what is already there."""
 _WRITE: Final = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 
 
@@ -60,7 +67,8 @@ class Waiter:
 
     def __init__(self) -> None:
         self.task: Task | None = None
-        self.readable = [False, False]
+        self.readable = [0, 0]
+        """Per side: 0, :data:`READABLE` or :data:`READABLE_TO_END`."""
         self.writable = [False, False]
 
     def ready(self) -> bool:
@@ -125,7 +133,7 @@ class Poller:
                         continue
                     waiter, side = owner
                     if events & _READ:
-                        waiter.readable[side] = True
+                        waiter.readable[side] = READABLE_TO_END if events & _ENDS else READABLE
                     if events & _WRITE:
                         waiter.writable[side] = True
                     task = waiter.task

@@ -233,3 +233,40 @@ async def test_an_error_in_the_pollers_step_is_the_pairs_and_the_poller_lives_on
         assert relay.failed and str(outcome["error"]) == "a bug in a step"
     # The poller survived: a second relay in the same run moves bytes both ways.
     await test_bytes_both_ways_and_reason(70_000)
+
+
+@pytest.mark.parametrize("when", ["before_run", "while_parked", "fin_later"])
+async def test_short_reads_never_miss_an_eof(when):
+    """A short read ends a side's reads without the EAGAIN read (rule 6), unless the
+    event said the FIN is queued: data and FIN together, before the relay starts or
+    while it is parked, or a FIN alone after the data, all end the pair at once (a
+    missed FIN would hang it until the idle timeout, 30 s here)."""
+    relay = CopyRelay(65536)
+    with topology() as topo, trio.fail_after(10):
+        stats = RelayStats()
+        result = {}
+
+        async def run() -> None:
+            result["reason"] = await relay.run(topo.gw_client, topo.gw_upstream, stats, 30)
+            topo.close_gateway()
+
+        async with trio.open_nursery() as n:
+            if when == "before_run":
+                await send_all(topo.client, b"request")
+                topo.client.shutdown(trio.socket.SHUT_WR)
+                await trio.sleep(0.05)
+            n.start_soon(run)
+            if when == "while_parked":
+                await trio.sleep(0.05)
+                await send_all(topo.client, b"request")
+                topo.client.shutdown(trio.socket.SHUT_WR)
+            elif when == "fin_later":
+                await send_all(topo.client, b"request")
+                await trio.sleep(0.05)
+                topo.client.shutdown(trio.socket.SHUT_WR)
+            assert await recv_to_eof(topo.backend) == b"request"
+            await send_all(topo.backend, b"reply")
+            topo.backend.shutdown(trio.socket.SHUT_WR)
+            assert await recv_to_eof(topo.client) == b"reply"
+        assert result["reason"] == CloseReason.CLIENT_EOF
+        assert (stats.bytes_from_client, stats.bytes_to_client) == (7, 5)
