@@ -31,6 +31,13 @@
  *  S6  Expiry: an entry whose deadline (CLOCK_MONOTONIC ns; bpf_ktime_get_ns is that
  *      clock, and time.monotonic_ns() in userspace) is not 0 and has passed no longer
  *      drops; userspace removes it at its next sweep.
+ *  S7  tc only: an skb may hold part of its headers outside its linear area (some
+ *      drivers build it from page fragments), where the parser cannot read them and
+ *      S2 would drop an established packet of a listed source. The first
+ *      L4GW_SHIELD_PULL bytes are pulled into the linear area first (bpf_skb_pull_data)
+ *      when they are not there (the program is loaded without XDP frags support, so an
+ *      XDP frame is one buffer, linear up to data_end). No test makes such an skb:
+ *      BPF_PROG_TEST_RUN builds linear ones, and veth delivers linear headers.
  *
  * Maps (the layout is what userspace writes; host byte order unless noted):
  *
@@ -77,6 +84,9 @@
  * than this is dropped rather than let through. */
 #define L4GW_SHIELD_EXT_MAX 6
 #define L4GW_VLAN_MAX 2
+/* S7: bytes of headers the tc entry makes linear: Ethernet, two VLAN tags, IPv6 and a
+ * few extension headers, TCP. */
+#define L4GW_SHIELD_PULL 256
 
 #define CTR_PASSED 0
 #define CTR_DROPPED 1
@@ -350,8 +360,15 @@ int l4gw_shield_xdp(struct xdp_md *ctx)
 SEC("tc")
 int l4gw_shield_tc(struct __sk_buff *skb)
 {
-	void *data = (void *)(long)skb->data;
-	void *end = (void *)(long)skb->data_end;
+	void *data, *end;
+	__u32 want = skb->len < L4GW_SHIELD_PULL ? skb->len : L4GW_SHIELD_PULL;
+
+	/* S7: headers past the skb's linear part are out of the parser's reach; pull
+	 * them in (a no-op for the usual skb, whose headers are linear already). */
+	if (skb->data_end - skb->data < want)
+		bpf_skb_pull_data(skb, want);
+	data = (void *)(long)skb->data;
+	end = (void *)(long)skb->data_end;
 
 	/* S5 */
 	return shield(data, end) ? TC_ACT_SHOT : TC_ACT_UNSPEC;
