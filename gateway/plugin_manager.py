@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from gateway import hookspecs
+from gateway.flow import Refusal, Route
 from gateway.schema import Schema
 
 if TYPE_CHECKING:
@@ -77,6 +78,36 @@ class _Impl:
     plugin: str
     function: Callable[..., Any]
     argnames: tuple[str, ...]
+    single: str | None
+    """The one argument it takes, by name, when it takes one: called ``f(kwargs[single])``."""
+    by_keyword: bool
+    """It takes every argument of the call (and none positional-only): called
+    ``f(**kwargs)``, with no per-call list of arguments."""
+
+    def call(self, kwargs: dict[str, Any]) -> Any:
+        """Call it with the arguments it names, taken from a hook call's ``kwargs``."""
+        if self.single is not None:
+            return self.function(kwargs[self.single])
+        if self.by_keyword and len(kwargs) == len(self.argnames):
+            return self.function(**kwargs)
+        return self.function(*[kwargs[a] for a in self.argnames])
+
+
+def _impl(plugin: str, function: Callable[..., Any], argnames: tuple[str, ...]) -> _Impl:
+    single = argnames[0] if len(argnames) == 1 else None
+    try:
+        params = inspect.signature(function).parameters.values()
+        by_keyword = len(argnames) > 1 and not any(
+            p.kind is p.POSITIONAL_ONLY or p.kind is p.VAR_POSITIONAL for p in params
+        )
+    except (TypeError, ValueError):  # no signature to read (a builtin): positionally
+        by_keyword = False
+    return _Impl(plugin, function, argnames, single, by_keyword)
+
+
+_PLAIN_RESULTS: frozenset[type] = frozenset({Refusal, Route})
+"""Decision results known not to be awaitable: no ``inspect.isawaitable`` (an ABC
+check) for them, per hook call."""
 
 
 class Raised(Exception):
@@ -99,7 +130,7 @@ class Plugins:
             if name.startswith("l4gw_"):
                 caller = getattr(pm.hook, name)
                 self._impls[name] = tuple(
-                    _Impl(i.plugin_name, i.function, tuple(i.argnames))
+                    _impl(i.plugin_name, i.function, tuple(i.argnames))
                     for i in reversed(caller.get_hookimpls())
                 )
 
@@ -125,24 +156,10 @@ class Plugins:
         results = []
         for impl in self._impls[hook]:
             try:
-                results.append((impl.plugin, impl.function(*[kwargs[a] for a in impl.argnames])))
+                results.append((impl.plugin, impl.call(kwargs)))
             except Exception as exc:
                 raise PluginError(f"plugin {impl.plugin}: {hook}: {exc!r}") from exc
         return results
-
-    async def _first_after(self, hook: str, skip: int, **kwargs: Any) -> tuple[str, Any] | None:
-        impls = self._impls[hook]
-        for index in range(skip + 1, len(impls)):
-            impl = impls[index]
-            try:
-                result = impl.function(*[kwargs[a] for a in impl.argnames])
-                if result is not None and inspect.isawaitable(result):
-                    result = await result
-            except Exception as exc:
-                raise _Failed(index, impl.plugin, exc)
-            if result is not None:
-                return impl.plugin, result
-        return None
 
     async def decide(self, hook: str, fail_open: bool, **kwargs: Any) -> tuple[str, Any] | None:
         """Drive a decision hook (``l4gw_admit``, ``l4gw_route``, ``l4gw_routed``)
@@ -169,21 +186,23 @@ class Plugins:
         Raises:
             Raised: a plugin raised and ``fail_open`` is False.
         """
-        skip = -1
-        while True:
+        for impl in self._impls[hook]:
             try:
-                return await self._first_after(hook, skip, **kwargs)
-            except _Failed as failed:
-                log.error(
-                    "plugin %s raised in %s: %r",
-                    failed.plugin,
-                    hook,
-                    failed.error,
-                    exc_info=failed.error,
-                )
+                result = impl.call(kwargs)
+                if (
+                    result is not None
+                    and result.__class__ not in _PLAIN_RESULTS
+                    and inspect.isawaitable(result)
+                ):
+                    result = await result
+            except Exception as exc:
+                log.error("plugin %s raised in %s: %r", impl.plugin, hook, exc, exc_info=exc)
                 if not fail_open:
-                    raise Raised(failed.plugin, failed.error)
-                skip = failed.index
+                    raise Raised(impl.plugin, exc)
+                continue
+            if result is not None:
+                return impl.plugin, result
+        return None
 
     def offer(self, hook: str, **kwargs: Any) -> tuple[str, Any] | None:
         """The first non-None result, not awaited (the relay hook's awaitable
@@ -191,7 +210,7 @@ class Plugins:
         logged and skipped."""
         for impl in self._impls[hook]:
             try:
-                result = impl.function(*[kwargs[a] for a in impl.argnames])
+                result = impl.call(kwargs)
             except Exception:
                 log.exception("plugin %s raised in %s", impl.plugin, hook)
                 continue
@@ -205,7 +224,7 @@ class Plugins:
         out: dict[str, Any] = {}
         for impl in self._impls[hook]:
             try:
-                result = impl.function(*[kwargs[a] for a in impl.argnames])
+                result = impl.call(kwargs)
             except Exception as exc:
                 log.exception("plugin %s raised in %s", impl.plugin, hook)
                 out[impl.plugin] = {"error": repr(exc)}
@@ -218,7 +237,7 @@ class Plugins:
         """Call every observer; one failing plugin cannot break the others."""
         for impl in self._impls[hook]:
             try:
-                impl.function(*[kwargs[a] for a in impl.argnames])
+                impl.call(kwargs)
             except Exception:
                 log.exception("plugin %s raised in %s", impl.plugin, hook)
 
@@ -249,14 +268,6 @@ class Plugins:
         span = flow.span
         if span is not None:
             span.detach()
-
-
-class _Failed(Exception):
-    def __init__(self, index: int, plugin: str, error: BaseException) -> None:
-        super().__init__(plugin)
-        self.index = index
-        self.plugin = plugin
-        self.error = error
 
 
 def load(

@@ -421,3 +421,45 @@ async def test_decide_passes_each_implementation_the_arguments_it_names() -> Non
         "l4gw_route", False, flow=flow(), config="the config"
     )
     assert seen == [("flow", "the config"), ("flow",)]
+
+
+def test_each_calling_form_gets_the_arguments_it_names() -> None:
+    """The drivers call an implementation by keyword when it takes every argument,
+    with the one argument when it takes one, else positionally: each form, in any
+    parameter order, positional-only too, gets the right values."""
+    seen: dict[str, tuple[Any, ...]] = {}
+
+    class Reordered:
+        @hookimpl
+        def l4gw_connect_attempt(
+            self, seconds: float, error: Any, endpoint: Any, flow: Flow
+        ) -> None:
+            seen["reordered"] = (flow.id, endpoint, error, seconds)
+
+    class PositionalOnly:
+        @hookimpl
+        def l4gw_connect_attempt(
+            self, flow: Flow, endpoint: Any, error: Any, seconds: float, /
+        ) -> None:
+            seen["positional"] = (flow.id, endpoint, error, seconds)
+
+    class Two:
+        @hookimpl
+        def l4gw_connect_attempt(self, error: Any, flow: Flow) -> None:
+            seen["two"] = (flow.id, error)
+
+    class One:
+        @hookimpl
+        def l4gw_connect_attempt(self, seconds: float) -> None:
+            seen["one"] = (seconds,)
+
+    f = flow()
+    only(a=Reordered(), b=PositionalOnly(), c=Two(), d=One()).observe(
+        "l4gw_connect_attempt", flow=f, endpoint="ep", error="boom", seconds=0.5
+    )
+    assert seen == {
+        "reordered": (f.id, "ep", "boom", 0.5),
+        "positional": (f.id, "ep", "boom", 0.5),
+        "two": (f.id, "boom"),
+        "one": (0.5,),
+    }
