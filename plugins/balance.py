@@ -86,6 +86,9 @@ class SmoothWeighted(Generic[W]):
         self.score: dict[W, int] = {}
 
     def pick(self, candidates: Sequence[W]) -> W:
+        if len(candidates) == 1:
+            # Its score would gain its weight and lose the same total: unchanged.
+            return candidates[0]
         score = self.score
         total = 0
         best = candidates[0]
