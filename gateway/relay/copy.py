@@ -120,11 +120,8 @@ class Promotion:
     after_bytes: int
     at: float
 
-    def due(self, stats: RelayStats) -> bool:
-        return (
-            stats.bytes_from_client + stats.bytes_to_client >= self.after_bytes
-            or trio.current_time() >= self.at
-        )
+    def due(self, stats: RelayStats, now: float) -> bool:
+        return stats.bytes_from_client + stats.bytes_to_client >= self.after_bytes or now >= self.at
 
 
 class CopyRelay:
@@ -291,8 +288,10 @@ class CopyRelay:
             stats.bytes_from_client += n
         else:
             stats.bytes_to_client += n
-        pair.touch()
-        if pair.promotion is not None and pair.promotion.due(stats):
+        # One clock read per chunk serves the idle deadline and the promotion.
+        now = trio.current_time()
+        pair.touch(now)
+        if pair.promotion is not None and pair.promotion.due(stats, now):
             # Stop reading; a direction still holding bytes delivers them first,
             # so the kernel tier takes over with nothing held here.
             pair.stopping = True
@@ -422,16 +421,14 @@ class _Pair(Waiter):
         self.chunks = 0
         return not _can_move(c2u, u2c, self)
 
-    def touch(self) -> None:
+    def touch(self, now: float) -> None:
         # Moving a trio deadline re-sorts the deadline heap; per chunk that
         # cost 16% of the CPU of a keepalive request (bench/README.md). So the
         # deadline moves only once it has fallen behind "now + idle", and then
         # with 1/64 of slack: an idle pair closes between idle and idle * 1.016
         # after its last byte, never early.
-        if self.idle:
-            now = trio.current_time()
-            if self.scope.deadline < now + self.idle:
-                self.scope.deadline = now + self.idle * _IDLE_SLACK
+        if self.idle and self.scope.deadline < now + self.idle:
+            self.scope.deadline = now + self.idle * _IDLE_SLACK
 
     def eof(self, reason: str) -> None:
         if self.first_eof is None:
