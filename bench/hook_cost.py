@@ -2,7 +2,7 @@
 """CPU of the per-connection pipeline in process, without sockets: what l4gw's own
 layers cost a connection, measured with little noise.
 
-    .venv/bin/python bench/hook_cost.py                      # the installed plugins
+    .venv/bin/python bench/hook_cost.py                      # l4gw's own plugins
     .venv/bin/python bench/hook_cost.py --disable telemetry,ratelimit
     .venv/bin/python bench/hook_cost.py --src /tmp/ref       # another tree (A/B)
 
@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, args.src)
 
     import trio
+    from peers import third_party_plugins
 
     from gateway.decisions import choose_route, refusal
     from gateway.flow import CloseReason, Flow, Route
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     from gateway.runtime import Runtime, next_flow_id, record_close
     from gateway.testing import load_plugins, make_config
 
-    disabled = [d for d in args.disable.split(",") if d]
+    # The product as shipped: the example plugins a development venv installs are not.
+    disabled = [d for d in args.disable.split(",") if d] + third_party_plugins()
     plugins = load_plugins(disabled=disabled)
     rt = Runtime(make_config(CONFIG, plugins), plugins, CopyRelay(65536), {})
 
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     async def startup(nursery: trio.Nursery) -> None:
         # As the gateway starts: the telemetry recorder, the relay tiers, ... (their
         # background tasks run in ``nursery`` and are cancelled at the end).
-        for plugin, result in plugins.call_all("l4gw_startup", config=rt.config, nursery=nursery):
+        for _, result in plugins.call_all("l4gw_startup", config=rt.config, nursery=nursery):
             if result is not None:
                 await result
 

@@ -14,13 +14,17 @@ Rules kept here:
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -266,13 +270,42 @@ def start_iperf3_server(children: Children, port: int) -> Child:
 # --- proxies -----------------------------------------------------------------
 
 
+def third_party_plugins() -> list[str]:
+    """Installed ``l4gw.plugins`` entry points that l4gw itself does not ship.
+
+    The development venv installs the example plugins (examples/plugin-*) so that the
+    tests load them by entry point; a deployment of l4gw has only the built-in ones,
+    so the benchmarks disable the others ("l4gw default" is the product as shipped).
+    """
+    return sorted(
+        ep.name
+        for ep in entry_points(group="l4gw.plugins")
+        if ep.dist is None or ep.dist.name != "l4gw"
+    )
+
+
+_DISABLE_LINE = re.compile(r"^disable_plugins\s*=.*$", re.MULTILINE)
+
+
+def _disabling_third_party(extra: str) -> str:
+    others = third_party_plugins()
+    if not others:
+        return extra
+    line = _DISABLE_LINE.search(extra)
+    given = tomllib.loads(line.group(0))["disable_plugins"] if line else []
+    merged = "disable_plugins = " + json.dumps(sorted({*given, *others}))
+    return _DISABLE_LINE.sub(merged, extra) if line else f"{merged}\n{extra}"
+
+
 def gateway_config(routes: dict[str, tuple[int, int]], extra: str = "") -> str:
     """An ``l4gw`` config: one listener and one single-endpoint cluster per route.
 
     Args:
         routes: ``{name: (listen_port, backend_port)}``.
-        extra: lines added to the ``[gateway]`` table.
+        extra: lines added to the ``[gateway]`` table; :func:`third_party_plugins`
+            are added to a ``disable_plugins`` line of theirs, or disabled alone.
     """
+    extra = _disabling_third_party(extra)
     parts = [f'[gateway]\ndrain_timeout = "1s"\nlog_level = "warning"\n{extra}\n']
     for name, (listen, backend) in routes.items():
         parts.append(

@@ -51,6 +51,7 @@ from peers import (
     start_iperf3_server,
     start_nginx,
     start_reference_proxy,
+    third_party_plugins,
 )
 
 PATHS = (
@@ -478,7 +479,10 @@ def _gateway_plugins() -> list[str]:
         timeout=30,
         cwd=ROOT,
     )
-    return [line.split()[0] for line in done.stdout.splitlines() if line and not line[0].isspace()]
+    loaded = [
+        line.split()[0] for line in done.stdout.splitlines() if line and not line[0].isspace()
+    ]
+    return [name for name in loaded if name not in third_party_plugins()]
 
 
 def _log(text: str) -> None:
