@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -170,7 +171,13 @@ class Listener:
                             await trio.sleep(0.1)
                             continue
                         raise
-                    conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+                    try:
+                        conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+                    except OSError:
+                        # Wrapping it validates it (getsockname); one that fails has
+                        # nothing to serve, and the loop goes on.
+                        os.close(fd)
+                        continue
                     if self.active >= cap:
                         refuse(self, conn, peer)
                         continue

@@ -278,3 +278,35 @@ async def test_cancelling_the_loop_closes_the_socket(loops: list[Loop]) -> None:
     assert loop.listener.sock.fileno() == -1
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", loop.port), timeout=5).close()
+
+
+async def test_a_connection_that_cannot_be_wrapped_is_closed_and_the_loop_goes_on(
+    loops: list[Loop], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop wraps each accepted descriptor itself (the raw accept): when wrapping
+    fails (its getsockname check), the descriptor is closed, not leaked, and the next
+    connection is served. The failure is injected: a real socket never fails it."""
+    real = socket.socket
+    failed: list[int] = []
+
+    def wrap(*args: Any, **kwargs: Any) -> socket.socket:
+        if len(args) == 4 and not failed:
+            failed.append(args[3])
+            raise OSError(errno.ENOBUFS, "injected")
+        return real(*args, **kwargs)
+
+    loop = Loop(listener_config())
+    loops.append(loop)
+    monkeypatch.setattr("gateway.listeners.socket.socket", wrap)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loop.run)
+            first = loop.connect()
+            await loop.settle()
+            second = loop.connect()
+            await loop.settle()
+            nursery.cancel_scope.cancel()
+    assert len(failed) == 1
+    first.settimeout(5)
+    assert first.recv(1) == b""  # closed: the client sees the end (its number is reused)
+    assert [peer for _, peer in loop.spawned] == [second.getsockname()]
