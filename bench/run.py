@@ -482,7 +482,8 @@ def _gateway_plugins() -> list[str]:
     loaded = [
         line.split()[0] for line in done.stdout.splitlines() if line and not line[0].isspace()
     ]
-    return [name for name in loaded if name not in third_party_plugins()]
+    others = set(third_party_plugins())
+    return [name for name in loaded if name not in others]
 
 
 def _log(text: str) -> None:
