@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import trio
+from trio.testing import wait_all_tasks_blocked
 
 from gateway.flow import CloseReason
 from gateway.relay.copy import CopyRelay, Promotion
@@ -240,7 +243,9 @@ async def test_short_reads_never_miss_an_eof(when):
     """A short read ends a side's reads without the EAGAIN read (rule 6), unless the
     event said the FIN is queued: data and FIN together, before the relay starts or
     while it is parked, or a FIN alone after the data, all end the pair at once (a
-    missed FIN would hang it until the idle timeout, 30 s here)."""
+    missed FIN would hang it until the idle timeout, 30 s here). Data and FIN go out
+    in one step, with no checkpoint between them, so on loopback both are queued at
+    the gateway before its poller looks: one event says both."""
     relay = CopyRelay(65536)
     with topology() as topo, trio.fail_after(10):
         stats = RelayStats()
@@ -250,23 +255,24 @@ async def test_short_reads_never_miss_an_eof(when):
             result["reason"] = await relay.run(topo.gw_client, topo.gw_upstream, stats, 30)
             topo.close_gateway()
 
+        def send_and_end(sock: trio.socket.SocketType, data: bytes) -> None:
+            assert os.write(sock.fileno(), data) == len(data)
+            sock.shutdown(trio.socket.SHUT_WR)
+
         async with trio.open_nursery() as n:
             if when == "before_run":
-                await send_all(topo.client, b"request")
-                topo.client.shutdown(trio.socket.SHUT_WR)
-                await trio.sleep(0.05)
+                send_and_end(topo.client, b"request")
             n.start_soon(run)
             if when == "while_parked":
-                await trio.sleep(0.05)
-                await send_all(topo.client, b"request")
-                topo.client.shutdown(trio.socket.SHUT_WR)
+                await wait_all_tasks_blocked()
+                send_and_end(topo.client, b"request")
             elif when == "fin_later":
-                await send_all(topo.client, b"request")
-                await trio.sleep(0.05)
+                assert os.write(topo.client.fileno(), b"request") == 7
+                await wait_all_tasks_blocked()
                 topo.client.shutdown(trio.socket.SHUT_WR)
             assert await recv_to_eof(topo.backend) == b"request"
-            await send_all(topo.backend, b"reply")
-            topo.backend.shutdown(trio.socket.SHUT_WR)
+            await wait_all_tasks_blocked()  # the relay parked again
+            send_and_end(topo.backend, b"reply")
             assert await recv_to_eof(topo.client) == b"reply"
         assert result["reason"] == CloseReason.CLIENT_EOF
         assert (stats.bytes_from_client, stats.bytes_to_client) == (7, 5)
