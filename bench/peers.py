@@ -287,7 +287,8 @@ def third_party_plugins() -> list[str]:
 _DISABLE_LINE = re.compile(r"^disable_plugins\s*=.*$", re.MULTILINE)
 
 
-def _disabling_third_party(extra: str) -> str:
+def disabling_third_party(extra: str = "") -> str:
+    """``extra`` ([gateway] lines) with :func:`third_party_plugins` disabled as well."""
     others = third_party_plugins()
     if not others:
         return extra
@@ -305,7 +306,7 @@ def gateway_config(routes: dict[str, tuple[int, int]], extra: str = "") -> str:
         extra: lines added to the ``[gateway]`` table; :func:`third_party_plugins`
             are added to a ``disable_plugins`` line of theirs, or disabled alone.
     """
-    extra = _disabling_third_party(extra)
+    extra = disabling_third_party(extra)
     parts = [f'[gateway]\ndrain_timeout = "1s"\nlog_level = "warning"\n{extra}\n']
     for name, (listen, backend) in routes.items():
         parts.append(

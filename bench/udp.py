@@ -43,7 +43,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peers import LOOPBACK, ROOT, Child, Children
+from peers import LOOPBACK, ROOT, Child, Children, disabling_third_party
 
 PATHS = ("direct", "gateway", "nginx")
 #: nginx's stream module (Debian: libnginx-mod-stream), the reference UDP proxy.
@@ -175,7 +175,7 @@ def gateway_config(listen: int, backend: int) -> str:
 [gateway]
 drain_timeout = "1s"
 log_level = "warning"
-
+{disabling_third_party()}
 [[listener]]
 name = "udp"
 bind = "{LOOPBACK}:{listen}"
