@@ -180,6 +180,18 @@ def _cpu(procs: list[Child]) -> tuple[float, float]:
     return sum(u for u, _ in times), sum(k for _, k in times)
 
 
+def _minor_faults(procs: list[Child]) -> int:
+    """Minor page faults of ``procs`` so far (field 10 of proc(5)): kernel time that no
+    syscall count shows (memory the allocator hands back and touches again)."""
+    total = 0
+    for p in procs:
+        try:
+            total += int(Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+        except OSError:
+            pass
+    return total
+
+
 def _run_client(port: int, count: int, concurrency: int) -> None:
     argv = [sys.executable, __file__, "--client", str(port), str(count), str(concurrency)]
     subprocess.run(argv, check=True, timeout=120)
@@ -194,7 +206,7 @@ def measure_cpu(
     loopback the peers' TCP work done inline in them) is much the same for every proxy
     that makes the same calls; the user part is the proxy's own code."""
     samples: dict[str, dict[str, list[float]]] = {
-        p: {"total": [], "user": [], "kernel": []} for p in args.paths
+        p: {"total": [], "user": [], "kernel": [], "faults": []} for p in args.paths
     }
     for r in range(args.rounds):
         shift = r % len(args.paths)
@@ -207,8 +219,10 @@ def measure_cpu(
                 )
                 _run_client(listen, args.warmup, args.concurrency)
                 user0, kernel0 = _cpu(procs)
+                faults0 = _minor_faults(procs)
                 _run_client(listen, args.connections, args.concurrency)
                 user1, kernel1 = _cpu(procs)
+                faults = (_minor_faults(procs) - faults0) / args.connections
                 for p in procs:
                     p.check_alive()
             finally:
@@ -219,9 +233,10 @@ def measure_cpu(
             got["total"].append(user + kernel)
             got["user"].append(user)
             got["kernel"].append(kernel)
+            got["faults"].append(faults)
             _log(
                 f"round {r + 1} {name}: {user + kernel:.1f} µs/conn "
-                f"(user {user:.1f}, kernel {kernel:.1f})"
+                f"(user {user:.1f}, kernel {kernel:.1f}, {faults:.2f} page faults)"
             )
     return samples
 
@@ -389,16 +404,21 @@ def main(argv: list[str] | None = None) -> int:
                         "median": statistics.median(v["total"]),
                         "user": statistics.median(v["user"]),
                         "kernel": statistics.median(v["kernel"]),
+                        "faults": statistics.median(v["faults"]),
                         "samples": v["total"],
                     }
                     for k, v in samples.items()
                 }
-                print("| path | CPU µs per connection (median) | user | kernel | samples |")
-                print("|---|---|---|---|---|")
+                print(
+                    "| path | CPU µs per connection (median) | user | kernel "
+                    "| minor page faults per connection | samples |"
+                )
+                print("|---|---|---|---|---|---|")
                 for k, v in samples.items():
                     med = result[k]
                     print(
                         f"| {k} | {med['median']:.1f} | {med['user']:.1f} | {med['kernel']:.1f} "
+                        f"| {med['faults']:.2f} "
                         f"| {', '.join(f'{x:.1f}' for x in v['total'])} |"
                     )
             else:
