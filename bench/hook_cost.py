@@ -62,17 +62,28 @@ def main(argv: list[str] | None = None) -> int:
 
     # The product as shipped: the example plugins a development venv installs are not.
     disabled = [d for d in args.disable.split(",") if d] + third_party_plugins()
-    plugins = load_plugins(disabled=disabled)
-    rt = Runtime(make_config(CONFIG, plugins), plugins, CopyRelay(65536), {})
+    loaded = load_plugins(disabled=disabled)
+    config = make_config(CONFIG, loaded, configure=False)
+    # As the gateway configures them: the hooks a plugin declares idle left out (a
+    # tree from before that, --src, calls every hook).
+    if hasattr(loaded, "configure"):
+        plugins = loaded.configure(config)
+    else:
+        loaded.call_all("l4gw_configure", config=config)
+        plugins = loaded
+    rt = Runtime(config, plugins, CopyRelay(65536), {})
+    admit, routed = getattr(rt, "admit_hook", True), getattr(rt, "routed_hook", True)
 
     async def one(port: int) -> None:
         flow = Flow(next_flow_id(), "public", "tcp", ("127.0.0.1", port), ("127.0.0.1", 8080))
         rt.flows[flow.id] = flow
         plugins.opened(flow)
-        await refusal(rt, flow, "l4gw_admit")
+        if admit:
+            await refusal(rt, flow, "l4gw_admit")
         route = await choose_route(rt, flow)
         assert isinstance(route, Route), route
-        await refusal(rt, flow, "l4gw_routed", route=route)
+        if routed:
+            await refusal(rt, flow, "l4gw_routed", route=route)
         plugins.observe(
             "l4gw_connect_attempt", flow=flow, endpoint=route.endpoints[0], error=None,
             seconds=0.0001,
@@ -116,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{best * 1e6:.2f} µs per connection (pipeline in process), plugins: "
         + ", ".join(i.name for i in plugins.infos)
+        + "".join(
+            f"; {name} idle in {', '.join(sorted(hooks))}"
+            for name, hooks in sorted(getattr(plugins, "idle", {}).items())
+        )
     )
     return 0
 

@@ -468,7 +468,8 @@ async def _respond(gateway: GatewayView, request: Request, body: bytes = b"") ->
 
 
 def _status(gateway: GatewayView) -> dict[str, Any]:
-    """The plugins' ``l4gw_status`` reports, and the TPROXY guard's under "tproxy"."""
+    """The plugins' ``l4gw_status`` reports, the TPROXY guard's under "tproxy", and
+    the hooks each plugin declared idle under "idle_hooks"."""
     document = gateway.plugins.collect("l4gw_status")
     guard = tproxy_guard.current()
     if guard is not None:
@@ -477,6 +478,8 @@ def _status(gateway: GatewayView) -> dict[str, Any]:
     document["endpoints"] = discovery.registry.status()
     # The last reload of this process (SIGHUP, watch_config) and the counts by result.
     document["reload"] = gateway.reloads.status()
+    # The per-connection hooks plugins declared idle (l4gw_configure): not called.
+    document["idle_hooks"] = {name: sorted(h) for name, h in sorted(gateway.plugins.idle.items())}
     return document
 
 

@@ -106,9 +106,10 @@ async def _serve(
 
     plugins.opened(flow)
 
-    refused = await refusal(rt, flow, "l4gw_admit")
-    if refused:
-        return _refuse(sock, refused)
+    if rt.admit_hook:
+        refused = await refusal(rt, flow, "l4gw_admit")
+        if refused:
+            return _refuse(sock, refused)
 
     peeked = lc.name in rt.peek_hello
     no_hello = None
@@ -125,9 +126,10 @@ async def _serve(
         return route
     cluster = route.cluster
 
-    refused = await refusal(rt, flow, "l4gw_routed", route=route)
-    if refused:
-        return _refuse(sock, refused)
+    if rt.routed_hook:
+        refused = await refusal(rt, flow, "l4gw_routed", route=route)
+        if refused:
+            return _refuse(sock, refused)
 
     source = (flow.client[0], 0) if cluster.upstream_source == "client" else None
     up = await connect_upstream(rt, route, flow, connect, source)

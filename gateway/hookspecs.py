@@ -52,7 +52,7 @@ exception with the plugin's name every time.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from socket import socket
 from typing import TYPE_CHECKING, Any
 
@@ -90,7 +90,7 @@ def l4gw_config_sections() -> Mapping[str, Schema] | None:
 
 
 @hookspec
-def l4gw_configure(config: Config) -> None:
+def l4gw_configure(config: Config) -> Iterable[str] | None:
     """Receive the validated configuration.
 
     Called in each worker process before ``l4gw_startup``, and again on every
@@ -99,6 +99,16 @@ def l4gw_configure(config: Config) -> None:
     Read your section with ``config.plugin("<name>")``: empty when the file leaves
     out a section whose schema has a required key (not configured: stay idle).
     Compile what you need and swap it in with one assignment. Must not block.
+
+    Returns: None, or the per-connection hooks (``l4gw_connection_opened``,
+    ``l4gw_admit``, ``l4gw_route``, ``l4gw_routed``, ``l4gw_connect_attempt``,
+    ``l4gw_relay``, ``l4gw_connection_closed``) this plugin implements but has
+    nothing to do for under ``config``, e.g. a rate limiter with no limit
+    configured: ``{"l4gw_admit", "l4gw_routed", "l4gw_connection_closed"}``. The
+    core does not call them for connections that start under this configuration
+    (each call costs every connection CPU); a connection keeps the set it started
+    with to its close, so a closed hook runs for exactly the connections whose
+    opened, admit or connect it saw. Any other name is an error (as a raise).
 
     Raises: at start-up, start-up fails; on reload, the reload is abandoned and
     the running configuration stays.

@@ -22,6 +22,11 @@ Rules kept here:
   implementation of any other hook (an observer, ``l4gw_configure``, ...)
   would never run (its coroutine dropped with a RuntimeWarning), so it is
   refused at load as well.
+* **A per-connection hook a plugin declared idle is not called** for connections
+  that start under that configuration (:meth:`Plugins.configure`: what its
+  ``l4gw_configure`` returned). The tables are per configuration, and a flow keeps
+  the one it started with to its close, so a plugin's opened/closed or
+  connect/closed accounting never sees half of a flow.
 * **A sampled flow's span is current during its hooks**, from the
   implementation of ``l4gw_connection_opened`` that set it (the telemetry
   plugin's runs first) to the last of ``l4gw_connection_closed``: attached once
@@ -56,6 +61,21 @@ AWAITED = frozenset({"l4gw_admit", "l4gw_route", "l4gw_routed", "l4gw_startup", 
 :meth:`Plugins.decide`), ``l4gw_startup`` (before the listeners open) and
 ``l4gw_relay`` (whose awaitable is the relay itself). Every other hook is called
 synchronously and must not be ``async def``."""
+
+
+PER_CONNECTION = frozenset(
+    {
+        "l4gw_connection_opened",
+        "l4gw_admit",
+        "l4gw_route",
+        "l4gw_routed",
+        "l4gw_connect_attempt",
+        "l4gw_relay",
+        "l4gw_connection_closed",
+    }
+)
+"""The hooks called for every connection or UDP session: those an implementation of
+``l4gw_configure`` may declare idle (hookspecs.py)."""
 
 
 class PluginError(Exception):
@@ -122,20 +142,61 @@ class Raised(Exception):
 class Plugins:
     """The loaded plugins and fast hook drivers."""
 
-    def __init__(self, pm: pluggy.PluginManager, infos: list[PluginInfo]) -> None:
+    def __init__(
+        self,
+        pm: pluggy.PluginManager,
+        infos: list[PluginInfo],
+        *,
+        _loaded: Plugins | None = None,
+        _idle: Mapping[str, frozenset[str]] | None = None,
+    ) -> None:
         self.pm = pm
         self.infos = infos
-        self._impls: dict[str, tuple[_Impl, ...]] = {}
-        for name in dir(pm.hook):
-            if name.startswith("l4gw_"):
-                caller = getattr(pm.hook, name)
-                self._impls[name] = tuple(
-                    _impl(i.plugin_name, i.function, tuple(i.argnames))
-                    for i in reversed(caller.get_hookimpls())
-                )
+        self.idle: Mapping[str, frozenset[str]] = _idle or {}
+        """``{plugin: hooks}`` it declared idle under the configuration this table
+        is for (:meth:`configure`); empty for the table of every implementation."""
+        if _loaded is None:
+            self._loaded = self
+            self._impls: dict[str, tuple[_Impl, ...]] = {}
+            for name in dir(pm.hook):
+                if name.startswith("l4gw_"):
+                    caller = getattr(pm.hook, name)
+                    self._impls[name] = tuple(
+                        _impl(i.plugin_name, i.function, tuple(i.argnames))
+                        for i in reversed(caller.get_hookimpls())
+                    )
+        else:
+            self._loaded = _loaded
+            self._impls = {
+                hook: tuple(i for i in impls if hook not in self.idle.get(i.plugin, ()))
+                for hook, impls in _loaded._impls.items()
+            }
 
     def implements(self, hook: str) -> bool:
         return bool(self._impls.get(hook))
+
+    def configure(self, config: Any) -> Plugins:
+        """Call every ``l4gw_configure`` (each plugin's, whichever table this is) and
+        return the hook table for connections that start under ``config``: without
+        the per-connection hooks each plugin declared idle.
+
+        Raises:
+            PluginError: a plugin raised, naming it; or it returned something
+                that is not a collection of names from :data:`PER_CONNECTION`.
+        """
+        idle: dict[str, frozenset[str]] = {}
+        for impl in self._loaded._impls["l4gw_configure"]:
+            try:
+                result = impl.call({"config": config})
+            except Exception as exc:
+                raise PluginError(f"plugin {impl.plugin}: l4gw_configure: {exc!r}") from exc
+            if result is not None:
+                hooks = _idle_hooks(impl.plugin, result)
+                if hooks:
+                    idle[impl.plugin] = hooks
+        if not idle:
+            return self._loaded
+        return Plugins(self.pm, self.infos, _loaded=self._loaded, _idle=idle)
 
     def schemas(self) -> dict[str, Schema]:
         """Config sections declared by every plugin."""
@@ -268,6 +329,24 @@ class Plugins:
         span = flow.span
         if span is not None:
             span.detach()
+
+
+def _idle_hooks(plugin: str, result: object) -> frozenset[str]:
+    """The hooks an ``l4gw_configure`` result declares idle, checked."""
+    where = f"plugin {plugin}: l4gw_configure returned {result!r}"
+    if isinstance(result, str | bytes) or not isinstance(result, Iterable):
+        raise PluginError(
+            f"{where}: expected None or a collection of the per-connection hooks it has "
+            "nothing to do for"
+        )
+    hooks = frozenset(result)
+    unknown = sorted(h for h in hooks if h not in PER_CONNECTION)
+    if unknown:
+        raise PluginError(
+            f"{where}: {', '.join(map(repr, unknown))} not a per-connection hook "
+            f"(those are {', '.join(sorted(PER_CONNECTION))})"
+        )
+    return hooks
 
 
 def load(

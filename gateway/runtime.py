@@ -120,7 +120,11 @@ class Runtime:
     """Listeners with at least one ALPN route (a refusal's reason names the ALPN)."""
     admit_open: bool = field(init=False)
     route_open: bool = field(init=False)
+    admit_hook: bool = field(init=False)
+    routed_hook: bool = field(init=False)
     relay_hook: bool = field(init=False)
+    """Whether a plugin takes part in that hook under this config (none declared it
+    idle, :meth:`Plugins.configure`): a hook nobody takes is not driven at all."""
 
     def __post_init__(self) -> None:
         self.sni_routes = frozenset(r.listener for r in self.config.routes if r.sni)
@@ -128,6 +132,8 @@ class Runtime:
         self.peek_hello = self.sni_routes | self.alpn_routes
         self.admit_open = self.config.gateway.admit_on_error == "open"
         self.route_open = self.config.gateway.route_on_error == "open"
+        self.admit_hook = self.plugins.implements("l4gw_admit")
+        self.routed_hook = self.plugins.implements("l4gw_routed")
         self.relay_hook = self.plugins.implements("l4gw_relay")
 
 

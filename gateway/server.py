@@ -103,7 +103,8 @@ class Gateway:
         config = self.config
         shield_table.current().configure(config, self.worker)  # before acl applies its list
         discovery.registry.configure(config)
-        self.plugins.call_all("l4gw_configure", config=config)
+        rt = self.runtime
+        self.runtime = Runtime(config, rt.plugins.configure(config), rt.copy, rt.flows, rt.budget)
         self.reloads.instrument(providers.current())
         async with trio.open_nursery() as root:
             root.start_soon(self._signal_loop)
@@ -278,18 +279,19 @@ class Gateway:
         try:
             shield_table.current().configure(new, self.worker)
             discovery.registry.configure(new)
-            self.plugins.call_all("l4gw_configure", config=new)
+            plugins = self.plugins.configure(new)
         except Exception as exc:  # a plugin's, or the shield's or discovery's (OSError)
             log.error("reload failed; the running config stays: %s", exc)
             shield_table.current().configure(old, self.worker)
             discovery.registry.configure(old)
-            self.plugins.call_all("l4gw_configure", config=old)
+            # The running hook table stays (the same config declares the same idle hooks).
+            self.plugins.configure(old)
             self.reloads.failed(str(exc))
             return False
         copy = self.runtime.copy
         if new.gateway.buffer_size != old.gateway.buffer_size:
             copy = CopyRelay(new.gateway.buffer_size)
-        self.runtime = Runtime(new, self.plugins, copy, self.flows, self.runtime.budget)
+        self.runtime = Runtime(new, plugins, copy, self.flows, self.runtime.budget)
         self._update_listeners(new)
         if self.worker == 0 and _admin_bind(new) != self._admin_bound:
             assert self._background is not None

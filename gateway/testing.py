@@ -156,7 +156,7 @@ def make_config(
         raw["listener"] = [{"name": DEFAULT_LISTENER, "bind": "127.0.0.1:0"}]
     config = config_mod.from_dict(raw, path, plugins.schemas() if plugins is not None else {})
     if configure and plugins is not None:
-        plugins.call_all("l4gw_configure", config=config)
+        plugins.configure(config)
     return config
 
 

@@ -38,6 +38,9 @@ from gateway import schema as s
 log = logging.getLogger("l4gw.accesslog")
 
 
+_IDLE = frozenset({"l4gw_connection_closed"})
+
+
 def _rfc3339(t: float | None) -> str | None:
     if t is None:
         return None
@@ -284,8 +287,11 @@ class AccessLog:
         return {"accesslog": SCHEMA}
 
     @hookimpl
-    def l4gw_configure(self, config: Config) -> None:
+    def l4gw_configure(self, config: Config) -> frozenset[str] | None:
         self.configure(config.plugin("accesslog"))
+        # Off: no line to format. A connection keeps the hooks it started with, so
+        # turning the log on by a reload logs the connections that start after it.
+        return None if self.path else _IDLE
 
     @hookimpl
     def l4gw_startup(self, config: Config, nursery: trio.Nursery) -> None:

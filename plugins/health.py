@@ -443,7 +443,7 @@ class Health:
     # -- hooks -------------------------------------------------------------------
 
     @hookimpl
-    def l4gw_configure(self, config: Config) -> None:
+    def l4gw_configure(self, config: Config) -> frozenset[str] | None:
         if not self._subscribed:
             self.registry.subscribe(self.endpoints_changed)
             self.registry.report_health(self.state_of)
@@ -467,6 +467,8 @@ class Health:
             if name not in outlier:
                 del self.outliers[name]
         self._reconcile()
+        # Connect results matter to outlier rules only (probes are the checkers' own).
+        return None if outlier else _IDLE
 
     @hookimpl
     async def l4gw_startup(self, config: Config, nursery: trio.Nursery) -> None:
@@ -488,6 +490,9 @@ class Health:
     ) -> None:
         if flow.cluster is not None:
             self.connect_result(flow.cluster, endpoint, error)
+
+
+_IDLE = frozenset({"l4gw_connect_attempt"})
 
 
 def _result(error: str | None) -> str:

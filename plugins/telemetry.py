@@ -19,8 +19,8 @@ recorded, and the rules that keep it cheap, are
 * ``l4gw_startup`` starts the span pipe's task (partial batches, the
   exporter's counts); ``l4gw_shutdown`` delivers what is left, bounded.
 
-Off is free: with no exporter and no admin endpoint each per-connection hook
-returns at its first line.
+Off is free: with no exporter and no admin endpoint ``l4gw_configure`` declares
+the per-connection hooks idle, and the core does not call them.
 
 The entry point names this module; its hook functions are those of :data:`plugin`,
 the instance it registers (tests make their own :class:`TelemetryPlugin`).
@@ -32,6 +32,10 @@ import trio
 
 from gateway import Config, Endpoint, Flow, hookimpl
 from gateway.telemetry.recorder import FlowTelemetry, Recorder
+
+_IDLE = frozenset(
+    {"l4gw_connection_opened", "l4gw_admit", "l4gw_connect_attempt", "l4gw_connection_closed"}
+)
 
 
 class TelemetryPlugin:
@@ -47,9 +51,10 @@ class TelemetryPlugin:
         """``telemetry.recorder``, kept here for the per-connection hooks."""
 
     @hookimpl
-    def l4gw_configure(self, config: Config) -> None:
+    def l4gw_configure(self, config: Config) -> frozenset[str] | None:
         self.telemetry.configure(config)
         self.recorder = self.telemetry.recorder
+        return _IDLE if self.recorder is None else None
 
     @hookimpl
     def l4gw_startup(self, config: Config, nursery: trio.Nursery) -> None:

@@ -458,16 +458,17 @@ class UdpListener:
         plugins = rt.plugins
         plugins.opened(flow)
 
-        refused = await refusal(rt, flow, "l4gw_admit")
-        if refused:
-            return self._tombstone(session, refused[0])
+        if rt.admit_hook:
+            refused = await refusal(rt, flow, "l4gw_admit")
+            if refused:
+                return self._tombstone(session, refused[0])
 
         route = await choose_route(rt, flow)
         if isinstance(route, str):
             return self._tombstone(session, route)
         cluster = route.cluster
 
-        if plugins.implements("l4gw_routed"):
+        if rt.routed_hook:
             refused = await refusal(rt, flow, "l4gw_routed", route=route)
             if refused:
                 return self._tombstone(session, refused[0])

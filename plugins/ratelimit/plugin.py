@@ -342,6 +342,23 @@ class RateLimit:
         self.settings = settings
         self.shield_after.configure(section)
 
+    def idle_hooks(self) -> frozenset[str]:
+        """The per-connection hooks the section in force needs none of: with nothing
+        configured the plugin costs a connection nothing (hookspecs: l4gw_configure).
+        Connection counts are kept (admit, routed) and given back (closed) only
+        under the caps that read them."""
+        st = self.settings
+        idle = set()
+        if not (st.admit_rules or st.max_per_client or self.shield_after.threshold is not None):
+            idle.add("l4gw_admit")
+        if not (st.route_rule or st.max_per_cluster):
+            idle.add("l4gw_routed")
+        if not (st.max_per_client or st.max_per_cluster):
+            idle.add("l4gw_connection_closed")
+        if not st.bytes_per_second:
+            idle.add("l4gw_relay")
+        return frozenset(idle)
+
     # -- hooks -----------------------------------------------------------------------------
 
     @hookimpl
@@ -349,8 +366,9 @@ class RateLimit:
         return {"ratelimit": SCHEMA}
 
     @hookimpl
-    def l4gw_configure(self, config: Config) -> None:
+    def l4gw_configure(self, config: Config) -> frozenset[str] | None:
         self.configure(config.plugin("ratelimit"))
+        return self.idle_hooks()
 
     @hookimpl
     def l4gw_startup(self, config: Config, nursery: trio.Nursery) -> None:

@@ -463,3 +463,76 @@ def test_each_calling_form_gets_the_arguments_it_names() -> None:
         "two": (f.id, "boom"),
         "one": (0.5,),
     }
+
+
+# --- idle hooks (what l4gw_configure returns) ---------------------------------------------
+
+
+class Declares:
+    """Admits and observes closes; its ``l4gw_configure`` returns ``idle``."""
+
+    def __init__(self, idle: Any) -> None:
+        self.idle = idle
+        self.admitted = 0
+        self.closed = 0
+
+    @hookimpl
+    def l4gw_configure(self, config: Any) -> Any:
+        return self.idle
+
+    @hookimpl
+    def l4gw_admit(self, flow: Flow) -> None:
+        self.admitted += 1
+
+    @hookimpl
+    def l4gw_connection_closed(self, flow: Flow) -> None:
+        self.closed += 1
+
+
+async def test_configure_leaves_out_the_hooks_a_plugin_declares_idle() -> None:
+    quiet, busy = Declares({"l4gw_admit"}), Declares(None)
+    loaded = only(quiet=quiet, busy=busy)
+    table = loaded.configure(object())
+    assert table.idle == {"quiet": frozenset({"l4gw_admit"})}
+    assert await table.decide("l4gw_admit", True, flow=flow()) is None
+    table.closed(flow())
+    assert (quiet.admitted, quiet.closed, busy.admitted, busy.closed) == (0, 1, 1, 1)
+    # The loaded table is untouched: a configuration declaring nothing gets it back.
+    assert loaded.idle == {} and loaded.implements("l4gw_admit")
+    quiet.idle = ()
+    assert table.configure(object()) is loaded
+
+
+def test_a_hook_nobody_is_left_in_is_not_implemented() -> None:
+    table = only(quiet=Declares(["l4gw_admit", "l4gw_connection_closed"])).configure(object())
+    assert not table.implements("l4gw_admit")
+    assert not table.implements("l4gw_connection_closed")
+    assert table.implements("l4gw_configure")  # lifecycle hooks are never idle
+
+
+@pytest.mark.parametrize(
+    ("returned", "problem"),
+    [
+        ({"l4gw_admitt"}, "'l4gw_admitt' not a per-connection hook"),
+        ({"l4gw_startup"}, "'l4gw_startup' not a per-connection hook"),
+        ("l4gw_admit", "expected None or a collection"),
+        (True, "expected None or a collection"),
+    ],
+)
+def test_a_wrong_idle_declaration_is_a_plugin_error_naming_the_plugin(
+    returned: object, problem: str
+) -> None:
+    plugins = only(odd=Declares(returned))
+    with pytest.raises(PluginError, match=r"plugin odd: l4gw_configure returned") as err:
+        plugins.configure(object())
+    assert problem in str(err.value)
+
+
+def test_configure_wraps_a_raise_naming_the_plugin() -> None:
+    class Fails:
+        @hookimpl
+        def l4gw_configure(self, config: Any) -> None:
+            raise ValueError("bad section")
+
+    with pytest.raises(PluginError, match=r"plugin fails: l4gw_configure: ValueError"):
+        only(fails=Fails()).configure(object())

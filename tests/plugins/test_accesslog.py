@@ -169,3 +169,14 @@ async def test_stalled_disk_drops_lines_without_blocking(
         for m in sm.metrics
     }
     assert metrics == {"l4gw.accesslog.dropped": a.dropped, "l4gw.accesslog.written": a.written}
+
+
+def test_off_its_closed_hook_is_declared_idle(tmp_path: Path) -> None:
+    from gateway.testing import load_plugins, make_config
+
+    a = AccessLog()
+    plugins = load_plugins({"accesslog": a})
+    table = plugins.configure(make_config("", plugins, configure=False))
+    assert table.idle["accesslog"] == {"l4gw_connection_closed"}
+    on = make_config(f'[plugin.accesslog]\npath = "{tmp_path}/a.log"\n', plugins, configure=False)
+    assert "accesslog" not in plugins.configure(on).idle

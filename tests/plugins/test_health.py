@@ -227,3 +227,11 @@ async def test_checks_run_from_startup_and_follow_reloads(nursery: trio.Nursery)
         # Only the UDP cluster is still probed (about 3 more probes).
         assert 1 <= h.checks - checks <= 6
         background.cancel_scope.cancel()
+
+
+def test_connect_results_are_declared_idle_without_an_outlier_rule() -> None:
+    text = '[[listener]]\nname = "l"\nbind = "127.0.0.1:0"\n[cluster.api]\nendpoints = ["127.0.0.1:9"]\n'
+    h = Health()
+    assert h.l4gw_configure(from_dict(tomllib.loads(text), "t", {})) == {"l4gw_connect_attempt"}
+    text += "[cluster.api.outlier]\nconsecutive_failures = 2\n"
+    assert h.l4gw_configure(from_dict(tomllib.loads(text), "t", {})) is None

@@ -98,3 +98,17 @@ def test_off_each_hook_returns_at_its_first_line() -> None:
     assert plugin.l4gw_admit(flow) is None
     plugin.l4gw_connection_closed(flow)
     assert flow.trace_id is None
+
+
+def test_off_its_per_connection_hooks_are_declared_idle() -> None:
+    off = TelemetryPlugin(FakeTelemetry(None))
+    table = load_plugins({"telemetry": off}).configure(make_config("", configure=False))
+    assert table.idle["telemetry"] == {
+        "l4gw_connection_opened",
+        "l4gw_admit",
+        "l4gw_connect_attempt",
+        "l4gw_connection_closed",
+    }
+    on = TelemetryPlugin(FakeTelemetry(FakeRecorder()))
+    table = load_plugins({"telemetry": on}).configure(make_config("", configure=False))
+    assert "telemetry" not in table.idle

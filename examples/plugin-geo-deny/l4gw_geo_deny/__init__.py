@@ -100,10 +100,12 @@ class GeoDeny:
         return {"geo_deny": SCHEMA}
 
     @hookimpl
-    def l4gw_configure(self, config: Config) -> None:
+    def l4gw_configure(self, config: Config) -> frozenset[str] | None:
         # Called at start-up and on every reload (SIGHUP): swap in one assignment, so a
         # connection sees either the old rules or the new ones, never half of each.
         self.rules = Rules.from_section(config.plugin("geo_deny"))
+        # Nothing to deny: the gateway need not call our admit at all (an idle hook).
+        return None if self.rules.deny else frozenset({"l4gw_admit"})
 
     @hookimpl
     def l4gw_admit(self, flow: Flow) -> Refusal | None:

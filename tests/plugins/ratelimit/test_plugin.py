@@ -435,3 +435,33 @@ def test_cap_evictions_and_refusals_are_metrics() -> None:
     assert [p.value for p in points["l4gw.ratelimit.evicted"]] == [15]
     [refused] = points["l4gw.ratelimit.refused"]
     assert refused.value == 1 and refused.attributes == {"l4gw.ratelimit.rule": "per_client"}
+
+
+ALL_IDLE = {"l4gw_admit", "l4gw_routed", "l4gw_connection_closed", "l4gw_relay"}
+
+
+@pytest.mark.parametrize(
+    ("text", "idle"),
+    [
+        ("", ALL_IDLE),
+        ('per_client = { rate = 2, per = "1s" }\n', ALL_IDLE - {"l4gw_admit"}),
+        ('per_listener = { rate = 2, per = "1s" }\n', ALL_IDLE - {"l4gw_admit"}),
+        (
+            "max_connections_per_client = 2\n",
+            ALL_IDLE - {"l4gw_admit", "l4gw_connection_closed"},
+        ),
+        ('per_route = { rate = 3, per = "1m" }\n', ALL_IDLE - {"l4gw_routed"}),
+        (
+            "max_connections_per_cluster = 2\n",
+            ALL_IDLE - {"l4gw_routed", "l4gw_connection_closed"},
+        ),
+        ('bytes_per_second = "1MiB"\n', ALL_IDLE - {"l4gw_relay"}),
+        (
+            'shield_after = { refusals = 3, per = "10s", ttl = "2m" }\n',
+            ALL_IDLE - {"l4gw_admit"},
+        ),
+    ],
+)
+def test_what_is_not_configured_costs_a_connection_no_hook_call(text: str, idle: set[str]) -> None:
+    rl, _ = limiter(text)
+    assert rl.idle_hooks() == idle
