@@ -287,6 +287,11 @@ class Shield:
 
     def lookup(self, address: str | IPv4Address | IPv6Address) -> Entry | None:
         """The live entry whose network holds ``address`` (longest prefix), or None."""
+        if not self._entries and not self.journal.changed():
+            # The usual case, per connection: an empty table nobody changed. No lock:
+            # a change another thread is applying right now is as if it came a moment
+            # after this connection.
+            return None
         with self.journal.thread_lock:  # the /metrics thread may be reading the journal
             self.refresh()
             if not self._entries:

@@ -274,6 +274,26 @@ def test_workers_share_the_table_through_the_journal(clock: Clock) -> None:
     shield.close()
 
 
+def test_an_empty_table_sees_what_a_worker_adds(clock: Clock) -> None:
+    """The lookup of an empty table takes no lock; the shared counter still tells it
+    that a worker added an entry, before the next connection's lookup."""
+    shield = Shield(None, clock_ns=clock)
+    assert shield.lookup("198.18.7.3") is None
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            shield.add("198.18.7.3", 60, "from a worker", source="ratelimit")
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    entry = shield.lookup("198.18.7.3")
+    assert entry is not None and entry.reason == "from a worker"
+    shield.close()
+
+
 def test_compaction_keeps_entries_and_counts(clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("gateway.shield.table.COMPACT_AT", 4096)
     journal = Journal()
