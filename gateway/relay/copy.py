@@ -37,6 +37,7 @@ Rules kept here:
 
 from __future__ import annotations
 
+import math
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -48,6 +49,7 @@ from trio.lowlevel import checkpoint
 
 from gateway.flow import CloseReason, Flow
 from gateway.linux import SIOCINQ, ioctl_int
+from gateway.relay.idletimer import IdleTimer
 from gateway.relay.poller import READABLE, Poller, Waiter
 from gateway.relay.poller import current as current_poller
 from gateway.relay.stats import RelayStats
@@ -152,23 +154,26 @@ class CopyRelay:
         Returns:
             The close reason (a :class:`CloseReason` value), or None when promoted.
         """
-        pair = _Pair(idle_timeout, promotion)
+        poller = current_poller()
+        timer = poller.timer
+        pair = _Pair(idle_timeout, promotion, timer)
         c2u, u2c = _Direction(client, upstream, True), _Direction(upstream, client, False)
         pair.relay, pair.c2u, pair.u2c, pair.stats = self, c2u, u2c, stats
-        poller = current_poller()
         cfd, ufd = client.fileno(), upstream.fileno()
         # The client has usually sent its first bytes by now; the upstream has not
         # been sent anything yet (if it speaks first, registering reports it).
         pair.readable[_CLIENT] = READABLE
         pair.writable[_CLIENT] = pair.writable[_UPSTREAM] = True
         try:
+            if idle_timeout:
+                timer.set(pair, pair.deadline)
             poller.register(cfd, pair, _CLIENT)
             poller.register(ufd, pair, _UPSTREAM)
-            with pair.scope:
-                reset = await self._pump(pair, poller)
-                if reset is not None:
-                    return reset
+            reset = await self._pump(pair, poller)
+            if reset is not None:
+                return reset
         finally:
+            timer.cancel(pair)
             pair.relay = None  # no more moving in the poller's task
             if pair.promoted:
                 # A kernel tier takes the sockets on: out of the set, not only forgotten.
@@ -179,7 +184,7 @@ class CopyRelay:
                 poller.forget(ufd)
         if pair.promoted:
             return None
-        if pair.scope.cancelled_caught:
+        if pair.expired:
             if pair.holding or _unread(client) > 0 or _unread(upstream) > 0:
                 # Rule 3: the bytes on the way die with the pair; a FIN after them
                 # would tell the peer the stream ended where the timeout cut it.
@@ -201,6 +206,8 @@ class CopyRelay:
             if reset is not None:
                 return reset
             if c2u.done and u2c.done:
+                return None
+            if pair.expired:  # the idle timer woke the task (gateway/relay/idletimer.py)
                 return None
             if pair.stopping and not pair.holding:
                 pair.promoted = True
@@ -356,7 +363,9 @@ class _Pair(Waiter):
     __slots__ = (
         "c2u",
         "chunks",
+        "deadline",
         "error",
+        "expired",
         "failure",
         "first_eof",
         "holding",
@@ -364,9 +373,10 @@ class _Pair(Waiter):
         "promoted",
         "promotion",
         "relay",
-        "scope",
         "stats",
         "stopping",
+        "timer",
+        "timer_key",
         "u2c",
     )
 
@@ -374,13 +384,16 @@ class _Pair(Waiter):
     u2c: _Direction
     stats: RelayStats
 
-    def __init__(self, idle: float, promotion: Promotion | None) -> None:
+    def __init__(self, idle: float, promotion: Promotion | None, timer: IdleTimer) -> None:
         super().__init__()
-        # The deadline given before the scope is entered costs no re-sort of trio's
-        # deadline heap (setting it after did, once per connection); with the slack
-        # of touch() already, so the first chunks do not move it either.
-        deadline = trio.current_time() + idle * _IDLE_SLACK if idle else float("inf")
-        self.scope = trio.CancelScope(deadline=deadline)
+        # With the slack of touch() already, so the first chunks do not move it.
+        self.deadline = trio.current_time() + idle * _IDLE_SLACK if idle else math.inf
+        """When the pair expires unless bytes move (the timer's bucket rounds it up)."""
+        self.timer = timer
+        self.timer_key = 0
+        """The timer's bucket (0: none)."""
+        self.expired = False
+        """The idle timer found the pair past its deadline (and woke its task)."""
         self.idle = idle
         self.promotion = promotion
         self.promoted = False
@@ -422,13 +435,16 @@ class _Pair(Waiter):
         return not _can_move(c2u, u2c, self)
 
     def touch(self, now: float) -> None:
-        # Moving a trio deadline re-sorts the deadline heap; per chunk that
-        # cost 16% of the CPU of a keepalive request (bench/README.md). So the
-        # deadline moves only once it has fallen behind "now + idle", and then
-        # with 1/64 of slack: an idle pair closes between idle and idle * 1.016
-        # after its last byte, never early.
-        if self.idle and self.scope.deadline < now + self.idle:
-            self.scope.deadline = now + self.idle * _IDLE_SLACK
+        # Moving the deadline per chunk would move the pair between the timer's
+        # buckets per chunk (with a trio deadline, re-sorting its heap cost 16% of
+        # the CPU of a keepalive request: bench/README.md). So it moves only once it
+        # has fallen behind "now + idle", and then with 1/64 of slack: an idle pair
+        # closes between idle and idle * 1.016 (+ the timer's 10 ms quantum) after
+        # its last byte, never early.
+        if self.idle and self.deadline < now + self.idle:
+            self.deadline = now + self.idle * _IDLE_SLACK
+            self.expired = False  # bytes moved as it expired: it lives on
+            self.timer.set(self, self.deadline)
 
     def eof(self, reason: str) -> None:
         if self.first_eof is None:

@@ -27,7 +27,8 @@ Rules kept here:
    also removes it from the set, for a socket that lives on (a kernel tier takes it).
    Closing the socket removes it from the set in the kernel.
 4. **One system task per trio run** polls the set when trio says its descriptor is
-   readable and wakes the owners; it closes the set when the run ends.
+   readable and wakes the owners; it closes the set when the run ends. A second one
+   runs the relays' idle timer (:attr:`Poller.timer`, gateway/relay/idletimer.py).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ from trio.lowlevel import (
     wait_readable,
     wait_task_rescheduled,
 )
+
+from gateway.relay.idletimer import IdleTimer
 
 _EVENTS: Final = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _BATCH: Final = 256
@@ -91,6 +94,8 @@ class Poller:
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._owners: dict[int, tuple[Waiter, int]] = {}
+        self.timer = IdleTimer()
+        """The relays' idle deadlines (gateway/relay/idletimer.py), run beside the set."""
 
     def register(self, fd: int, waiter: Waiter, side: int) -> None:
         """Watch ``fd`` for ``waiter`` as its side ``side`` (0 or 1)."""
@@ -156,4 +161,5 @@ def current() -> Poller:
         poller = Poller()
         _CURRENT.set(poller)
         spawn_system_task(poller.run, name="l4gw relay poller")
+        spawn_system_task(poller.timer.run, name="l4gw relay idle timer")
         return poller
