@@ -110,7 +110,7 @@ def _unread(sock: socket.socket) -> int:
         return 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen init cost 0.3 us more, once per flow
 class Promotion:
     """When a flow leaves the copy tier for a kernel tier.
 
