@@ -138,7 +138,9 @@ def make_config(
         plugins: whose ``[plugin.<name>]`` schemas apply (None: the core's
             sections only).
         configure: then call every plugin's ``l4gw_configure`` with it, as the
-            gateway does before it starts.
+            gateway does before it starts (what each returns, the hooks it
+            declares idle, is checked the same way; the helpers below still call
+            every implementation, idle or not).
         path: the file name problems are reported with.
 
     Raises:
