@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from ipaddress import IPv4Network, IPv6Network, ip_network
 
 import pytest
@@ -247,22 +247,34 @@ def test_without_kernel_the_table_still_works(clock: Clock) -> None:
 # --- shared by forked workers ----------------------------------------------------------
 
 
-def test_workers_share_the_table_through_the_journal(clock: Clock) -> None:
-    """A child process (a worker) adds; the parent sees the entry, its reason and source."""
-    shield = Shield(None, clock_ns=clock)
-    shield.add("198.18.7.1", 60, "before the fork", source="admin")
+def in_worker(action: Callable[[], object]) -> int:
+    """Run ``action`` in a forked child (a worker) to its end; the child's pid.
+
+    Raises AssertionError when the action failed in the child."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         code = 1
         try:
-            assert shield.lookup("198.18.7.1") is not None
-            shield.add("198.18.7.2", 60, "from a worker", source="ratelimit")
-            shield.remove("198.18.7.1")
+            action()
             code = 0
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+    return pid
+
+
+def test_workers_share_the_table_through_the_journal(clock: Clock) -> None:
+    """A child process (a worker) adds; the parent sees the entry, its reason and source."""
+    shield = Shield(None, clock_ns=clock)
+    shield.add("198.18.7.1", 60, "before the fork", source="admin")
+
+    def worker() -> None:
+        assert shield.lookup("198.18.7.1") is not None
+        shield.add("198.18.7.2", 60, "from a worker", source="ratelimit")
+        shield.remove("198.18.7.1")
+
+    pid = in_worker(worker)
     entry = shield.lookup("198.18.7.2")
     assert entry is not None and (entry.reason, entry.source, entry.by) == (
         "from a worker",
@@ -279,16 +291,7 @@ def test_an_empty_table_sees_what_a_worker_adds(clock: Clock) -> None:
     that a worker added an entry, before the next connection's lookup."""
     shield = Shield(None, clock_ns=clock)
     assert shield.lookup("198.18.7.3") is None
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            shield.add("198.18.7.3", 60, "from a worker", source="ratelimit")
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    in_worker(lambda: shield.add("198.18.7.3", 60, "from a worker", source="ratelimit"))
     entry = shield.lookup("198.18.7.3")
     assert entry is not None and entry.reason == "from a worker"
     shield.close()
