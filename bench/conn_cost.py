@@ -10,6 +10,12 @@ code change can be judged on a shared 2-vCPU VM:
   interleaved over the paths, medians.
 * ``syscalls``: ``strace -c -f -p PID`` on the proxy over the same fixed-count
   load: syscalls per connection, by name.
+* ``instructions``: user-space instructions per connection, counted by valgrind's
+  callgrind (``callgrind_control -i on`` after the warm-up, a dump after the fixed-count
+  load): no timing in it, so it repeats to 0.1 % on a noisy VM where CPU time moves
+  10–40 % between processes, and a change of a few Python calls per connection shows
+  (a call is ~1,000 instructions). It leaves out the kernel's part and cache effects:
+  a code change is judged here, the gateway against HAProxy by ``cpu`` and run.py.
 * ``idle``: RSS per idle connection: ``--hold`` connections opened through the
   proxy to an echo backend, one 16-byte exchange each, then held; (RSS with them
   − RSS before) / count. At the end every held connection exchanges a unique
@@ -19,6 +25,7 @@ code change can be judged on a shared 2-vCPU VM:
 
     .venv/bin/python bench/conn_cost.py cpu --connections 5000 --rounds 5
     .venv/bin/python bench/conn_cost.py syscalls --connections 3000
+    .venv/bin/python bench/conn_cost.py instructions --paths trio-lean,gateway-copy,gateway --connections 2000
     .venv/bin/python bench/conn_cost.py idle --hold 9900
     .venv/bin/python bench/conn_cost.py cpu --paths gateway-copy --gateway-src ref=/tmp/ref
     .venv/bin/python bench/conn_cost.py cpu --quick               # smoke: tiny counts
@@ -280,6 +287,49 @@ def measure_syscalls(
     return out
 
 
+_CALLGRIND_TOTAL = re.compile(r"^(?:summary|totals):\s+(\d+)", re.M)
+
+
+def measure_instructions(
+    args: argparse.Namespace, backend: int, workdir: Path
+) -> dict[str, dict[str, float]]:
+    """User-space instructions per connection (valgrind callgrind) for each path."""
+    out: dict[str, dict[str, float]] = {}
+    for name in args.paths:
+        dump = workdir / f"{name}.callgrind"
+        wrapper = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                   f"--callgrind-out-file={dump}"]  # fmt: skip
+        children = Children(workdir, wrapper)
+        counts: list[float] = []
+        try:
+            listen = free_port()
+            proc = start_path(
+                children, name, listen, backend, args.sources, variants=args.variants
+            )[0]
+            _run_client(listen, args.warmup, args.concurrency)
+            _callgrind_control(proc.pid, "--instr=on")
+            for r in range(args.rounds):
+                _run_client(listen, args.connections, args.concurrency)
+                _callgrind_control(proc.pid, "--dump")  # counts since the last dump
+                text = Path(f"{dump}.{r + 1}").read_text(errors="replace")
+                m = _CALLGRIND_TOTAL.search(text)
+                if m is None:
+                    raise RuntimeError(f"{name}: no total in callgrind dump {dump}.{r + 1}")
+                counts.append(int(m.group(1)) / args.connections)
+            proc.check_alive()
+        finally:
+            children.stop_all(timeout=30)
+        out[name] = {"median": statistics.median(counts), "samples": counts}
+        _log(f"{name}: {out[name]['median']:,.0f} instructions per connection ({counts})")
+    return out
+
+
+def _callgrind_control(pid: int, option: str) -> None:
+    subprocess.run(
+        ["callgrind_control", option, str(pid)], check=True, capture_output=True, timeout=60
+    )
+
+
 def measure_idle(args: argparse.Namespace, echo: int, workdir: Path) -> dict[str, dict[str, float]]:
     """RSS per held idle connection, and a byte-exact exchange on each at the end."""
     out: dict[str, dict[str, float]] = {}
@@ -350,7 +400,7 @@ def _expect(s: socket.socket, want: bytes) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("what", choices=("cpu", "syscalls", "idle"))
+    p.add_argument("what", choices=("cpu", "syscalls", "instructions", "idle"))
     p.add_argument("--paths", default=",".join(PATHS), help="comma-separated (%(default)s)")
     p.add_argument("--gateway-src", action="append", default=[], metavar="LABEL=DIR")
     p.add_argument(
@@ -364,13 +414,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=3000, help="per measurement (3000)")
     p.add_argument("--warmup", type=int, default=300, help="connections before measuring (300)")
     p.add_argument("--concurrency", type=int, default=16, help="client threads (16)")
-    p.add_argument("--rounds", type=int, default=3, help="cpu: interleaved rounds (3)")
+    p.add_argument(
+        "--rounds", type=int, help="cpu: interleaved rounds; instructions: loads (3; 1 quick)"
+    )
     p.add_argument("--hold", type=int, default=9900, help="idle: connections held (9900)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny counts, 1 round")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
     if args.quick:
-        args.connections, args.warmup, args.rounds, args.hold = 200, 20, 1, 300
+        args.connections, args.warmup, args.hold = 200, 20, 300
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
     args.paths = [x for x in args.paths.split(",") if x]
     args.variants = {}
     for item in args.variant:
@@ -384,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         args.paths.append(f"gw-{label}")
     if args.what == "syscalls" and not _which("strace"):
         p.error("strace not found")
+    if args.what == "instructions" and not _which("callgrind_control"):
+        p.error("valgrind not found (apt install valgrind)")
     if args.what == "idle" and args.hold > 9900:
         p.error("--hold: at most 9900 (RLIMIT_NOFILE 20000; the proxy needs 2 fds per connection)")
 
@@ -421,6 +477,13 @@ def main(argv: list[str] | None = None) -> int:
                         f"| {med['faults']:.2f} "
                         f"| {', '.join(f'{x:.1f}' for x in v['total'])} |"
                     )
+            elif args.what == "instructions":
+                result = measure_instructions(args, port, workdir)
+                print("| path | instructions per connection (user space, median) | samples |")
+                print("|---|---|---|")
+                for k, v in result.items():
+                    samples = ", ".join(f"{x:,.0f}" for x in v["samples"])
+                    print(f"| {k} | {v['median']:,.0f} | {samples} |")
             else:
                 calls = measure_syscalls(args, port, workdir)
                 result = calls

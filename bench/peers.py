@@ -35,8 +35,11 @@ _TCP_LISTEN = "0A"
 class Children:
     """The child processes of one run; :meth:`stop_all` is safe to call twice."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, wrapper: Sequence[str] = ()) -> None:
+        """``wrapper``: a command every child runs under (e.g. valgrind), ``{name}`` in
+        it replaced by the child's name; a wrapped child gets 20× the time to listen."""
         self.workdir = workdir
+        self.wrapper = tuple(wrapper)
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
 
     def start(
@@ -48,9 +51,10 @@ class Children:
     ) -> Child:
         """Start ``argv`` with stdout and stderr in ``<workdir>/<name>.log``."""
         log_path = self.workdir / f"{name}.log"
+        argv = [*(w.replace("{name}", name) for w in self.wrapper), *argv]
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
-                list(argv),
+                argv,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -59,7 +63,7 @@ class Children:
                 start_new_session=True,
             )
         self.procs.append((name, proc))
-        return Child(name, proc, log_path)
+        return Child(name, proc, log_path, 20.0 if self.wrapper else 1.0)
 
     def stop_all(self, timeout: float = 5.0) -> None:
         """SIGTERM every live child, then SIGKILL what is left after ``timeout``."""
@@ -91,10 +95,13 @@ def _wait_or_kill(proc: subprocess.Popen[bytes], timeout: float) -> None:
 class Child:
     """One started process and its log."""
 
-    def __init__(self, name: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    def __init__(
+        self, name: str, proc: subprocess.Popen[bytes], log_path: Path, slowdown: float = 1.0
+    ) -> None:
         self.name = name
         self.proc = proc
         self.log_path = log_path
+        self.slowdown = slowdown
 
     @property
     def pid(self) -> int:
@@ -127,7 +134,7 @@ class Child:
 
     def wait_listening(self, ports: Sequence[int], timeout: float = 15.0) -> None:
         """Wait until every port in ``ports`` has a listening socket on 127.0.0.1."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout * self.slowdown
         while True:
             self.check_alive()
             if set(ports) <= listening_ports():

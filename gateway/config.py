@@ -421,13 +421,20 @@ class Endpoint:
     """How it was found: "literal", "name", "srv", "file" or "plugin"."""
     source: str = field(default="", compare=False)
     """The name, SRV name, file path or plugin name it came from ("" for literal)."""
+    family: socket.AddressFamily = field(init=False, compare=False, repr=False)
+    """AF_INET or AF_INET6, by ``host``."""
+    text: str = field(init=False, compare=False, repr=False)
+    """``host:port`` (``[host]:port`` for IPv6), as ``str()`` gives it."""
+
+    def __post_init__(self) -> None:
+        # Both are read per connection (the upstream socket, the flow's endpoint):
+        # made once here, not per read.
+        v6 = ":" in self.host
+        object.__setattr__(self, "family", socket.AF_INET6 if v6 else socket.AF_INET)
+        object.__setattr__(self, "text", s.format_address(self.host, self.port))
 
     def __str__(self) -> str:
-        return s.format_address(self.host, self.port)
-
-    @property
-    def family(self) -> socket.AddressFamily:
-        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        return self.text
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ Rules kept here:
 
 from __future__ import annotations
 
+import _socket
 import logging
 import socket
 from collections.abc import Callable
@@ -38,6 +39,11 @@ from gateway.upstream import connect
 
 log = logging.getLogger("l4gw.conn")
 
+_close: Callable[[socket.socket], None] = _socket.socket.close
+"""``sock.close()`` without the two Python calls of ``socket.socket.close`` on the way
+to the C method (its ``_io_refs`` and ``_closed`` serve ``makefile()``, which these
+sockets never use): two sockets per connection."""
+
 
 async def handle(
     rt: Runtime,
@@ -46,38 +52,47 @@ async def handle(
     peer: Any,
     draining: Callable[[], bool],
     local: tuple[str, int] | None = None,
+    done: Callable[[], None] | None = None,
 ) -> None:
     """Serve one accepted connection; always closes ``sock``.
 
     ``local`` is the connection's local address when the listener knows it
     (:attr:`gateway.listeners.Listener.local`), else it is asked of ``sock``.
+    ``done`` is called last, however the connection ended (the server counts the
+    listener's connections with it: a callback, not a wrapping task per connection).
     """
-    if local is None:
-        try:
-            local = unmap(sock.getsockname())
-        except OSError:
-            # Reset between accept and now: nothing to record.
-            sock.close()
-            return
-    flow = Flow(next_flow_id(), lc.name, "tcp", unmap(peer), local)
-    rt.flows[flow.id] = flow
-    upstream: list[socket.socket] = []
     try:
-        flow.close_reason = await _serve(rt, lc, sock, flow, upstream)
-    except Exception as exc:
-        log.exception("connection %d: internal error", flow.id)
-        flow.close_reason = CloseReason.INTERNAL_ERROR
-        flow.error = repr(exc)
+        if local is None:
+            try:
+                local = unmap(sock.getsockname())
+            except OSError:
+                # Reset between accept and now: nothing to record.
+                sock.close()
+                return
+        # An IPv4 peer is (host, port) already; only an IPv6 one needs unmapping.
+        client = peer if len(peer) == 2 else unmap(peer)
+        flow = Flow(next_flow_id(), lc.name, "tcp", client, local)
+        rt.flows[flow.id] = flow
+        upstream: list[socket.socket] = []
+        try:
+            flow.close_reason = await _serve(rt, lc, sock, flow, upstream)
+        except Exception as exc:
+            log.exception("connection %d: internal error", flow.id)
+            flow.close_reason = CloseReason.INTERNAL_ERROR
+            flow.error = repr(exc)
+        finally:
+            if flow.close_reason is None:
+                # Cancelled (possibly inside an exception group): only the drain
+                # cancels connections.
+                flow.close_reason = CloseReason.DRAIN if draining() else CloseReason.INTERNAL_ERROR
+            for s in upstream:
+                _close(s)
+            _close(sock)
+            del rt.flows[flow.id]
+            record_close(rt, flow)
     finally:
-        if flow.close_reason is None:
-            # Cancelled (possibly inside an exception group): only the drain
-            # cancels connections.
-            flow.close_reason = CloseReason.DRAIN if draining() else CloseReason.INTERNAL_ERROR
-        for s in upstream:
-            s.close()
-        sock.close()
-        del rt.flows[flow.id]
-        record_close(rt, flow)
+        if done is not None:
+            done()
 
 
 def refuse_over_capacity(rt: Runtime, lc: ListenerConfig, sock: socket.socket, peer: Any) -> None:
@@ -104,7 +119,8 @@ async def _serve(
         if bad:
             return bad
 
-    plugins.opened(flow)
+    if rt.opened_hook:
+        plugins.opened(flow)
 
     if rt.admit_hook:
         refused = await refusal(rt, flow, "l4gw_admit")

@@ -113,7 +113,7 @@ async def connect_upstream(
                     seconds=time.monotonic() - start,
                 )
                 if isinstance(exc, ResetAfterConnect):
-                    flow.endpoint, flow.error = str(endpoint), str(exc)
+                    flow.endpoint, flow.error = endpoint.text, str(exc)
                     return CloseReason.BACKEND_RESET
                 continue
             rt.plugins.observe(
@@ -123,7 +123,7 @@ async def connect_upstream(
                 error=None,
                 seconds=time.monotonic() - start,
             )
-            flow.endpoint = str(endpoint)
+            flow.endpoint = endpoint.text
             return sock
     if not route.endpoints:
         errors.append("no endpoint available")

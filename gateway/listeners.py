@@ -115,6 +115,8 @@ class Listener:
         self.scope = trio.CancelScope()
         self._slot = trio.Event()
         self._last_backoff_log = 0.0
+        self.ended: Callable[[], None] | None = None
+        """Called as each connection it accepted ends (the server's count of them)."""
 
     def identity(self) -> tuple[Any, ...]:
         """Listeners with the same identity keep their socket across a reload."""

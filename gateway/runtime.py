@@ -120,6 +120,7 @@ class Runtime:
     """Listeners with at least one ALPN route (a refusal's reason names the ALPN)."""
     admit_open: bool = field(init=False)
     route_open: bool = field(init=False)
+    opened_hook: bool = field(init=False)
     admit_hook: bool = field(init=False)
     routed_hook: bool = field(init=False)
     relay_hook: bool = field(init=False)
@@ -132,6 +133,7 @@ class Runtime:
         self.peek_hello = self.sni_routes | self.alpn_routes
         self.admit_open = self.config.gateway.admit_on_error == "open"
         self.route_open = self.config.gateway.route_on_error == "open"
+        self.opened_hook = self.plugins.implements("l4gw_connection_opened")
         self.admit_hook = self.plugins.implements("l4gw_admit")
         self.routed_hook = self.plugins.implements("l4gw_routed")
         self.relay_hook = self.plugins.implements("l4gw_relay")
@@ -150,6 +152,8 @@ def record_close(rt: Runtime, flow: Flow, dropped: int = 0) -> None:
     """
     flow.ended = time.time()
     rt.plugins.closed(flow)
+    if flow.close_reason not in CloseReason.FAILURES and not rt.config.gateway.log_connections:
+        return  # close_line's usual answer, without the call
     line = close_line(rt, flow)
     if line is None:
         return

@@ -20,6 +20,7 @@ sessions still get their replies.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import socket
@@ -200,6 +201,7 @@ class Gateway:
             self._connections.start_soon(udp.run)
             return
         listener = Listener(lc, open_socket(lc, reuse_port=self.config.gateway.workers > 1))
+        listener.ended = functools.partial(self._connection_ended, listener)
         self.listeners[lc.name] = listener
         self._accepting.start_soon(listener.accept_loop, self._spawn, self._refuse)
 
@@ -215,17 +217,21 @@ class Gateway:
 
     def _spawn(self, listener: Listener, conn: socket.socket, peer: Any) -> None:
         assert self._connections is not None
-        self._connections.start_soon(self._connection, listener, conn, peer)
+        self._connections.start_soon(
+            handle,
+            self.runtime,
+            listener.config,
+            conn,
+            peer,
+            self._is_draining,
+            listener.local,
+            listener.ended,
+        )
 
-    async def _connection(self, listener: Listener, conn: socket.socket, peer: Any) -> None:
-        try:
-            await handle(
-                self.runtime, listener.config, conn, peer, self._is_draining, listener.local
-            )
-        finally:
-            listener.released()
-            if not self.flows:
-                self._idle.set()
+    def _connection_ended(self, listener: Listener) -> None:
+        listener.released()
+        if not self.flows:
+            self._idle.set()
 
     def _is_draining(self) -> bool:
         return self.draining

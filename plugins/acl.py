@@ -108,9 +108,14 @@ class Acl:
             except shield.ShieldRefused as exc:
                 log.warning("acl: deny %s is refused in admit only: %s", net, exc.reason)
 
+    # tryfirst: a denied client costs no rate-limit token. The hook is this method
+    # itself (``specname``), not a wrapper calling it: one Python call less per flow.
+    @hookimpl(specname="l4gw_admit", tryfirst=True)
     def admit(self, flow: Flow) -> Refusal | None:
         ip = flow.client[0]
-        denied = self.deny.match(ip)
+        deny = self.deny
+        # The usual case, no deny list, asks nothing of it.
+        denied = deny.match(ip) if deny.networks else None
         if denied is not None:
             self.refused += 1
             return Refusal(f"acl deny {denied}", rule="deny", reset=self.reset)
@@ -131,11 +136,6 @@ class Acl:
     @hookimpl
     def l4gw_configure(self, config: Config) -> None:
         self.configure(config.plugin("acl"))
-
-    @hookimpl(tryfirst=True)
-    def l4gw_admit(self, flow: Flow) -> Refusal | None:
-        # tryfirst: a denied client costs no rate-limit token.
-        return self.admit(flow)
 
     @hookimpl
     def l4gw_status(self) -> dict[str, Any]:

@@ -41,7 +41,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import ip_address
 
 from gateway import ClusterConfig, Config, Endpoint, Flow, Route, RouteConfig, discovery, hookimpl
 
@@ -51,11 +51,15 @@ from .health import plugin as health_plugin
 
 log = logging.getLogger("l4gw.routing")
 
-IPAddress = IPv4Address | IPv6Address
-
 # Parsing an address costs ~2 µs per connection; clients and service
 # addresses repeat, so a bounded cache takes that off the connection path.
 _ip = lru_cache(maxsize=65536)(ip_address)
+
+
+@lru_cache(maxsize=65536)
+def _packed(address: str) -> bytes:
+    """The client's address as the balancers take it (one cache hit per flow)."""
+    return ip_address(address).packed
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -76,15 +80,25 @@ class _Compiled:
     alpn: frozenset[str]
     """The route's protocols as the ClientHello peek decodes them (latin-1)."""
     rr: SmoothWeighted[_Split] = field(default_factory=SmoothWeighted)
+    always: bool = False
+    """No condition: it takes every flow of its listener (asked no question per flow)."""
 
-    def matches(self, flow: Flow, dst: IPAddress, src: IPAddress) -> bool:
+    def __post_init__(self) -> None:
+        c = self.config
+        self.always = not (c.ports or c.destination or c.source or self.alpn or c.sni)
+
+    def matches(self, flow: Flow) -> bool:
         c = self.config
         if c.ports and flow.destination[1] not in c.ports:
             return False
-        if c.destination and not any(dst in net for net in c.destination):
-            return False
-        if c.source and not any(src in net for net in c.source):
-            return False
+        if c.destination:
+            dst = _ip(flow.destination[0])
+            if not any(dst in net for net in c.destination):
+                return False
+        if c.source:
+            src = _ip(flow.client[0])
+            if not any(src in net for net in c.source):
+                return False
         if self.alpn and self.alpn.isdisjoint(flow.alpn):
             return False
         if c.sni:
@@ -120,13 +134,9 @@ class Router:
             )
             self.by_listener.setdefault(rc.listener, []).append(compiled)
 
-    def match(self, flow: Flow, src: IPAddress) -> _Compiled | None:
-        routes = self.by_listener.get(flow.listener)
-        if not routes:
-            return None
-        dst = _ip(flow.destination[0])
-        for route in routes:
-            if route.matches(flow, dst, src):
+    def match(self, flow: Flow) -> _Compiled | None:
+        for route in self.by_listener.get(flow.listener, ()):
+            if route.always or route.matches(flow):
                 return route
         return None
 
@@ -210,15 +220,20 @@ class Routing:
         if old is not None and old.endpoints != endpoints:
             self.clusters[cluster] = cluster_state(endpoints, old.balance)
 
+    # The per-connection hooks are these methods themselves (``specname``), not
+    # wrappers that call them: a Python call less per hook per connection.
+    @hookimpl(specname="l4gw_route", trylast=True)
     def route(self, flow: Flow) -> Route | None:
+        """The route for ``flow``."""
         if self.router is None:
             return None
-        src = _ip(flow.client[0])
-        matched = self.router.match(flow, src)
+        matched = self.router.match(flow)
         if matched is None:
             return None
-        cluster = matched.pick_cluster()
-        return Route(matched.config.name, cluster, self.endpoints(cluster, flow, src.packed))
+        splits = matched.splits
+        cluster = splits[0].cluster if len(splits) == 1 else matched.pick_cluster()
+        client = _packed(flow.client[0])
+        return Route(matched.config.name, cluster, self.endpoints(cluster, flow, client))
 
     def endpoints(self, cluster: ClusterConfig, flow: Flow, client: bytes) -> tuple[Endpoint, ...]:
         """The endpoints of ``cluster`` to try for ``flow``, in order."""
@@ -237,7 +252,12 @@ class Routing:
         elif name in self._panicking:
             self._panicking.discard(name)
             log.warning("cluster %s: endpoints available again, panic mode over", name)
-        return state.balancer.order(candidates, lambda e: self.load_of(name, e), client, attempts)
+        if len(candidates) == 1:
+            # What every balancer orders one candidate to (round robin's scores stay
+            # as they are), without asking it: the usual single-backend cluster.
+            return (candidates[0],)
+        balancer = state.groups[0].balancer
+        return balancer.order(candidates, lambda e: self.load_of(name, e), client, attempts)
 
     def _by_priority(
         self, cluster: ClusterConfig, flow: Flow, state: _ClusterState, client: bytes
@@ -277,14 +297,19 @@ class Routing:
         flow.add_event("panic", cluster=cluster.name)
         return state.members or state.endpoints
 
-    def connected(self, flow: Flow, endpoint: Endpoint) -> None:
-        if flow.cluster is None:
+    @hookimpl(specname="l4gw_connect_attempt")
+    def connected(self, flow: Flow, endpoint: Endpoint, error: str | None = None) -> None:
+        """Count ``flow`` on ``endpoint`` once connected (a failed attempt, ``error``
+        set, counts nothing)."""
+        if error is not None or flow.cluster is None:
             return
         key = (flow.cluster, endpoint.host, endpoint.port)
         self.active[key] = self.active.get(key, 0) + 1
         self._open[flow.id] = key
 
+    @hookimpl(specname="l4gw_connection_closed")
     def closed(self, flow: Flow) -> None:
+        """Count ``flow`` off its endpoint."""
         key = self._open.pop(flow.id, None)
         if key is None:
             return
@@ -299,21 +324,6 @@ class Routing:
     @hookimpl
     def l4gw_configure(self, config: Config) -> None:
         self.configure(config)
-
-    @hookimpl(trylast=True)
-    def l4gw_route(self, flow: Flow, config: Config) -> Route | None:
-        return self.route(flow)
-
-    @hookimpl
-    def l4gw_connect_attempt(
-        self, flow: Flow, endpoint: Endpoint, error: str | None, seconds: float
-    ) -> None:
-        if error is None:
-            self.connected(flow, endpoint)
-
-    @hookimpl
-    def l4gw_connection_closed(self, flow: Flow) -> None:
-        self.closed(flow)
 
 
 plugin = Routing(health_plugin)

@@ -23,10 +23,12 @@ runtime_pkgs=(python3 python3-venv libbpf1 libnftables1 nftables iproute2 ca-cer
 # refuses hybrid cgroup layouts). iptables: the doctor's tests seed
 # iptables-legacy rules (and the doctor reads them with its -save tools).
 # systemd: systemd-analyze verifies the shipped unit (examples/systemd/).
+# strace, valgrind: bench/conn_cost.py counts syscalls and instructions per
+# connection (its smoke test runs the instruction count).
 build_pkgs=(clang llvm libbpf-dev linux-libc-dev make gcc python3-dev)
 dev_pkgs=("${build_pkgs[@]}"
           nginx-light libnginx-mod-stream haproxy redis-server dnsmasq-base dnsutils iperf3 wrk
-          iputils-ping procps psmisc curl iptables systemd
+          iputils-ping procps psmisc curl iptables systemd strace valgrind
           podman buildah runc debootstrap)
 
 sudo_() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }

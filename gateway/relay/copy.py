@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import trio
-from trio.lowlevel import checkpoint
+from trio.lowlevel import checkpoint, current_task, wait_task_rescheduled
 
 from gateway.flow import CloseReason, Flow
 from gateway.linux import SIOCINQ, ioctl_int
@@ -122,9 +122,6 @@ class Promotion:
     after_bytes: int
     at: float
 
-    def due(self, stats: RelayStats, now: float) -> bool:
-        return stats.bytes_from_client + stats.bytes_to_client >= self.after_bytes or now >= self.at
-
 
 class CopyRelay:
     """The copy tier; one instance per process holds the shared scratch buffer."""
@@ -132,6 +129,9 @@ class CopyRelay:
     def __init__(self, buffer_size: int) -> None:
         self._scratch = bytearray(buffer_size)
         self._view = memoryview(self._scratch)
+        self._poller: Poller | None = None
+        """The poller of the trio run it last relayed in (a RunVar lookup per flow
+        otherwise: two calls); replaced once that run is over."""
 
     async def run(
         self,
@@ -154,24 +154,47 @@ class CopyRelay:
         Returns:
             The close reason (a :class:`CloseReason` value), or None when promoted.
         """
-        poller = current_poller()
+        poller = self._poller
+        if poller is None or not poller.alive:
+            poller = self._poller = current_poller()
         timer = poller.timer
         pair = _Pair(idle_timeout, promotion, timer)
         c2u, u2c = _Direction(client, upstream, True), _Direction(upstream, client, False)
         pair.relay, pair.c2u, pair.u2c, pair.stats = self, c2u, u2c, stats
         cfd, ufd = client.fileno(), upstream.fileno()
-        # The client has usually sent its first bytes by now; the upstream has not
-        # been sent anything yet (if it speaks first, registering reports it).
-        pair.readable[_CLIENT] = READABLE
-        pair.writable[_CLIENT] = pair.writable[_UPSTREAM] = True
         try:
             if idle_timeout:
                 timer.set(pair, pair.deadline)
             poller.register(cfd, pair, _CLIENT)
             poller.register(ufd, pair, _UPSTREAM)
-            reset = await self._pump(pair, poller)
-            if reset is not None:
-                return reset
+            # Move bytes both ways until both ended, a reset (its reason is returned),
+            # the pair idled or a promotion is due. While the task is parked, the
+            # poller may move bytes for it (_Pair.ready); what it could not finish
+            # wakes the task, which takes it from there. In this frame, not a helper
+            # coroutine: every wakeup of the task passes through each frame it awaits in.
+            while True:
+                if pair.error is not None:
+                    raise pair.error  # raised by a step the poller ran for this pair
+                reset = pair.failure or self._step(pair)
+                if reset is not None:
+                    return reset
+                if c2u.done and u2c.done:
+                    break
+                if pair.expired:  # the idle timer woke the task (gateway/relay/idletimer.py)
+                    break
+                if pair.stopping and not pair.holding:
+                    pair.promoted = True
+                    break
+                if pair.chunks >= _CHUNKS_PER_CHECKPOINT:
+                    # Rule 4: a pair that never has to wait lets the others run.
+                    pair.chunks = 0
+                    await checkpoint()
+                    continue
+                pair.chunks = 0
+                if not _can_move(c2u, u2c, pair):
+                    # Poller.wait, inline (one coroutine less per wait).
+                    pair.task = current_task()
+                    await wait_task_rescheduled(pair.abort)
         finally:
             timer.cancel(pair)
             pair.relay = None  # no more moving in the poller's task
@@ -192,34 +215,6 @@ class CopyRelay:
                 abort_on_close(upstream)
             return CloseReason.IDLE_TIMEOUT
         return pair.first_eof or CloseReason.CLIENT_EOF
-
-    async def _pump(self, pair: _Pair, poller: Poller) -> str | None:
-        """Move bytes both ways until both ended (None), a reset (its reason), or a
-        promotion (None, ``pair.promoted``). While the task is parked, the poller
-        may move bytes for it (:meth:`_Pair.ready`); what it could not finish wakes
-        the task, which takes it from there."""
-        c2u, u2c = pair.c2u, pair.u2c
-        while True:
-            if pair.error is not None:
-                raise pair.error  # raised by a step the poller ran for this pair
-            reset = pair.failure or self._step(pair)
-            if reset is not None:
-                return reset
-            if c2u.done and u2c.done:
-                return None
-            if pair.expired:  # the idle timer woke the task (gateway/relay/idletimer.py)
-                return None
-            if pair.stopping and not pair.holding:
-                pair.promoted = True
-                return None
-            if pair.chunks >= _CHUNKS_PER_CHECKPOINT:
-                # Rule 4: a pair that never has to wait lets the others run.
-                pair.chunks = 0
-                await checkpoint()
-                continue
-            pair.chunks = 0
-            if not _can_move(c2u, u2c, pair):
-                await poller.wait(pair)
 
     def _step(self, pair: _Pair) -> str | None:
         """One pass over both directions: move what can move without waiting.
@@ -296,9 +291,13 @@ class CopyRelay:
         else:
             stats.bytes_to_client += n
         # One clock read per chunk serves the idle deadline and the promotion.
-        now = trio.current_time()
+        now = pair.timer.now()
         pair.touch(now)
-        if pair.promotion is not None and pair.promotion.due(stats, now):
+        promotion = pair.promotion
+        if promotion is not None and (
+            stats.bytes_from_client + stats.bytes_to_client >= promotion.after_bytes
+            or now >= promotion.at
+        ):
             # Stop reading; a direction still holding bytes delivers them first,
             # so the kernel tier takes over with nothing held here.
             pair.stopping = True
@@ -385,9 +384,15 @@ class _Pair(Waiter):
     stats: RelayStats
 
     def __init__(self, idle: float, promotion: Promotion | None, timer: IdleTimer) -> None:
-        super().__init__()
+        # Waiter's fields, set here rather than by its __init__ (a call less per flow),
+        # as a relay starts: the client has usually sent its first bytes by now; the
+        # upstream has not been sent anything yet (if it speaks first, registering
+        # reports it). Both sides are writable. Indexed by side (_UPSTREAM, _CLIENT).
+        self.task = None
+        self.readable = [0, READABLE]
+        self.writable = [True, True]
         # With the slack of touch() already, so the first chunks do not move it.
-        self.deadline = trio.current_time() + idle * _IDLE_SLACK if idle else math.inf
+        self.deadline = timer.now() + idle * _IDLE_SLACK if idle else math.inf
         """When the pair expires unless bytes move (the timer's bucket rounds it up)."""
         self.timer = timer
         self.timer_key = 0

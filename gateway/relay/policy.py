@@ -25,7 +25,7 @@ Rules kept here:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import gateway.schema as s
@@ -135,6 +135,12 @@ class Policy:
     after_seconds: float
     sockmap_for_bulk: bool = False
     bulk_rate: int = 16 << 20
+    immediate: bool = field(init=False, compare=False, repr=False)
+    """Either threshold is 0: the flow is handed over before any byte is copied (a
+    field, not a property: read per flow)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "immediate", self.after_bytes == 0 or self.after_seconds == 0)
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any]) -> Policy:
@@ -154,11 +160,6 @@ class Policy:
         ping-pong moves about 2 MB/s); a transfer moves the window in a millisecond.
         """
         return moved >= self.bulk_rate * max(seconds, 1e-3)
-
-    @property
-    def immediate(self) -> bool:
-        """Either threshold is 0: the flow is handed over before any byte is copied."""
-        return self.after_bytes == 0 or self.after_seconds == 0
 
 
 def plan(tiers: tuple[str, ...], enabled: frozenset[str]) -> tuple[str, ...]:

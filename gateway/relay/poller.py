@@ -94,6 +94,8 @@ class Poller:
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._owners: dict[int, tuple[Waiter, int]] = {}
+        self.alive = True
+        """False once its trio run ended (its set is closed)."""
         self.timer = IdleTimer()
         """The relays' idle deadlines (gateway/relay/idletimer.py), run beside the set."""
 
@@ -146,6 +148,7 @@ class Poller:
                         waiter.task = None
                         reschedule(task)
         finally:
+            self.alive = False
             self._owners.clear()
             epoll.close()
 

@@ -310,15 +310,25 @@ class RelayTiers:
         if not policy.immediate:
             age = time.monotonic() - flow.started_monotonic
             at = trio.current_time() + policy.after_seconds - age
-            promotion = Promotion(policy.after_bytes, at)
-            with self._in(flow, "copy"):
-                closed = await self.copy.run(client, upstream, flow, idle_timeout, promotion)
+            # What _in does, inline: every flow passes here, most of them end here.
+            counters = self.tiers["copy"].counters
+            counters.flows_now += 1
+            counters.flows_total += 1
+            flow.tier = "copy"
+            before = flow.bytes_from_client + flow.bytes_to_client
+            try:
+                closed = await self.copy.run(
+                    client, upstream, flow, idle_timeout, Promotion(policy.after_bytes, at)
+                )
                 if closed is None and tiers_for(tiers, True, policy.sockmap_for_bulk) != tiers:
                     # Whether it is bulk decides the tier: watch how fast it moves now
                     # (its average would count the think time of a request/response
                     # flow, or the quiet start of a download).
                     closed, bulk = await self._measure(client, upstream, flow, idle_timeout)
                     tiers = tiers_for(tiers, bulk, policy.sockmap_for_bulk)
+            finally:
+                counters.flows_now -= 1
+                counters.bytes += flow.bytes_from_client + flow.bytes_to_client - before
             if closed is not None:
                 return closed
             self.promotions += 1

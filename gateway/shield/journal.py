@@ -107,7 +107,9 @@ class Journal:
 
     def changed(self) -> bool:
         """Whether there is anything this process has not read (no lock, no system call)."""
-        return self._current_version() != self._seen
+        # Read in place, not through _current_version(): this runs per connection.
+        version: int = self._counter[0]
+        return version != self._seen
 
     def read_new(self) -> tuple[bool, list[dict[str, Any]]]:
         """What was appended since the last call (hold :meth:`locked`).

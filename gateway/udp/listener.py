@@ -456,7 +456,8 @@ class UdpListener:
     async def _serve(self, session: UdpSession, rt: Runtime) -> str | None:
         flow = session.flow
         plugins = rt.plugins
-        plugins.opened(flow)
+        if rt.opened_hook:
+            plugins.opened(flow)
 
         if rt.admit_hook:
             refused = await refusal(rt, flow, "l4gw_admit")

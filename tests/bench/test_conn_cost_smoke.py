@@ -48,3 +48,22 @@ def test_idle_connections_all_served(tmp_path: Path) -> None:
     for name, cell in report["result"].items():
         assert cell["failed"] == 0, name
         assert cell["rss_held_kib"] >= cell["rss_before_kib"] > 0, name
+
+
+@pytest.mark.timeout(300)
+def test_instructions_per_connection_under_callgrind(tmp_path: Path) -> None:
+    """The deterministic count: every path served its connections under valgrind, and
+    one measurement of the same process is near the next (what makes it worth having)."""
+    _, report = run_quick(
+        "conn_cost.py",
+        ["instructions", "--paths", "trio-lean,gateway-copy", "--rounds", "2"],
+        (*TOOLS, "valgrind", "callgrind_control"),
+        tmp_path,
+        280,
+    )
+    result = report["result"]
+    assert set(result) == {"trio-lean", "gateway-copy"}
+    for name, cell in result.items():
+        first, second = cell["samples"]
+        assert first > 10_000 and second > 10_000, name
+        assert abs(first - second) < 0.2 * max(first, second), (name, cell)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import socket
+
 import pytest
 
 from gateway import config as config_mod
@@ -358,3 +361,19 @@ def test_check_refuses_a_bad_redis_url_and_never_prints_its_password(tmp_path):
     assert result.returncode == 2
     assert f'{bad}: plugin.ratelimit.redis_url: invalid port "99999"' in result.stderr
     assert "s3cr3t" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    ("host", "family", "text"),
+    [
+        ("192.0.2.1", socket.AF_INET, "192.0.2.1:80"),
+        ("2001:db8::1", socket.AF_INET6, "[2001:db8::1]:80"),
+    ],
+)
+def test_an_endpoint_knows_its_family_and_text(host: str, family: int, text: str) -> None:
+    """Made once, read per connection; not part of equality (nor is where it came from)."""
+    endpoint = config_mod.Endpoint(host, 80)
+    assert (endpoint.family, endpoint.text, str(endpoint)) == (family, text, text)
+    assert endpoint == config_mod.Endpoint(host, 80, origin="name", source="api.internal")
+    moved = dataclasses.replace(endpoint, port=81)
+    assert moved.text == text[:-2] + "81"

@@ -254,6 +254,39 @@ async def test_no_route(rigs: Callable[..., Rig]) -> None:
     assert backend.received == []  # nothing is connected without a route
 
 
+@pytest.mark.parametrize("ending", ["relayed", "no_route", "drained"])
+async def test_done_is_called_once_after_the_record(rigs: Callable[..., Rig], ending: str) -> None:
+    """``handle``'s ``done`` (the server's count of a listener's connections) runs
+    once, last, however the connection ended: the flow is recorded and gone by then."""
+    backend = Backend(reply=b"world!")
+    seen: list[tuple[int, int]] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(backend.run)
+            router = {} if ending == "no_route" else {"router": Router()}
+            rig = rigs(make_config([f"127.0.0.1:{backend.port}"]), **router)
+
+            def done() -> None:
+                seen.append((len(rig.recorder.closed), len(rig.rt.flows)))
+
+            client, sock, peer = await rig.connect()
+            nursery.start_soon(handle, rig.rt, rig.lc, sock, peer, lambda: True, None, done)
+            if ending == "relayed":
+                await client.send_all(b"hello")
+                await client.send_eof()
+                assert await read_to_eof(client) == b"world!"
+            elif ending == "no_route":
+                assert await read_to_eof(client) == b""
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()  # "drained": the connection is still open here
+    assert seen == [(1, 0)]
+    reason = rig.recorder.the_flow().close_reason
+    if ending == "relayed":
+        assert reason in (CloseReason.CLIENT_EOF, CloseReason.BACKEND_EOF)
+    else:
+        assert reason == {"no_route": CloseReason.NO_ROUTE, "drained": CloseReason.DRAIN}[ending]
+
+
 async def test_refused_with_a_reset(rigs: Callable[..., Rig]) -> None:
     backend = Backend()
     with trio.fail_after(10):

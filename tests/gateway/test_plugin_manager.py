@@ -77,6 +77,16 @@ def test_loads_the_installed_plugins_by_entry_point_in_name_order() -> None:
     assert "l4gw_route" in routing.hooks
 
 
+def test_built_in_hooks_registered_under_their_spec_names() -> None:
+    """routing and acl implement their per-connection hooks with methods of their own
+    names (``specname``, no wrapper call per connection): the hooks are listed under
+    the spec's names, and no method name leaks into the hook table."""
+    hooks = {i.name: set(i.hooks) for i in load().infos}
+    assert {"l4gw_route", "l4gw_connect_attempt", "l4gw_connection_closed"} <= hooks["routing"]
+    assert "l4gw_admit" in hooks["acl"]
+    assert all(h.startswith("l4gw_") for h in set().union(*hooks.values()))
+
+
 def test_disabled_plugins_are_not_loaded() -> None:
     names = {i.name for i in load(disabled=["ratelimit", "accesslog"]).infos}
     assert "routing" in names and not names & {"ratelimit", "accesslog"}

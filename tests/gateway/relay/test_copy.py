@@ -48,6 +48,31 @@ async def test_bytes_both_ways_and_reason(size):
         assert result["reason"] in (CloseReason.CLIENT_EOF, CloseReason.BACKEND_EOF)
 
 
+def test_one_relay_serves_one_trio_run_after_another():
+    """A CopyRelay keeps the poller of the run it last relayed in (no lookup per flow)
+    and takes the next run's once that run is over."""
+    relay = CopyRelay(65536)
+    pollers = []
+    for _ in range(2):
+        trio.run(_relay_one_flow, relay, 70_000)
+        pollers.append(relay._poller)
+    assert pollers[0] is not pollers[1] and not pollers[0].alive
+
+
+async def _relay_one_flow(relay: CopyRelay, size: int) -> None:
+    up, down = payload(size, 3), payload(size + 1, 4)
+    with topology() as topo, trio.fail_after(30):
+        async with trio.open_nursery() as n:
+
+            async def run() -> None:
+                await relay.run(topo.gw_client, topo.gw_upstream, RelayStats(), 10)
+                topo.close_gateway()
+
+            n.start_soon(run)
+            at_backend, at_client = await exchange(topo, up, down)
+    assert (at_backend, at_client) == (up, down)
+
+
 async def test_slow_reader_bounded_and_intact():
     """A backend that reads slowly: the client's window closes, nothing is lost."""
     relay = CopyRelay(16384)
@@ -150,8 +175,7 @@ async def test_no_promotion_after_half_close():
 
         async def run() -> None:
             promote = Promotion(after_bytes=10, at=trio.current_time() + 60)
-            result["reason"] = await relay.run(topo.gw_client, topo.gw_upstream, stats, 10,
-                                               promote)
+            result["reason"] = await relay.run(topo.gw_client, topo.gw_upstream, stats, 10, promote)
             topo.close_gateway()
 
         async with trio.open_nursery() as n:
