@@ -297,8 +297,9 @@ class Routing:
         flow.add_event("panic", cluster=cluster.name)
         return state.members or state.endpoints
 
+    # ``error`` has no default: pluggy leaves an argument with one out of the call.
     @hookimpl(specname="l4gw_connect_attempt")
-    def connected(self, flow: Flow, endpoint: Endpoint, error: str | None = None) -> None:
+    def connected(self, flow: Flow, endpoint: Endpoint, error: str | None) -> None:
         """Count ``flow`` on ``endpoint`` once connected (a failed attempt, ``error``
         set, counts nothing)."""
         if error is not None or flow.cluster is None:

@@ -132,13 +132,30 @@ def test_active_connections_steer_least_conn() -> None:
         f.cluster = "api"
     # a: 2 open, b (weight 3): 3 open, c: 0 open -> c; close c's share -> ...
     for f, e in zip(flows, [a, a, b, b, b], strict=True):
-        r.connected(f, e)
+        r.connected(f, e, None)
     route = r.route(flow(10))
     assert route is not None and route.endpoints[0] == c
     assert r.load_of("api", a) == 2 and r.load_of("api", b) == 3
     for f in flows:
         r.closed(f)
         r.closed(f)  # a second close of the same flow is ignored
+    assert r.active == {}
+
+
+def test_only_a_connected_attempt_counts_through_the_hook() -> None:
+    """Driven as the core drives it (the hook table, every argument by name): a failed
+    attempt counts nothing, the one that connected counts once, the close uncounts it."""
+    from gateway.plugin_manager import load
+
+    r, _, c = routing()
+    hooks = load(extra={"routing": r}, installed=False).configure(c)
+    f = flow(1)
+    f.cluster = "api"
+    a, b = Endpoint("10.0.1.1", 80), Endpoint("10.0.1.2", 80, 3)
+    hooks.observe("l4gw_connect_attempt", flow=f, endpoint=a, error="refused", seconds=0.1)
+    hooks.observe("l4gw_connect_attempt", flow=f, endpoint=b, error=None, seconds=0.1)
+    assert r.active == {("api", "10.0.1.2", 80): 1}
+    hooks.closed(f)
     assert r.active == {}
 
 

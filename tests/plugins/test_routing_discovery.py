@@ -80,7 +80,7 @@ def test_least_conn_counts_carry_over_for_addresses_that_stay() -> None:
     flows = [flow(i) for i in range(3)]
     for f in flows:
         f.cluster = "api"
-        routing.connected(f, A)
+        routing.connected(f, A, None)
     registry.publish("api", [A, B, C], source="k8s")
     assert routing.load_of("api", A) == 3
     # A is loaded: B and C (0 each) take the next two, never A.
