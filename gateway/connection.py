@@ -18,7 +18,6 @@ Rules kept here:
 
 from __future__ import annotations
 
-import _socket
 import logging
 import socket
 from collections.abc import Callable
@@ -39,10 +38,10 @@ from gateway.upstream import connect
 
 log = logging.getLogger("l4gw.conn")
 
-_close: Callable[[socket.socket], None] = _socket.socket.close
+_close: Callable[[socket.socket], None] = socket.SocketType.close
 """``sock.close()`` without the two Python calls of ``socket.socket.close`` on the way
-to the C method (its ``_io_refs`` and ``_closed`` serve ``makefile()``, which these
-sockets never use): two sockets per connection."""
+to the C method of its base type (its ``_io_refs`` and ``_closed`` serve ``makefile()``,
+which these sockets never use): two sockets per connection."""
 
 
 async def handle(

@@ -159,10 +159,6 @@ class _ClusterState:
     """By priority, lowest first; one group when no endpoint has a priority."""
 
     @property
-    def balancer(self) -> Balancer:
-        return self.groups[0].balancer
-
-    @property
     def members(self) -> tuple[Endpoint, ...]:
         return tuple(e for g in self.groups for e in g.members)
 
@@ -231,6 +227,7 @@ class Routing:
         if matched is None:
             return None
         splits = matched.splits
+        # pick_cluster's own first case, without the call: most routes name one cluster.
         cluster = splits[0].cluster if len(splits) == 1 else matched.pick_cluster()
         client = _packed(flow.client[0])
         return Route(matched.config.name, cluster, self.endpoints(cluster, flow, client))

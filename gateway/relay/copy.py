@@ -192,7 +192,8 @@ class CopyRelay:
                     continue
                 pair.chunks = 0
                 if not _can_move(c2u, u2c, pair):
-                    # Poller.wait, inline (one coroutine less per wait).
+                    # Park until the poller reschedules the task (gateway/relay/poller.py,
+                    # rule 2).
                     pair.task = current_task()
                     await wait_task_rescheduled(pair.abort)
         finally:

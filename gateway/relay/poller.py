@@ -15,7 +15,10 @@ Rules kept here:
    that came before would not come again.
 2. **Readiness is a flag the waiter clears.** An event sets the owner's flags
    (:class:`Waiter` ``readable``/``writable``, indexed by the side registered) and
-   wakes it if it is parked; the waiter clears a flag when the socket says EAGAIN.
+   wakes it if it is parked (the owner parks with ``waiter.task = current_task()``
+   and ``await wait_task_rescheduled(waiter.abort)``, in its own frame: a helper
+   coroutine would be one more frame that every wakeup passes through); the waiter
+   clears a flag when the socket says EAGAIN.
    A flag set for nothing (an edge it did not need) costs one EAGAIN, never a hang.
    Before waking a parked owner the poller asks it (:meth:`Waiter.ready`) whether the
    event can be served right here, synchronously: a copy pair moves the bytes of a
@@ -41,11 +44,9 @@ from trio.lowlevel import (
     Abort,
     RunVar,
     Task,
-    current_task,
     reschedule,
     spawn_system_task,
     wait_readable,
-    wait_task_rescheduled,
 )
 
 from gateway.relay.idletimer import IdleTimer
@@ -121,11 +122,6 @@ class Poller:
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.EBADF):
                 raise
-
-    async def wait(self, waiter: Waiter) -> None:
-        """Park until an event for one of ``waiter``'s sockets (a checkpoint)."""
-        waiter.task = current_task()
-        await wait_task_rescheduled(waiter.abort)
 
     async def run(self) -> None:
         epoll, owners = self._epoll, self._owners
