@@ -36,8 +36,8 @@ class Children:
     """The child processes of one run; :meth:`stop_all` is safe to call twice."""
 
     def __init__(self, workdir: Path, wrapper: Sequence[str] = ()) -> None:
-        """``wrapper``: a command every child runs under (e.g. valgrind), ``{name}`` in
-        it replaced by the child's name; a wrapped child gets 20× the time to listen."""
+        """``wrapper``: a command every child runs under (e.g. valgrind); a wrapped
+        child gets 20× the time to listen."""
         self.workdir = workdir
         self.wrapper = tuple(wrapper)
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
@@ -51,7 +51,7 @@ class Children:
     ) -> Child:
         """Start ``argv`` with stdout and stderr in ``<workdir>/<name>.log``."""
         log_path = self.workdir / f"{name}.log"
-        argv = [*(w.replace("{name}", name) for w in self.wrapper), *argv]
+        argv = [*self.wrapper, *argv]
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
                 argv,
