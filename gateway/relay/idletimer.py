@@ -64,7 +64,7 @@ class IdleTimer:
         if key == old:
             return
         if old:
-            self._leave(pair, old)
+            self.cancel(pair)  # out of its old bucket (a rare move: copy.py, touch)
         pair.timer_key = key
         bucket = self._buckets.get(key)
         if bucket is None:
@@ -80,18 +80,11 @@ class IdleTimer:
         key = pair.timer_key
         if key:
             pair.timer_key = 0
-            bucket = self._buckets.get(key)  # _leave, inline: once per flow
+            bucket = self._buckets.get(key)
             if bucket is not None:
                 bucket.discard(pair)
                 if not bucket:
                     del self._buckets[key]
-
-    def _leave(self, pair: Timed, key: int) -> None:
-        bucket = self._buckets.get(key)
-        if bucket is not None:
-            bucket.discard(pair)
-            if not bucket:
-                del self._buckets[key]
 
     def _expire_due(self, now: float) -> float:
         """Expire every bucket due at ``now``; when the next one is due."""

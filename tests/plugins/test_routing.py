@@ -7,6 +7,7 @@ from collections import Counter
 
 from gateway import Config, Endpoint, Flow
 from gateway.config import from_dict
+from gateway.plugin_manager import load
 from gateway.testing import make_flow
 from l4gw_plugins.health import CheckSpec, Health
 from l4gw_plugins.routing import Routing
@@ -145,8 +146,6 @@ def test_active_connections_steer_least_conn() -> None:
 def test_only_a_connected_attempt_counts_through_the_hook() -> None:
     """Driven as the core drives it (the hook table, every argument by name): a failed
     attempt counts nothing, the one that connected counts once, the close uncounts it."""
-    from gateway.plugin_manager import load
-
     r, _, c = routing()
     hooks = load(extra={"routing": r}, installed=False).configure(c)
     f = flow(1)
