@@ -14,8 +14,11 @@ code change can be judged on a shared 2-vCPU VM:
   callgrind (``callgrind_control -i on`` after the warm-up, a dump after the fixed-count
   load): no timing in it, so it repeats to 0.1 % on a noisy VM where CPU time moves
   10–40 % between processes, and a change of a few Python calls per connection shows
-  (a call is ~1,000 instructions). It leaves out the kernel's part and cache effects:
-  a code change is judged here, the gateway against HAProxy by ``cpu`` and run.py.
+  (a call is ~1,000 instructions). What the process does per second with no load
+  (timers, the relay's status file) is counted first, over ``--idle-seconds``, and
+  subtracted: valgrind stretches a load ~50-fold, and would pass that work off as
+  thousands of instructions per connection. It leaves out the kernel's part and cache
+  effects: a code change is judged here, the gateway against HAProxy by ``cpu`` and run.py.
 * ``idle``: RSS per idle connection: ``--hold`` connections opened through the
   proxy to an echo backend, one 16-byte exchange each, then held; (RSS with them
   − RSS before) / count. At the end every held connection exchanges a unique
@@ -45,6 +48,7 @@ import os
 import re
 import resource
 import selectors
+import shutil
 import socket
 import statistics
 import subprocess
@@ -308,20 +312,41 @@ def measure_instructions(
             )[0]
             _run_client(listen, args.warmup, args.concurrency)
             _callgrind_control(proc.pid, "--instr=on")
+            # What the process does per second with no load (timers, the relay's
+            # status file): under valgrind a load lasts 50x longer, so this work
+            # would pass for thousands of instructions per connection.
+            began = time.monotonic()
+            time.sleep(args.idle_seconds)
+            background = _dumped(proc.pid, dump, 1) / (time.monotonic() - began)
             for r in range(args.rounds):
+                began = time.monotonic()
                 _run_client(listen, args.connections, args.concurrency)
-                _callgrind_control(proc.pid, "--dump")  # counts since the last dump
-                text = Path(f"{dump}.{r + 1}").read_text(errors="replace")
-                m = _CALLGRIND_TOTAL.search(text)
-                if m is None:
-                    raise RuntimeError(f"{name}: no total in callgrind dump {dump}.{r + 1}")
-                counts.append(int(m.group(1)) / args.connections)
+                total = _dumped(proc.pid, dump, r + 2)
+                took = time.monotonic() - began
+                counts.append((total - background * took) / args.connections)
             proc.check_alive()
         finally:
             children.stop_all(timeout=30)
-        out[name] = {"median": statistics.median(counts), "samples": counts}
-        _log(f"{name}: {out[name]['median']:,.0f} instructions per connection ({counts})")
+        out[name] = {
+            "median": statistics.median(counts),
+            "samples": counts,
+            "background_per_second": background,
+        }
+        _log(
+            f"{name}: {out[name]['median']:,.0f} instructions per connection ({counts}), "
+            f"background {background:,.0f}/s subtracted"
+        )
     return out
+
+
+def _dumped(pid: int, dump: Path, part: int) -> int:
+    """Instructions counted since the last dump (a dump zeroes the counters)."""
+    _callgrind_control(pid, "--dump")
+    text = Path(f"{dump}.{part}").read_text(errors="replace")
+    m = _CALLGRIND_TOTAL.search(text)
+    if m is None:
+        raise RuntimeError(f"no total in callgrind dump {dump}.{part}")
+    return int(m.group(1))
 
 
 def _callgrind_control(pid: int, option: str) -> None:
@@ -413,6 +438,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--connections", type=int, default=3000, help="per measurement (3000)")
     p.add_argument("--warmup", type=int, default=300, help="connections before measuring (300)")
+    p.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=5.0,
+        help="instructions: seconds without load to measure the background rate (5)",
+    )
     p.add_argument("--concurrency", type=int, default=16, help="client threads (16)")
     p.add_argument(
         "--rounds", type=int, help="cpu: interleaved rounds; instructions: loads (3; 1 quick)"
@@ -420,9 +451,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hold", type=int, default=9900, help="idle: connections held (9900)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny counts, 1 round")
     p.add_argument("--json", metavar="FILE")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, dumps)")
     args = p.parse_args(argv)
     if args.quick:
-        args.connections, args.warmup, args.hold = 200, 20, 300
+        args.connections, args.warmup, args.hold, args.idle_seconds = 200, 20, 300, 1.0
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
     args.paths = [x for x in args.paths.split(",") if x]
@@ -479,11 +511,17 @@ def main(argv: list[str] | None = None) -> int:
                     )
             elif args.what == "instructions":
                 result = measure_instructions(args, port, workdir)
-                print("| path | instructions per connection (user space, median) | samples |")
-                print("|---|---|---|")
+                print(
+                    "| path | instructions per connection (user space, median) | samples "
+                    "| background per second (subtracted) |"
+                )
+                print("|---|---|---|---|")
                 for k, v in result.items():
                     samples = ", ".join(f"{x:,.0f}" for x in v["samples"])
-                    print(f"| {k} | {v['median']:,.0f} | {samples} |")
+                    print(
+                        f"| {k} | {v['median']:,.0f} | {samples} "
+                        f"| {v['background_per_second']:,.0f} |"
+                    )
             else:
                 calls = measure_syscalls(args, port, workdir)
                 result = calls
@@ -493,6 +531,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"| {path} | {total:.1f} | {top} |")
     finally:
         backends.stop_all()
+        if args.keep:
+            _log(f"kept {workdir} (logs, configs, callgrind dumps)")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"what": args.what, "result": result}, indent=1))
     return 0
