@@ -31,7 +31,7 @@ import pluggy
 
 from gateway import schema
 from gateway.config import ClusterConfig, Config, Endpoint, ListenerConfig, RouteConfig
-from gateway.flow import CloseReason, Flow, Refusal, Route
+from gateway.flow import CloseReason, Flow, Handover, Refusal, Route
 from gateway.redact import redact_text, redact_url
 from gateway.relay.copy import RelayReset, abort_on_close, both_directions
 from gateway.relay.stats import RelayStats
@@ -49,6 +49,7 @@ __all__ = [
     "Endpoint",
     "Field",
     "Flow",
+    "Handover",
     "Invalid",
     "ListenerConfig",
     "Refusal",

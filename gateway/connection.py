@@ -30,9 +30,9 @@ from gateway import proxy_protocol
 from gateway.clienthello import ClientHello, parse_client_hello
 from gateway.config import ListenerConfig
 from gateway.decisions import choose_route, connect_upstream, proxy_header, refusal
-from gateway.flow import CloseReason, Flow, unmap
+from gateway.flow import CloseReason, Flow, Handover, unmap
 from gateway.peek import PeekFailed, peek, recv_exactly_queued
-from gateway.relay.copy import abort_on_close
+from gateway.relay.copy import Promotion, abort_on_close
 from gateway.runtime import Runtime, next_flow_id, record_close
 from gateway.upstream import connect
 
@@ -157,15 +157,23 @@ async def _serve(
     if cluster.proxy_protocol != "none":
         await _send_all(up, proxy_header(cluster, flow))
 
+    idle = cluster.idle_timeout
+    flow.tier = "copy"
     if rt.relay_hook:
-        offer = plugins.offer(
-            "l4gw_relay", flow=flow, client=sock, upstream=up, idle_timeout=cluster.idle_timeout
-        )
+        offer = plugins.offer("l4gw_relay", flow=flow, client=sock, upstream=up, idle_timeout=idle)
         if offer is not None:
-            name, awaitable = offer
+            name, answer = offer
+            handover = answer.__class__ is Handover
+            if handover:
+                # Copied here, in this frame, until it is handed over (Handover says why).
+                at = flow.started_monotonic + answer.after_seconds
+                promotion = Promotion(answer.after_bytes, at)
+                closed = await rt.copy.run(sock, up, flow, idle, promotion, answer.counters)
+                if closed is not None:
+                    return closed
             before = flow.bytes_from_client + flow.bytes_to_client
             try:
-                reason: str = await awaitable
+                reason: str = await (answer.then(flow, sock, up, idle) if handover else answer)
                 return reason
             except Exception as exc:
                 if flow.bytes_from_client + flow.bytes_to_client != before:
@@ -173,8 +181,8 @@ async def _serve(
                     flow.error = f"relay plugin {name}: {exc!r}"
                     return CloseReason.INTERNAL_ERROR
                 log.warning("plugin %s: relay failed before any byte, copying: %r", name, exc)
-    flow.tier = "copy"
-    closed = await rt.copy.run(sock, up, flow, cluster.idle_timeout)
+                flow.tier = "copy"
+    closed = await rt.copy.run(sock, up, flow, idle)
     assert closed is not None  # None only when a promotion was asked for
     return closed
 

@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     import trio
 
     from gateway.config import Config, Endpoint
-    from gateway.flow import Flow, Refusal, Route
+    from gateway.flow import Flow, Handover, Refusal, Route
     from gateway.schema import Schema
 
 PROJECT = "l4gw"
@@ -207,18 +207,20 @@ def l4gw_connect_attempt(flow: Flow, endpoint: Endpoint, error: str | None, seco
 @hookspec
 def l4gw_relay(
     flow: Flow, client: socket, upstream: socket, idle_timeout: float
-) -> Awaitable[str] | None:
+) -> Awaitable[str] | Handover | None:
     """Take over moving the bytes of a routed, connected flow.
 
     The one hook that sees sockets: both are connected, non-blocking, and any
     PROXY header has been written. Return an awaitable that relays until the
     flow ends, keeps ``flow.bytes_from_client``/``flow.bytes_to_client`` and
-    ``flow.tier`` current, and returns the close reason; or None to leave the
-    flow to the core's userspace relay. Do not close the sockets: the core
-    does.
+    ``flow.tier`` current, and returns the close reason; or a
+    :class:`~gateway.Handover`, to have the core copy the flow first and hand
+    it over (to its ``then``, which returns such an awaitable) after so many
+    bytes or seconds; or None to leave the flow to the core's userspace relay.
+    Do not close the sockets: the core does.
 
-    Raises: before any byte moved, the core's relay takes the flow; after,
-    the flow closes with reason ``internal_error``.
+    Raises: before any byte moved through the plugin's relay, the core's relay
+    takes the flow; after, the flow closes with reason ``internal_error``.
     """
 
 

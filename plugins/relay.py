@@ -11,7 +11,10 @@ the tiers of one process, which move the flows, :mod:`gateway.relay.tiers`
 * ``l4gw_startup`` probes the listed kernel tiers off the connection path and
   starts publishing ``<status_dir>/<pid>.json`` for ``l4gw accel status``;
 * ``l4gw_relay`` takes a flow only while a kernel tier is enabled: otherwise it
-  returns None and the core relays the flow exactly as without this plugin;
+  returns None and the core relays the flow exactly as without this plugin. It
+  answers one :class:`gateway.Handover` for every flow (the core copies the flow
+  until its promotion is due, then the tiers take it), or the whole relay when
+  promotion is at once;
 * ``l4gw_status`` is the tiers' status (``/status`` on the admin endpoint);
 * ``l4gw_shutdown`` closes the accelerator and removes the status file.
 
@@ -27,7 +30,7 @@ from typing import Any
 
 import trio
 
-from gateway import Config, Field, Flow, hookimpl
+from gateway import Config, Field, Flow, Handover, hookimpl
 from gateway.relay.policy import SCHEMA
 from gateway.relay.tiers import RelayTiers
 
@@ -57,8 +60,10 @@ class RelayPlugin:
     @hookimpl
     def l4gw_relay(
         self, flow: Flow, client: socket.socket, upstream: socket.socket, idle_timeout: float
-    ) -> Awaitable[str] | None:
+    ) -> Handover | Awaitable[str] | None:
         tiers = self.tiers
+        if tiers.handover is not None:
+            return tiers.handover  # the core copies the flow first (gateway.Handover)
         if not tiers.plan:
             return None
         return tiers.relay(flow, client, upstream, idle_timeout)

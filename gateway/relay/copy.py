@@ -42,6 +42,7 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from time import monotonic
 from typing import Any, Final
 
 import trio
@@ -52,7 +53,7 @@ from gateway.linux import SIOCINQ, ioctl_int
 from gateway.relay.idletimer import IdleTimer
 from gateway.relay.poller import READABLE, Poller, Waiter
 from gateway.relay.poller import current as current_poller
-from gateway.relay.stats import RelayStats
+from gateway.relay.stats import RelayStats, TierCounters
 
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 _CHUNKS_PER_CHECKPOINT: Final = 16
@@ -116,7 +117,10 @@ class Promotion:
 
     Attributes:
         after_bytes: promote once this many bytes moved (both directions).
-        at: promote at this ``trio.current_time()`` (checked when bytes move).
+        at: promote at this ``time.monotonic()`` (checked when bytes move): the
+            clock a flow's ``started_monotonic`` is on, so "once the flow is this
+            old" needs no clock read of its own (the relay reads the run's clock
+            once and shifts it onto that).
     """
 
     after_bytes: int
@@ -140,6 +144,7 @@ class CopyRelay:
         stats: RelayStats,
         idle_timeout: float,
         promotion: Promotion | None = None,
+        counters: TierCounters | None = None,
     ) -> str | None:
         """Relay until both directions ended, one side reset, or the pair idled.
 
@@ -150,6 +155,9 @@ class CopyRelay:
         One task moves both directions (rule 6): the two sockets are registered
         once in the process's poller (gateway/relay/poller.py) and the task waits
         there for whichever side is ready.
+
+        With ``counters``, the flow counts in them while it is here (``flows_now``,
+        ``flows_total``, and the bytes it moved here).
 
         Returns:
             The close reason (a :class:`CloseReason` value), or None when promoted.
@@ -162,6 +170,10 @@ class CopyRelay:
         c2u, u2c = _Direction(client, upstream, True), _Direction(upstream, client, False)
         pair.relay, pair.c2u, pair.u2c, pair.stats = self, c2u, u2c, stats
         cfd, ufd = client.fileno(), upstream.fileno()
+        if counters is not None:
+            counters.flows_now += 1
+            counters.flows_total += 1
+            before = stats.bytes_from_client + stats.bytes_to_client
         try:
             if idle_timeout:
                 timer.set(pair, pair.deadline)
@@ -199,6 +211,9 @@ class CopyRelay:
         finally:
             timer.cancel(pair)
             pair.relay = None  # no more moving in the poller's task
+            if counters is not None:
+                counters.flows_now -= 1
+                counters.bytes += stats.bytes_from_client + stats.bytes_to_client - before
             if pair.promoted:
                 # A kernel tier takes the sockets on: out of the set, not only forgotten.
                 poller.unregister(cfd)
@@ -294,10 +309,9 @@ class CopyRelay:
         # One clock read per chunk serves the idle deadline and the promotion.
         now = pair.timer.now()
         pair.touch(now)
-        promotion = pair.promotion
-        if promotion is not None and (
-            stats.bytes_from_client + stats.bytes_to_client >= promotion.after_bytes
-            or now >= promotion.at
+        if pair.promoting and (
+            stats.bytes_from_client + stats.bytes_to_client >= pair.promote_bytes
+            or now >= pair.promote_at
         ):
             # Stop reading; a direction still holding bytes delivers them first,
             # so the kernel tier takes over with nothing held here.
@@ -370,8 +384,10 @@ class _Pair(Waiter):
         "first_eof",
         "holding",
         "idle",
+        "promote_at",
+        "promote_bytes",
         "promoted",
-        "promotion",
+        "promoting",
         "relay",
         "stats",
         "stopping",
@@ -392,8 +408,9 @@ class _Pair(Waiter):
         self.task = None
         self.readable = [0, READABLE]
         self.writable = [True, True]
+        now = timer.now()
         # With the slack of touch() already, so the first chunks do not move it.
-        self.deadline = timer.now() + idle * _IDLE_SLACK if idle else math.inf
+        self.deadline = now + idle * _IDLE_SLACK if idle else math.inf
         """When the pair expires unless bytes move (the timer's bucket rounds it up)."""
         self.timer = timer
         self.timer_key = 0
@@ -401,7 +418,13 @@ class _Pair(Waiter):
         self.expired = False
         """The idle timer found the pair past its deadline (and woke its task)."""
         self.idle = idle
-        self.promotion = promotion
+        self.promoting = promotion is not None
+        """Whether a promotion may come (then ``promote_bytes`` and ``promote_at`` are
+        set; a flow that cannot be promoted spends nothing on them)."""
+        if promotion is not None:
+            self.promote_bytes = promotion.after_bytes
+            self.promote_at = promotion.at - monotonic() + now
+            """On the run's clock, which the chunks read."""
         self.promoted = False
         self.stopping = False
         """The promotion is due: read no more, deliver what is held, then hand over."""
@@ -456,5 +479,5 @@ class _Pair(Waiter):
         if self.first_eof is None:
             self.first_eof = reason
         # A half-closed pair stays in this tier: kernel tiers need both open.
-        self.promotion = None
+        self.promoting = False
         self.stopping = False

@@ -1,4 +1,4 @@
-"""Per-flow byte counters shared by every relay tier.
+"""Per-flow byte counters shared by every relay tier, and a tier's counters.
 
 The relay tiers (copy, splice, sockmap) update one :class:`RelayStats` in place
 while bytes move, so the core can read progress at any time (idle policy,
@@ -7,7 +7,9 @@ promotion thresholds) and report the totals once in its close path.
 
 from __future__ import annotations
 
-__all__ = ["RelayStats"]
+from dataclasses import dataclass
+
+__all__ = ["RelayStats", "TierCounters"]
 
 
 class RelayStats:
@@ -29,3 +31,19 @@ class RelayStats:
             f"RelayStats(bytes_from_client={self.bytes_from_client}, "
             f"bytes_to_client={self.bytes_to_client})"
         )
+
+
+@dataclass(slots=True)
+class TierCounters:
+    """Flows and bytes of one relay tier in this process.
+
+    Attributes:
+        flows_now: Flows in this tier right now.
+        flows_total: Flows that entered this tier (a promoted flow counts in
+            ``copy`` and in the tier that took it over).
+        bytes: Payload bytes moved while flows were in this tier (both directions).
+    """
+
+    flows_now: int = 0
+    flows_total: int = 0
+    bytes: int = 0

@@ -49,7 +49,7 @@ from typing import Any, Final
 import trio
 
 from gateway.config import Config
-from gateway.flow import CloseReason, Flow
+from gateway.flow import CloseReason, Flow, Handover
 from gateway.relay.copy import CopyRelay, Promotion
 from gateway.relay.policy import (
     BULK_WINDOW,
@@ -66,6 +66,7 @@ from gateway.relay.policy import (
 from gateway.relay.probe import probe, remove_stale
 from gateway.relay.sockmap import Accelerator, ArmError, FlowReport
 from gateway.relay.splice import splice_relay
+from gateway.relay.stats import TierCounters
 
 __all__ = ["RelayTiers", "TierCounters", "TierState"]
 
@@ -77,22 +78,6 @@ _SOCKMAP_ABORTS: Final = frozenset({"backlog_cap", "drain_timeout", "anomaly"})
 
 
 _OUT_OF_FDS: Final = frozenset({errno.EMFILE, errno.ENFILE})
-
-
-@dataclass
-class TierCounters:
-    """Flows and bytes of one tier in this process.
-
-    Attributes:
-        flows_now: Flows in this tier right now.
-        flows_total: Flows that entered this tier (a promoted flow counts in
-            ``copy`` and in the tier that took it over).
-        bytes: Payload bytes moved while flows were in this tier (both directions).
-    """
-
-    flows_now: int = 0
-    flows_total: int = 0
-    bytes: int = 0
 
 
 @dataclass
@@ -119,6 +104,9 @@ class RelayTiers:
         self.accelerator: Accelerator | None = None
         self.plan: tuple[str, ...] = ()
         """The enabled kernel tiers in preference order; () leaves every flow to the core."""
+        self.handover: Handover | None = None
+        """What the plugin answers for every flow while :attr:`plan` is not empty and
+        promotion is not at once: the core copies the flow, then :meth:`promoted`."""
         self.started = False
         self.promotions = 0
         self.fallbacks = 0
@@ -157,6 +145,12 @@ class RelayTiers:
     def _replan(self) -> None:
         enabled = frozenset(t for t in KERNEL_TIERS if self.tiers[t].enabled)
         self.plan = plan(self.policy.tiers, enabled) if self.started else ()
+        p = self.policy
+        self.handover = (
+            Handover(p.after_bytes, p.after_seconds, self.promoted, self.tiers["copy"].counters)
+            if self.plan and not p.immediate
+            else None
+        )
 
     async def startup(self, nursery: trio.Nursery) -> None:
         """Clean up after dead gateways, probe the listed kernel tiers (in worker
@@ -208,7 +202,7 @@ class RelayTiers:
 
     def shutdown(self) -> None:
         """Leave flows to the core, close the accelerator, remove the status file."""
-        self.plan = ()
+        self.plan, self.handover = (), None
         if self.accelerator is not None:
             self.accelerator.close()
             self.accelerator = None
@@ -304,34 +298,48 @@ class RelayTiers:
         """Relay one flow to its end through the tiers of :attr:`plan`; the close reason.
 
         Call only while :attr:`plan` is not empty (the plugin offers the flow to the
-        core otherwise).
+        core otherwise). The plugin answers :attr:`handover` instead where there is
+        one, and the core does this method's copy phase itself.
         """
+        policy = self.policy
+        if policy.immediate:
+            return await self._kernel(flow, client, upstream, idle_timeout, self.plan)
+        flow.tier = "copy"
+        promotion = Promotion(policy.after_bytes, flow.started_monotonic + policy.after_seconds)
+        closed = await self.copy.run(
+            client, upstream, flow, idle_timeout, promotion, self.tiers["copy"].counters
+        )
+        if closed is not None:
+            return closed
+        return await self.promoted(flow, client, upstream, idle_timeout)
+
+    async def promoted(
+        self, flow: Flow, client: socket.socket, upstream: socket.socket, idle_timeout: float
+    ) -> str:
+        """Take a flow whose promotion out of ``copy`` is due (:attr:`handover`'s
+        ``then``) through the kernel tiers; the close reason."""
+        self.promotions += 1
         policy, tiers = self.policy, self.plan
-        if not policy.immediate:
-            age = time.monotonic() - flow.started_monotonic
-            at = trio.current_time() + policy.after_seconds - age
-            # What _in does, inline: every flow passes here, most of them end here.
-            counters = self.tiers["copy"].counters
-            counters.flows_now += 1
-            counters.flows_total += 1
-            flow.tier = "copy"
-            before = flow.bytes_from_client + flow.bytes_to_client
-            try:
-                closed = await self.copy.run(
-                    client, upstream, flow, idle_timeout, Promotion(policy.after_bytes, at)
-                )
-                if closed is None and tiers_for(tiers, True, policy.sockmap_for_bulk) != tiers:
-                    # Whether it is bulk decides the tier: watch how fast it moves now
-                    # (its average would count the think time of a request/response
-                    # flow, or the quiet start of a download).
-                    closed, bulk = await self._measure(client, upstream, flow, idle_timeout)
-                    tiers = tiers_for(tiers, bulk, policy.sockmap_for_bulk)
-            finally:
-                counters.flows_now -= 1
-                counters.bytes += flow.bytes_from_client + flow.bytes_to_client - before
+        if tiers_for(tiers, True, policy.sockmap_for_bulk) != tiers:
+            # Whether it is bulk decides the tier: watch how fast it moves now
+            # (its average would count the think time of a request/response
+            # flow, or the quiet start of a download).
+            closed, bulk = await self._measure(client, upstream, flow, idle_timeout)
             if closed is not None:
                 return closed
-            self.promotions += 1
+            tiers = tiers_for(tiers, bulk, policy.sockmap_for_bulk)
+        return await self._kernel(flow, client, upstream, idle_timeout, tiers)
+
+    async def _kernel(
+        self,
+        flow: Flow,
+        client: socket.socket,
+        upstream: socket.socket,
+        idle_timeout: float,
+        tiers: tuple[str, ...],
+    ) -> str:
+        """The first of ``tiers`` that takes the flow relays it to its end; ``copy``
+        when none does."""
         idle = idle_timeout or None
         for tier in tiers:
             if tier == "sockmap":
@@ -373,8 +381,10 @@ class RelayTiers:
                         raise
                     self.fallbacks += 1
                     flow.add_event("relay_fallback", tier="splice", reason=str(exc))
-        with self._in(flow, "copy"):
-            closed = await self.copy.run(client, upstream, flow, idle_timeout)
+        flow.tier = "copy"
+        closed = await self.copy.run(
+            client, upstream, flow, idle_timeout, None, self.tiers["copy"].counters
+        )
         assert closed is not None
         return closed
 
@@ -384,11 +394,18 @@ class RelayTiers:
         """Copy on until the flow moved ``BULK_WINDOW`` more bytes or the time that
         takes at ``bulk_rate`` passed; returns (close reason or None, bulk)."""
         policy = self.policy
-        began, before = trio.current_time(), flow.bytes_from_client + flow.bytes_to_client
+        began, before = time.monotonic(), flow.bytes_from_client + flow.bytes_to_client
         window = Promotion(before + BULK_WINDOW, began + BULK_WINDOW / policy.bulk_rate)
-        closed = await self.copy.run(client, upstream, flow, idle_timeout, window)
-        moved = flow.bytes_from_client + flow.bytes_to_client - before
-        return closed, policy.is_bulk(moved, trio.current_time() - began)
+        # Still the flow's stay in ``copy``, which it entered once: not a flow more.
+        counters = self.tiers["copy"].counters
+        counters.flows_now += 1
+        try:
+            closed = await self.copy.run(client, upstream, flow, idle_timeout, window)
+        finally:
+            counters.flows_now -= 1
+            moved = flow.bytes_from_client + flow.bytes_to_client - before
+            counters.bytes += moved
+        return closed, policy.is_bulk(moved, time.monotonic() - began)
 
     def _in(self, flow: Flow, tier: str, entered: bool = True) -> _InTier:
         """Count ``flow`` in ``tier`` while the block runs; with ``entered=False`` the
@@ -417,8 +434,7 @@ class _InTier:
         c.flows_now += 1
         c.flows_total += 1
         flow.tier = self.tier
-        if self.tier != "copy":
-            flow.add_event("spliced", tier=self.tier, bytes_before=self.before)
+        flow.add_event("spliced", tier=self.tier, bytes_before=self.before)
 
     def __enter__(self) -> Callable[[], None]:
         if self.entered:

@@ -18,16 +18,18 @@ import pytest
 import trio
 import trio.testing
 
-from gateway import Refusal, Route, hookimpl
+from gateway import Handover, Refusal, Route, hookimpl
 from gateway.config import Config, ListenerConfig, from_dict
 from gateway.connection import handle, no_route_reason, refuse_over_capacity
 from gateway.flow import CloseReason, Flow
 from gateway.plugin_manager import ENTRY_POINT_GROUP, load
 from gateway.relay.copy import CopyRelay
+from gateway.relay.stats import TierCounters
 from gateway.runtime import Runtime
 
 from backends import reset_next_handshake, stalled_listener
 from gwproc import free_port
+from relay_helpers import first_mismatch, payload
 
 INSTALLED = sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
 
@@ -190,18 +192,29 @@ async def expect_reset(stream: trio.SocketStream) -> None:
 # --- relayed ---------------------------------------------------------------------------
 
 
-async def test_relays_to_the_backend_and_records_once(rigs: Callable[..., Rig]) -> None:
-    backend = Backend(reply=b"world!")
-    with trio.fail_after(10):
+async def exchange_once(
+    rigs: Callable[..., Rig], send: bytes, reply: bytes, **plugins: object
+) -> tuple[Rig, Backend, trio.SocketStream, bytes]:
+    """One client through a gateway of one connection (routed by :class:`Router`, and
+    ``plugins``) to a :class:`Backend` that replies ``reply``: it sends ``send`` and
+    its EOF, and reads to the end. Returns what it read."""
+    backend = Backend(reply=reply)
+    with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             await nursery.start(backend.run)
-            rig = rigs(make_config([f"127.0.0.1:{backend.port}"]), router=Router())
+            rig = rigs(make_config([f"127.0.0.1:{backend.port}"]), router=Router(), **plugins)
             client = await rig.serve(nursery)
-            await client.send_all(b"hello")
+            await client.send_all(send)
             await client.send_eof()
-            assert await read_to_eof(client) == b"world!"
+            got = await read_to_eof(client)
             await trio.testing.wait_all_tasks_blocked()
             nursery.cancel_scope.cancel()
+    return rig, backend, client, got
+
+
+async def test_relays_to_the_backend_and_records_once(rigs: Callable[..., Rig]) -> None:
+    rig, backend, client, got = await exchange_once(rigs, b"hello", b"world!")
+    assert got == b"world!"
     assert backend.received == [b"hello"]
     flow = rig.recorder.the_flow()
     assert rig.recorder.opened == [flow]
@@ -231,6 +244,76 @@ async def test_proxy_header_to_the_backend(rigs: Callable[..., Rig]) -> None:
     assert backend.received == [
         f"PROXY TCP4 127.0.0.1 127.0.0.1 {cport} {lport}\r\n".encode() + b"payload"
     ]
+
+
+# --- handed over to a relay plugin --------------------------------------------------------
+
+
+class HandingOver:
+    """A relay plugin that answers one :class:`Handover` for every flow; its ``then``
+    relays the rest with a copy relay of its own, after ``fail_first`` failures."""
+
+    def __init__(self, after_bytes: int, after_seconds: float, fail_first: int = 0) -> None:
+        self.counters = TierCounters()
+        self.handover = Handover(after_bytes, after_seconds, self.then, self.counters)
+        self.at_handover: list[tuple[int, int]] = []
+        self.fail_first = fail_first
+
+    @hookimpl
+    def l4gw_relay(self, flow: Flow) -> Handover:
+        return self.handover
+
+    async def then(
+        self, flow: Flow, client: socket.socket, upstream: socket.socket, idle: float
+    ) -> str:
+        self.at_handover.append((flow.bytes_from_client, flow.bytes_to_client))
+        if self.fail_first:
+            self.fail_first -= 1
+            raise RuntimeError("no tier for it")
+        flow.tier = "handed"
+        closed = await CopyRelay(4096).run(client, upstream, flow, idle)
+        assert closed is not None
+        return closed
+
+
+@pytest.mark.parametrize(
+    ("after_bytes", "after_seconds"), [(1000, 60.0), (10**12, 0.0)], ids=["bytes", "seconds"]
+)
+@pytest.mark.parametrize("fail_first", [0, 1], ids=["relayed", "then-raises"])
+async def test_a_handover_is_copied_first_then_handed_over_byte_exact(
+    rigs: Callable[..., Rig], after_bytes: int, after_seconds: float, fail_first: int
+) -> None:
+    """The core copies until the promotion is due, then awaits ``then``; every byte
+    arrives once and in order, both ways. A ``then`` that raises before moving a
+    byte leaves the flow to the core's copy relay, byte-exact still."""
+    up, down = payload(300_000, 1), payload(200_000, 2)
+    plugin = HandingOver(after_bytes, after_seconds, fail_first)
+    rig, backend, _, got = await exchange_once(rigs, up, down, relay=plugin)
+    assert got == down, first_mismatch(got, down)
+    assert backend.received == [up], first_mismatch(backend.received[0], up)
+    flow = rig.recorder.the_flow()
+    assert (flow.bytes_from_client, flow.bytes_to_client) == (len(up), len(down))
+    assert flow.tier == ("copy" if fail_first else "handed")
+    assert len(plugin.at_handover) == 1
+    copied = sum(plugin.at_handover[0])
+    # Handed over at the first chunk past the threshold, with nothing held.
+    assert 0 < copied < len(up)
+    if after_bytes < len(up):
+        assert copied >= after_bytes
+    c = plugin.counters
+    assert (c.flows_now, c.flows_total, c.bytes) == (0, 1, copied)
+
+
+async def test_a_flow_that_ends_while_copied_is_never_handed_over(
+    rigs: Callable[..., Rig],
+) -> None:
+    plugin = HandingOver(after_bytes=10**12, after_seconds=60.0)
+    rig, _, _, got = await exchange_once(rigs, b"hello", b"world!", relay=plugin)
+    assert got == b"world!"
+    flow = rig.recorder.the_flow()
+    assert plugin.at_handover == [] and flow.tier == "copy"
+    c = plugin.counters
+    assert (c.flows_now, c.flows_total, c.bytes) == (0, 1, 11)
 
 
 # --- refused before any backend -----------------------------------------------------------

@@ -34,6 +34,7 @@ PUBLIC: dict[str, list[str]] = {
         "Endpoint",
         "Field",
         "Flow",
+        "Handover",
         "Invalid",
         "ListenerConfig",
         "Refusal",

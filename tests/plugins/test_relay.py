@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
 import trio
 
 import l4gw_plugins.relay as relay_module
-from gateway import Flow
+from gateway import Flow, Handover
 from gateway.relay.policy import DEFAULT_TIERS
 from gateway.relay.tiers import RelayTiers
 from gateway.testing import load_plugins, make_config, make_flow
@@ -82,9 +83,35 @@ async def test_startup_enables_splice_publishes_status_and_shutdown_cleans_up(
                 await trio.sleep(0.01)
             assert json.loads(published.read_text())["policy"]["tiers"] == ["splice", "copy"]
             flow: Flow = make_flow()
-            relay = plugin.l4gw_relay(flow, None, None, 1.0)  # type: ignore[arg-type]
-            assert relay is not None
-            relay.close()  # type: ignore[attr-defined]  # a coroutine, not run
+            # Promotion after so many bytes or seconds: the core copies first, the
+            # same Handover for every flow, whose ``then`` is the tiers'.
+            answer = plugin.l4gw_relay(flow, None, None, 1.0)  # type: ignore[arg-type]
+            assert isinstance(answer, Handover)
+            assert answer is plugin.l4gw_relay(make_flow(), None, None, 1.0)  # type: ignore[arg-type]
+            policy = plugin.tiers.policy
+            assert (answer.after_bytes, answer.after_seconds) == (
+                policy.after_bytes,
+                policy.after_seconds,
+            )
+            assert answer.then == plugin.tiers.promoted
+            assert answer.counters is plugin.tiers.tiers["copy"].counters
             plugin.l4gw_shutdown(config)
             assert plugin.tiers.plan == () and not published.exists()
+            assert plugin.l4gw_relay(flow, None, None, 1.0) is None  # type: ignore[arg-type]
             nursery.cancel_scope.cancel()
+
+
+async def test_promotion_at_once_answers_the_whole_relay(tmp_path: Path) -> None:
+    """Nothing to copy first: the answer is the tiers' relay itself, per flow."""
+    plugin = RelayPlugin()
+    plugins = load_plugins({"relay": plugin})
+    section = 'tiers = ["splice"]\npromote_after_bytes = 0\nstatus_dir = ""\n'
+    config = make_config(f"[plugin.relay]\n{section}", plugins)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await plugin.l4gw_startup(config, nursery)
+    assert plugin.tiers.plan == ("splice",) and plugin.tiers.handover is None
+    answer = plugin.l4gw_relay(make_flow(), None, None, 1.0)  # type: ignore[arg-type]
+    assert inspect.iscoroutine(answer)
+    answer.close()  # not run
+    plugin.l4gw_shutdown(config)
