@@ -41,6 +41,7 @@ from gateway.process import drop_privileges, needed_capabilities
 from gateway.relay import poller as relay_poller
 from gateway.relay.copy import CopyRelay
 from gateway.reloads import Reloads
+from gateway.runloop import fast_instrument_checks
 from gateway.runtime import Runtime
 from gateway.schema import format_address
 from gateway.shield import table as shield_table
@@ -101,6 +102,7 @@ class Gateway:
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Run until stopped; ``task_status.started()`` once every listener is open."""
+        fast_instrument_checks()
         config = self.config
         shield_table.current().configure(config, self.worker)  # before acl applies its list
         discovery.registry.configure(config)
