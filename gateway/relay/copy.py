@@ -42,7 +42,7 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from time import monotonic
+from time import monotonic, perf_counter
 from typing import Any, Final
 
 import trio
@@ -306,9 +306,22 @@ class CopyRelay:
             stats.bytes_from_client += n
         else:
             stats.bytes_to_client += n
-        # One clock read per chunk serves the idle deadline and the promotion.
-        now = pair.timer.now()
-        pair.touch(now)
+        # One clock read per chunk serves the idle deadline and the promotion; on
+        # trio's own clock, without a Python call (IdleTimer.offset).
+        timer = pair.timer
+        offset = timer.offset
+        now = timer.now() if offset is None else offset + perf_counter()
+        idle = pair.idle
+        if idle and pair.deadline < now + idle:
+            # Moving the deadline per chunk would move the pair between the timer's
+            # buckets per chunk (with a trio deadline, re-sorting its heap cost 16%
+            # of the CPU of a keepalive request: bench/README.md). So it moves only
+            # once it has fallen behind "now + idle", and then with 1/64 of slack: an
+            # idle pair closes between idle and idle * 1.016 (+ the timer's 10 ms
+            # quantum) after its last byte, never early. Inline: a call per chunk.
+            pair.deadline = now + idle * _IDLE_SLACK
+            pair.expired = False  # bytes moved as it expired: it lives on
+            timer.set(pair, pair.deadline)
         if pair.promoting and (
             stats.bytes_from_client + stats.bytes_to_client >= pair.promote_bytes
             or now >= pair.promote_at
@@ -409,7 +422,7 @@ class _Pair(Waiter):
         self.readable = [0, READABLE]
         self.writable = [True, True]
         now = timer.now()
-        # With the slack of touch() already, so the first chunks do not move it.
+        # With the slack of _moved already, so the first chunks do not move it.
         self.deadline = now + idle * _IDLE_SLACK if idle else math.inf
         """When the pair expires unless bytes move (the timer's bucket rounds it up)."""
         self.timer = timer
@@ -462,18 +475,6 @@ class _Pair(Waiter):
             return False
         self.chunks = 0
         return not _can_move(c2u, u2c, self)
-
-    def touch(self, now: float) -> None:
-        # Moving the deadline per chunk would move the pair between the timer's
-        # buckets per chunk (with a trio deadline, re-sorting its heap cost 16% of
-        # the CPU of a keepalive request: bench/README.md). So it moves only once it
-        # has fallen behind "now + idle", and then with 1/64 of slack: an idle pair
-        # closes between idle and idle * 1.016 (+ the timer's 10 ms quantum) after
-        # its last byte, never early.
-        if self.idle and self.deadline < now + self.idle:
-            self.deadline = now + self.idle * _IDLE_SLACK
-            self.expired = False  # bytes moved as it expired: it lives on
-            self.timer.set(self, self.deadline)
 
     def eof(self, reason: str) -> None:
         if self.first_eof is None:

@@ -10,7 +10,7 @@ Rules kept here:
 1. **Buckets of :data:`QUANTUM` seconds**, keyed by the deadline rounded *up*: a pair
    is never cut early, and at most ``QUANTUM`` (plus the wakeup) late. A deadline
    moves bucket only when it changes bucket; the copy relay moves it rarely (only once
-   it fell behind "now + idle", with slack: gateway/relay/copy.py, ``touch``).
+   it fell behind "now + idle", with slack: gateway/relay/copy.py, ``_moved``).
 2. **What closes, leaves.** A pair is taken out of its bucket when its relay ends
    (:meth:`IdleTimer.cancel`), and an emptied bucket is dropped at once, so the timer
    holds exactly the pairs being relayed. Bucket keys left in the heap by dropped
@@ -31,6 +31,13 @@ from typing import Final, Protocol
 import trio
 from trio.lowlevel import Task, reschedule
 
+try:  # where trio 0.35 keeps its own clock's class; without it, every clock is called
+    from trio._core._run import SystemClock as _SystemClock
+
+    _SYSTEM_CLOCK: type | None = _SystemClock
+except ImportError:  # pragma: no cover - another trio
+    _SYSTEM_CLOCK = None
+
 QUANTUM: Final = 0.01
 """Seconds per bucket: how late past its deadline an idle pair may close."""
 
@@ -48,9 +55,16 @@ class IdleTimer:
 
     def __init__(self) -> None:
         """Make it inside the trio run whose clock it keeps."""
-        self.now: Callable[[], float] = trio.lowlevel.current_clock().current_time
-        """``trio.current_time()`` without its two calls on the way to the clock (the
-        copy relay reads it per chunk)."""
+        clock = trio.lowlevel.current_clock()
+        self.now: Callable[[], float] = clock.current_time
+        """``trio.current_time()`` without its two calls on the way to the clock."""
+        self.offset: float | None = (
+            getattr(clock, "offset", None) if type(clock) is _SYSTEM_CLOCK else None
+        )
+        """With trio's own clock (``offset + time.perf_counter()``, fixed for the run):
+        its offset, so that the copy relay, which reads the clock per chunk, reads it
+        without a Python call. None with any other clock (a test's ``MockClock``):
+        then :attr:`now` it is."""
         self._buckets: dict[int, set[Timed]] = {}
         self._keys: list[int] = []
         """Bucket keys, a heap; may hold keys of buckets dropped since (rule 2)."""
@@ -64,7 +78,7 @@ class IdleTimer:
         if key == old:
             return
         if old:
-            self.cancel(pair)  # out of its old bucket (a rare move: copy.py, touch)
+            self.cancel(pair)  # out of its old bucket (a rare move: copy.py, _moved)
         pair.timer_key = key
         bucket = self._buckets.get(key)
         if bucket is None:

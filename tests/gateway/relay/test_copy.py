@@ -10,6 +10,7 @@ import trio
 from trio.testing import wait_all_tasks_blocked
 
 from gateway.flow import CloseReason
+from gateway.relay import poller
 from gateway.relay.copy import CopyRelay, Promotion
 from gateway.relay.stats import RelayStats
 
@@ -116,6 +117,43 @@ async def test_idle_timeout():
     with topology() as topo, trio.fail_after(10):
         reason = await relay.run(topo.gw_client, topo.gw_upstream, RelayStats(), 0.2)
         assert reason == CloseReason.IDLE_TIMEOUT
+
+
+async def _kept_alive_by_bytes(trios_clock: bool) -> None:
+    """A pair that moves a byte every 0.15 s outlives its 0.4 s idle timeout, and
+    closes as idle no earlier than 0.4 s after its last byte."""
+    assert (poller.current().timer.offset is not None) is trios_clock
+    relay = CopyRelay(65536)
+    with topology() as topo, trio.fail_after(10):
+        result: dict[str, object] = {}
+
+        async def run() -> None:
+            result["reason"] = await relay.run(topo.gw_client, topo.gw_upstream, RelayStats(), 0.4)
+            result["at"] = trio.current_time()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(run)
+            for i in range(8):  # 1.2 s of traffic, three idle timeouts' worth
+                await send_all(topo.client, b"%d" % i)
+                assert await recv_exact(topo.backend, 1) == b"%d" % i
+                await trio.sleep(0.15)
+            last = trio.current_time()
+            assert "reason" not in result
+        assert result["reason"] == CloseReason.IDLE_TIMEOUT
+        assert result["at"] >= last + 0.4 - 0.15  # the last byte left 0.15 s before
+
+
+async def test_bytes_that_move_keep_a_pair_alive() -> None:
+    """On trio's own clock, which each chunk reads without a call (IdleTimer.offset)."""
+    await _kept_alive_by_bytes(trios_clock=True)
+
+
+async def test_bytes_that_move_keep_a_pair_alive_on_another_clock(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """On a clock that is not trio's own, which each chunk asks (IdleTimer.now)."""
+    mock_clock.rate = 1
+    await _kept_alive_by_bytes(trios_clock=False)
 
 
 async def test_idle_timeout_with_bytes_on_the_way_resets_both_sides():
