@@ -142,7 +142,7 @@ async def _serve(
     cluster = route.cluster
 
     if rt.routed_hook:
-        refused = await refusal(rt, flow, "l4gw_routed", route=route)
+        refused = await refusal(rt, flow, "l4gw_routed", route)
         if refused:
             return _refuse(sock, refused)
 
@@ -160,7 +160,7 @@ async def _serve(
     idle = cluster.idle_timeout
     flow.tier = "copy"
     if rt.relay_hook:
-        offer = plugins.offer("l4gw_relay", flow=flow, client=sock, upstream=up, idle_timeout=idle)
+        offer = plugins.offer("l4gw_relay", flow, sock, up, idle)
         if offer is not None:
             name, answer = offer
             handover = answer.__class__ is Handover

@@ -33,14 +33,15 @@ Opener = Callable[[Endpoint, float, tuple[str, int] | None], Awaitable[socket.so
 :class:`~gateway.upstream.ConnectFailed`."""
 
 
-async def refusal(rt: Runtime, flow: Flow, hook: str, **more: Any) -> tuple[str, bool] | None:
-    """Run a refusal hook (``l4gw_admit``, ``l4gw_routed``).
+async def refusal(rt: Runtime, flow: Flow, hook: str, *more: Any) -> tuple[str, bool] | None:
+    """Run a refusal hook (``l4gw_admit``, ``l4gw_routed``); ``more``: the hook's
+    arguments after the flow, in its spec's order (``l4gw_routed``: the route).
 
     Returns:
         None to go on, or (close reason, whether to close with a reset).
     """
     try:
-        refused = await rt.plugins.decide(hook, rt.admit_open, flow=flow, **more)
+        refused = await rt.plugins.decide(hook, rt.admit_open, flow, *more)
     except Raised as exc:
         flow.refused_by, flow.error = exc.plugin, repr(exc.error)
         return CloseReason.PLUGIN_ERROR, False
@@ -54,7 +55,7 @@ async def refusal(rt: Runtime, flow: Flow, hook: str, **more: Any) -> tuple[str,
 async def choose_route(rt: Runtime, flow: Flow) -> Route | str:
     """Ask the route hook; the Route, or the close reason when there is none."""
     try:
-        routed = await rt.plugins.decide("l4gw_route", rt.route_open, flow=flow, config=rt.config)
+        routed = await rt.plugins.decide("l4gw_route", rt.route_open, flow, rt.config)
     except Raised as exc:
         flow.refused_by, flow.error = exc.plugin, repr(exc.error)
         return CloseReason.PLUGIN_ERROR
@@ -105,24 +106,15 @@ async def connect_upstream(
                 sock = await attempt(endpoint, cluster.connect_timeout, source)
             except ConnectFailed as exc:
                 errors.append(f"{endpoint}: {exc}")
-                rt.plugins.observe(
-                    "l4gw_connect_attempt",
-                    flow=flow,
-                    endpoint=endpoint,
-                    error=str(exc),
-                    seconds=time.monotonic() - start,
-                )
+                # (flow, endpoint, error, seconds): by position, as the spec orders them.
+                seconds = time.monotonic() - start
+                rt.plugins.observe("l4gw_connect_attempt", flow, endpoint, str(exc), seconds)
                 if isinstance(exc, ResetAfterConnect):
                     flow.endpoint, flow.error = endpoint.text, str(exc)
                     return CloseReason.BACKEND_RESET
                 continue
-            rt.plugins.observe(
-                "l4gw_connect_attempt",
-                flow=flow,
-                endpoint=endpoint,
-                error=None,
-                seconds=time.monotonic() - start,
-            )
+            seconds = time.monotonic() - start
+            rt.plugins.observe("l4gw_connect_attempt", flow, endpoint, None, seconds)
             flow.endpoint = endpoint.text
             return sock
     if not route.endpoints:

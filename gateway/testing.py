@@ -271,7 +271,7 @@ async def run_decisions(plugins: Plugins, config: Config, flow: Flow) -> Decisio
             closed = chosen, False
         else:
             route = chosen
-            closed = await refusal(rt, flow, "l4gw_routed", route=route)
+            closed = await refusal(rt, flow, "l4gw_routed", route)
     if closed is not None:
         _close(rt, flow, closed[0])
     return Decision(

@@ -470,7 +470,7 @@ class UdpListener:
         cluster = route.cluster
 
         if rt.routed_hook:
-            refused = await refusal(rt, flow, "l4gw_routed", route=route)
+            refused = await refusal(rt, flow, "l4gw_routed", route)
             if refused:
                 return self._tombstone(session, refused[0])
 

@@ -236,7 +236,7 @@ async def test_routed_sees_the_route() -> None:
     rt = runtime(deny=deny)
     flow = new_flow()
     route = route_to(rt.config)
-    assert await refusal(rt, flow, "l4gw_routed", route=route) == (CloseReason.REFUSED, False)
+    assert await refusal(rt, flow, "l4gw_routed", route) == (CloseReason.REFUSED, False)
     assert deny.seen == [("routed", flow, route)]
     assert (flow.refused_by, flow.refused_rule) == ("deny", "routes")
 

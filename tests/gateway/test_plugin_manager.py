@@ -433,10 +433,12 @@ async def test_decide_passes_each_implementation_the_arguments_it_names() -> Non
     assert seen == [("flow", "the config"), ("flow",)]
 
 
-def test_each_calling_form_gets_the_arguments_it_names() -> None:
-    """The drivers call an implementation by keyword when it takes every argument,
-    with the one argument when it takes one, else positionally: each form, in any
-    parameter order, positional-only too, gets the right values."""
+@pytest.mark.parametrize("called", ["by position", "by name"])
+def test_each_calling_form_gets_the_arguments_it_names(called: str) -> None:
+    """The drivers take a hook's arguments by position in its spec's order (the core's
+    calls) or by name (a plugin's tests), and call each implementation with the ones
+    it names: all of them, a prefix, a subset with gaps, in any parameter order,
+    positional-only too."""
     seen: dict[str, tuple[Any, ...]] = {}
 
     class Reordered:
@@ -463,16 +465,39 @@ def test_each_calling_form_gets_the_arguments_it_names() -> None:
         def l4gw_connect_attempt(self, seconds: float) -> None:
             seen["one"] = (seconds,)
 
+    class Prefix:
+        @hookimpl
+        def l4gw_connect_attempt(self, flow: Flow, endpoint: Any, error: Any) -> None:
+            seen["prefix"] = (flow.id, endpoint, error)
+
     f = flow()
-    only(a=Reordered(), b=PositionalOnly(), c=Two(), d=One()).observe(
-        "l4gw_connect_attempt", flow=f, endpoint="ep", error="boom", seconds=0.5
-    )
+    plugins = only(a=Reordered(), b=PositionalOnly(), c=Two(), d=One(), e=Prefix())
+    if called == "by position":
+        plugins.observe("l4gw_connect_attempt", f, "ep", "boom", 0.5)
+    else:
+        plugins.observe("l4gw_connect_attempt", flow=f, endpoint="ep", error="boom", seconds=0.5)
     assert seen == {
         "reordered": (f.id, "ep", "boom", 0.5),
         "positional": (f.id, "ep", "boom", 0.5),
         "two": (f.id, "boom"),
         "one": (0.5,),
+        "prefix": (f.id, "ep", "boom"),
     }
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        {"flow": None, "endpoint": "ep", "error": None},  # seconds missing
+        {"flow": None, "endpoint": "ep", "error": None, "seconds": 0.5, "extra": 1},
+    ],
+    ids=["missing", "unknown"],
+)
+def test_arguments_by_name_must_be_the_specs(given: dict[str, Any]) -> None:
+    with pytest.raises(TypeError, match=r"l4gw_connect_attempt: give all of \(flow, endpoint"):
+        only().observe("l4gw_connect_attempt", **given)
+    with pytest.raises(TypeError, match="by position or by name"):
+        only().observe("l4gw_connect_attempt", None, endpoint="ep")
 
 
 # --- idle hooks (what l4gw_configure returns) ---------------------------------------------
