@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import sys
 import time
 
@@ -73,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         plugins = loaded
     rt = Runtime(config, plugins, CopyRelay(65536), {})
     admit, routed = getattr(rt, "admit_hook", True), getattr(rt, "routed_hook", True)
+    # As the core calls the hooks: by position since the sixth session (a --src tree
+    # from before takes them by name only).
+    by_position = any(
+        p.kind is p.VAR_POSITIONAL for p in inspect.signature(refusal).parameters.values()
+    )
 
     async def one(port: int) -> None:
         flow = Flow(next_flow_id(), "public", "tcp", ("127.0.0.1", port), ("127.0.0.1", 8080))
@@ -82,16 +88,22 @@ def main(argv: list[str] | None = None) -> int:
             await refusal(rt, flow, "l4gw_admit")
         route = await choose_route(rt, flow)
         assert isinstance(route, Route), route
-        if routed:
-            await refusal(rt, flow, "l4gw_routed", route=route)
-        plugins.observe(
-            "l4gw_connect_attempt", flow=flow, endpoint=route.endpoints[0], error=None,
-            seconds=0.0001,
-        )  # fmt: skip
-        offer = plugins.offer(
-            "l4gw_relay", flow=flow, client=None, upstream=None, idle_timeout=30.0
-        )
-        if offer is not None:
+        endpoint = route.endpoints[0]
+        if by_position:
+            if routed:
+                await refusal(rt, flow, "l4gw_routed", route)
+            plugins.observe("l4gw_connect_attempt", flow, endpoint, None, 0.0001)
+            offer = plugins.offer("l4gw_relay", flow, None, None, 30.0)
+        else:
+            if routed:
+                await refusal(rt, flow, "l4gw_routed", route=route)
+            plugins.observe(
+                "l4gw_connect_attempt", flow=flow, endpoint=endpoint, error=None, seconds=0.0001
+            )
+            offer = plugins.offer(
+                "l4gw_relay", flow=flow, client=None, upstream=None, idle_timeout=30.0
+            )
+        if offer is not None and inspect.iscoroutine(offer[1]):
             offer[1].close()  # the relay's coroutine: not run here
         flow.bytes_from_client, flow.bytes_to_client, flow.tier = 100, 600, "copy"
         flow.close_reason = CloseReason.CLIENT_EOF
