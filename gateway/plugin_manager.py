@@ -123,6 +123,9 @@ class _Impl:
 def _impl(
     plugin: str, function: Callable[..., Any], argnames: tuple[str, ...], spec: tuple[str, ...]
 ) -> _Impl:
+    if not set(argnames) <= set(spec):
+        # A hook without a spec here (``optionalhook``: one of a later l4gw): never called.
+        return _Impl(plugin, function, argnames, None, ())
     order = tuple(spec.index(name) for name in argnames)
     prefix = len(order) if order == tuple(range(len(order))) else None
     return _Impl(plugin, function, argnames, prefix, order)

@@ -485,6 +485,23 @@ def test_each_calling_form_gets_the_arguments_it_names(called: str) -> None:
     }
 
 
+def test_an_optional_hook_of_a_later_l4gw_loads_and_is_never_called() -> None:
+    class Later:
+        @hookimpl(optionalhook=True)
+        def l4gw_not_yet_a_hook(self, flow: Flow, what: Any) -> None:
+            raise AssertionError("called")
+
+        @hookimpl
+        def l4gw_connection_closed(self, flow: Flow) -> None:
+            seen.append(flow)
+
+    seen: list[Flow] = []
+    plugins = only(later=Later())
+    f = flow()
+    plugins.observe("l4gw_connection_closed", f)
+    assert seen == [f]
+
+
 @pytest.mark.parametrize(
     "given",
     [
