@@ -321,8 +321,8 @@ def measure_instructions(
             for r in range(args.rounds):
                 began = time.monotonic()
                 _run_client(listen, args.connections, args.concurrency)
-                total = _dumped(proc.pid, dump, r + 2)
                 took = time.monotonic() - began
+                total = _dumped(proc.pid, dump, r + 2)
                 counts.append((total - background * took) / args.connections)
             proc.check_alive()
         finally:
