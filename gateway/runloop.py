@@ -3,8 +3,8 @@
 Around every task step, spawn, reschedule and exit, trio asks whether an
 instrument wants that event: ``"before_task_step" in runner.instruments``. Its
 ``Instruments`` is a ``collections.UserDict`` (trio 0.35), whose ``__contains__``
-is a Python function: 8.4 calls per new connection through the gateway, about
-2 % of its user-space instructions (bench/README.md), for a check whose answer is
+is a Python function: 8.4 calls per new connection through the gateway, 3,700
+of its 272,000 user-space instructions (bench/README.md), for a check whose answer is
 "no" unless an instrument is installed.
 
 :func:`fast_instrument_checks` gives the current run's ``Instruments`` a class of

@@ -27,6 +27,7 @@ async def test_instruments_added_before_and_after_are_still_called() -> None:
     assert fast_instrument_checks()
     assert fast_instrument_checks()  # a second call in the same run changes nothing
     instruments = GLOBAL_RUN_CONTEXT.runner.instruments
+    assert type(instruments).__contains__ == instruments.data.__contains__  # in C now
     assert "before_task_step" in instruments and "after_io_wait" not in instruments
     late = Steps()
     trio.lowlevel.add_instrument(late)

@@ -101,7 +101,7 @@ async def test_startup_enables_splice_publishes_status_and_shutdown_cleans_up(
             nursery.cancel_scope.cancel()
 
 
-async def test_promotion_at_once_answers_the_whole_relay(tmp_path: Path) -> None:
+async def test_promotion_at_once_answers_the_whole_relay() -> None:
     """Nothing to copy first: the answer is the tiers' relay itself, per flow."""
     plugin = RelayPlugin()
     plugins = load_plugins({"relay": plugin})
