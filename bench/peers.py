@@ -219,6 +219,46 @@ def socket_inodes(pid: int) -> set[int]:
     return inodes
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine was busy since boot, all CPUs: user, nice, system,
+    irq and softirq time (``/proc/stat``; not idle, iowait or steal). That includes the
+    client and the backend, and the kernel threads :func:`kernel_threads_seconds` counts.
+    """
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:8]]
+    user, nice, system, _idle, _iowait, irq, softirq = fields
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def kernel_threads_ticks() -> dict[int, int]:
+    """CPU clock ticks of each kernel thread (a child of ``kthreadd``: kworkers,
+    ksoftirqd) so far, by pid: work done on a proxy's behalf that its own CPU time does
+    not show, as the sockmap tier's redirects, which run in kworkers."""
+    out: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if stat[1] == "2":  # ppid: kthreadd
+            out[int(name)] = int(stat[11]) + int(stat[12])
+    return out
+
+
+def kernel_threads_seconds(before: dict[int, int], after: dict[int, int]) -> float:
+    """CPU seconds kernel threads spent between two :func:`kernel_threads_ticks`: a
+    thread that started since counts from zero, one that exited takes its share with it
+    (so this is a lower bound), and a pid reused by a new thread counts from zero."""
+    ticks = 0
+    for pid, now in after.items():
+        then = before.get(pid, 0)
+        ticks += now - then if now >= then else now
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))

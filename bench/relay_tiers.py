@@ -52,6 +52,7 @@ from peers import (
     Child,
     Children,
     free_port,
+    machine_busy_seconds,
     start_gateway,
     start_haproxy,
     start_iperf3_server,
@@ -265,26 +266,14 @@ def _wait_status(path: Path_, timeout: float = 20.0) -> None:
 # --- running -----------------------------------------------------------------------
 
 
-def host_busy_seconds() -> float:
-    """CPU seconds the whole host spent not idle, all CPUs (/proc/stat).
-
-    The sockmap tier moves bytes in kworker threads, which no process is charged
-    for; the host's busy time counts them (with client and server, the same on
-    every path)."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    ticks = [int(f) for f in fields]
-    idle = ticks[3] + ticks[4]  # idle + iowait
-    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
 def measure(load: Load, path: Path_, seconds: float) -> Metrics:
     path.check_alive()
-    busy0 = host_busy_seconds()
+    busy0 = machine_busy_seconds()
     cpu0, t0 = path.cpu_seconds(), time.monotonic()
     port = path.ports[load.backend]
     metrics = pingpong(port, seconds) if load is PINGPONG else _run_load(load, port, seconds)
     cpu1, t1 = path.cpu_seconds(), time.monotonic()
-    busy1 = host_busy_seconds()
+    busy1 = machine_busy_seconds()
     path.check_alive()
     if path.procs:
         metrics["proxy_cpu_pct"] = 100 * (cpu1 - cpu0) / (t1 - t0)

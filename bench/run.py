@@ -46,6 +46,9 @@ from peers import (
     Child,
     Children,
     free_port,
+    kernel_threads_seconds,
+    kernel_threads_ticks,
+    machine_busy_seconds,
     start_gateway,
     start_haproxy,
     start_iperf3_server,
@@ -276,9 +279,16 @@ def _starter(
 def _measure(load: Load, path: Path_, seconds: float) -> Metrics:
     path.check_alive()
     (user0, sys0), t0 = path.cpu_times(), time.monotonic()
+    busy0, kthreads0 = machine_busy_seconds(), kernel_threads_ticks()
     metrics = run_load(load, path.ports[load.backend], seconds)
+    busy1, kthreads1 = machine_busy_seconds(), kernel_threads_ticks()
     (user1, sys1), t1 = path.cpu_times(), time.monotonic()
     path.check_alive()
+    # The whole machine's CPU per unit of work (client, backend, proxy, kernel
+    # threads): a kernel tier moves work out of the proxy's process into kworkers,
+    # where the proxy's own CPU time does not show it.
+    _per_unit(metrics, "machine", busy1 - busy0)
+    _per_unit(metrics, "kthreads", kernel_threads_seconds(kthreads0, kthreads1))
     if path.procs:
         # CPU per unit of work is the number to compare code changes by: it
         # moves far less than throughput when other work shares the machine.
@@ -287,11 +297,16 @@ def _measure(load: Load, path: Path_, seconds: float) -> Metrics:
         if cpu > 0:
             # On loopback the kernel time includes the peers' receive path.
             metrics["proxy_sys_pct"] = 100 * (sys1 - sys0) / cpu
-        if metrics.get("requests"):
-            metrics["proxy_us_per_req"] = 1e6 * cpu / metrics["requests"]
-        if metrics.get("bytes"):
-            metrics["proxy_ms_per_gb"] = 1e3 * cpu / (metrics["bytes"] / 1e9)
+        _per_unit(metrics, "proxy", cpu)
     return metrics
+
+
+def _per_unit(metrics: Metrics, who: str, cpu: float) -> None:
+    """``cpu`` seconds as ``{who}_us_per_req`` and ``{who}_ms_per_gb`` of the load's work."""
+    if metrics.get("requests"):
+        metrics[f"{who}_us_per_req"] = 1e6 * cpu / metrics["requests"]
+    if metrics.get("bytes"):
+        metrics[f"{who}_ms_per_gb"] = 1e3 * cpu / (metrics["bytes"] / 1e9)
 
 
 Samples = dict[str, dict[str, list[Metrics]]]
@@ -324,6 +339,7 @@ def _rounds(
 def _shown_keys(load: Load, m: Metrics) -> list[str]:
     keys = [metric.key for metric in load.metrics]
     keys += ["proxy_cpu_pct", "proxy_us_per_req", "proxy_ms_per_gb"]
+    keys += ["kthreads_us_per_req", "machine_us_per_req", "machine_ms_per_gb"]
     keys += [k for k in ("connect_errors", "write_errors", "timeouts", "non_2xx") if m.get(k)]
     return [k for k in keys if k in m]
 
@@ -383,6 +399,10 @@ def _table(report: dict[str, Any]) -> str:
         metrics.append(("proxy_us_per_req", "proxy CPU µs/req"))
         metrics.append(("proxy_ms_per_gb", "proxy CPU ms/GB"))
         metrics.append(("proxy_sys_pct", "proxy CPU in kernel %"))
+        metrics.append(("kthreads_us_per_req", "kernel threads CPU µs/req"))
+        metrics.append(("kthreads_ms_per_gb", "kernel threads CPU ms/GB"))
+        metrics.append(("machine_us_per_req", "machine CPU µs/req"))
+        metrics.append(("machine_ms_per_gb", "machine CPU ms/GB"))
         first = True
         for key, label in metrics:
             if all(key not in per_path[path]["median"] for path in paths):

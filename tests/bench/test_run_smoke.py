@@ -29,3 +29,6 @@ def test_quick_run_prints_a_table(tmp_path: Path) -> None:
         assert median["requests"] > 0, name
         assert median["non_2xx"] == 0, name
     assert paths["gateway"]["median"]["proxy_cpu_pct"] > 0
+    # The whole machine worked for every path, the client and nginx at least.
+    assert all(result["median"]["machine_us_per_req"] > 0 for result in paths.values())
+    assert all(result["median"]["kthreads_us_per_req"] >= 0 for result in paths.values())
