@@ -44,6 +44,11 @@
  *      (the next byte userspace has not read), so a head skb userspace read in part
  *      before arming, or one a segment was coalesced into while userspace read it, is
  *      cut the same way; userspace cross-checks the counts against TCP_INFO.
+ *  R19 What userspace must act on wakes it: the first held skb of a hold (R12) and every
+ *      anomaly put the socket's cookie in l4gw_events, a ring buffer userspace waits on,
+ *      so the watchdog need not poll for them and a quiet flow costs no wakeups. A full
+ *      ring loses the event, never the bytes: the hold is still enforced here, and
+ *      userspace sees it at its next look.
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -59,6 +64,8 @@ struct tcp_sock {
 /* bpf_skb_adjust_room shrinks an sk_skb by at most this much per call. */
 #define L4GW_TRIM_STEP 4095
 #define L4GW_TRIM_STEPS 64
+/* Bytes of l4gw_events; userspace sizes it to the flows it holds before load. */
+#define L4GW_EVENTS_BYTES (256 * 1024)
 
 struct l4gw_ctr {
 	__u64 bytes;	/* payload bytes redirected to the peer */
@@ -113,6 +120,17 @@ struct {
 	__type(value, struct l4gw_credit);
 } l4gw_credit SEC(".maps");
 
+/* R19: cookies (__u64) of sockets whose hold began or that met an anomaly. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, L4GW_EVENTS_BYTES);
+} l4gw_events SEC(".maps");
+
+static __always_inline void notify(__u64 cookie)
+{
+	bpf_ringbuf_output(&l4gw_events, &cookie, sizeof(cookie), 0);
+}
+
 SEC("sk_skb/stream_verdict")
 int l4gw_verdict(struct __sk_buff *skb)
 {
@@ -162,6 +180,7 @@ int l4gw_verdict(struct __sk_buff *skb)
 				/* Could not cut it: keep it on the source, an anomaly userspace
 				 * answers with a reset (a duplicate must never pass). */
 				__sync_fetch_and_add(&c->fails, 1);
+				notify(cookie);
 				return SK_PASS;
 			}
 			len = skb->len;
@@ -172,10 +191,13 @@ int l4gw_verdict(struct __sk_buff *skb)
 	if (!peer) {
 		if (c)
 			__sync_fetch_and_add(&c->passes, 1);
+		notify(cookie);
 		return SK_PASS;
 	}
 	credit = bpf_map_lookup_elem(&l4gw_credit, &cookie);
 	if (c && credit && (c->held != credit->forwarded || c->bytes + len > credit->limit)) {
+		if (c->held == credit->forwarded)
+			notify(cookie); /* R19: a hold begins */
 		c->held += len;
 		c->holds += 1;
 		return SK_PASS;
@@ -187,6 +209,7 @@ int l4gw_verdict(struct __sk_buff *skb)
 		 * SK_PASS keeps the bytes on the source. */
 		if (c)
 			__sync_fetch_and_add(&c->fails, 1);
+		notify(cookie);
 		return SK_PASS;
 	}
 	if (c) {

@@ -48,6 +48,7 @@ __all__ = [
     "BpfObject",
     "KernelObject",
     "ProgRun",
+    "U64Ring",
     "captured",
     "install_logging",
     "kernel_objects",
@@ -183,6 +184,14 @@ int bpf_tc_hook_create(struct bpf_tc_hook *hook);
 int bpf_tc_attach(const struct bpf_tc_hook *hook, struct bpf_tc_opts *opts);
 int bpf_tc_detach(const struct bpf_tc_hook *hook, const struct bpf_tc_opts *opts);
 int bpf_tc_query(const struct bpf_tc_hook *hook, struct bpf_tc_opts *opts);
+
+struct ring_buffer;
+typedef int (*ring_buffer_sample_fn)(void *ctx, void *data, size_t size);
+struct ring_buffer *ring_buffer__new(int map_fd, ring_buffer_sample_fn sample_cb, void *ctx,
+                                     const void *opts);
+void ring_buffer__free(struct ring_buffer *rb);
+int ring_buffer__consume(struct ring_buffer *rb);
+int ring_buffer__epoll_fd(const struct ring_buffer *rb);
 """
 
 _ffi: Any = None
@@ -380,6 +389,56 @@ class BpfObject:
             _, lib = _load()
             lib.bpf_object__close(self._obj)
             self._obj = None
+
+
+class U64Ring:
+    """A ``BPF_MAP_TYPE_RINGBUF`` map whose records are one ``__u64`` each, read with
+    libbpf's ``ring_buffer``: wait until :meth:`fileno` is readable, then :meth:`consume`.
+    """
+
+    def __init__(self, map_fd: int) -> None:
+        """
+        Raises:
+            BpfError: ``map_fd`` is not a ring buffer, or out of memory.
+        """
+        ffi, lib = _load()
+        self._got: list[int] = []
+        got = self._got
+        as_u64 = ffi.cast
+
+        @ffi.callback("int(void *, void *, size_t)")  # type: ignore[untyped-decorator]
+        def _record(_ctx: Any, data: Any, size: int) -> int:
+            if size >= 8:
+                got.append(int(as_u64("__u64 *", data)[0]))
+            return 0
+
+        self._callback = _record  # referenced for as long as libbpf may call it (rule 3)
+        self._rb: Any = _check_ptr(
+            lib.ring_buffer__new(map_fd, _record, ffi.NULL, ffi.NULL), "ring_buffer__new"
+        )
+
+    def fileno(self) -> int:
+        """An epoll fd (libbpf's) that is readable while records wait."""
+        _, lib = _load()
+        if self._rb is None:
+            raise BpfError(_errno.EBADF, "ring buffer closed")
+        return _check(lib.ring_buffer__epoll_fd(self._rb), "ring_buffer__epoll_fd")
+
+    def consume(self) -> list[int]:
+        """Every record waiting now, oldest first (without waiting)."""
+        _, lib = _load()
+        if self._rb is None:
+            raise BpfError(_errno.EBADF, "ring buffer closed")
+        _check(lib.ring_buffer__consume(self._rb), "ring_buffer__consume")
+        got = self._got[:]
+        self._got.clear()
+        return got
+
+    def close(self) -> None:
+        if self._rb is not None:
+            _, lib = _load()
+            lib.ring_buffer__free(self._rb)
+            self._rb = None
 
 
 def prog_attach(prog_fd: int, target_fd: int, attach_type: int, flags: int = 0) -> None:

@@ -36,6 +36,14 @@ kernel backlog and tears the flow down. reference/sockmap.md §7 is the procedur
   own (1 GiB queued in one measurement); with the credit, what a flow holds in the
   kernel is at most the watermark plus one skb per direction, plus X's receive buffer,
   whatever the watchdog's period. A backlog above the hard cap (a bug) resets the flow.
+- R19    The watchdog is woken by what it must act on, not by polling for it: the
+  program puts a socket's cookie in the ``l4gw_events`` ring when its hold begins or
+  it meets an anomaly, and one task per trio run reads the ring and wakes that flow
+  (:meth:`Accelerator._read_events`). So a quiet flow is looked at only every
+  ``tick_max`` (its byte counts in the stats are that stale at most) and a thousand
+  idle kernel-tier flows cost no CPU to speak of (bench/README.md). The ring is sized
+  for every socket to have an event waiting; should one be lost anyway, the hold is
+  still enforced in the kernel and the next look sees it.
 - R13/14 Counters live in the program's ``l4gw_ctrs`` keyed by ``SO_COOKIE``, created
   at arming and deleted at teardown, and are cross-checked with ``TCP_INFO``
   (redirected + forwarded-held = what the destination's TCP accepted).
@@ -76,7 +84,10 @@ import trio
 from gateway import bpfobjects
 from gateway.linux import SIOCINQ, SIOCOUTQ, SO_COOKIE, TCP_INFO, ioctl_int
 from gateway.relay import libbpf
+from gateway.relay.idletimer import QUANTUM
 from gateway.relay.libbpf import BpfError
+from gateway.relay.poller import READABLE, Waiter
+from gateway.relay.poller import current as current_poller
 from gateway.relay.stats import RelayStats
 
 __all__ = [
@@ -113,6 +124,11 @@ _PEERS: Final = "l4gw_peers"
 _CTRS: Final = "l4gw_ctrs"
 _CREDIT: Final = "l4gw_credit"
 _MAPS: Final = (_TARGETS, _ACTIVE, _PEERS, _CTRS, _CREDIT)
+_EVENTS: Final = "l4gw_events"
+_EVENT_BYTES: Final = 16
+"""A ring record: its 8-byte header and a cookie."""
+_DRAIN_TICK: Final = 0.05
+"""Longest watchdog period while a half-close waits for its direction to drain (R9)."""
 _CTR: Final = struct.Struct("=9Q")
 """struct l4gw_ctr as the map stores it: nine u64 in host order (:class:`L4gwCtr`)."""
 # struct l4gw_credit { u64 limit, forwarded; }
@@ -154,14 +170,17 @@ class Limits:
         hard_cap: Backlog at which the flow is reset (only a bug gets there).
         tick_min: Watchdog period while a direction is near its watermark or
             holding (seconds).
-        tick_max: Watchdog period when the flow is quiet (seconds).
+        tick_max: Longest watchdog period, that of a quiet flow (seconds). Holds and
+            anomalies wake the watchdog at once (R19), a FIN or an error through the
+            flow's epoll set, and an idle timeout is looked at when it is due, so this
+            bounds only how stale a flow's byte counts in the stats get.
         drain_timeout: Seconds without drain progress before a half-close aborts.
     """
 
     high_watermark: int = 4 << 20
     hard_cap: int = 256 << 20
     tick_min: float = 0.002
-    tick_max: float = 0.05
+    tick_max: float = 2.0
     drain_timeout: float = 10.0
 
 
@@ -261,7 +280,7 @@ def _abort(sock: socket.socket) -> None:
         pass
 
 
-@dataclass
+@dataclass(slots=True)  # two per flow in the tier, held while it idles
 class _Side:
     """One armed socket and its arming snapshots."""
 
@@ -321,6 +340,8 @@ class _Totals:
     counter_mismatches: int = 0
     max_backlog: int = 0
     trimmed_bytes: int = 0
+    looks: int = 0
+    events: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
 
 
@@ -335,6 +356,11 @@ class Accelerator:
         self._fd = {name: obj.map_fd(name) for name in _MAPS}
         self._totals = _Totals()
         self.self_test_result: str | None = "not run"
+        self._events = libbpf.U64Ring(obj.map_fd(_EVENTS))
+        self._wakes: dict[int, _Wake] = {}
+        """Cookie → the watchdog of the flow it belongs to (R19)."""
+        self._reader: object | None = None
+        """The trio run (its token) whose task reads the events; None: none yet."""
 
     @classmethod
     def load(
@@ -365,6 +391,7 @@ class Accelerator:
         try:
             for name in _MAPS:
                 obj.set_max_entries(name, 2 * max_flows)
+            obj.set_max_entries(_EVENTS, _ring_bytes(2 * max_flows))
             obj.load()
             prog_fd = obj.program_fd(_PROG)
             link_fd: int | None
@@ -390,6 +417,12 @@ class Accelerator:
         """Detach the program and free the maps. Armed flows must be finished first."""
         if self._obj is None:
             return
+        if self._reader is not None:
+            try:
+                trio.lowlevel.notify_closing(self._events.fileno())
+            except RuntimeError:
+                pass  # not in a trio run: the reading task ended with its run
+        self._events.close()
         if self._link_fd is not None:
             os.close(self._link_fd)
         else:
@@ -437,6 +470,8 @@ class Accelerator:
             "counter_mismatches": t.counter_mismatches,
             "max_backlog": t.max_backlog,
             "trimmed_bytes": t.trimmed_bytes,
+            "watchdog_looks": t.looks,
+            "events": t.events,
             "close_reasons": dict(t.reasons),
         }
 
@@ -581,20 +616,48 @@ class Accelerator:
         base_from, base_to = stats.bytes_from_client, stats.bytes_to_client
         reason = "cancelled"
         clean = False
+        # R19: an event that comes before this is seen by the first look (at tick_min).
+        wake = self._wakes[a.cookie] = self._wakes[b.cookie] = _Wake()
         try:
+            self._start_reader()
             if on_armed is not None:
                 on_armed()
             for side in (a, b):
                 # R6: bytes queued before insertion get no data_ready of their own.
                 side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
             reason, clean = await self._supervise(
-                ep, a, b, stats, base_from, base_to, idle_timeout, limits or self.limits, report
-            )
+                ep, wake, a, b, stats, base_from, base_to, idle_timeout,
+                limits or self.limits, report,
+            )  # fmt: skip
             return reason
         finally:
             ep.close()  # closed already unless on_armed or the setsockopt raised
+            del self._wakes[a.cookie], self._wakes[b.cookie]
             # Synchronous on purpose: it must run to the end even when cancelled.
             self._finish(a, b, stats, base_from, base_to, clean, reason)
+
+    def _start_reader(self) -> None:
+        """Read the events (R19) in this trio run, unless a task does already."""
+        token = trio.lowlevel.current_trio_token()
+        if self._reader is not token:
+            self._reader = token
+            trio.lowlevel.spawn_system_task(self._read_events, name="l4gw sockmap events")
+
+    async def _read_events(self) -> None:
+        ring, wakes, totals = self._events, self._wakes, self._totals
+        try:
+            fd = ring.fileno()
+            while True:
+                await trio.lowlevel.wait_readable(fd)
+                if self._obj is None:
+                    return
+                for cookie in ring.consume():
+                    totals.events += 1
+                    wake = wakes.get(cookie)
+                    if wake is not None:
+                        wake.now()
+        except (trio.ClosedResourceError, BpfError):
+            return  # the accelerator closed (close() tells this task first)
 
     def _drain_held(self, x: _Side, y: _Side, held: int, limit: int) -> None:
         """Forward X's held bytes to Y; end the hold once the program has nothing more.
@@ -731,6 +794,7 @@ class Accelerator:
     async def _supervise(
         self,
         ep: select.epoll,
+        wake: _Wake,
         a: _Side,
         b: _Side,
         stats: RelayStats,
@@ -743,6 +807,11 @@ class Accelerator:
         """Watch an armed flow until it ends; closes ``ep``, its epoll set."""
         by_fd = {a.sock.fileno(): a, b.sock.fileno(): b}
         masks = dict.fromkeys(by_fd, _WATCH)
+        # The set is watched by the process's relay poller, registered once, and a
+        # long period is kept by its idle timer: a look then costs no cancel scope, no
+        # epoll_ctl and no exception (trio's move_on_after and wait_readable did).
+        poller = current_poller()
+        timer = poller.timer
         try:
             # R8: RDHUP only (ERR and HUP are implicit); EPOLLIN/EPOLLOUT only while held
             # bytes are moved. Edge-triggered: a level-triggered RDHUP or HUP would spin
@@ -750,17 +819,34 @@ class Accelerator:
             # in the psock queue, where recv() cannot see it yet.
             for fd in by_fd:
                 ep.register(fd, _WATCH)
+            poller.register(ep.fileno(), wake, 0)
             tick = lim.tick_min
+            worst = 0
             last_total = -1
             last_activity = last_tick = trio.current_time()
             first_eof: str | None = None
+            totals = self._totals
             while True:
-                if tick > 0:
-                    with trio.move_on_after(tick):
-                        await trio.lowlevel.wait_readable(ep.fileno())
-                else:
+                if wake.due or wake.readable[0] or tick <= 0:
                     await trio.lowlevel.checkpoint()
-                for fd, ev in ep.poll(0):
+                elif tick >= QUANTUM:
+                    timer.set(wake, timer.now() + tick)
+                    wake.task = trio.lowlevel.current_task()
+                    await trio.lowlevel.wait_task_rescheduled(wake.abort)
+                    timer.cancel(wake)
+                    wake.expired = False
+                else:  # shorter than the timer's quantum (a busy flow)
+                    with trio.move_on_after(tick) as scope:
+                        wake.scope = scope
+                        await trio.lowlevel.wait_readable(ep.fileno())
+                    wake.scope = None
+                    if not scope.cancelled_caught:
+                        wake.readable[0] = READABLE
+                wake.due = False
+                totals.looks += 1
+                # The poller's flag: the set had events (what comes later sets it again).
+                readable, wake.readable[0] = wake.readable[0], 0
+                for fd, ev in ep.poll(0) if readable else ():
                     side = by_fd.get(fd)
                     if side is None or not ev & _STATE_EVENTS:
                         continue  # a wakeup for moving held bytes
@@ -783,103 +869,149 @@ class Accelerator:
                     log.error("sockmap: anomaly counters client=%s backend=%s", ca, cb)
                     return "anomaly", False
                 now = trio.current_time()
-                # Bytes TCP accepted into each side since arming; read once per tick.
-                written = {a.name: a.written(), b.name: b.written()}
-                worst = 0
+                total = ca.bytes + cb.bytes + ca.held + cb.held
+                # A quiet look: nothing moved since the last one, when nothing was in
+                # flight, held or half-closed; the counts stand, so it makes no syscall
+                # more (an idle flow's looks are most of the tier's CPU).
+                draining = (a.eof and not b.shut) or (b.eof and not a.shut)
+                quiet = total == last_total and not (worst or a.holding or b.holding or draining)
                 again = False
-                # Per direction X → Y: backlog, credit, held bytes, half-close.
-                for x, y, ctr in ((a, b, ca), (b, a, cb)):
-                    # Bytes of the redirect path TCP has accepted into Y.
-                    kernel_done = written[y.name] - x.forwarded
-                    backlog = ctr.bytes - kernel_done
-                    worst = max(worst, backlog)
-                    if backlog > self._totals.max_backlog:
-                        self._totals.max_backlog = backlog
-                    if report is not None and backlog > report.max_backlog:
-                        report.max_backlog = backlog
-                    if backlog > lim.hard_cap:
-                        log.warning("sockmap: %s backlog %d over hard cap", x.name, backlog)
-                        return "backlog_cap", False
-                    if ctr.held > x.forwarded and not x.holding:
-                        x.holding = True
-                        self._totals.holds += 1
-                        if report is not None:
-                            report.holds += 1
-                    forwarded = x.forwarded
-                    limit = kernel_done + lim.high_watermark
-                    x.blocked = ""
-                    if x.holding and backlog == 0:
-                        # R7: the redirect path toward Y is empty, so nothing else
-                        # writes to Y while we do.
-                        try:
-                            self._drain_held(x, y, ctr.held, limit)
-                        except _Gone as gone:
-                            _abort(a.sock)
-                            _abort(b.sock)
-                            return f"{gone.side}_reset", False
-                        again = again or x.blocked == "budget"
-                    if limit != x.limit or x.forwarded != forwarded:
-                        self._credit(x, limit)
-                    if x.eof and not y.shut:
-                        _, _, received = _tcp_info(x.sock)
-                        done = written[y.name] + x.forwarded - forwarded
-                        # R9: -1 is the FIN, counted in bytes_received.
-                        if done >= received - x.consumed - 1:
+                if not quiet:
+                    # Bytes TCP accepted into each side since arming; read once per tick.
+                    written = {a.name: a.written(), b.name: b.written()}
+                    worst = 0
+                    # Per direction X → Y: backlog, credit, held bytes, half-close.
+                    for x, y, ctr in ((a, b, ca), (b, a, cb)):
+                        # Bytes of the redirect path TCP has accepted into Y.
+                        kernel_done = written[y.name] - x.forwarded
+                        backlog = ctr.bytes - kernel_done
+                        worst = max(worst, backlog)
+                        if backlog > self._totals.max_backlog:
+                            self._totals.max_backlog = backlog
+                        if report is not None and backlog > report.max_backlog:
+                            report.max_backlog = backlog
+                        if backlog > lim.hard_cap:
+                            log.warning("sockmap: %s backlog %d over hard cap", x.name, backlog)
+                            return "backlog_cap", False
+                        if ctr.held > x.forwarded and not x.holding:
+                            x.holding = True
+                            self._totals.holds += 1
+                            if report is not None:
+                                report.holds += 1
+                        forwarded = x.forwarded
+                        limit = kernel_done + lim.high_watermark
+                        x.blocked = ""
+                        if x.holding and backlog == 0:
+                            # R7: the redirect path toward Y is empty, so nothing else
+                            # writes to Y while we do.
                             try:
-                                y.sock.shutdown(socket.SHUT_WR)
-                            except OSError:
+                                self._drain_held(x, y, ctr.held, limit)
+                            except _Gone as gone:
                                 _abort(a.sock)
                                 _abort(b.sock)
-                                return f"{y.name}_reset", False
-                            y.shut = True
-                        elif done != x.drain_progress:
-                            x.drain_progress = done
-                            x.drain_started = now
-                        elif now - x.drain_started > lim.drain_timeout:
-                            return "drain_timeout", False
-                if a.shut and b.shut:
-                    break
-                for x, y in ((a, b), (b, a)):
-                    fd = x.sock.fileno()
-                    if fd not in by_fd:
-                        continue
-                    if x.eof and x.shut:
-                        # Both halves closed: nothing left to watch on this socket.
-                        ep.unregister(fd)
-                        del by_fd[fd]
-                        continue
-                    mask = _WATCH
-                    if x.holding and x.blocked != "write":
-                        # New held bytes wake us (their data_ready); redirected ones
-                        # cannot: while X holds, the program redirects nothing of X.
-                        mask |= select.EPOLLIN
-                    if y.blocked == "write":
-                        mask |= select.EPOLLOUT
-                    if mask != masks[fd]:
-                        ep.modify(fd, mask)
-                        masks[fd] = mask
-                total = ca.bytes + cb.bytes + ca.held + cb.held
-                if report is not None:
-                    report.kernel_bytes = ca.bytes + cb.bytes
-                    report.held_bytes = a.forwarded + b.forwarded
+                                return f"{gone.side}_reset", False
+                            again = again or x.blocked == "budget"
+                        if limit != x.limit or x.forwarded != forwarded:
+                            self._credit(x, limit)
+                        if x.eof and not y.shut:
+                            _, _, received = _tcp_info(x.sock)
+                            done = written[y.name] + x.forwarded - forwarded
+                            # R9: -1 is the FIN, counted in bytes_received.
+                            if done >= received - x.consumed - 1:
+                                try:
+                                    y.sock.shutdown(socket.SHUT_WR)
+                                except OSError:
+                                    _abort(a.sock)
+                                    _abort(b.sock)
+                                    return f"{y.name}_reset", False
+                                y.shut = True
+                            elif done != x.drain_progress:
+                                x.drain_progress = done
+                                x.drain_started = now
+                            elif now - x.drain_started > lim.drain_timeout:
+                                return "drain_timeout", False
+                    if a.shut and b.shut:
+                        break
+                    for x, y in ((a, b), (b, a)):
+                        fd = x.sock.fileno()
+                        if fd not in by_fd:
+                            continue
+                        if x.eof and x.shut:
+                            # Both halves closed: nothing left to watch on this socket.
+                            ep.unregister(fd)
+                            del by_fd[fd]
+                            continue
+                        mask = _WATCH
+                        if x.holding and x.blocked != "write":
+                            # New held bytes wake us (their data_ready); redirected ones
+                            # cannot: while X holds, the program redirects nothing of X.
+                            mask |= select.EPOLLIN
+                        if y.blocked == "write":
+                            mask |= select.EPOLLOUT
+                        if mask != masks[fd]:
+                            ep.modify(fd, mask)
+                            masks[fd] = mask
+                    if report is not None:
+                        report.kernel_bytes = ca.bytes + cb.bytes
+                        report.held_bytes = a.forwarded + b.forwarded
+                    if total != last_total:
+                        stats.bytes_from_client = base_from + written[b.name]
+                        stats.bytes_to_client = base_to + written[a.name]
                 moved = total - last_total if last_total >= 0 else 0
                 if total != last_total:
                     last_total = total
                     last_activity = now
-                    stats.bytes_from_client = base_from + written[b.name]
-                    stats.bytes_to_client = base_to + written[a.name]
                 tick = next_tick(lim, tick, moved / max(now - last_tick, 1e-6), worst, a, b)
+                if (a.eof and not b.shut) or (b.eof and not a.shut):
+                    tick = min(tick, _DRAIN_TICK)  # R9 waits for the drain
                 if again:
                     tick = 0.0
                 last_tick = now
-                if idle_timeout is not None and now - last_activity >= idle_timeout:
-                    if worst or a.holding or b.holding:
-                        return "idle_timeout", False  # backlog left: RST, not truncation
-                    return "idle_timeout", True
+                if idle_timeout is not None:
+                    if now - last_activity >= idle_timeout:
+                        if worst or a.holding or b.holding:
+                            return "idle_timeout", False  # backlog left: RST, not truncation
+                        return "idle_timeout", True
+                    # Looked at when due, whatever the period (never early).
+                    tick = min(tick, last_activity + idle_timeout - now)
             assert first_eof is not None
             return first_eof, True
         finally:
+            timer.cancel(wake)
+            poller.forget(ep.fileno())
             ep.close()
+
+
+class _Wake(Waiter):
+    """What wakes one flow's watchdog: its epoll set (through the relay poller, side 0),
+    the idle timer (its period), or the events' task (R19)."""
+
+    __slots__ = ("due", "expired", "scope", "timer_key")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scope: trio.CancelScope | None = None
+        """The watchdog's wait, while it waits in a cancel scope (a short period)."""
+        self.due = False
+        """An event came since the watchdog last looked."""
+        self.expired = False
+        self.timer_key = 0
+        """The idle timer's fields (gateway/relay/idletimer.py ``Timed``)."""
+
+    def now(self) -> None:
+        self.due = True
+        if self.scope is not None:
+            self.scope.cancel()
+        task = self.task
+        if task is not None:
+            self.task = None
+            trio.lowlevel.reschedule(task)
+
+
+def _ring_bytes(sockets: int) -> int:
+    """The events ring's size: room for an event of every socket at once, a power
+    of two of at least a page (the kernel's rule for ring buffers)."""
+    return max(os.sysconf("SC_PAGE_SIZE"), 1 << (sockets * _EVENT_BYTES - 1).bit_length())
 
 
 def next_tick(lim: Limits, tick: float, rate: float, backlog: int, *sides: _Side) -> float:
@@ -887,9 +1019,10 @@ def next_tick(lim: Limits, tick: float, rate: float, backlog: int, *sides: _Side
     watermark before the next look, long while the flow is quiet or slow.
 
     A request/response flow moves little per tick, so it is watched at
-    ``tick_max`` (a wakeup per flow per tick is most of the tier's CPU cost);
-    a bulk flow at the rate that lets it use at most half of the headroom
-    between looks. The period grows at most twofold per tick, and shrinks at once.
+    ``tick_max`` (a wakeup per flow per tick is most of the tier's CPU cost, and
+    the program wakes the watchdog when a hold begins: R19); a bulk flow at the
+    rate that lets it use at most half of the headroom between looks. The period
+    grows at most twofold per tick, and shrinks at once.
 
     Args:
         lim: The watchdog settings.

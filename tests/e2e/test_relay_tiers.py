@@ -132,6 +132,8 @@ def map_entries(ids: set[tuple[str, int]]) -> dict[str, int]:
     for kind, i in ids:
         if kind != "map" or not names.get(i, "").startswith("l4gw"):
             continue
+        if names[i] == "l4gw_events":
+            continue  # the events ring: no keys, nothing per flow (sockmap.py R19)
         fd = libbpf.map_fd_by_id(i)
         try:
             n, key = 0, None

@@ -502,6 +502,75 @@ async def test_t16_many_hold_resume_cycles(bpf_object: Path) -> None:
         assert flow.reason == "client_eof" or flow.reason == "backend_eof"
 
 
+# --- R19: what the watchdog must act on wakes it ---------------------------------------
+
+A_MINUTE = Limits(high_watermark=64 << 10, tick_min=60.0, tick_max=60.0)
+"""A watchdog that looks only when something wakes it: its period is longer than any
+of these tests may take."""
+
+
+async def test_t25_holds_wake_the_watchdog(bpf_object: Path) -> None:
+    """Slow readers both ways make the program hold bytes again and again over a small
+    watermark. With the watchdog's period at a minute, each hold can only be resumed
+    because the program's event woke the watchdog (R19) or the flow's epoll set did:
+    both directions still arrive whole, byte-exact, and the half-closes cross."""
+    with Accelerator.load(bpf_object, max_flows=8, limits=A_MINUTE) as acc:
+        up, down = 3 << 20, 2 << 20
+        checks: dict[int, PayloadCheck] = {}
+        with topology(backend_rcvbuf=64 << 10, client_rcvbuf=64 << 10) as topo:
+            flow = Flow(acc, topo)
+
+            async def read(sock: trio.socket.SocketType, seed: int) -> None:
+                checks[seed] = await recv_payload(sock, seed, chunk=64 << 10, delay=0.001)
+
+            with trio.fail_after(30):
+                async with trio.open_nursery() as n:
+                    n.start_soon(flow.run)
+                    await trio.sleep(0.01)
+                    n.start_soon(send_payload, topo.client, 25, up)
+                    n.start_soon(send_payload, topo.backend, 26, down)
+                    n.start_soon(read, topo.backend, 25)
+                    n.start_soon(read, topo.client, 26)
+        assert checks[25].verdict(up) == "equal", checks[25].verdict(up)
+        assert checks[26].verdict(down) == "equal", checks[26].verdict(down)
+        st = acc.status()
+        assert st["holds"] >= 2 and st["held_bytes"] > 0, st
+        assert st["events"] >= 2, st
+        assert st["aborts"] == 0 and st["counter_mismatches"] == 0, st
+        assert flow.reason in ("client_eof", "backend_eof")
+        assert acc.map_entries() == EMPTY
+
+
+async def test_t26_a_quiet_flow_is_looked_at_rarely_and_ends_when_idle(
+    bpf_object: Path,
+) -> None:
+    """A quiet flow's looks back off to ``tick_max`` (each look of an idle flow costs
+    CPU, and the program wakes the watchdog for a hold): over a second of quiet the
+    watchdog looks about ten times, not the 500 of its shortest period. Its idle timeout
+    is looked at when due, however long the period: the flow ends as idle, never early."""
+    limits = Limits(tick_max=60.0)
+    with Accelerator.load(bpf_object, max_flows=8, limits=limits) as acc:
+        with topology() as topo:
+            flow = Flow(acc, topo, idle_timeout=1.5)
+            hello = payload(1000, 27)
+            started = trio.current_time()
+            with trio.fail_after(20):
+                async with trio.open_nursery() as n:
+                    n.start_soon(flow.run)
+                    await trio.sleep(0.01)
+                    await send_all(topo.client, hello)
+                    assert await recv_exact(topo.backend, len(hello)) == hello
+                    looks = acc.status()["watchdog_looks"]
+                    await trio.sleep(1.0)
+                    quiet_looks = acc.status()["watchdog_looks"] - looks
+                    await flow.done.wait()
+            lived = trio.current_time() - started
+        assert quiet_looks <= 15, quiet_looks
+        assert flow.reason == "idle_timeout"
+        assert lived >= 1.5, lived
+        assert acc.map_entries() == EMPTY
+
+
 # --- scale, lifecycle, environment -----------------------------------------------------
 
 
