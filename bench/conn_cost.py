@@ -20,8 +20,10 @@ code change can be judged on a shared 2-vCPU VM:
   thousands of instructions per connection. It leaves out the kernel's part and cache
   effects: a code change is judged here, the gateway against HAProxy by ``cpu`` and run.py.
 * ``idle``: RSS per idle connection: ``--hold`` connections opened through the
-  proxy to an echo backend, one 16-byte exchange each, then held; (RSS with them
-  − RSS before) / count. At the end every held connection exchanges a unique
+  proxy to an echo backend, one 16-byte exchange each (with ``--promote S``, two more
+  S seconds apart, which hand each connection to the gateway's kernel tier),
+  then held; (RSS with them − RSS before) / count, and the proxy's CPU over
+  ``--idle-seconds`` while it holds them. At the end every held connection exchanges a unique
   payload once more and it must come back byte-exact. The default is 9,900, not
   10,000: the hard ``RLIMIT_NOFILE`` here is 20,000 and one proxy process holds
   two descriptors per connection plus its own.
@@ -30,6 +32,7 @@ code change can be judged on a shared 2-vCPU VM:
     .venv/bin/python bench/conn_cost.py syscalls --connections 3000
     .venv/bin/python bench/conn_cost.py instructions --paths trio-lean,gateway-copy,gateway --connections 2000
     .venv/bin/python bench/conn_cost.py idle --hold 9900
+    .venv/bin/python bench/conn_cost.py idle --paths gateway --hold 3000 --promote 0.3
     .venv/bin/python bench/conn_cost.py cpu --paths gateway-copy --gateway-src ref=/tmp/ref
     .venv/bin/python bench/conn_cost.py cpu --quick               # smoke: tiny counts
 
@@ -375,8 +378,24 @@ def measure_idle(args: argparse.Namespace, echo: int, workdir: Path) -> dict[str
                 s.sendall(b"%016d" % i)
             for i, s in enumerate(socks):
                 _expect(s, b"%016d" % i)
+            for later in range(2 if args.promote else 0):
+                # Bytes that move once a flow is older than the relay plugin's
+                # promote_after promote it; it first watches the flow's rate over its
+                # next bytes (bulk or not), which the second exchange ends: then the
+                # flow is in a kernel tier, where it is held.
+                time.sleep(args.promote)
+                for i, s in enumerate(socks):
+                    s.sendall(b"later%d-%09d" % (later, i))
+                for i, s in enumerate(socks):
+                    _expect(s, b"later%d-%09d" % (later, i))
             time.sleep(1.0)
             rss1 = sum(rss_kib(p.pid) or 0 for p in procs)
+            kernel_flows = sum(_kernel_tier_flows(p.pid) for p in procs)
+            # What holding them costs the proxy while nothing moves (a kernel tier's
+            # watchdog, timers), over --idle-seconds.
+            cpu0, t0 = sum(_cpu(procs)), time.monotonic()
+            time.sleep(args.idle_seconds)
+            held_cpu_pct = 100 * (sum(_cpu(procs)) - cpu0) / (time.monotonic() - t0)
             for i, s in enumerate(socks):
                 s.sendall(b"again-%010d" % i)
             bad = 0
@@ -396,10 +415,26 @@ def measure_idle(args: argparse.Namespace, echo: int, workdir: Path) -> dict[str
             "rss_before_kib": rss0,
             "rss_held_kib": rss1,
             "bytes_per_conn": per,
+            "held_cpu_pct": held_cpu_pct,
+            "kernel_tier_flows": kernel_flows,
             "failed": bad,
         }
-        _log(f"{name}: RSS {rss0} -> {rss1} KiB over {args.hold}: {per:.0f} B/conn; {bad} failed")
+        _log(
+            f"{name}: RSS {rss0} -> {rss1} KiB over {args.hold}: {per:.0f} B/conn; "
+            f"{kernel_flows} in a kernel tier; {held_cpu_pct:.1f} % of a core while held; "
+            f"{bad} failed"
+        )
     return out
+
+
+def _kernel_tier_flows(pid: int) -> int:
+    """Flows a gateway process has in its kernel tiers now (its relay status file in
+    the default ``status_dir``); 0 for another proxy."""
+    try:
+        tiers = json.loads(Path(f"/run/l4gw/{pid}.json").read_text())["tiers"]
+    except (OSError, ValueError, KeyError):
+        return 0
+    return sum(int(tiers[t].get("flows_now", 0)) for t in ("sockmap", "splice") if t in tiers)
 
 
 def _exchange_new(port: int, count: int) -> None:
@@ -442,7 +477,16 @@ def main(argv: list[str] | None = None) -> int:
         "--idle-seconds",
         type=float,
         default=5.0,
-        help="instructions: seconds without load to measure the background rate (5)",
+        help="instructions: seconds without load to measure the background rate; "
+        "idle: seconds the proxy's CPU is measured while it holds the connections (5)",
+    )
+    p.add_argument(
+        "--promote",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="idle: two more exchanges this far apart, which hand each connection to "
+        "the gateway's kernel tier before it is held (0: none)",
     )
     p.add_argument("--concurrency", type=int, default=16, help="client threads (16)")
     p.add_argument(

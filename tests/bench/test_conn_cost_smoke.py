@@ -48,6 +48,17 @@ def test_idle_connections_all_served(tmp_path: Path) -> None:
     for name, cell in report["result"].items():
         assert cell["failed"] == 0, name
         assert cell["rss_held_kib"] >= cell["rss_before_kib"] > 0, name
+        assert cell["held_cpu_pct"] >= 0, name
+
+
+@pytest.mark.timeout(60)
+def test_idle_connections_promoted_to_the_kernel_tier_all_served(tmp_path: Path) -> None:
+    _, report = run_quick(
+        "conn_cost.py", ["idle", "--paths", "gateway", "--promote", "0.3"], TOOLS, tmp_path, 50
+    )
+    cell = report["result"]["gateway"]
+    assert cell["failed"] == 0
+    assert cell["held_cpu_pct"] >= 0
 
 
 @pytest.mark.timeout(300)
