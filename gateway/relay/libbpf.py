@@ -397,7 +397,8 @@ class U64Ring:
     """
 
     def __init__(self, map_fd: int) -> None:
-        """
+        """Map the ring buffer ``map_fd`` (the map's fd stays the caller's).
+
         Raises:
             BpfError: ``map_fd`` is not a ring buffer, or out of memory.
         """

@@ -656,8 +656,15 @@ class Accelerator:
                     wake = wakes.get(cookie)
                     if wake is not None:
                         wake.now()
-        except (trio.ClosedResourceError, BpfError):
+        except trio.ClosedResourceError:
             return  # the accelerator closed (close() tells this task first)
+        except OSError as exc:
+            if self._obj is not None:
+                log.warning(
+                    "sockmap: stopped reading the events ring (%s): holds now wait for "
+                    "the watchdog's next look",
+                    exc,
+                )
 
     def _drain_held(self, x: _Side, y: _Side, held: int, limit: int) -> None:
         """Forward X's held bytes to Y; end the hold once the program has nothing more.
