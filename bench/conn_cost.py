@@ -368,7 +368,9 @@ def measure_idle(args: argparse.Namespace, echo: int, workdir: Path) -> dict[str
         socks: list[socket.socket] = []
         try:
             listen = free_port()
-            procs = start_path(children, name, listen, echo, args.sources, args.hold + 50)
+            procs = start_path(
+                children, name, listen, echo, args.sources, args.hold + 50, args.variants
+            )
             _exchange_new(listen, 200)  # warm-up: first-use allocations are not per connection
             time.sleep(0.5)
             rss0 = sum(rss_kib(p.pid) or 0 for p in procs)
