@@ -392,12 +392,13 @@ def measure_idle(args: argparse.Namespace, echo: int, workdir: Path) -> dict[str
                     _expect(s, b"later%d-%09d" % (later, i))
             time.sleep(1.0)
             rss1 = sum(rss_kib(p.pid) or 0 for p in procs)
-            kernel_flows = sum(_kernel_tier_flows(p.pid) for p in procs)
             # What holding them costs the proxy while nothing moves (a kernel tier's
             # watchdog, timers), over --idle-seconds.
             cpu0, t0 = sum(_cpu(procs)), time.monotonic()
             time.sleep(args.idle_seconds)
             held_cpu_pct = 100 * (sum(_cpu(procs)) - cpu0) / (time.monotonic() - t0)
+            # After that wait: the status file is rewritten once a second.
+            kernel_flows = sum(_kernel_tier_flows(p.pid) for p in procs)
             for i, s in enumerate(socks):
                 s.sendall(b"again-%010d" % i)
             bad = 0

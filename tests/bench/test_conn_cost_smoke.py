@@ -58,6 +58,7 @@ def test_idle_connections_promoted_to_the_kernel_tier_all_served(tmp_path: Path)
     )
     cell = report["result"]["gateway"]
     assert cell["failed"] == 0
+    assert cell["kernel_tier_flows"] > 0, cell
     assert cell["held_cpu_pct"] >= 0
 
 
