@@ -297,6 +297,8 @@ class _Side:
     pending: bytes = b""  # taken, not yet forwarded
     blocked: str = ""  # what stopped the last _forward of this side's held bytes
     limit: int = -1  # l4gw_credit.limit last written
+    fd: int = -1  # the socket's descriptor, in the flow's epoll set while ``mask``
+    mask: int = 0  # the events it is registered for there (0: not any more)
     drain_started: float = 0.0
     drain_progress: int = -1
 
@@ -812,8 +814,6 @@ class Accelerator:
         report: FlowReport | None,
     ) -> tuple[str, bool]:
         """Watch an armed flow until it ends; closes ``ep``, its epoll set."""
-        by_fd = {a.sock.fileno(): a, b.sock.fileno(): b}
-        masks = dict.fromkeys(by_fd, _WATCH)
         # The set is watched by the process's relay poller, registered once, and a
         # long period is kept by its idle timer: a look then costs no cancel scope, no
         # epoll_ctl and no exception (trio's move_on_after and wait_readable did).
@@ -824,8 +824,9 @@ class Accelerator:
             # bytes are moved. Edge-triggered: a level-triggered RDHUP or HUP would spin
             # after the FIN, and EPOLLIN may be "ready" while the held skb still waits
             # in the psock queue, where recv() cannot see it yet.
-            for fd in by_fd:
-                ep.register(fd, _WATCH)
+            for side in (a, b):
+                side.fd, side.mask = side.sock.fileno(), _WATCH
+                ep.register(side.fd, _WATCH)
             poller.register(ep.fileno(), wake, 0)
             tick = lim.tick_min
             worst = 0
@@ -849,13 +850,14 @@ class Accelerator:
                     wake.scope = None
                     if not scope.cancelled_caught:
                         wake.readable[0] = READABLE
+                    del scope  # not held through the long waits of a quiet flow
                 wake.due = False
                 totals.looks += 1
                 # The poller's flag: the set had events (what comes later sets it again).
                 readable, wake.readable[0] = wake.readable[0], 0
                 for fd, ev in ep.poll(0) if readable else ():
-                    side = by_fd.get(fd)
-                    if side is None or not ev & _STATE_EVENTS:
+                    side = a if fd == a.fd else b
+                    if not side.mask or not ev & _STATE_EVENTS:
                         continue  # a wakeup for moving held bytes
                     err = side.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                     state, _, _ = _tcp_info(side.sock)
@@ -885,12 +887,12 @@ class Accelerator:
                 again = False
                 if not quiet:
                     # Bytes TCP accepted into each side since arming; read once per tick.
-                    written = {a.name: a.written(), b.name: b.written()}
+                    written_a, written_b = a.written(), b.written()
                     worst = 0
                     # Per direction X → Y: backlog, credit, held bytes, half-close.
-                    for x, y, ctr in ((a, b, ca), (b, a, cb)):
+                    for x, y, ctr, written_y in ((a, b, ca, written_b), (b, a, cb, written_a)):
                         # Bytes of the redirect path TCP has accepted into Y.
-                        kernel_done = written[y.name] - x.forwarded
+                        kernel_done = written_y - x.forwarded
                         backlog = ctr.bytes - kernel_done
                         worst = max(worst, backlog)
                         if backlog > self._totals.max_backlog:
@@ -922,7 +924,7 @@ class Accelerator:
                             self._credit(x, limit)
                         if x.eof and not y.shut:
                             _, _, received = _tcp_info(x.sock)
-                            done = written[y.name] + x.forwarded - forwarded
+                            done = written_y + x.forwarded - forwarded
                             # R9: -1 is the FIN, counted in bytes_received.
                             if done >= received - x.consumed - 1:
                                 try:
@@ -940,13 +942,12 @@ class Accelerator:
                     if a.shut and b.shut:
                         break
                     for x, y in ((a, b), (b, a)):
-                        fd = x.sock.fileno()
-                        if fd not in by_fd:
+                        if not x.mask:
                             continue
                         if x.eof and x.shut:
                             # Both halves closed: nothing left to watch on this socket.
-                            ep.unregister(fd)
-                            del by_fd[fd]
+                            ep.unregister(x.fd)
+                            x.mask = 0
                             continue
                         mask = _WATCH
                         if x.holding and x.blocked != "write":
@@ -955,15 +956,15 @@ class Accelerator:
                             mask |= select.EPOLLIN
                         if y.blocked == "write":
                             mask |= select.EPOLLOUT
-                        if mask != masks[fd]:
-                            ep.modify(fd, mask)
-                            masks[fd] = mask
+                        if mask != x.mask:
+                            ep.modify(x.fd, mask)
+                            x.mask = mask
                     if report is not None:
                         report.kernel_bytes = ca.bytes + cb.bytes
                         report.held_bytes = a.forwarded + b.forwarded
                     if total != last_total:
-                        stats.bytes_from_client = base_from + written[b.name]
-                        stats.bytes_to_client = base_to + written[a.name]
+                        stats.bytes_from_client = base_from + written_b
+                        stats.bytes_to_client = base_to + written_a
                 moved = total - last_total if last_total >= 0 else 0
                 if total != last_total:
                     last_total = total
@@ -981,6 +982,7 @@ class Accelerator:
                         return "idle_timeout", True
                     # Looked at when due, whatever the period (never early).
                     tick = min(tick, last_activity + idle_timeout - now)
+                del ca, cb  # what a look read is not held through the wait
             assert first_eof is not None
             return first_eof, True
         finally:
