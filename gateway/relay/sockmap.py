@@ -828,7 +828,10 @@ class Accelerator:
                 side.fd, side.mask = side.sock.fileno(), _WATCH
                 ep.register(side.fd, _WATCH)
             poller.register(ep.fileno(), wake, 0)
-            tick = lim.tick_min
+            # The first looks wait in the idle timer too: a short wait's Cancelled would
+            # leave this frame materialised (600 B) for the life of a flow that then
+            # idles. What needs a look at once wakes it anyway (a hold, a FIN).
+            tick = max(lim.tick_min, QUANTUM)
             worst = 0
             last_total = -1
             last_activity = last_tick = trio.current_time()
