@@ -76,6 +76,8 @@ from peers import (
     start_reference_proxy,
 )
 
+from gateway.relay.policy import DEFAULT_STATUS_DIR
+
 PATHS = ("gateway", "gateway-copy", "haproxy", "uvloop")
 _COPY_ONLY = 'disable_plugins = ["relay"]\n'
 _REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
@@ -434,7 +436,7 @@ def _kernel_tier_flows(pid: int) -> int:
     """Flows a gateway process has in its kernel tiers now (its relay status file in
     the default ``status_dir``); 0 for another proxy."""
     try:
-        tiers = json.loads(Path(f"/run/l4gw/{pid}.json").read_text())["tiers"]
+        tiers = json.loads((Path(DEFAULT_STATUS_DIR) / f"{pid}.json").read_text())["tiers"]
     except (OSError, ValueError, KeyError):
         return 0
     return sum(int(tiers[t].get("flows_now", 0)) for t in ("sockmap", "splice") if t in tiers)

@@ -618,7 +618,8 @@ class Accelerator:
         base_from, base_to = stats.bytes_from_client, stats.bytes_to_client
         reason = "cancelled"
         clean = False
-        # R19: an event that comes before this is seen by the first look (at tick_min).
+        # R19: registered before the first await, so the events' task, which runs only
+        # when this one waits, cannot read an event of this flow before it is here.
         wake = self._wakes[a.cookie] = self._wakes[b.cookie] = _Wake()
         try:
             self._start_reader()
