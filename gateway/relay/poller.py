@@ -100,15 +100,25 @@ class Poller:
         self.timer = IdleTimer()
         """The relays' idle deadlines (gateway/relay/idletimer.py), run beside the set."""
 
-    def register(self, fd: int, waiter: Waiter, side: int) -> None:
-        """Watch ``fd`` for ``waiter`` as its side ``side`` (0 or 1)."""
+    def register(self, fd: int, waiter: Waiter, side: int, events: int = _EVENTS) -> None:
+        """Watch ``fd`` for ``waiter`` as its side ``side`` (0 or 1).
+
+        ``events`` is for an owner that wants fewer wakeups than every edge (the
+        sockmap tier: only a FIN or an error, until it has bytes of its own to move);
+        it should keep ``EPOLLET`` (rule 1).
+        """
         self._owners[fd] = (waiter, side)
         try:
-            self._epoll.register(fd, _EVENTS)
+            self._epoll.register(fd, events)
         except FileExistsError:
             # Still in the set from an earlier relay of the same socket that ended
             # without unregistering: re-arming it reports what is ready now.
-            self._epoll.modify(fd, _EVENTS)
+            self._epoll.modify(fd, events)
+
+    def modify(self, fd: int, events: int) -> None:
+        """Watch a registered ``fd`` for ``events`` from now on; what is ready now is
+        reported again (an edge for each)."""
+        self._epoll.modify(fd, events)
 
     def forget(self, fd: int) -> None:
         """Stop waking anyone for ``fd``; the socket is about to be closed."""

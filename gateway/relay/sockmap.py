@@ -12,10 +12,12 @@ kernel backlog and tears the flow down. reference/sockmap.md §7 is the procedur
   before insertion stall until the next segment.
 - R7/R8  Never read or write payload on an armed socket, except the bytes the program
   *held* (R12), and then only while the redirect backlog toward the peer is empty; watch
-  the sockets through a per-flow epoll set registered for ``EPOLLRDHUP`` (ERR/HUP are
-  implicit), adding ``EPOLLIN`` only while a side holds bytes (then nothing of it is
-  redirected, so the per-skb wakeups of the redirect path still never wake us) and
-  ``EPOLLOUT`` only while held bytes wait for room in the peer.
+  the sockets in the process's relay poller (gateway/relay/poller.py), each registered
+  for ``EPOLLRDHUP`` (ERR/HUP are implicit), adding ``EPOLLIN`` only while a side
+  holds bytes (then nothing of it is redirected, so the per-skb wakeups of the
+  redirect path still never wake us) and ``EPOLLOUT`` only while held bytes wait for
+  room in the peer. No epoll set of its own: a flow in this tier holds its two
+  sockets' descriptors and no other, as in the copy tier.
 - R9     Half-close X→Y only after ``written(Y) >= received(X) - consumed(X) - 1``
   (the 1 is the FIN); written = ``tcpi_bytes_acked + SIOCOUTQ`` minus its arming
   snapshot. On drain timeout (no progress), abort.
@@ -86,7 +88,7 @@ from gateway.linux import SIOCINQ, SIOCOUTQ, SO_COOKIE, TCP_INFO, ioctl_int
 from gateway.relay import libbpf
 from gateway.relay.idletimer import QUANTUM
 from gateway.relay.libbpf import BpfError
-from gateway.relay.poller import READABLE, Waiter
+from gateway.relay.poller import READABLE_TO_END, Waiter
 from gateway.relay.poller import current as current_poller
 from gateway.relay.stats import RelayStats
 
@@ -140,7 +142,9 @@ _FORWARD_BUDGET: Final = 4 << 20
 _FORWARD_ROUNDS: Final = 4
 # What the watchdog always listens for (ERR and HUP are implicit); edge-triggered.
 _WATCH: Final = select.EPOLLRDHUP | select.EPOLLET
-_STATE_EVENTS: Final = select.EPOLLRDHUP | select.EPOLLERR | select.EPOLLHUP
+# TCP states in which the peer's FIN has not come yet: an end event there (a HUP
+# without RDHUP or error, which TCP does not send) is no EOF.
+_PEER_FIN_PENDING: Final = frozenset({1, 2, 3, 4, 5})  # ESTABLISHED ... FIN_WAIT2
 _KEY: Final = struct.Struct("=Q")
 _LINGER_ABORT: Final = struct.pack("ii", 1, 0)
 
@@ -172,7 +176,7 @@ class Limits:
             holding (seconds).
         tick_max: Longest watchdog period, that of a quiet flow (seconds). Holds and
             anomalies wake the watchdog at once (R19), a FIN or an error through the
-            flow's epoll set, and an idle timeout is looked at when it is due, so this
+            relay poller, and an idle timeout is looked at when it is due, so this
             bounds only how stale a flow's byte counts in the stats get.
         drain_timeout: Seconds without drain progress before a half-close aborts.
     """
@@ -297,7 +301,7 @@ class _Side:
     pending: bytes = b""  # taken, not yet forwarded
     blocked: str = ""  # what stopped the last _forward of this side's held bytes
     limit: int = -1  # l4gw_credit.limit last written
-    fd: int = -1  # the socket's descriptor, in the flow's epoll set while ``mask``
+    fd: int = -1  # the socket's descriptor, in the relay poller while ``mask``
     mask: int = 0  # the events it is registered for there (0: not any more)
     drain_started: float = 0.0
     drain_progress: int = -1
@@ -595,22 +599,13 @@ class Accelerator:
                 f"sockmap pre-arming flush failed: {exc.strerror or exc}", exc.errno or 0
             )
         try:
-            # The flow's epoll set, made before arming: out of descriptors (EMFILE), the
-            # flow stays where it is instead of failing after the kernel took it.
-            ep = select.epoll(2)
-        except OSError as exc:
-            self._totals.arm_failures += 1
-            raise ArmError(f"sockmap: no epoll set for the flow: {exc.strerror}", exc.errno or 0)
-        try:
             a = self._snapshot(client, "client")
             b = self._snapshot(upstream, "backend")
             self._arm(a, b, limits or self.limits)
         except ArmError:
-            ep.close()
             self._totals.arm_failures += 1
             raise
         except OSError as exc:
-            ep.close()
             self._totals.arm_failures += 1
             raise ArmError(f"sockmap arming failed: {exc.strerror or exc}", exc.errno or 0)
         self._totals.flows_now += 1
@@ -629,12 +624,11 @@ class Accelerator:
                 # R6: bytes queued before insertion get no data_ready of their own.
                 side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
             reason, clean = await self._supervise(
-                ep, wake, a, b, stats, base_from, base_to, idle_timeout,
-                limits or self.limits, report,
+                wake, a, b, stats, base_from, base_to, idle_timeout, limits or self.limits,
+                report,
             )  # fmt: skip
             return reason
         finally:
-            ep.close()  # closed already unless on_armed or the setsockopt raised
             del self._wakes[a.cookie], self._wakes[b.cookie]
             # Synchronous on purpose: it must run to the end even when cancelled.
             self._finish(a, b, stats, base_from, base_to, clean, reason)
@@ -803,7 +797,6 @@ class Accelerator:
 
     async def _supervise(
         self,
-        ep: select.epoll,
         wake: _Wake,
         a: _Side,
         b: _Side,
@@ -814,21 +807,23 @@ class Accelerator:
         lim: Limits,
         report: FlowReport | None,
     ) -> tuple[str, bool]:
-        """Watch an armed flow until it ends; closes ``ep``, its epoll set."""
-        # The set is watched by the process's relay poller, registered once, and a
+        """Watch an armed flow until it ends; its sockets leave the relay poller."""
+        # The sockets are watched by the process's relay poller, registered once, and a
         # long period is kept by its idle timer: a look then costs no cancel scope, no
-        # epoll_ctl and no exception (trio's move_on_after and wait_readable did).
+        # epoll_ctl and no exception (trio's move_on_after and wait_readable did), and
+        # the flow needs no descriptor of its own.
         poller = current_poller()
         timer = poller.timer
+        readable, writable = wake.readable, wake.writable
         try:
             # R8: RDHUP only (ERR and HUP are implicit); EPOLLIN/EPOLLOUT only while held
             # bytes are moved. Edge-triggered: a level-triggered RDHUP or HUP would spin
             # after the FIN, and EPOLLIN may be "ready" while the held skb still waits
-            # in the psock queue, where recv() cannot see it yet.
-            for side in (a, b):
+            # in the psock queue, where recv() cannot see it yet. Registering reports
+            # a FIN or an error that came before.
+            for i, side in enumerate((a, b)):
                 side.fd, side.mask = side.sock.fileno(), _WATCH
-                ep.register(side.fd, _WATCH)
-            poller.register(ep.fileno(), wake, 0)
+                poller.register(side.fd, wake, i, _WATCH)
             # The first looks wait in the idle timer too: a short wait's Cancelled would
             # leave this frame materialised (600 B) for the life of a flow that then
             # idles. What needs a look at once wakes it anyway (a hold, a FIN).
@@ -839,7 +834,8 @@ class Accelerator:
             first_eof: str | None = None
             totals = self._totals
             while True:
-                if wake.due or wake.readable[0] or tick <= 0:
+                events = readable[0] or readable[1] or writable[0] or writable[1]
+                if wake.due or events or tick <= 0:
                     await trio.lowlevel.checkpoint()
                 elif tick >= QUANTUM:
                     timer.set(wake, timer.now() + tick)
@@ -849,31 +845,30 @@ class Accelerator:
                     wake.expired = False
                 else:  # shorter than the timer's quantum (a busy flow)
                     with trio.move_on_after(tick) as scope:
-                        wake.scope = scope
-                        await trio.lowlevel.wait_readable(ep.fileno())
-                    wake.scope = None
-                    if not scope.cancelled_caught:
-                        wake.readable[0] = READABLE
+                        wake.task = trio.lowlevel.current_task()
+                        await trio.lowlevel.wait_task_rescheduled(wake.abort)
                     del scope  # not held through the long waits of a quiet flow
                 wake.due = False
                 totals.looks += 1
-                # The poller's flag: the set had events (what comes later sets it again).
-                readable, wake.readable[0] = wake.readable[0], 0
-                for fd, ev in ep.poll(0) if readable else ():
-                    side = a if fd == a.fd else b
-                    if not side.mask or not ev & _STATE_EVENTS:
-                        continue  # a wakeup for moving held bytes
+                # The poller's flags since the last look (what comes later sets them again).
+                end_a, end_b = readable[0] == READABLE_TO_END, readable[1] == READABLE_TO_END
+                readable[0] = readable[1] = 0
+                writable[0] = writable[1] = False
+                for side, end in ((a, end_a), (b, end_b)):
+                    if not end or not side.mask:
+                        continue  # nothing, or a wakeup for moving held bytes
                     err = side.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                     state, _, _ = _tcp_info(side.sock)
-                    log.debug("sockmap: %s event %#x err=%d state=%d", side.name, ev, err, state)
-                    # An RST always sets sk_err; a socket may be TCP_CLOSE without one
-                    # (FIN_WAIT2 → TIME_WAIT hands over to a timewait sock).
-                    if err or ev & select.EPOLLERR:
+                    log.debug("sockmap: %s end event err=%d state=%d", side.name, err, state)
+                    # An RST always sets sk_err (EPOLLERR comes with it: no error queue is
+                    # used here); a socket may be TCP_CLOSE without one (FIN_WAIT2 →
+                    # TIME_WAIT hands over to a timewait sock).
+                    if err:
                         # R11: reset the other side too.
                         _abort(a.sock)
                         _abort(b.sock)
                         return f"{side.name}_reset", False
-                    if ev & select.EPOLLRDHUP and not side.eof:
+                    if state not in _PEER_FIN_PENDING and not side.eof:
                         side.eof = True
                         side.drain_started = trio.current_time()
                         first_eof = first_eof or f"{side.name}_eof"
@@ -950,7 +945,7 @@ class Accelerator:
                             continue
                         if x.eof and x.shut:
                             # Both halves closed: nothing left to watch on this socket.
-                            ep.unregister(x.fd)
+                            poller.unregister(x.fd)
                             x.mask = 0
                             continue
                         mask = _WATCH
@@ -961,7 +956,7 @@ class Accelerator:
                         if y.blocked == "write":
                             mask |= select.EPOLLOUT
                         if mask != x.mask:
-                            ep.modify(x.fd, mask)
+                            poller.modify(x.fd, mask)
                             x.mask = mask
                     if report is not None:
                         report.kernel_bytes = ca.bytes + cb.bytes
@@ -991,20 +986,20 @@ class Accelerator:
             return first_eof, True
         finally:
             timer.cancel(wake)
-            poller.forget(ep.fileno())
-            ep.close()
+            for side in (a, b):
+                if side.mask:
+                    poller.unregister(side.fd)
 
 
 class _Wake(Waiter):
-    """What wakes one flow's watchdog: its epoll set (through the relay poller, side 0),
-    the idle timer (its period), or the events' task (R19)."""
+    """What wakes one flow's watchdog: its sockets' events (the relay poller: side 0
+    the client, 1 the backend), the idle timer (its period), or the events' task
+    (R19)."""
 
-    __slots__ = ("due", "expired", "scope", "timer_key")
+    __slots__ = ("due", "expired", "timer_key")
 
     def __init__(self) -> None:
         super().__init__()
-        self.scope: trio.CancelScope | None = None
-        """The watchdog's wait, while it waits in a cancel scope (a short period)."""
         self.due = False
         """An event came since the watchdog last looked."""
         self.expired = False
@@ -1013,8 +1008,6 @@ class _Wake(Waiter):
 
     def now(self) -> None:
         self.due = True
-        if self.scope is not None:
-            self.scope.cancel()
         task = self.task
         if task is not None:
             self.task = None

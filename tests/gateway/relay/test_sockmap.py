@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from gateway.relay import canary, sockmap
+from gateway.relay import canary, poller, sockmap
 from gateway.relay.sockmap import DEFAULT_OBJECT, Accelerator, AcceleratorError, ArmError, Limits
 from gateway.relay.splice import splice_relay
 from gateway.relay.stats import RelayStats
@@ -512,7 +512,7 @@ of these tests may take."""
 async def test_t25_holds_wake_the_watchdog(bpf_object: Path) -> None:
     """Slow readers both ways make the program hold bytes again and again over a small
     watermark. With the watchdog's period at a minute, each hold can only be resumed
-    because the program's event woke the watchdog (R19) or the flow's epoll set did:
+    because the program's event woke the watchdog (R19) or a socket's event did:
     both directions still arrive whole, byte-exact, and the half-closes cross."""
     with Accelerator.load(bpf_object, max_flows=8, limits=A_MINUTE) as acc:
         up, down = 3 << 20, 2 << 20
@@ -569,6 +569,29 @@ async def test_t26_a_quiet_flow_is_looked_at_rarely_and_ends_when_idle(
         assert flow.reason == "idle_timeout"
         assert lived >= 1.5, lived
         assert acc.map_entries() == EMPTY
+
+
+async def test_t27_a_flow_holds_no_descriptor_of_its_own(acc: Accelerator) -> None:
+    """The watchdog watches the two sockets in the process's relay poller: a flow in the
+    tier holds their descriptors and no other (an epoll set of its own was a third per
+    flow, and 9,900 held flows did not fit in 20,000 descriptors). Its FIN is still
+    seen: both directions half-close and arrive whole."""
+    poller.current()  # the relay poller's set exists before the count
+    up, down = payload(300_000, 28), payload(200_003, 29)
+    with topology() as topo:
+        flow = Flow(acc, topo)
+        with trio.fail_after(20):
+            async with trio.open_nursery() as n:
+                before = len(os.listdir("/proc/self/fd"))
+                n.start_soon(flow.run)
+                await send_all(topo.client, up[:1000])
+                assert await recv_exact(topo.backend, 1000) == up[:1000]
+                assert acc.status()["flows_now"] == 1
+                assert len(os.listdir("/proc/self/fd")) == before
+                at_backend, at_client = await exchange(topo, up[1000:], down)
+    assert flow.tier == "sockmap" and flow.reason in ("client_eof", "backend_eof")
+    assert at_backend == up[1000:], first_mismatch(at_backend, up[1000:])
+    assert at_client == down, first_mismatch(at_client, down)
 
 
 # --- scale, lifecycle, environment -----------------------------------------------------
