@@ -32,6 +32,8 @@ Rules kept here:
 4. **One system task per trio run** polls the set when trio says its descriptor is
    readable and wakes the owners; it closes the set when the run ends. A second one
    runs the relays' idle timer (:attr:`Poller.timer`, gateway/relay/idletimer.py).
+   The run's pool of pipes for the splice tier (:attr:`Poller.pipes`,
+   gateway/relay/pipes.py) is closed with the set.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from trio.lowlevel import (
 )
 
 from gateway.relay.idletimer import IdleTimer
+from gateway.relay.pipes import PipePool
 
 _EVENTS: Final = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _BATCH: Final = 256
@@ -99,6 +102,8 @@ class Poller:
         """False once its trio run ended (its set is closed)."""
         self.timer = IdleTimer()
         """The relays' idle deadlines (gateway/relay/idletimer.py), run beside the set."""
+        self.pipes = PipePool()
+        """The splice tier's pipes, lent while bytes are in them (gateway/relay/pipes.py)."""
 
     def register(self, fd: int, waiter: Waiter, side: int, events: int = _EVENTS) -> None:
         """Watch ``fd`` for ``waiter`` as its side ``side`` (0 or 1).
@@ -157,9 +162,18 @@ class Poller:
             self.alive = False
             self._owners.clear()
             epoll.close()
+            self.pipes.close()
 
 
 _CURRENT: RunVar[Poller] = RunVar("l4gw_relay_poller")
+
+
+def running() -> Poller | None:
+    """This trio run's poller if it started; None before, or outside a trio run."""
+    try:
+        return _CURRENT.get()
+    except (LookupError, RuntimeError):
+        return None
 
 
 def current() -> Poller:

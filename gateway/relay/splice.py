@@ -1,65 +1,76 @@
 """The splice(2) relay tier: payload moves socket → pipe → socket inside the kernel.
 
-One pipe per direction; each direction is one trio task that alternates
-``splice(src, pipe)`` and ``splice(pipe, dst)`` on non-blocking fds and sleeps in
-``trio.lowlevel.wait_readable``/``wait_writable`` when neither moves a byte.
+One task per flow moves both directions, as the copy tier does (gateway/relay/copy.py
+rule 6): the two sockets are registered once in the process's relay poller
+(edge-triggered) and the task alternates ``splice(src, pipe)`` and ``splice(pipe,
+dst)`` on non-blocking descriptors for whichever side is ready, and parks in the poller
+when nothing can move. The idle timeout is the poller's idle timer.
 
 Rules kept (reference/sockmap.md §6 and rule 19):
 
 1. **Backpressure is the pipe.** A direction reads from its source only while its
    pipe has room and waits for the destination to become writable while the pipe
    holds bytes, so a slow reader closes the sender's TCP window and memory per flow
-   is bounded by two pipes plus the socket buffers.
-2. **SPLICE_F_MORE only when more data is known to follow** (the read filled the
+   is bounded by a pipe per direction plus the socket buffers.
+2. **A pipe only while bytes are in it.** A direction takes a pipe from the run's pool
+   (gateway/relay/pipes.py) when its source has bytes and gives it back once the pipe
+   is empty: an idle flow holds no pipe, so it holds its two sockets' descriptors and
+   nothing else (two pipes per flow were four more descriptors and 19.5 KB of the
+   process per idle flow: bench/README.md). When no pipe can be made (out of
+   descriptors), the relay waits for a direction that holds one to empty it, and raises
+   that ``OSError`` once nothing is in any pipe: the caller carries the flow on in
+   another tier, with nothing lost.
+3. **Edge-triggered, so a flag is cleared only when proven.** A source is known to be
+   empty only when splicing into an *empty* pipe says ``EAGAIN`` (a pipe out of slots
+   says ``EAGAIN`` too); a short splice proves nothing (the pipe may have run out of
+   slots before the source ran out of bytes).
+4. **SPLICE_F_MORE only when more data is known to follow** (the read filled the
    pipe's free space and ``FIONREAD`` on the source is still non-zero): ``MSG_MORE``
    corks a partial segment with no timer, and a request/response flow would stall.
-3. **Half-close after the drain.** EOF from one side becomes ``shutdown(SHUT_WR)`` on
+5. **Half-close after the drain.** EOF from one side becomes ``shutdown(SHUT_WR)`` on
    the other only once that direction's pipe is empty; the other direction keeps
    flowing until its own EOF.
-4. **A reset is never turned into a clean FIN.** An error on either side
+6. **A reset is never turned into a clean FIN.** An error on either side
    (``ECONNRESET``, ``EPIPE``, ...) sets ``SO_LINGER{1,0}`` on the other socket, so
    the caller's ``close()`` sends an RST; bytes that were in flight are then known
    to the peer as lost rather than silently truncated. An idle timeout that cuts
    the flow while bytes are on the way (in a pipe, or received and not spliced
    yet) sets it on both sockets, for the same reason.
-5. **Never busy-loop, stay fair.** ``EAGAIN`` always leads to a wait on the fd; a
-   direction that keeps making progress still checkpoints every
-   ``_CHUNKS_PER_CHECKPOINT`` chunks so one bulk flow cannot starve the loop.
-6. **The caller owns the sockets.** Nothing here closes them; while the relay runs
-   no other task may wait on their fds (trio allows one waiter per fd and direction).
+7. **Never busy-loop, stay fair.** A flow parks whenever nothing can move, and one
+   that keeps moving checkpoints every ``_CHUNKS_PER_CHECKPOINT`` chunks so one bulk
+   flow cannot starve the loop.
+8. **The caller owns the sockets.** Nothing here closes them.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
+import math
 import os
 import select
 import socket
 import struct
-from collections.abc import Callable
 from typing import Final
 
-import trio
+from trio.lowlevel import checkpoint, current_task, wait_task_rescheduled
 
 from gateway.linux import SIOCINQ, ioctl_int
+from gateway.relay.pipes import PIPE_SIZE, Pipe, PipePool
+from gateway.relay.poller import READABLE, Waiter
+from gateway.relay.poller import current as current_poller
 from gateway.relay.stats import RelayStats
 
-__all__ = ["CLOSE_REASONS", "splice_relay", "splice_self_test"]
+__all__ = ["CLOSE_REASONS", "PIPE_SIZE", "splice_relay", "splice_self_test"]
 
 CLOSE_REASONS: Final = frozenset(
     {"client_eof", "backend_eof", "client_reset", "backend_reset", "idle_timeout"}
 )
 
-# fcntl.h via linux/fcntl.h: F_SETPIPE_SZ = 1031, F_GETPIPE_SZ = 1032 (Python has both).
-_F_SETPIPE_SZ: Final = fcntl.F_SETPIPE_SZ
-_F_GETPIPE_SZ: Final = fcntl.F_GETPIPE_SZ
-
-# 1 MiB is the default /proc/sys/fs/pipe-max-size: large enough that one
-# splice pair moves a whole GRO batch, and the unprivileged ceiling anyway.
-PIPE_SIZE: Final = 1 << 20
 _CHUNKS_PER_CHECKPOINT: Final = 16
 _SPLICE_FLAGS: Final = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+_OUT_OF_FDS: Final = frozenset({errno.EMFILE, errno.ENFILE})
+# As the copy tier: an idle deadline moves only once it fell behind "now + idle".
+_IDLE_SLACK: Final = 1 + 1 / 64
 
 # Errors that mean "this side is gone", as opposed to bugs in our use of the API.
 _PEER_GONE: Final = frozenset(
@@ -76,6 +87,8 @@ _PEER_GONE: Final = frozenset(
 )
 
 _LINGER_ABORT: Final = struct.pack("ii", 1, 0)
+_CLIENT: Final = 0
+_UPSTREAM: Final = 1
 
 
 def abort_on_close(sock: socket.socket) -> None:
@@ -91,148 +104,199 @@ def abort_on_close(sock: socket.socket) -> None:
         pass
 
 
-class _Pipe:
-    """One pipe, its two fds and its capacity in bytes."""
+class _Direction:
+    """One direction of a flow: its sockets, its pipe while lent, what is in it."""
 
-    __slots__ = ("capacity", "rfd", "wfd")
+    __slots__ = (
+        "count_to_client",
+        "done",
+        "dst",
+        "dst_fd",
+        "dst_reset",
+        "dst_side",
+        "eof",
+        "first_eof",
+        "in_blocked",
+        "more",
+        "pending",
+        "pipe",
+        "src",
+        "src_fd",
+        "src_reset",
+        "src_side",
+    )
 
-    def __init__(self) -> None:
-        self.rfd, self.wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            fcntl.fcntl(self.wfd, _F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:
-            # EPERM above pipe-max-size or the per-user pipe quota: the default
-            # 64 KiB pipe still works, only with more syscalls per MiB.
-            pass
-        self.capacity: int = fcntl.fcntl(self.wfd, _F_GETPIPE_SZ)
+    def __init__(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
+        self.src, self.dst = src, dst
+        self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
+        self.src_side = _CLIENT if from_client else _UPSTREAM
+        self.dst_side = _UPSTREAM if from_client else _CLIENT
+        self.count_to_client = not from_client
+        self.src_reset = "client_reset" if from_client else "backend_reset"
+        self.dst_reset = "backend_reset" if from_client else "client_reset"
+        self.first_eof = "client_eof" if from_client else "backend_eof"
+        self.pipe: Pipe | None = None
+        self.pending = 0
+        """Bytes in the pipe (rule 2: the pipe is lent while this is not 0)."""
+        self.eof = False
+        self.done = False
+        self.more = False
+        self.in_blocked = False
+        """The last splice into a non-empty pipe said EAGAIN: the source may be empty or
+        the pipe out of slots (rule 3); try again once the pipe has drained some."""
 
-    def close(self) -> None:
-        os.close(self.rfd)
-        os.close(self.wfd)
 
+class _Flow(Waiter):
+    """One flow's two directions, its idle deadline and how it ends."""
 
-class _Flow:
-    """State shared by the two directions and the idle watchdog of one flow."""
+    __slots__ = (
+        "c2u",
+        "chunks",
+        "deadline",
+        "expired",
+        "first_eof",
+        "idle",
+        "no_pipe",
+        "timer_key",
+        "u2c",
+    )
 
-    __slots__ = ("cancel_scope", "first_eof", "last_activity", "reason")
-
-    def __init__(self, cancel_scope: trio.CancelScope) -> None:
-        self.cancel_scope = cancel_scope
+    def __init__(self, c2u: _Direction, u2c: _Direction, idle: float, now: float) -> None:
+        # Waiter's fields. Both sides may have bytes already (one EAGAIN each if not),
+        # and both are writable; the poller sets them again on every edge.
+        self.task = None
+        self.readable = [READABLE, READABLE]
+        self.writable = [True, True]
+        self.c2u, self.u2c = c2u, u2c
+        self.idle = idle
+        self.deadline = now + idle * _IDLE_SLACK if idle else math.inf
+        self.expired = False
+        self.timer_key = 0
         self.first_eof: str | None = None
-        self.last_activity: float = trio.current_time()
-        self.reason: str | None = None
+        self.chunks = 0
+        self.no_pipe: OSError | None = None
+        """No pipe could be made for a direction with bytes to move (rule 2)."""
 
-    def touch(self) -> None:
-        self.last_activity = trio.current_time()
+    def ready(self) -> bool:
+        """An edge that gives the parked task nothing to do (an ACK's EPOLLOUT while
+        it waits for bytes, say) leaves it parked."""
+        return not self.can_move()
 
-    def end(self, reason: str) -> None:
-        """Record a terminal reason (the first one wins) and stop both directions."""
-        if self.reason is None:
-            self.reason = reason
-        self.cancel_scope.cancel()
+    def can_move(self) -> bool:
+        """Whether some direction has work it can do without waiting."""
+        for d in (self.c2u, self.u2c):
+            if d.done:
+                continue
+            if d.pending and self.writable[d.dst_side]:
+                return True
+            if d.eof and not d.pending:
+                return True  # the half-close to pass on
+            if (
+                not d.eof
+                and self.readable[d.src_side]
+                and not d.in_blocked
+                and (d.pipe is not None or self.no_pipe is None)
+                and (d.pipe is None or d.pending < d.pipe.capacity)
+            ):
+                return True
+        return False
 
 
-def _in_flight(client: socket.socket, upstream: socket.socket, pipes: list[_Pipe]) -> bool:
+def _in_flight(client: socket.socket, upstream: socket.socket, flow: _Flow) -> bool:
     """Whether bytes are between the two peers: in a pipe, or unread on a socket."""
+    if flow.c2u.pending or flow.u2c.pending:
+        return True
     try:
-        fds = [client.fileno(), upstream.fileno(), *(p.rfd for p in pipes)]
-        return any(ioctl_int(fd, SIOCINQ) > 0 for fd in fds)
+        return ioctl_int(client.fileno(), SIOCINQ) > 0 or ioctl_int(upstream.fileno(), SIOCINQ) > 0
     except OSError:
         return True  # a socket failed: a reset loses nothing more
 
 
-async def _pump(
-    src: socket.socket,
-    dst: socket.socket,
-    src_name: str,
-    dst_name: str,
-    pipe: _Pipe,
-    flow: _Flow,
-    count: Callable[[int], None],
-) -> None:
-    """Move one direction until EOF (then SHUT_WR on ``dst``) or a reset."""
-    src_fd, dst_fd = src.fileno(), dst.fileno()
-    pending = 0
-    eof = False
-    more = False
-    drained = False
-    chunks = 0
-    while True:
-        progressed = False
-        if not eof and pending < pipe.capacity:
-            want = pipe.capacity - pending
-            try:
-                n = os.splice(src_fd, pipe.wfd, want, flags=_SPLICE_FLAGS)
-            except BlockingIOError:
-                # Source empty, or the pipe ran out of slots before bytes.
-                pass
-            except OSError as exc:
-                if exc.errno not in _PEER_GONE:
-                    raise
-                abort_on_close(dst)
-                flow.end(f"{src_name}_reset")
-                return
-            else:
-                if n == 0:
-                    eof = True
+def _step(flow: _Flow, pool: PipePool, stats: RelayStats) -> str | None:
+    """Move what can move without waiting, in both directions; a reset's close reason,
+    else None. Synchronous: nothing else runs between its splices."""
+    readable, writable = flow.readable, flow.writable
+    for d in (flow.c2u, flow.u2c):
+        while not d.done:
+            progressed = False
+            pipe = d.pipe
+            if (
+                not d.eof
+                and readable[d.src_side]
+                and not d.in_blocked
+                and (pipe is None or d.pending < pipe.capacity)
+            ):
+                if pipe is None:
+                    try:
+                        pipe = d.pipe = pool.take()
+                    except OSError as exc:
+                        if exc.errno not in _OUT_OF_FDS:
+                            raise
+                        flow.no_pipe = exc
+                if pipe is not None:
+                    want = pipe.capacity - d.pending
+                    try:
+                        n = os.splice(d.src_fd, pipe.wfd, want, flags=_SPLICE_FLAGS)
+                    except BlockingIOError:
+                        if d.pending:
+                            d.in_blocked = True
+                        else:
+                            readable[d.src_side] = 0  # an empty pipe: the source is empty
+                    except OSError as exc:
+                        if exc.errno not in _PEER_GONE:
+                            raise
+                        abort_on_close(d.dst)
+                        return d.src_reset
+                    else:
+                        if n == 0:
+                            d.eof = True
+                        else:
+                            d.pending += n
+                            progressed = True
+                            d.more = n == want and ioctl_int(d.src_fd, SIOCINQ) > 0
+            if d.pending and writable[d.dst_side]:
+                assert pipe is not None
+                flags = _SPLICE_FLAGS | (os.SPLICE_F_MORE if d.more and not d.eof else 0)
+                try:
+                    m = os.splice(pipe.rfd, d.dst_fd, d.pending, flags=flags)
+                except BlockingIOError:
+                    writable[d.dst_side] = False
+                except OSError as exc:
+                    if exc.errno not in _PEER_GONE:
+                        raise
+                    abort_on_close(d.src)
+                    return d.dst_reset
                 else:
-                    pending += n
+                    d.pending -= m
+                    d.in_blocked = False
+                    if d.count_to_client:
+                        stats.bytes_to_client += m
+                    else:
+                        stats.bytes_from_client += m
                     progressed = True
-                    flow.touch()
-                    more = n == want and ioctl_int(src_fd, SIOCINQ) > 0
-                    drained = n < want
-        if pending:
-            flags = _SPLICE_FLAGS | (os.SPLICE_F_MORE if more and not eof else 0)
-            try:
-                m = os.splice(pipe.rfd, dst_fd, pending, flags=flags)
-            except BlockingIOError:
-                m = 0
-            except OSError as exc:
-                if exc.errno not in _PEER_GONE:
-                    raise
-                abort_on_close(src)
-                flow.end(f"{dst_name}_reset")
-                return
-            if m:
-                pending -= m
-                count(m)
-                progressed = True
-                flow.touch()
-        if eof and not pending:
-            try:
-                dst.shutdown(socket.SHUT_WR)
-            except OSError as exc:
-                if exc.errno not in _PEER_GONE:
-                    raise
-                abort_on_close(src)
-                flow.end(f"{dst_name}_reset")
-                return
-            if flow.first_eof is None:
-                flow.first_eof = f"{src_name}_eof"
-            return
-        if progressed:
-            chunks += 1
-            if drained and not pending:
-                # The read took less than it could, so the source is (nearly always)
-                # empty: wait for it rather than spend a splice on EAGAIN. Readiness
-                # is level-triggered, so bytes that came meanwhile wake us at once.
-                drained = False
-                await trio.lowlevel.wait_readable(src_fd)
-            elif chunks % _CHUNKS_PER_CHECKPOINT == 0:
-                await trio.lowlevel.checkpoint()
-        elif pending:
-            await trio.lowlevel.wait_writable(dst_fd)
-        else:
-            await trio.lowlevel.wait_readable(src_fd)
-
-
-async def _idle_watchdog(flow: _Flow, idle_timeout: float) -> None:
-    while True:
-        deadline = flow.last_activity + idle_timeout
-        if trio.current_time() >= deadline:
-            flow.end("idle_timeout")
-            return
-        await trio.sleep_until(deadline)
+            if pipe is not None and not d.pending:
+                pool.give(pipe)  # rule 2: lent only while bytes are in it
+                d.pipe = None
+                d.in_blocked = False
+                flow.no_pipe = None  # a pipe is free now: the other may try again
+            if d.eof and not d.pending:
+                try:
+                    d.dst.shutdown(socket.SHUT_WR)
+                except OSError as exc:
+                    if exc.errno not in _PEER_GONE:
+                        raise
+                    abort_on_close(d.src)
+                    return d.dst_reset
+                d.done = True
+                if flow.first_eof is None:
+                    flow.first_eof = d.first_eof
+                break
+            if not progressed:
+                break
+            flow.chunks += 1
+            if flow.chunks >= _CHUNKS_PER_CHECKPOINT:
+                break
+    return None
 
 
 async def splice_relay(
@@ -258,43 +322,69 @@ async def splice_relay(
         or ``"idle_timeout"``. The sockets are left open for the caller.
 
     Raises:
-        OSError: An unexpected error from splice(2) (not a peer reset), e.g.
-            ``EINVAL`` when a socket does not support splicing.
+        OSError: ``EMFILE``/``ENFILE`` when no pipe could be made and no byte is in
+            any pipe (rule 2): every byte spliced so far was delivered, and the caller
+            may relay the rest another way. Any other: an unexpected error from
+            splice(2) (not a peer reset), e.g. ``EINVAL`` when a socket does not
+            support splicing.
     """
-
-    def from_client(n: int) -> None:
-        stats.bytes_from_client += n
-
-    def to_client(n: int) -> None:
-        stats.bytes_to_client += n
-
-    pipes: list[_Pipe] = []
+    poller = current_poller()
+    timer, pool = poller.timer, poller.pipes
+    flow = _Flow(
+        _Direction(client, upstream, True),
+        _Direction(upstream, client, False),
+        idle_timeout or 0.0,
+        timer.now(),
+    )
+    c2u, u2c = flow.c2u, flow.u2c
+    cfd, ufd = c2u.src_fd, u2c.src_fd
+    reason: str | None = None
     try:
-        pipes.append(_Pipe())
-        pipes.append(_Pipe())
-        async with trio.open_nursery() as nursery:
-            flow = _Flow(nursery.cancel_scope)
-            if idle_timeout is not None:
-                nursery.start_soon(_idle_watchdog, flow, idle_timeout)
-            async with trio.open_nursery() as pumps:
-                pumps.start_soon(
-                    _pump, client, upstream, "client", "backend", pipes[0], flow, from_client
-                )
-                pumps.start_soon(
-                    _pump, upstream, client, "backend", "client", pipes[1], flow, to_client
-                )
-            # Both directions ended with EOF: only the watchdog is left to stop.
-            nursery.cancel_scope.cancel()
-        if flow.reason == "idle_timeout" and _in_flight(client, upstream, pipes):
-            # Rule 4: those bytes die with the flow; a FIN after them would tell the
-            # peer the stream ended where the timeout cut it.
-            abort_on_close(client)
-            abort_on_close(upstream)
+        if idle_timeout:
+            timer.set(flow, flow.deadline)
+        poller.register(cfd, flow, _CLIENT)
+        poller.register(ufd, flow, _UPSTREAM)
+        while True:
+            moved = stats.bytes_from_client + stats.bytes_to_client
+            reason = _step(flow, pool, stats)
+            if reason is not None:
+                break
+            if c2u.done and u2c.done:
+                break
+            if flow.idle and stats.bytes_from_client + stats.bytes_to_client != moved:
+                now = timer.now()
+                if flow.deadline < now + flow.idle:
+                    flow.deadline = now + flow.idle * _IDLE_SLACK
+                    flow.expired = False  # bytes moved as it expired: it lives on
+                    timer.set(flow, flow.deadline)
+            if flow.expired:
+                reason = "idle_timeout"
+                if _in_flight(client, upstream, flow):
+                    # Rule 6: those bytes die with the flow; a FIN after them would
+                    # tell the peer the stream ended where the timeout cut it.
+                    abort_on_close(client)
+                    abort_on_close(upstream)
+                break
+            if flow.no_pipe is not None and not (c2u.pending or u2c.pending):
+                raise flow.no_pipe  # rule 2: nothing in flight, nothing lost
+            if flow.chunks >= _CHUNKS_PER_CHECKPOINT:
+                flow.chunks = 0
+                await checkpoint()  # rule 7
+                continue
+            flow.chunks = 0
+            if not flow.can_move():
+                flow.task = current_task()
+                await wait_task_rescheduled(flow.abort)
     finally:
-        for pipe in pipes:
-            pipe.close()
-    if flow.reason is not None:
-        return flow.reason
+        timer.cancel(flow)
+        poller.forget(cfd)
+        poller.forget(ufd)
+        for d in (c2u, u2c):
+            if d.pipe is not None:
+                pool.give(d.pipe, empty=not d.pending)
+                d.pipe = None
+    if reason is not None:
+        return reason
     assert flow.first_eof is not None
     return flow.first_eof
 
@@ -313,7 +403,7 @@ def splice_self_test(timeout: float = 2.0) -> str | None:
     """
     payload = b"".join(i.to_bytes(4, "big") for i in range(1024))
     socks: list[socket.socket] = []
-    pipe: _Pipe | None = None
+    pipe: Pipe | None = None
     try:
         lsn = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         socks.append(lsn)
@@ -324,7 +414,7 @@ def splice_self_test(timeout: float = 2.0) -> str | None:
         b, _ = lsn.accept()
         socks.append(b)
         b.setblocking(False)
-        pipe = _Pipe()
+        pipe = Pipe()
         a.sendall(payload)
         poller = select.poll()
         poller.register(b.fileno(), select.POLLIN)

@@ -50,6 +50,7 @@ import trio
 
 from gateway.config import Config
 from gateway.flow import CloseReason, Flow, Handover
+from gateway.relay import poller
 from gateway.relay.copy import CopyRelay, Promotion
 from gateway.relay.policy import (
     BULK_WINDOW,
@@ -219,8 +220,10 @@ class RelayTiers:
         configured and enabled (or why not), its self-test result, flows in it now and
         in total, and bytes moved in it; for the sockmap tier also the accelerator's
         counters (kernel-path bytes from the BPF counters, held bytes and holds of the
-        backlog bound, aborts, arm failures, maximum backlog). Cheap; call it from the
-        trio thread.
+        backlog bound, aborts, arm failures, maximum backlog), for the splice tier its
+        pipes (``lent`` to directions with bytes in flight, ``free`` in the pool,
+        ``refused``: takes that found none and could make none). Cheap; call it from
+        the trio thread.
         """
         tiers: dict[str, Any] = {}
         for name, state in self.tiers.items():
@@ -237,6 +240,13 @@ class RelayTiers:
             }
             if name == "sockmap" and self.accelerator is not None:
                 entry["accelerator"] = self.accelerator.status()
+            elif name == "splice" and (run := poller.running()) is not None:
+                pipes = run.pipes
+                entry["pipes"] = {
+                    "lent": pipes.lent,
+                    "free": len(pipes.free),
+                    "refused": pipes.refused,
+                }
             tiers[name] = entry
         return {
             "pid": os.getpid(),
@@ -367,17 +377,15 @@ class RelayTiers:
                     flow.error = f"sockmap tier aborted the flow: {reason}"
                     return CloseReason.INTERNAL_ERROR
                 return reason
-            moved = flow.bytes_from_client + flow.bytes_to_client
             with self._in(flow, "splice"):
                 try:
                     return await splice_relay(client, upstream, flow, idle_timeout=idle)
                 except OSError as exc:
-                    # Out of descriptors for its two pipes (many held flows near the
-                    # fd limit): no byte went through splice, so the copy tier, which
-                    # needs no descriptor of its own, carries the flow on.
-                    if exc.errno not in _OUT_OF_FDS or (
-                        flow.bytes_from_client + flow.bytes_to_client != moved
-                    ):
+                    # Out of descriptors for a pipe (many flows near the fd limit):
+                    # raised only while no byte is in a pipe (gateway/relay/splice.py
+                    # rule 2), so the copy tier, which needs no descriptor of its own,
+                    # carries the flow on.
+                    if exc.errno not in _OUT_OF_FDS:
                         raise
                     self.fallbacks += 1
                     flow.add_event("relay_fallback", tier="splice", reason=str(exc))

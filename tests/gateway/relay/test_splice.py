@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 import random
 import resource
 import socket
@@ -12,6 +14,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from gateway.relay import poller
+from gateway.relay.pipes import KEEP
 from gateway.relay.splice import PIPE_SIZE, splice_relay, splice_self_test
 from gateway.relay.stats import RelayStats
 
@@ -411,3 +415,90 @@ async def test_200_concurrent_flows_random_sizes_and_close_orders() -> None:
         assert ok_up and ok_down
         assert reason in ("client_eof", "backend_eof")
         assert (stats.bytes_from_client, stats.bytes_to_client) == (up_n, down_n)
+
+
+# --- pipes lent only while bytes are in them (rule 2) ------------------------------------
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_an_idle_flow_holds_no_pipe() -> None:
+    """Once its bytes are through, a flow gives its pipes back: 30 flows idling after
+    an exchange both ways hold their sockets' descriptors and nothing else (two pipes
+    per flow were four descriptors more), and all of them still relay byte-exact."""
+    pool = poller.current().pipes
+    flows, size = 30, 300_000
+    with contextlib.ExitStack() as stack:
+        topos = [stack.enter_context(topology()) for _ in range(flows)]
+        relays = [Relay(t) for t in topos]
+        before = _fds() - 2 * len(pool.free)
+        with trio.fail_after(30):
+            async with trio.open_nursery() as n:
+                for r in relays:
+                    n.start_soon(r.run)
+                for i, t in enumerate(topos):
+                    up, down = payload(size, 100 + i), payload(size + 1, 200 + i)
+                    await send_all(t.client, up)
+                    assert await recv_exact(t.backend, size) == up
+                    await send_all(t.backend, down)
+                    assert await recv_exact(t.client, size + 1) == down
+                await trio.sleep(0.05)  # every flow parked, idle
+                assert pool.lent == 0
+                assert len(pool.free) <= KEEP
+                assert _fds() - 2 * len(pool.free) == before
+                for i, t in enumerate(topos):  # still served, both ways, to the end
+                    up, down = payload(1000, 300 + i), payload(999, 400 + i)
+                    at_backend, at_client = await _exchange(t, up, down)
+                    assert at_backend == up, first_mismatch(at_backend, up)
+                    assert at_client == down, first_mismatch(at_client, down)
+    assert all(r.reason in ("client_eof", "backend_eof") for r in relays)
+    assert pool.lent == 0
+
+
+@pytest.mark.timeout(60)
+async def test_one_pipe_for_both_directions_when_no_more_can_be_made() -> None:
+    """Near the descriptor limit only one pipe can be made: a direction that finds none
+    waits for the other to empty its own and takes it then (rule 2), so both directions
+    still arrive whole while a slow reader keeps the pipe busy, and nothing is lost."""
+    pool = poller.current().pipes  # the relay poller and its pool exist before the limit
+    up, down = payload(3 << 20, 31), payload((2 << 20) + 5, 32)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    filler: list[int] = []
+    with topology(backend_rcvbuf=64 << 10) as topo:
+        # Small enough that the upload's pipe stays full while the backend reads slowly.
+        topo.gw_upstream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+        relay = Relay(topo)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(_open_fd_numbers()) + 1, hard))
+            with contextlib.suppress(OSError):
+                while True:  # the holes below the limit too
+                    filler.append(os.open("/dev/null", os.O_RDONLY))
+            os.close(filler.pop())
+            os.close(filler.pop())  # room for one pipe
+            got: dict[str, bytes] = {}
+
+            async def side(sock: trio.socket.SocketType, data: bytes, key: str, d: float) -> None:
+                async with trio.open_nursery() as m:
+                    m.start_soon(send_and_shut, sock, data)
+                    got[key] = await recv_to_eof(sock, chunk=64 << 10, delay=d)
+
+            with trio.fail_after(40):
+                async with trio.open_nursery() as n:
+                    n.start_soon(relay.run)
+                    n.start_soon(side, topo.client, up, "client", 0.0)
+                    n.start_soon(side, topo.backend, down, "backend", 0.001)
+        finally:
+            for fd in filler:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert filler, "no descriptor was free to fill"
+    assert pool.refused > 0, "the second direction never went without a pipe"
+    assert got["backend"] == up, first_mismatch(got["backend"], up)
+    assert got["client"] == down, first_mismatch(got["client"], down)
+    assert relay.reason in ("client_eof", "backend_eof")
+
+
+def _open_fd_numbers() -> list[int]:
+    return [int(fd) for fd in os.listdir("/proc/self/fd")]

@@ -13,6 +13,7 @@ import trio
 
 from gateway.flow import CloseReason
 from gateway.relay import poller
+from gateway.relay.pipes import KEEP
 from gateway.relay.tiers import RelayTiers
 from gateway.testing import load_plugins, make_config, make_flow
 
@@ -70,6 +71,9 @@ async def test_a_flow_is_promoted_from_copy_to_splice_and_counted_in_both() -> N
     assert (copy["flows_total"], splice["flows_total"]) == (1, 1)
     assert copy["flows_now"] == splice["flows_now"] == 0
     assert copy["bytes"] + splice["bytes"] == len(up) + len(down)
+    # Its pipes went back to the run's pool as they emptied (splice.py rule 2).
+    assert splice["pipes"]["lent"] == 0 and 1 <= splice["pipes"]["free"] <= KEEP
+    assert splice["pipes"]["refused"] == 0
     tiers.shutdown()
     assert tiers.plan == ()
 
