@@ -176,7 +176,9 @@ def start_path(
     if name == "gateway-copy":
         return [start_gateway(children, name, routes, _COPY_ONLY)]
     if name in variants:
-        return [start_gateway(children, name, routes, variants[name])]
+        label, _, source = name.partition("@")
+        src = sources[f"gw-{source}"] if source else None
+        return [start_gateway(children, label, routes, variants[name], src=src)]
     if name in sources:
         return [
             start_gateway(
@@ -376,6 +378,7 @@ def measure_idle(args: argparse.Namespace, echo: int, workdir: Path) -> dict[str
             _exchange_new(listen, 200)  # warm-up: first-use allocations are not per connection
             time.sleep(0.5)
             rss0 = sum(rss_kib(p.pid) or 0 for p in procs)
+            fds0 = sum(_fds(p.pid) for p in procs)
             for i in range(args.hold):
                 s = socket.create_connection((LOOPBACK, listen), timeout=10)
                 socks.append(s)
@@ -394,6 +397,7 @@ def measure_idle(args: argparse.Namespace, echo: int, workdir: Path) -> dict[str
                     _expect(s, b"later%d-%09d" % (later, i))
             time.sleep(1.0)
             rss1 = sum(rss_kib(p.pid) or 0 for p in procs)
+            fds1 = sum(_fds(p.pid) for p in procs)
             # What holding them costs the proxy while nothing moves (a kernel tier's
             # watchdog, timers), over --idle-seconds.
             cpu0, t0 = sum(_cpu(procs)), time.monotonic()
@@ -420,16 +424,23 @@ def measure_idle(args: argparse.Namespace, echo: int, workdir: Path) -> dict[str
             "rss_before_kib": rss0,
             "rss_held_kib": rss1,
             "bytes_per_conn": per,
+            "fds_per_conn": (fds1 - fds0) / args.hold,
             "held_cpu_pct": held_cpu_pct,
             "kernel_tier_flows": kernel_flows,
             "failed": bad,
         }
         _log(
-            f"{name}: RSS {rss0} -> {rss1} KiB over {args.hold}: {per:.0f} B/conn; "
+            f"{name}: RSS {rss0} -> {rss1} KiB over {args.hold}: {per:.0f} B/conn, "
+            f"{(fds1 - fds0) / args.hold:.2f} descriptors/conn; "
             f"{kernel_flows} in a kernel tier; {held_cpu_pct:.1f} % of a core while held; "
             f"{bad} failed"
         )
     return out
+
+
+def _fds(pid: int) -> int:
+    """Descriptors a process holds now."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def _kernel_tier_flows(pid: int) -> int:
@@ -474,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="LABEL=TOML",
         help="a gateway path gw-LABEL with TOML lines added to [gateway] "
-        "(e.g. 'nop=disable_plugins = [\"geo_deny\"]')",
+        "(e.g. 'nop=disable_plugins = [\"geo_deny\"]'); LABEL@SRC runs the tree of "
+        "--gateway-src SRC=DIR with them",
     )
     p.add_argument("--connections", type=int, default=3000, help="per measurement (3000)")
     p.add_argument("--warmup", type=int, default=300, help="connections before measuring (300)")
