@@ -68,6 +68,7 @@ from peers import (
     REFERENCE_PROXIES,
     Child,
     Children,
+    fd_count,
     free_port,
     rss_kib,
     start_gateway,
@@ -378,7 +379,7 @@ def measure_idle(args: argparse.Namespace, echo: int, workdir: Path) -> dict[str
             _exchange_new(listen, 200)  # warm-up: first-use allocations are not per connection
             time.sleep(0.5)
             rss0 = sum(rss_kib(p.pid) or 0 for p in procs)
-            fds0 = sum(_fds(p.pid) for p in procs)
+            fds0 = sum(fd_count(p.pid) or 0 for p in procs)
             for i in range(args.hold):
                 s = socket.create_connection((LOOPBACK, listen), timeout=10)
                 socks.append(s)
@@ -397,7 +398,7 @@ def measure_idle(args: argparse.Namespace, echo: int, workdir: Path) -> dict[str
                     _expect(s, b"later%d-%09d" % (later, i))
             time.sleep(1.0)
             rss1 = sum(rss_kib(p.pid) or 0 for p in procs)
-            fds1 = sum(_fds(p.pid) for p in procs)
+            fds1 = sum(fd_count(p.pid) or 0 for p in procs)
             # What holding them costs the proxy while nothing moves (a kernel tier's
             # watchdog, timers), over --idle-seconds.
             cpu0, t0 = sum(_cpu(procs)), time.monotonic()
@@ -436,11 +437,6 @@ def measure_idle(args: argparse.Namespace, echo: int, workdir: Path) -> dict[str
             f"{bad} failed"
         )
     return out
-
-
-def _fds(pid: int) -> int:
-    """Descriptors a process holds now."""
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def _kernel_tier_flows(pid: int) -> int:

@@ -20,10 +20,16 @@ Rules kept (reference/sockmap.md §6 and rule 19):
    descriptors), the relay waits for a direction that holds one to empty it, and raises
    that ``OSError`` once nothing is in any pipe: the caller carries the flow on in
    another tier, with nothing lost.
-3. **Edge-triggered, so a flag is cleared only when proven.** A source is known to be
-   empty only when splicing into an *empty* pipe says ``EAGAIN`` (a pipe out of slots
-   says ``EAGAIN`` too); a short splice proves nothing (the pipe may have run out of
-   slots before the source ran out of bytes).
+3. **Armed for what the task waits for, one-shot.** Before it parks, the task asks the
+   poller for exactly the events that would give it work: readable on a source it
+   would read, writable on a destination its pipe waits for (``EPOLLONESHOT``,
+   level-triggered, so nothing that came before is missed). Registered edge-triggered
+   for every event instead, each skb and each ACK of a bulk flow went through the
+   poller's epoll set and woke it up to trio's (kernel work in softirq): 10–25 % more
+   CPU per GB than waiting one-shot (bench/README.md). A source is known to be empty
+   only when splicing into an *empty* pipe says ``EAGAIN`` (a pipe out of slots says
+   ``EAGAIN`` too); a short splice proves nothing (the pipe may have run out of slots
+   before the source ran out of bytes).
 4. **SPLICE_F_MORE only when more data is known to follow** (the read filled the
    pipe's free space and ``FIONREAD`` on the source is still non-zero): ``MSG_MORE``
    corks a partial segment with no timer, and a request/response flow would stall.
@@ -56,7 +62,7 @@ from trio.lowlevel import checkpoint, current_task, wait_task_rescheduled
 
 from gateway.linux import SIOCINQ, ioctl_int
 from gateway.relay.pipes import PIPE_SIZE, Pipe, PipePool
-from gateway.relay.poller import READABLE, Waiter
+from gateway.relay.poller import READABLE, Poller, Waiter
 from gateway.relay.poller import current as current_poller
 from gateway.relay.stats import RelayStats
 
@@ -89,6 +95,9 @@ _PEER_GONE: Final = frozenset(
 _LINGER_ABORT: Final = struct.pack("ii", 1, 0)
 _CLIENT: Final = 0
 _UPSTREAM: Final = 1
+# Rule 3. ERR and HUP are always reported (a reset wakes a parked flow).
+_ONESHOT: Final = select.EPOLLONESHOT
+_READ: Final = select.EPOLLIN | select.EPOLLRDHUP
 
 
 def abort_on_close(sock: socket.socket) -> None:
@@ -191,15 +200,31 @@ class _Flow(Waiter):
                 return True
             if d.eof and not d.pending:
                 return True  # the half-close to pass on
-            if (
-                not d.eof
-                and self.readable[d.src_side]
-                and not d.in_blocked
-                and (d.pipe is not None or self.no_pipe is None)
-                and (d.pipe is None or d.pending < d.pipe.capacity)
-            ):
+            if self.readable[d.src_side] and self.would_read(d):
                 return True
         return False
+
+    def would_read(self, d: _Direction) -> bool:
+        """Whether ``d`` reads its source as soon as it has bytes."""
+        return (
+            not d.done
+            and not d.eof
+            and not d.in_blocked
+            and (d.pipe is not None or self.no_pipe is None)
+            and (d.pipe is None or d.pending < d.pipe.capacity)
+        )
+
+    def arm(self, poller: Poller) -> None:
+        """Before the task parks: ask the poller for each socket's events that would
+        give it work (rule 3), one-shot."""
+        c2u, u2c = self.c2u, self.u2c
+        for src_of, dst_of in ((c2u, u2c), (u2c, c2u)):
+            events = _ONESHOT
+            if self.would_read(src_of):
+                events |= _READ
+            if dst_of.pending and not dst_of.done:
+                events |= select.EPOLLOUT
+            poller.modify(src_of.src_fd, events)
 
 
 def _in_flight(client: socket.socket, upstream: socket.socket, flow: _Flow) -> bool:
@@ -342,8 +367,9 @@ async def splice_relay(
     try:
         if idle_timeout:
             timer.set(flow, flow.deadline)
-        poller.register(cfd, flow, _CLIENT)
-        poller.register(ufd, flow, _UPSTREAM)
+        # Rule 3: armed only as the task parks, for what it waits for.
+        poller.register(cfd, flow, _CLIENT, _ONESHOT)
+        poller.register(ufd, flow, _UPSTREAM, _ONESHOT)
         while True:
             moved = stats.bytes_from_client + stats.bytes_to_client
             reason = _step(flow, pool, stats)
@@ -373,6 +399,7 @@ async def splice_relay(
                 continue
             flow.chunks = 0
             if not flow.can_move():
+                flow.arm(poller)
                 flow.task = current_task()
                 await wait_task_rescheduled(flow.abort)
     finally:
