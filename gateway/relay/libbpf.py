@@ -56,6 +56,7 @@ __all__ = [
     "map_delete_elem",
     "map_fd_by_id",
     "map_get_next_key",
+    "map_lookup_all",
     "map_lookup_elem",
     "map_update_elem",
     "num_possible_cpus",
@@ -117,6 +118,8 @@ int bpf_map_update_elem(int fd, const void *key, const void *value, __u64 flags)
 int bpf_map_lookup_elem(int fd, const void *key, void *value);
 int bpf_map_delete_elem(int fd, const void *key);
 int bpf_map_get_next_key(int fd, const void *key, void *next_key);
+int bpf_map_lookup_batch(int fd, void *in_batch, void *out_batch, void *keys,
+                         void *values, __u32 *count, const void *opts);
 int bpf_prog_attach(int prog_fd, int attachable_fd, int type, unsigned int flags);
 int bpf_prog_detach2(int prog_fd, int attachable_fd, int type);
 int bpf_link_create(int prog_fd, int target_fd, int attach_type, const void *opts);
@@ -618,6 +621,42 @@ def map_lookup_elem(fd: int, key: bytes, value_size: int) -> bytes | None:
         return None
     _check(ret, "bpf_map_lookup_elem")
     return bytes(ffi.buffer(buf, value_size))
+
+
+def map_lookup_all(
+    fd: int, key_size: int, value_size: int, max_entries: int
+) -> tuple[memoryview, memoryview]:
+    """Every entry of a hash or array map, in as few ``bpf_map_lookup_batch`` calls as it
+    takes (one when ``max_entries`` is the map's): the keys and the values, each packed
+    back to back in its own buffer, as many as there were.
+
+    Raises:
+        BpfError: The kernel has no batch lookup for this map (EINVAL, ENOTSUPP), or
+            another failure.
+    """
+    ffi, lib = _load()
+    keys = ffi.new("char[]", max(1, max_entries) * key_size)
+    values = ffi.new("char[]", max(1, max_entries) * value_size)
+    # The position between calls: a u32 bucket for hash maps, a key for arrays.
+    batch_in, batch_out = ffi.new("char[]", max(8, key_size)), ffi.new("char[]", max(8, key_size))
+    count = ffi.new("__u32 *")
+    got, first = 0, True
+    while got < max_entries:
+        count[0] = max_entries - got
+        ret = lib.bpf_map_lookup_batch(
+            fd, ffi.NULL if first else batch_in, batch_out,
+            keys + got * key_size, values + got * value_size, count, ffi.NULL,
+        )  # fmt: skip
+        got += count[0]
+        if ret == -_errno.ENOENT:  # the end of the map (count says what this call read)
+            break
+        _check(ret, "bpf_map_lookup_batch")
+        ffi.memmove(batch_in, batch_out, ffi.sizeof(batch_out))
+        first = False
+    return (
+        memoryview(ffi.buffer(keys, got * key_size)),
+        memoryview(ffi.buffer(values, got * value_size)),
+    )
 
 
 def map_delete_elem(fd: int, key: bytes) -> bool:

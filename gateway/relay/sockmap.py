@@ -46,6 +46,16 @@ kernel backlog and tears the flow down. reference/sockmap.md §7 is the procedur
   idle kernel-tier flows cost no CPU to speak of (bench/README.md). The ring is sized
   for every socket to have an event waiting; should one be lost anyway, the hold is
   still enforced in the kernel and the next look sees it.
+- R20    A quiet flow settles, and the sweep looks for it: once a flow was quiet (nothing
+  moved, nothing in flight, held or half-closed) for a whole ``tick_max``, its watchdog
+  stops looking by the period and waits in :attr:`Accelerator._settled`; one task per
+  trio run reads every socket's counters in one ``bpf_map_lookup_batch`` each
+  ``tick_max`` and wakes the settled flows whose counters moved
+  (:meth:`Accelerator._sweep`). Its idle timeout is still looked at when due, and
+  holds, anomalies, FINs and errors wake it as before (R19). So a thousand idle flows
+  cost one syscall per period, not two thousand and a wakeup each; the byte counts in
+  the stats are as stale as before (one sweep period at most). Where the kernel has
+  no batch lookup, flows look by the period (one warning).
 - R13/14 Counters live in the program's ``l4gw_ctrs`` keyed by ``SO_COOKIE``, created
   at arming and deleted at teardown, and are cross-checked with ``TCP_INFO``
   (redirected + forwarded-held = what the destination's TCP accepted).
@@ -348,13 +358,16 @@ class _Totals:
     trimmed_bytes: int = 0
     looks: int = 0
     events: int = 0
+    sweeps: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
 
 
 class Accelerator:
     """The loaded sockmap program and its maps; one per process."""
 
-    def __init__(self, obj: libbpf.BpfObject, link_fd: int | None, limits: Limits) -> None:
+    def __init__(
+        self, obj: libbpf.BpfObject, link_fd: int | None, limits: Limits, max_flows: int
+    ) -> None:
         self._obj: libbpf.BpfObject | None = obj
         self._link_fd = link_fd
         self.limits = limits
@@ -367,6 +380,13 @@ class Accelerator:
         """Cookie → the watchdog of the flow it belongs to (R19)."""
         self._reader: object | None = None
         """The trio run (its token) whose task reads the events; None: none yet."""
+        self._entries = 2 * max_flows
+        """Entries of every map (two sockets a flow)."""
+        self._settled: set[_Wake] = set()
+        """Watchdogs of quiet flows that wait for the sweep to see their counters move
+        (R20)."""
+        self._sweeping = True
+        """False once a sweep failed (no batch lookup here): flows look by the period."""
 
     @classmethod
     def load(
@@ -417,7 +437,7 @@ class Accelerator:
                     "sockmap: not permitted to load BPF (needs CAP_BPF and CAP_NET_ADMIN)"
                 ) from exc
             raise AcceleratorError(f"sockmap: {exc.strerror}") from exc
-        return cls(obj, link_fd, limits or Limits())
+        return cls(obj, link_fd, limits or Limits(), max_flows)
 
     def close(self) -> None:
         """Detach the program and free the maps. Armed flows must be finished first."""
@@ -478,6 +498,8 @@ class Accelerator:
             "trimmed_bytes": t.trimmed_bytes,
             "watchdog_looks": t.looks,
             "events": t.events,
+            "sweeps": t.sweeps,
+            "settled_now": len(self._settled),
             "close_reasons": dict(t.reasons),
         }
 
@@ -639,6 +661,44 @@ class Accelerator:
         if self._reader is not token:
             self._reader = token
             trio.lowlevel.spawn_system_task(self._read_events, name="l4gw sockmap events")
+            trio.lowlevel.spawn_system_task(self._sweep, name="l4gw sockmap sweep")
+
+    async def _sweep(self) -> None:
+        """R20: every ``tick_max``, read every socket's counters in one batch and wake the
+        settled flows whose counters moved (or that show an anomaly)."""
+        period, settled, fd = self.limits.tick_max, self._settled, self._fd[_CTRS]
+        fields = len(L4gwCtr._fields)
+        nbytes, held = L4gwCtr._fields.index("bytes"), L4gwCtr._fields.index("held")
+        passes, fails = L4gwCtr._fields.index("passes"), L4gwCtr._fields.index("fails")
+        while self._obj is not None and self._sweeping:
+            await trio.sleep(period)
+            if not settled or self._obj is None:
+                continue
+            try:
+                keys, values = libbpf.map_lookup_all(fd, 8, _CTR.size, self._entries)
+            except BpfError as exc:
+                log.warning(
+                    "sockmap: no batch lookup of the counters (%s): quiet flows are "
+                    "looked at every %g s instead",
+                    exc.strerror, period,
+                )  # fmt: skip
+                self._sweeping = False
+                for wake in list(settled):
+                    wake.now()
+                return
+            self._totals.sweeps += 1
+            at = {cookie: i * fields for i, cookie in enumerate(keys.cast("Q"))}
+            v = values.cast("Q")
+            for wake in list(settled):
+                ia, ib = at.get(wake.ca), at.get(wake.cb)
+                if (
+                    ia is None
+                    or ib is None
+                    or v[ia + passes] | v[ia + fails] | v[ib + passes] | v[ib + fails]
+                    or v[ia + nbytes] + v[ia + held] + v[ib + nbytes] + v[ib + held] != wake.total
+                ):
+                    settled.discard(wake)
+                    wake.now()
 
     async def _read_events(self) -> None:
         ring, wakes, totals = self._events, self._wakes, self._totals
@@ -833,15 +893,29 @@ class Accelerator:
             last_activity = last_tick = trio.current_time()
             first_eof: str | None = None
             totals = self._totals
+            settled = self._settled
+            # R20: a flow quiet for a whole tick_max stops looking by the period.
+            may_settle = lim.tick_max >= self.limits.tick_max
+            quiet = False
+            wake.ca, wake.cb = a.cookie, b.cookie
             while True:
                 events = readable[0] or readable[1] or writable[0] or writable[1]
                 if wake.due or events or tick <= 0:
                     await trio.lowlevel.checkpoint()
                 elif tick >= QUANTUM:
-                    timer.set(wake, timer.now() + tick)
+                    if quiet and may_settle and self._sweeping and tick >= lim.tick_max:
+                        # Woken by the sweep when its counters move, else looked at
+                        # only when its idle timeout is due (R20).
+                        wake.total = last_total
+                        settled.add(wake)
+                        if idle_timeout is not None:
+                            timer.set(wake, last_activity + idle_timeout)
+                    else:
+                        timer.set(wake, timer.now() + tick)
                     wake.task = trio.lowlevel.current_task()
                     await trio.lowlevel.wait_task_rescheduled(wake.abort)
                     timer.cancel(wake)
+                    settled.discard(wake)
                     wake.expired = False
                 else:  # shorter than the timer's quantum (a busy flow)
                     with trio.move_on_after(tick) as scope:
@@ -986,6 +1060,7 @@ class Accelerator:
             return first_eof, True
         finally:
             timer.cancel(wake)
+            settled.discard(wake)
             for side in (a, b):
                 if side.mask:
                     poller.unregister(side.fd)
@@ -996,10 +1071,14 @@ class _Wake(Waiter):
     the client, 1 the backend), the idle timer (its period), or the events' task
     (R19)."""
 
-    __slots__ = ("due", "expired", "timer_key")
+    __slots__ = ("ca", "cb", "due", "expired", "timer_key", "total")
 
     def __init__(self) -> None:
         super().__init__()
+        self.ca = self.cb = 0
+        """The flow's two cookies (its counters' keys), for the sweep (R20)."""
+        self.total = 0
+        """Its counters' bytes and held bytes at its last look, while it is settled."""
         self.due = False
         """An event came since the watchdog last looked."""
         self.expired = False

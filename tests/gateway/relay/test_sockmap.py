@@ -571,6 +571,49 @@ async def test_t26_a_quiet_flow_is_looked_at_rarely_and_ends_when_idle(
         assert acc.map_entries() == EMPTY
 
 
+async def test_t28_a_settled_flow_is_looked_at_only_when_its_counters_move(
+    bpf_object: Path,
+) -> None:
+    """R20: a flow quiet for a whole ``tick_max`` settles and is not looked at by the
+    period any more (here 0.2 s: five looks a second otherwise). Bytes the kernel then
+    redirects move its counters: the sweep wakes it, and its stats count them within
+    about a period. Quiet again, it still ends at its idle timeout, never early."""
+    with Accelerator.load(bpf_object, max_flows=8, limits=Limits(tick_max=0.2)) as acc:
+        with topology() as topo:
+            flow = Flow(acc, topo, idle_timeout=3.0)
+            hello, up, down = payload(1000, 33), payload(50_000, 34), payload(60_003, 35)
+            with trio.fail_after(20):
+                async with trio.open_nursery() as n:
+                    n.start_soon(flow.run)
+                    await trio.sleep(0.01)
+                    await send_all(topo.client, hello)
+                    assert await recv_exact(topo.backend, len(hello)) == hello
+                    await trio.sleep(1.0)  # quiet: settled after about 0.4 s
+                    status = acc.status()
+                    assert status["settled_now"] == 1, status
+                    looks = status["watchdog_looks"]
+                    await trio.sleep(1.0)
+                    assert acc.status()["watchdog_looks"] - looks <= 1
+                    await send_all(topo.client, up)
+                    assert await recv_exact(topo.backend, len(up)) == up
+                    await send_all(topo.backend, down)
+                    assert await recv_exact(topo.client, len(down)) == down
+                    moved = trio.current_time()
+                    while (flow.stats.bytes_from_client, flow.stats.bytes_to_client) != (
+                        len(hello) + len(up),
+                        len(down),
+                    ):
+                        assert trio.current_time() - moved < 1.0, flow.stats
+                        await trio.sleep(0.02)
+                    counted = trio.current_time()
+                    assert acc.status()["sweeps"] > 0
+                    await flow.done.wait()
+            lived = trio.current_time() - counted
+        assert flow.reason == "idle_timeout"
+        assert lived >= 3.0 - 0.05, lived
+        assert acc.map_entries() == EMPTY
+
+
 async def test_t27_a_flow_holds_no_descriptor_of_its_own(acc: Accelerator) -> None:
     """The watchdog watches the two sockets in the process's relay poller: a flow in the
     tier holds their descriptors and no other (an epoll set of its own was a third per
