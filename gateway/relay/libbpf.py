@@ -56,7 +56,7 @@ __all__ = [
     "map_delete_elem",
     "map_fd_by_id",
     "map_get_next_key",
-    "map_lookup_all",
+    "map_lookup_batches",
     "map_lookup_elem",
     "map_update_elem",
     "num_possible_cpus",
@@ -623,40 +623,41 @@ def map_lookup_elem(fd: int, key: bytes, value_size: int) -> bytes | None:
     return bytes(ffi.buffer(buf, value_size))
 
 
-def map_lookup_all(
-    fd: int, key_size: int, value_size: int, max_entries: int
-) -> tuple[memoryview, memoryview]:
-    """Every entry of a hash or array map, in as few ``bpf_map_lookup_batch`` calls as it
-    takes (one when ``max_entries`` is the map's): the keys and the values, each packed
-    back to back in its own buffer, as many as there were.
+def map_lookup_batches(
+    fd: int, key_size: int, value_size: int, chunk: int = 1024
+) -> Iterator[tuple[memoryview, memoryview]]:
+    """Every entry of a hash or array map through ``bpf_map_lookup_batch``, ``chunk``
+    entries a call: per call, its keys and its values, each packed back to back. The
+    views are of buffers the next call reuses: read them before asking for more.
 
     Raises:
         BpfError: The kernel has no batch lookup for this map (EINVAL, ENOTSUPP), or
-            another failure.
+            another failure (ENOSPC: a hash bucket holds more than ``chunk``).
     """
     ffi, lib = _load()
-    keys = ffi.new("char[]", max(1, max_entries) * key_size)
-    values = ffi.new("char[]", max(1, max_entries) * value_size)
+    keys = ffi.new("char[]", chunk * key_size)
+    values = ffi.new("char[]", chunk * value_size)
     # The position between calls: a u32 bucket for hash maps, a key for arrays.
     batch_in, batch_out = ffi.new("char[]", max(8, key_size)), ffi.new("char[]", max(8, key_size))
     count = ffi.new("__u32 *")
-    got, first = 0, True
-    while got < max_entries:
-        count[0] = max_entries - got
+    first = True
+    while True:
+        count[0] = chunk
         ret = lib.bpf_map_lookup_batch(
-            fd, ffi.NULL if first else batch_in, batch_out,
-            keys + got * key_size, values + got * value_size, count, ffi.NULL,
-        )  # fmt: skip
-        got += count[0]
-        if ret == -_errno.ENOENT:  # the end of the map (count says what this call read)
-            break
-        _check(ret, "bpf_map_lookup_batch")
+            fd, ffi.NULL if first else batch_in, batch_out, keys, values, count, ffi.NULL
+        )
+        if ret < 0 and ret != -_errno.ENOENT:
+            _check(ret, "bpf_map_lookup_batch")
+        n = count[0]
+        if n:
+            yield (
+                memoryview(ffi.buffer(keys, n * key_size)),
+                memoryview(ffi.buffer(values, n * value_size)),
+            )
+        if ret == -_errno.ENOENT:  # the end of the map
+            return
         ffi.memmove(batch_in, batch_out, ffi.sizeof(batch_out))
         first = False
-    return (
-        memoryview(ffi.buffer(keys, got * key_size)),
-        memoryview(ffi.buffer(values, got * value_size)),
-    )
 
 
 def map_delete_elem(fd: int, key: bytes) -> bool:

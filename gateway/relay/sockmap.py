@@ -46,16 +46,16 @@ kernel backlog and tears the flow down. reference/sockmap.md §7 is the procedur
   idle kernel-tier flows cost no CPU to speak of (bench/README.md). The ring is sized
   for every socket to have an event waiting; should one be lost anyway, the hold is
   still enforced in the kernel and the next look sees it.
-- R20    A quiet flow settles, and the sweep looks for it: once a flow was quiet (nothing
-  moved, nothing in flight, held or half-closed) for a whole ``tick_max``, its watchdog
+- R20    A quiet flow settles, and the sweep looks for it: once a look finds a flow quiet
+  (nothing moved since the last, nothing in flight, held or half-closed), its watchdog
   stops looking by the period and waits in :attr:`Accelerator._settled`; one task per
-  trio run reads every socket's counters in one ``bpf_map_lookup_batch`` each
-  ``tick_max`` and wakes the settled flows whose counters moved
+  trio run reads every socket's counters with ``bpf_map_lookup_batch`` (1,024 a call)
+  each ``tick_max`` and wakes the settled flows whose counters moved
   (:meth:`Accelerator._sweep`). Its idle timeout is still looked at when due, and
-  holds, anomalies, FINs and errors wake it as before (R19). So a thousand idle flows
-  cost one syscall per period, not two thousand and a wakeup each; the byte counts in
-  the stats are as stale as before (one sweep period at most). Where the kernel has
-  no batch lookup, flows look by the period (one warning).
+  holds, anomalies, FINs and errors wake it as before (R19). So idle flows cost a few
+  syscalls per period in all, not two counter reads and a wakeup each; the byte counts
+  in the stats are as stale as before (one period at most). Where the kernel has no
+  batch lookup, flows look by the period (one warning).
 - R13/14 Counters live in the program's ``l4gw_ctrs`` keyed by ``SO_COOKIE``, created
   at arming and deleted at teardown, and are cross-checked with ``TCP_INFO``
   (redirected + forwarded-held = what the destination's TCP accepted).
@@ -664,9 +664,10 @@ class Accelerator:
             trio.lowlevel.spawn_system_task(self._sweep, name="l4gw sockmap sweep")
 
     async def _sweep(self) -> None:
-        """R20: every ``tick_max``, read every socket's counters in one batch and wake the
+        """R20: every ``tick_max``, read every socket's counters in batches and wake the
         settled flows whose counters moved (or that show an anomaly)."""
-        period, settled, fd = self.limits.tick_max, self._settled, self._fd[_CTRS]
+        period, settled, wakes = self.limits.tick_max, self._settled, self._wakes
+        fd = self._fd[_CTRS]
         fields = len(L4gwCtr._fields)
         nbytes, held = L4gwCtr._fields.index("bytes"), L4gwCtr._fields.index("held")
         passes, fails = L4gwCtr._fields.index("passes"), L4gwCtr._fields.index("fails")
@@ -674,8 +675,22 @@ class Accelerator:
             await trio.sleep(period)
             if not settled or self._obj is None:
                 continue
+            for wake in settled:
+                wake.seen = 0
             try:
-                keys, values = libbpf.map_lookup_all(fd, 8, _CTR.size, self._entries)
+                # In chunks, into small buffers, and summed into each flow's watchdog:
+                # no allocation that grows with the flows (what it holds is RSS).
+                for keys, values in libbpf.map_lookup_batches(fd, 8, _CTR.size):
+                    v = values.cast("Q")
+                    for i, cookie in enumerate(keys.cast("Q")):
+                        owner = wakes.get(cookie)
+                        if owner is None or owner.seen < 0 or owner not in settled:
+                            continue
+                        at = i * fields
+                        if v[at + passes] or v[at + fails]:
+                            owner.seen = -1  # an anomaly: let the watchdog see it
+                        else:
+                            owner.seen += v[at + nbytes] + v[at + held]
             except BpfError as exc:
                 log.warning(
                     "sockmap: no batch lookup of the counters (%s): quiet flows are "
@@ -687,18 +702,9 @@ class Accelerator:
                     wake.now()
                 return
             self._totals.sweeps += 1
-            at = {cookie: i * fields for i, cookie in enumerate(keys.cast("Q"))}
-            v = values.cast("Q")
-            for wake in list(settled):
-                ia, ib = at.get(wake.ca), at.get(wake.cb)
-                if (
-                    ia is None
-                    or ib is None
-                    or v[ia + passes] | v[ia + fails] | v[ib + passes] | v[ib + fails]
-                    or v[ia + nbytes] + v[ia + held] + v[ib + nbytes] + v[ib + held] != wake.total
-                ):
-                    settled.discard(wake)
-                    wake.now()
+            for wake in [w for w in settled if w.seen != w.total]:
+                settled.discard(wake)
+                wake.now()
 
     async def _read_events(self) -> None:
         ring, wakes, totals = self._events, self._wakes, self._totals
@@ -894,16 +900,16 @@ class Accelerator:
             first_eof: str | None = None
             totals = self._totals
             settled = self._settled
-            # R20: a flow quiet for a whole tick_max stops looking by the period.
+            # R20: a quiet flow stops looking by the period (unless its own period is
+            # shorter than the sweep's).
             may_settle = lim.tick_max >= self.limits.tick_max
             quiet = False
-            wake.ca, wake.cb = a.cookie, b.cookie
             while True:
                 events = readable[0] or readable[1] or writable[0] or writable[1]
                 if wake.due or events or tick <= 0:
                     await trio.lowlevel.checkpoint()
                 elif tick >= QUANTUM:
-                    if quiet and may_settle and self._sweeping and tick >= lim.tick_max:
+                    if quiet and may_settle and self._sweeping:
                         # Woken by the sweep when its counters move, else looked at
                         # only when its idle timeout is due (R20).
                         wake.total = last_total
@@ -1071,14 +1077,14 @@ class _Wake(Waiter):
     the client, 1 the backend), the idle timer (its period), or the events' task
     (R19)."""
 
-    __slots__ = ("ca", "cb", "due", "expired", "timer_key", "total")
+    __slots__ = ("due", "expired", "seen", "timer_key", "total")
 
     def __init__(self) -> None:
         super().__init__()
-        self.ca = self.cb = 0
-        """The flow's two cookies (its counters' keys), for the sweep (R20)."""
         self.total = 0
-        """Its counters' bytes and held bytes at its last look, while it is settled."""
+        """Its counters' bytes and held bytes at its last look, while it is settled (R20)."""
+        self.seen = 0
+        """What the sweep summed of them (-1: an anomaly)."""
         self.due = False
         """An event came since the watchdog last looked."""
         self.expired = False

@@ -574,8 +574,8 @@ async def test_t26_a_quiet_flow_is_looked_at_rarely_and_ends_when_idle(
 async def test_t28_a_settled_flow_is_looked_at_only_when_its_counters_move(
     bpf_object: Path,
 ) -> None:
-    """R20: a flow quiet for a whole ``tick_max`` settles and is not looked at by the
-    period any more (here 0.2 s: five looks a second otherwise). Bytes the kernel then
+    """R20: a flow its watchdog finds quiet settles and is not looked at by the period
+    any more (here 0.2 s: five looks a second otherwise). Bytes the kernel then
     redirects move its counters: the sweep wakes it, and its stats count them within
     about a period. Quiet again, it still ends at its idle timeout, never early."""
     with Accelerator.load(bpf_object, max_flows=8, limits=Limits(tick_max=0.2)) as acc:
@@ -588,7 +588,7 @@ async def test_t28_a_settled_flow_is_looked_at_only_when_its_counters_move(
                     await trio.sleep(0.01)
                     await send_all(topo.client, hello)
                     assert await recv_exact(topo.backend, len(hello)) == hello
-                    await trio.sleep(1.0)  # quiet: settled after about 0.4 s
+                    await trio.sleep(1.0)  # quiet: settled at its first quiet look
                     status = acc.status()
                     assert status["settled_now"] == 1, status
                     looks = status["watchdog_looks"]
