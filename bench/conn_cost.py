@@ -397,6 +397,11 @@ def measure_idle(args: argparse.Namespace, echo: int, workdir: Path) -> dict[str
                 for i, s in enumerate(socks):
                     _expect(s, b"later%d-%09d" % (later, i))
             time.sleep(1.0)
+            if args.promote:
+                # Once every flow is in its tier and its watchdog has had a sweep period
+                # (2 s) to settle: arming thousands of flows takes seconds of CPU and
+                # what is on its way, which is not what holding them costs.
+                _wait_steady(procs)
             rss1 = sum(rss_kib(p.pid) or 0 for p in procs)
             fds1 = sum(fd_count(p.pid) or 0 for p in procs)
             # What holding them costs the proxy while nothing moves (a kernel tier's
@@ -437,6 +442,19 @@ def measure_idle(args: argparse.Namespace, echo: int, workdir: Path) -> dict[str
             f"{bad} failed"
         )
     return out
+
+
+def _wait_steady(procs: list[Child], settle: float = 3.0, at_most: float = 30.0) -> None:
+    """Until the flows the gateways hold in kernel tiers stop changing (their status
+    files are rewritten once a second), then ``settle`` seconds more."""
+    deadline, last = time.monotonic() + at_most, -1
+    while time.monotonic() < deadline:
+        now = sum(_kernel_tier_flows(p.pid) for p in procs)
+        if now == last:
+            break
+        last = now
+        time.sleep(1.1)
+    time.sleep(settle)
 
 
 def _kernel_tier_flows(pid: int) -> int:
