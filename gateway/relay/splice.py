@@ -227,6 +227,14 @@ class _Flow(Waiter):
             poller.modify(src_of.src_fd, events)
 
 
+def _cut(exc: OSError, other: socket.socket) -> None:
+    """A side is gone: the other gets an RST at its close (rule 6). Any other error is
+    a bug in our use of splice(2), raised."""
+    if exc.errno not in _PEER_GONE:
+        raise exc
+    abort_on_close(other)
+
+
 def _in_flight(client: socket.socket, upstream: socket.socket, flow: _Flow) -> bool:
     """Whether bytes are between the two peers: in a pipe, or unread on a socket."""
     if flow.c2u.pending or flow.u2c.pending:
@@ -268,9 +276,7 @@ def _step(flow: _Flow, pool: PipePool, stats: RelayStats) -> str | None:
                         else:
                             readable[d.src_side] = 0  # an empty pipe: the source is empty
                     except OSError as exc:
-                        if exc.errno not in _PEER_GONE:
-                            raise
-                        abort_on_close(d.dst)
+                        _cut(exc, d.dst)
                         return d.src_reset
                     else:
                         if n == 0:
@@ -287,9 +293,7 @@ def _step(flow: _Flow, pool: PipePool, stats: RelayStats) -> str | None:
                 except BlockingIOError:
                     writable[d.dst_side] = False
                 except OSError as exc:
-                    if exc.errno not in _PEER_GONE:
-                        raise
-                    abort_on_close(d.src)
+                    _cut(exc, d.src)
                     return d.dst_reset
                 else:
                     d.pending -= m
@@ -308,9 +312,7 @@ def _step(flow: _Flow, pool: PipePool, stats: RelayStats) -> str | None:
                 try:
                     d.dst.shutdown(socket.SHUT_WR)
                 except OSError as exc:
-                    if exc.errno not in _PEER_GONE:
-                        raise
-                    abort_on_close(d.src)
+                    _cut(exc, d.src)
                     return d.dst_reset
                 d.done = True
                 if flow.first_eof is None:

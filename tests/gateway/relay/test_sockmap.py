@@ -502,6 +502,14 @@ async def test_t16_many_hold_resume_cycles(bpf_object: Path) -> None:
         assert flow.reason == "client_eof" or flow.reason == "backend_eof"
 
 
+async def start_and_greet(nursery: trio.Nursery, flow: Flow, hello: bytes) -> None:
+    """Start ``flow`` and pass ``hello`` from its client to its backend."""
+    nursery.start_soon(flow.run)
+    await trio.sleep(0.01)
+    await send_all(flow.topo.client, hello)
+    assert await recv_exact(flow.topo.backend, len(hello)) == hello
+
+
 # --- R19: what the watchdog must act on wakes it ---------------------------------------
 
 A_MINUTE = Limits(high_watermark=64 << 10, tick_min=60.0, tick_max=60.0)
@@ -556,10 +564,7 @@ async def test_t26_a_quiet_flow_is_looked_at_rarely_and_ends_when_idle(
             started = trio.current_time()
             with trio.fail_after(20):
                 async with trio.open_nursery() as n:
-                    n.start_soon(flow.run)
-                    await trio.sleep(0.01)
-                    await send_all(topo.client, hello)
-                    assert await recv_exact(topo.backend, len(hello)) == hello
+                    await start_and_greet(n, flow, hello)
                     looks = acc.status()["watchdog_looks"]
                     await trio.sleep(1.0)
                     quiet_looks = acc.status()["watchdog_looks"] - looks
@@ -584,10 +589,7 @@ async def test_t28_a_settled_flow_is_looked_at_only_when_its_counters_move(
             hello, up, down = payload(1000, 33), payload(50_000, 34), payload(60_003, 35)
             with trio.fail_after(20):
                 async with trio.open_nursery() as n:
-                    n.start_soon(flow.run)
-                    await trio.sleep(0.01)
-                    await send_all(topo.client, hello)
-                    assert await recv_exact(topo.backend, len(hello)) == hello
+                    await start_and_greet(n, flow, hello)
                     await trio.sleep(1.0)  # quiet: settled at its first quiet look
                     status = acc.status()
                     assert status["settled_now"] == 1, status
