@@ -25,7 +25,7 @@ Rules kept (reference/sockmap.md §6 and rule 19):
    would read, writable on a destination its pipe waits for (``EPOLLONESHOT``,
    level-triggered, so nothing that came before is missed). Registered edge-triggered
    for every event instead, each skb and each ACK of a bulk flow went through the
-   poller's epoll set and woke it up to trio's (kernel work in softirq): 10–25 % more
+   poller's epoll set and woke it up to trio's (kernel work in softirq): 17–24 % more
    CPU per GB than waiting one-shot (bench/README.md). A source is known to be empty
    only when splicing into an *empty* pipe says ``EAGAIN`` (a pipe out of slots says
    ``EAGAIN`` too); a short splice proves nothing (the pipe may have run out of slots
