@@ -12,7 +12,11 @@ Rules kept here:
    ``EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET``; nothing re-arms it. So a waiter may
    wait for a condition only after the socket said EAGAIN to it (or right after
    ``register``: adding a socket that is already readable reports it): an edge
-   that came before would not come again.
+   that came before would not come again. An owner may ask for other events
+   instead: the sockmap tier for a FIN or an error only (still edge-triggered), the
+   splice tier one-shot, re-armed with :meth:`Poller.modify` for what it waits for
+   each time it parks (a bulk flow's every skb and ACK would otherwise pass through
+   this set: gateway/relay/splice.py rule 3).
 2. **Readiness is a flag the waiter clears.** An event sets the owner's flags
    (:class:`Waiter` ``readable``/``writable``, indexed by the side registered) and
    wakes it if it is parked (the owner parks with ``waiter.task = current_task()``
@@ -108,9 +112,9 @@ class Poller:
     def register(self, fd: int, waiter: Waiter, side: int, events: int = _EVENTS) -> None:
         """Watch ``fd`` for ``waiter`` as its side ``side`` (0 or 1).
 
-        ``events`` is for an owner that wants fewer wakeups than every edge (the
-        sockmap tier: only a FIN or an error, until it has bytes of its own to move);
-        it should keep ``EPOLLET`` (rule 1).
+        ``events`` is for an owner that wants fewer wakeups than every edge (rule 1):
+        the sockmap tier (a FIN or an error only, edge-triggered, until it has bytes
+        of its own to move), the splice tier (``EPOLLONESHOT``, re-armed as it parks).
         """
         self._owners[fd] = (waiter, side)
         try:
