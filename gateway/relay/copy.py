@@ -50,14 +50,13 @@ from trio.lowlevel import checkpoint, current_task, wait_task_rescheduled
 
 from gateway.flow import CloseReason, Flow
 from gateway.linux import SIOCINQ, ioctl_int
-from gateway.relay.idletimer import IdleTimer
+from gateway.relay.idletimer import SLACK, IdleTimer
 from gateway.relay.poller import READABLE, Poller, Waiter
 from gateway.relay.poller import current as current_poller
 from gateway.relay.stats import RelayStats, TierCounters
 
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 _CHUNKS_PER_CHECKPOINT: Final = 16
-_IDLE_SLACK: Final = 1 + 1 / 64
 
 
 class RelayReset(Exception):
@@ -319,7 +318,7 @@ class CopyRelay:
             # once it has fallen behind "now + idle", and then with 1/64 of slack: an
             # idle pair closes between idle and idle * 1.016 (+ the timer's 10 ms
             # quantum) after its last byte, never early. Inline: a call per chunk.
-            pair.deadline = now + idle * _IDLE_SLACK
+            pair.deadline = now + idle * SLACK
             pair.expired = False  # bytes moved as it expired: it lives on
             timer.set(pair, pair.deadline)
         if pair.promoting and (
@@ -423,7 +422,7 @@ class _Pair(Waiter):
         self.writable = [True, True]
         now = timer.now()
         # With the slack of _moved already, so the first chunks do not move it.
-        self.deadline = now + idle * _IDLE_SLACK if idle else math.inf
+        self.deadline = now + idle * SLACK if idle else math.inf
         """When the pair expires unless bytes move (the timer's bucket rounds it up)."""
         self.timer = timer
         self.timer_key = 0

@@ -40,6 +40,10 @@ except ImportError:  # pragma: no cover - another trio
 
 QUANTUM: Final = 0.01
 """Seconds per bucket: how late past its deadline an idle pair may close."""
+SLACK: Final = 1 + 1 / 64
+"""A relay sets a pair's deadline to ``now + idle * SLACK`` and moves it only once it
+has fallen behind ``now + idle`` (rule 1): an idle pair closes between ``idle`` and
+``idle * SLACK`` (+ the quantum) after its last byte, never early."""
 
 
 class Timed(Protocol):

@@ -1,10 +1,11 @@
 """The splice(2) relay tier: payload moves socket → pipe → socket inside the kernel.
 
 One task per flow moves both directions, as the copy tier does (gateway/relay/copy.py
-rule 6): the two sockets are registered once in the process's relay poller
-(edge-triggered) and the task alternates ``splice(src, pipe)`` and ``splice(pipe,
-dst)`` on non-blocking descriptors for whichever side is ready, and parks in the poller
-when nothing can move. The idle timeout is the poller's idle timer.
+rule 6): the two sockets are registered once in the process's relay poller and the
+task alternates ``splice(src, pipe)`` and ``splice(pipe, dst)`` on non-blocking
+descriptors for whichever side is ready, and parks in the poller, armed for what it
+waits for (rule 3), when nothing can move. The idle timeout is the poller's idle
+timer.
 
 Rules kept (reference/sockmap.md §6 and rule 19):
 
@@ -61,12 +62,13 @@ from typing import Final
 from trio.lowlevel import checkpoint, current_task, wait_task_rescheduled
 
 from gateway.linux import SIOCINQ, ioctl_int
+from gateway.relay.idletimer import SLACK
 from gateway.relay.pipes import PIPE_SIZE, Pipe, PipePool
 from gateway.relay.poller import READABLE, Poller, Waiter
 from gateway.relay.poller import current as current_poller
 from gateway.relay.stats import RelayStats
 
-__all__ = ["CLOSE_REASONS", "PIPE_SIZE", "splice_relay", "splice_self_test"]
+__all__ = ["CLOSE_REASONS", "OUT_OF_FDS", "PIPE_SIZE", "splice_relay", "splice_self_test"]
 
 CLOSE_REASONS: Final = frozenset(
     {"client_eof", "backend_eof", "client_reset", "backend_reset", "idle_timeout"}
@@ -74,9 +76,8 @@ CLOSE_REASONS: Final = frozenset(
 
 _CHUNKS_PER_CHECKPOINT: Final = 16
 _SPLICE_FLAGS: Final = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-_OUT_OF_FDS: Final = frozenset({errno.EMFILE, errno.ENFILE})
-# As the copy tier: an idle deadline moves only once it fell behind "now + idle".
-_IDLE_SLACK: Final = 1 + 1 / 64
+OUT_OF_FDS: Final = frozenset({errno.EMFILE, errno.ENFILE})
+"""What :func:`splice_relay` raises when no pipe can be made (rule 2)."""
 
 # Errors that mean "this side is gone", as opposed to bugs in our use of the API.
 _PEER_GONE: Final = frozenset(
@@ -178,7 +179,7 @@ class _Flow(Waiter):
         self.writable = [True, True]
         self.c2u, self.u2c = c2u, u2c
         self.idle = idle
-        self.deadline = now + idle * _IDLE_SLACK if idle else math.inf
+        self.deadline = now + idle * SLACK if idle else math.inf
         self.expired = False
         self.timer_key = 0
         self.first_eof: str | None = None
@@ -187,8 +188,11 @@ class _Flow(Waiter):
         """No pipe could be made for a direction with bytes to move (rule 2)."""
 
     def ready(self) -> bool:
-        """An edge that gives the parked task nothing to do (an ACK's EPOLLOUT while
-        it waits for bytes, say) leaves it parked."""
+        """An event the parked task cannot act on leaves it parked: an error or hang-up
+        on a socket it neither reads nor writes now (a client reset while the task
+        waits for the backend's bytes). Those are always reported and level-triggered,
+        so waking to re-arm would report them again at once, round and round; the flow
+        meets the error when it next uses that socket."""
         return not self.can_move()
 
     def can_move(self) -> bool:
@@ -263,7 +267,7 @@ def _step(flow: _Flow, pool: PipePool, stats: RelayStats) -> str | None:
                     try:
                         pipe = d.pipe = pool.take()
                     except OSError as exc:
-                        if exc.errno not in _OUT_OF_FDS:
+                        if exc.errno not in OUT_OF_FDS:
                             raise
                         flow.no_pipe = exc
                 if pipe is not None:
@@ -382,7 +386,7 @@ async def splice_relay(
             if flow.idle and stats.bytes_from_client + stats.bytes_to_client != moved:
                 now = timer.now()
                 if flow.deadline < now + flow.idle:
-                    flow.deadline = now + flow.idle * _IDLE_SLACK
+                    flow.deadline = now + flow.idle * SLACK
                     flow.expired = False  # bytes moved as it expired: it lives on
                     timer.set(flow, flow.deadline)
             if flow.expired:

@@ -35,7 +35,6 @@ Rules kept here:
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -66,7 +65,7 @@ from gateway.relay.policy import (
 )
 from gateway.relay.probe import probe, remove_stale
 from gateway.relay.sockmap import Accelerator, ArmError, FlowReport
-from gateway.relay.splice import splice_relay
+from gateway.relay.splice import OUT_OF_FDS, splice_relay
 from gateway.relay.stats import TierCounters
 
 __all__ = ["RelayTiers", "TierCounters", "TierState"]
@@ -76,9 +75,6 @@ log = logging.getLogger("l4gw.relay")
 _PUBLISH_EVERY: Final = 1.0
 # Accelerator.relay's own abort reasons; the core knows them as internal errors.
 _SOCKMAP_ABORTS: Final = frozenset({"backlog_cap", "drain_timeout", "anomaly"})
-
-
-_OUT_OF_FDS: Final = frozenset({errno.EMFILE, errno.ENFILE})
 
 
 @dataclass
@@ -385,7 +381,7 @@ class RelayTiers:
                     # raised only while no byte is in a pipe (gateway/relay/splice.py
                     # rule 2), so the copy tier, which needs no descriptor of its own,
                     # carries the flow on.
-                    if exc.errno not in _OUT_OF_FDS:
+                    if exc.errno not in OUT_OF_FDS:
                         raise
                     self.fallbacks += 1
                     flow.add_event("relay_fallback", tier="splice", reason=str(exc))
