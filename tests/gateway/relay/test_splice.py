@@ -471,7 +471,9 @@ async def test_one_pipe_for_both_directions_when_no_more_can_be_made() -> None:
         topo.gw_upstream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
         relay = Relay(topo)
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (max(_open_fd_numbers()) + 1, hard))
+            # Two above the highest open descriptor: the room for one pipe exists whether
+            # or not this process has holes below it (CI's had none).
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(_open_fd_numbers()) + 3, hard))
             with contextlib.suppress(OSError):
                 while True:  # the holes below the limit too
                     filler.append(os.open("/dev/null", os.O_RDONLY))
@@ -493,7 +495,6 @@ async def test_one_pipe_for_both_directions_when_no_more_can_be_made() -> None:
             for fd in filler:
                 os.close(fd)
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    assert filler, "no descriptor was free to fill"
     assert pool.refused > 0, "the second direction never went without a pipe"
     assert got["backend"] == up, first_mismatch(got["backend"], up)
     assert got["client"] == down, first_mismatch(got["client"], down)
