@@ -46,7 +46,7 @@ from time import monotonic, perf_counter
 from typing import Any, Final
 
 import trio
-from trio.lowlevel import checkpoint, current_task, wait_task_rescheduled
+from trio.lowlevel import checkpoint, current_task
 
 from gateway.flow import CloseReason, Flow
 from gateway.linux import SIOCINQ, ioctl_int
@@ -54,6 +54,7 @@ from gateway.relay.idletimer import SLACK, IdleTimer
 from gateway.relay.poller import READABLE, Poller, Waiter
 from gateway.relay.poller import current as current_poller
 from gateway.relay.stats import RelayStats, TierCounters
+from gateway.runloop import park
 
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 _CHUNKS_PER_CHECKPOINT: Final = 16
@@ -206,7 +207,7 @@ class CopyRelay:
                     # Park until the poller reschedules the task (gateway/relay/poller.py,
                     # rule 2).
                     pair.task = current_task()
-                    await wait_task_rescheduled(pair.abort)
+                    await park(pair.abort)
         finally:
             timer.cancel(pair)
             pair.relay = None  # no more moving in the poller's task

@@ -20,7 +20,7 @@ Rules kept here:
 2. **Readiness is a flag the waiter clears.** An event sets the owner's flags
    (:class:`Waiter` ``readable``/``writable``, indexed by the side registered) and
    wakes it if it is parked (the owner parks with ``waiter.task = current_task()``
-   and ``await wait_task_rescheduled(waiter.abort)``, in its own frame: a helper
+   and ``await park(waiter.abort)`` (gateway/runloop.py), in its own frame: a helper
    coroutine would be one more frame that every wakeup passes through); the waiter
    clears a flag when the socket says EAGAIN.
    A flag set for nothing (an edge it did not need) costs one EAGAIN, never a hang.

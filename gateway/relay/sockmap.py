@@ -101,6 +101,7 @@ from gateway.relay.libbpf import BpfError
 from gateway.relay.poller import READABLE_TO_END, Waiter
 from gateway.relay.poller import current as current_poller
 from gateway.relay.stats import RelayStats
+from gateway.runloop import park
 
 __all__ = [
     "DEFAULT_OBJECT",
@@ -610,6 +611,229 @@ class Accelerator:
             ArmError: The flow could not be armed (not ESTABLISHED, map full, ...);
                 nothing was changed and the caller should relay it another way.
         """
+        # One frame from arming to the end: a flow idles in it for its life, and a
+        # frame more was 400 bytes of each.
+        lim = limits or self.limits
+        # The sockets are watched by the process's relay poller, registered once, and a
+        # long period is kept by its idle timer: a look then costs no cancel scope, no
+        # epoll_ctl and no exception (trio's move_on_after and wait_readable did), and
+        # the flow needs no descriptor of its own.
+        poller = current_poller()
+        timer = poller.timer
+        a, b, wake = await self._prepare(client, upstream, stats, lim)
+        base_from, base_to = stats.bytes_from_client, stats.bytes_to_client
+        reason = "cancelled"
+        clean = False
+        try:  # armed: from here on the finally takes the flow out of the maps again
+            readable, writable = wake.readable, wake.writable
+            self._start_reader()
+            if on_armed is not None:
+                on_armed()
+            for side in (a, b):
+                # R6: bytes queued before insertion get no data_ready of their own.
+                side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+            # R8: RDHUP only (ERR and HUP are implicit); EPOLLIN/EPOLLOUT only while held
+            # bytes are moved. Edge-triggered: a level-triggered RDHUP or HUP would spin
+            # after the FIN, and EPOLLIN may be "ready" while the held skb still waits
+            # in the psock queue, where recv() cannot see it yet. Registering reports
+            # a FIN or an error that came before.
+            for i, side in enumerate((a, b)):
+                side.fd, side.mask = side.sock.fileno(), _WATCH
+                poller.register(side.fd, wake, i, _WATCH)
+            # The first looks wait in the idle timer too: a short wait's Cancelled would
+            # leave this frame materialised (600 B) for the life of a flow that then
+            # idles. What needs a look at once wakes it anyway (a hold, a FIN).
+            tick = max(lim.tick_min, QUANTUM)
+            worst = 0
+            last_total = -1
+            last_activity = last_tick = trio.current_time()
+            first_eof: str | None = None
+            totals = self._totals
+            settled = self._settled
+            # R20: a quiet flow stops looking by the period (unless its own period is
+            # shorter than the sweep's).
+            may_settle = lim.tick_max >= self.limits.tick_max
+            quiet = False
+            while True:
+                events = readable[0] or readable[1] or writable[0] or writable[1]
+                if wake.due or events or tick <= 0:
+                    await trio.lowlevel.checkpoint()
+                elif tick >= QUANTUM:
+                    if quiet and may_settle and self._sweeping:
+                        # Woken by the sweep when its counters move, else looked at
+                        # only when its idle timeout is due (R20).
+                        wake.total = last_total
+                        settled.add(wake)
+                        if idle_timeout is not None:
+                            timer.set(wake, last_activity + idle_timeout)
+                    else:
+                        timer.set(wake, timer.now() + tick)
+                    wake.task = trio.lowlevel.current_task()
+                    await park(wake.abort)
+                    timer.cancel(wake)
+                    settled.discard(wake)
+                    wake.expired = False
+                else:  # shorter than the timer's quantum (a busy flow)
+                    with trio.move_on_after(tick) as scope:
+                        wake.task = trio.lowlevel.current_task()
+                        await park(wake.abort)
+                    del scope  # not held through the long waits of a quiet flow
+                wake.due = False
+                totals.looks += 1
+                # The poller's flags since the last look (what comes later sets them again).
+                end_a, end_b = readable[0] == READABLE_TO_END, readable[1] == READABLE_TO_END
+                readable[0] = readable[1] = 0
+                writable[0] = writable[1] = False
+                for side, end in ((a, end_a), (b, end_b)):
+                    if not end or not side.mask:
+                        continue  # nothing, or a wakeup for moving held bytes
+                    err = side.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    state, _, _ = _tcp_info(side.sock)
+                    log.debug("sockmap: %s end event err=%d state=%d", side.name, err, state)
+                    # An RST always sets sk_err (EPOLLERR comes with it: no error queue is
+                    # used here); a socket may be TCP_CLOSE without one (FIN_WAIT2 →
+                    # TIME_WAIT hands over to a timewait sock).
+                    if err:
+                        # R11: reset the other side too.
+                        _abort(a.sock)
+                        _abort(b.sock)
+                        return (reason := f"{side.name}_reset")
+                    if state not in _PEER_FIN_PENDING and not side.eof:
+                        side.eof = True
+                        side.drain_started = trio.current_time()
+                        first_eof = first_eof or f"{side.name}_eof"
+                ca, cb = self._ctr(a.cookie), self._ctr(b.cookie)
+                if ca.passes or ca.fails or cb.passes or cb.fails:
+                    log.error("sockmap: anomaly counters client=%s backend=%s", ca, cb)
+                    return (reason := "anomaly")
+                now = trio.current_time()
+                total = ca.bytes + cb.bytes + ca.held + cb.held
+                # A quiet look: nothing moved since the last one, when nothing was in
+                # flight, held or half-closed; the counts stand, so it makes no syscall
+                # more (an idle flow's looks are most of the tier's CPU).
+                draining = (a.eof and not b.shut) or (b.eof and not a.shut)
+                quiet = total == last_total and not (worst or a.holding or b.holding or draining)
+                again = False
+                if not quiet:
+                    # Bytes TCP accepted into each side since arming; read once per tick.
+                    written_a, written_b = a.written(), b.written()
+                    worst = 0
+                    # Per direction X → Y: backlog, credit, held bytes, half-close.
+                    for x, y, ctr, written_y in ((a, b, ca, written_b), (b, a, cb, written_a)):
+                        # Bytes of the redirect path TCP has accepted into Y.
+                        kernel_done = written_y - x.forwarded
+                        backlog = ctr.bytes - kernel_done
+                        worst = max(worst, backlog)
+                        if backlog > self._totals.max_backlog:
+                            self._totals.max_backlog = backlog
+                        if report is not None and backlog > report.max_backlog:
+                            report.max_backlog = backlog
+                        if backlog > lim.hard_cap:
+                            log.warning("sockmap: %s backlog %d over hard cap", x.name, backlog)
+                            return (reason := "backlog_cap")
+                        if ctr.held > x.forwarded and not x.holding:
+                            x.holding = True
+                            self._totals.holds += 1
+                            if report is not None:
+                                report.holds += 1
+                        forwarded = x.forwarded
+                        limit = kernel_done + lim.high_watermark
+                        x.blocked = ""
+                        if x.holding and backlog == 0:
+                            # R7: the redirect path toward Y is empty, so nothing else
+                            # writes to Y while we do.
+                            try:
+                                self._drain_held(x, y, ctr.held, limit)
+                            except _Gone as gone:
+                                _abort(a.sock)
+                                _abort(b.sock)
+                                return (reason := f"{gone.side}_reset")
+                            again = again or x.blocked == "budget"
+                        if limit != x.limit or x.forwarded != forwarded:
+                            self._credit(x, limit)
+                        if x.eof and not y.shut:
+                            _, _, received = _tcp_info(x.sock)
+                            done = written_y + x.forwarded - forwarded
+                            # R9: -1 is the FIN, counted in bytes_received.
+                            if done >= received - x.consumed - 1:
+                                try:
+                                    y.sock.shutdown(socket.SHUT_WR)
+                                except OSError:
+                                    _abort(a.sock)
+                                    _abort(b.sock)
+                                    return (reason := f"{y.name}_reset")
+                                y.shut = True
+                            elif done != x.drain_progress:
+                                x.drain_progress = done
+                                x.drain_started = now
+                            elif now - x.drain_started > lim.drain_timeout:
+                                return (reason := "drain_timeout")
+                    # Not held through the wait (the last direction's counters, ~400 B).
+                    del ctr, written_y, kernel_done, backlog, forwarded, limit
+                    if a.shut and b.shut:
+                        break
+                    for x, y in ((a, b), (b, a)):
+                        if not x.mask:
+                            continue
+                        if x.eof and x.shut:
+                            # Both halves closed: nothing left to watch on this socket.
+                            poller.unregister(x.fd)
+                            x.mask = 0
+                            continue
+                        mask = _WATCH
+                        if x.holding and x.blocked != "write":
+                            # New held bytes wake us (their data_ready); redirected ones
+                            # cannot: while X holds, the program redirects nothing of X.
+                            mask |= select.EPOLLIN
+                        if y.blocked == "write":
+                            mask |= select.EPOLLOUT
+                        if mask != x.mask:
+                            poller.modify(x.fd, mask)
+                            x.mask = mask
+                    if report is not None:
+                        report.kernel_bytes = ca.bytes + cb.bytes
+                        report.held_bytes = a.forwarded + b.forwarded
+                    if total != last_total:
+                        stats.bytes_from_client = base_from + written_b
+                        stats.bytes_to_client = base_to + written_a
+                moved = total - last_total if last_total >= 0 else 0
+                if total != last_total:
+                    last_total = total
+                    last_activity = now
+                tick = next_tick(lim, tick, moved / max(now - last_tick, 1e-6), worst, a, b)
+                if (a.eof and not b.shut) or (b.eof and not a.shut):
+                    tick = min(tick, _DRAIN_TICK)  # R9 waits for the drain
+                if again:
+                    tick = 0.0
+                last_tick = now
+                if idle_timeout is not None:
+                    if now - last_activity >= idle_timeout:
+                        if worst or a.holding or b.holding:
+                            return (reason := "idle_timeout")  # backlog left: RST, not truncation
+                        clean = True
+                        return (reason := "idle_timeout")
+                    # Looked at when due, whatever the period (never early).
+                    tick = min(tick, last_activity + idle_timeout - now)
+                del ca, cb  # what a look read is not held through the wait
+            assert first_eof is not None
+            clean = True
+            return (reason := first_eof)
+        finally:
+            timer.cancel(wake)
+            self._settled.discard(wake)
+            for side in (a, b):
+                if side.mask:
+                    poller.unregister(side.fd)
+            del self._wakes[a.cookie], self._wakes[b.cookie]
+            # Synchronous on purpose: it must run to the end even when cancelled.
+            self._finish(a, b, stats, base_from, base_to, clean, reason)
+
+    async def _prepare(
+        self, client: socket.socket, upstream: socket.socket, stats: RelayStats, lim: Limits
+    ) -> tuple[_Side, _Side, _Wake]:
+        """:meth:`relay`'s start: write on what either socket holds of a partial skb (a
+        peek may have left one; counted in ``stats``), then put the pair in the maps.
+        Raises :class:`ArmError` (nothing changed) where it cannot."""
         if self._obj is None:
             raise ArmError("sockmap accelerator closed")
         try:
@@ -623,7 +847,7 @@ class Accelerator:
         try:
             a = self._snapshot(client, "client")
             b = self._snapshot(upstream, "backend")
-            self._arm(a, b, limits or self.limits)
+            self._arm(a, b, lim)
         except ArmError:
             self._totals.arm_failures += 1
             raise
@@ -632,28 +856,10 @@ class Accelerator:
             raise ArmError(f"sockmap arming failed: {exc.strerror or exc}", exc.errno or 0)
         self._totals.flows_now += 1
         self._totals.flows_total += 1
-        base_from, base_to = stats.bytes_from_client, stats.bytes_to_client
-        reason = "cancelled"
-        clean = False
         # R19: registered before the first await, so the events' task, which runs only
         # when this one waits, cannot read an event of this flow before it is here.
         wake = self._wakes[a.cookie] = self._wakes[b.cookie] = _Wake()
-        try:
-            self._start_reader()
-            if on_armed is not None:
-                on_armed()
-            for side in (a, b):
-                # R6: bytes queued before insertion get no data_ready of their own.
-                side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
-            reason, clean = await self._supervise(
-                wake, a, b, stats, base_from, base_to, idle_timeout, limits or self.limits,
-                report,
-            )  # fmt: skip
-            return reason
-        finally:
-            del self._wakes[a.cookie], self._wakes[b.cookie]
-            # Synchronous on purpose: it must run to the end even when cancelled.
-            self._finish(a, b, stats, base_from, base_to, clean, reason)
+        return a, b, wake
 
     def _start_reader(self) -> None:
         """Read the events (R19) in this trio run, unless a task does already."""
@@ -862,218 +1068,6 @@ class Accelerator:
         t.trimmed_bytes += ca.trimmed + cb.trimmed
         t.flows_now -= 1
         t.reasons[reason] = t.reasons.get(reason, 0) + 1
-
-    async def _supervise(
-        self,
-        wake: _Wake,
-        a: _Side,
-        b: _Side,
-        stats: RelayStats,
-        base_from: int,
-        base_to: int,
-        idle_timeout: float | None,
-        lim: Limits,
-        report: FlowReport | None,
-    ) -> tuple[str, bool]:
-        """Watch an armed flow until it ends; its sockets leave the relay poller."""
-        # The sockets are watched by the process's relay poller, registered once, and a
-        # long period is kept by its idle timer: a look then costs no cancel scope, no
-        # epoll_ctl and no exception (trio's move_on_after and wait_readable did), and
-        # the flow needs no descriptor of its own.
-        poller = current_poller()
-        timer = poller.timer
-        readable, writable = wake.readable, wake.writable
-        try:
-            # R8: RDHUP only (ERR and HUP are implicit); EPOLLIN/EPOLLOUT only while held
-            # bytes are moved. Edge-triggered: a level-triggered RDHUP or HUP would spin
-            # after the FIN, and EPOLLIN may be "ready" while the held skb still waits
-            # in the psock queue, where recv() cannot see it yet. Registering reports
-            # a FIN or an error that came before.
-            for i, side in enumerate((a, b)):
-                side.fd, side.mask = side.sock.fileno(), _WATCH
-                poller.register(side.fd, wake, i, _WATCH)
-            # The first looks wait in the idle timer too: a short wait's Cancelled would
-            # leave this frame materialised (600 B) for the life of a flow that then
-            # idles. What needs a look at once wakes it anyway (a hold, a FIN).
-            tick = max(lim.tick_min, QUANTUM)
-            worst = 0
-            last_total = -1
-            last_activity = last_tick = trio.current_time()
-            first_eof: str | None = None
-            totals = self._totals
-            settled = self._settled
-            # R20: a quiet flow stops looking by the period (unless its own period is
-            # shorter than the sweep's).
-            may_settle = lim.tick_max >= self.limits.tick_max
-            quiet = False
-            while True:
-                events = readable[0] or readable[1] or writable[0] or writable[1]
-                if wake.due or events or tick <= 0:
-                    await trio.lowlevel.checkpoint()
-                elif tick >= QUANTUM:
-                    if quiet and may_settle and self._sweeping:
-                        # Woken by the sweep when its counters move, else looked at
-                        # only when its idle timeout is due (R20).
-                        wake.total = last_total
-                        settled.add(wake)
-                        if idle_timeout is not None:
-                            timer.set(wake, last_activity + idle_timeout)
-                    else:
-                        timer.set(wake, timer.now() + tick)
-                    wake.task = trio.lowlevel.current_task()
-                    await trio.lowlevel.wait_task_rescheduled(wake.abort)
-                    timer.cancel(wake)
-                    settled.discard(wake)
-                    wake.expired = False
-                else:  # shorter than the timer's quantum (a busy flow)
-                    with trio.move_on_after(tick) as scope:
-                        wake.task = trio.lowlevel.current_task()
-                        await trio.lowlevel.wait_task_rescheduled(wake.abort)
-                    del scope  # not held through the long waits of a quiet flow
-                wake.due = False
-                totals.looks += 1
-                # The poller's flags since the last look (what comes later sets them again).
-                end_a, end_b = readable[0] == READABLE_TO_END, readable[1] == READABLE_TO_END
-                readable[0] = readable[1] = 0
-                writable[0] = writable[1] = False
-                for side, end in ((a, end_a), (b, end_b)):
-                    if not end or not side.mask:
-                        continue  # nothing, or a wakeup for moving held bytes
-                    err = side.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                    state, _, _ = _tcp_info(side.sock)
-                    log.debug("sockmap: %s end event err=%d state=%d", side.name, err, state)
-                    # An RST always sets sk_err (EPOLLERR comes with it: no error queue is
-                    # used here); a socket may be TCP_CLOSE without one (FIN_WAIT2 →
-                    # TIME_WAIT hands over to a timewait sock).
-                    if err:
-                        # R11: reset the other side too.
-                        _abort(a.sock)
-                        _abort(b.sock)
-                        return f"{side.name}_reset", False
-                    if state not in _PEER_FIN_PENDING and not side.eof:
-                        side.eof = True
-                        side.drain_started = trio.current_time()
-                        first_eof = first_eof or f"{side.name}_eof"
-                ca, cb = self._ctr(a.cookie), self._ctr(b.cookie)
-                if ca.passes or ca.fails or cb.passes or cb.fails:
-                    log.error("sockmap: anomaly counters client=%s backend=%s", ca, cb)
-                    return "anomaly", False
-                now = trio.current_time()
-                total = ca.bytes + cb.bytes + ca.held + cb.held
-                # A quiet look: nothing moved since the last one, when nothing was in
-                # flight, held or half-closed; the counts stand, so it makes no syscall
-                # more (an idle flow's looks are most of the tier's CPU).
-                draining = (a.eof and not b.shut) or (b.eof and not a.shut)
-                quiet = total == last_total and not (worst or a.holding or b.holding or draining)
-                again = False
-                if not quiet:
-                    # Bytes TCP accepted into each side since arming; read once per tick.
-                    written_a, written_b = a.written(), b.written()
-                    worst = 0
-                    # Per direction X → Y: backlog, credit, held bytes, half-close.
-                    for x, y, ctr, written_y in ((a, b, ca, written_b), (b, a, cb, written_a)):
-                        # Bytes of the redirect path TCP has accepted into Y.
-                        kernel_done = written_y - x.forwarded
-                        backlog = ctr.bytes - kernel_done
-                        worst = max(worst, backlog)
-                        if backlog > self._totals.max_backlog:
-                            self._totals.max_backlog = backlog
-                        if report is not None and backlog > report.max_backlog:
-                            report.max_backlog = backlog
-                        if backlog > lim.hard_cap:
-                            log.warning("sockmap: %s backlog %d over hard cap", x.name, backlog)
-                            return "backlog_cap", False
-                        if ctr.held > x.forwarded and not x.holding:
-                            x.holding = True
-                            self._totals.holds += 1
-                            if report is not None:
-                                report.holds += 1
-                        forwarded = x.forwarded
-                        limit = kernel_done + lim.high_watermark
-                        x.blocked = ""
-                        if x.holding and backlog == 0:
-                            # R7: the redirect path toward Y is empty, so nothing else
-                            # writes to Y while we do.
-                            try:
-                                self._drain_held(x, y, ctr.held, limit)
-                            except _Gone as gone:
-                                _abort(a.sock)
-                                _abort(b.sock)
-                                return f"{gone.side}_reset", False
-                            again = again or x.blocked == "budget"
-                        if limit != x.limit or x.forwarded != forwarded:
-                            self._credit(x, limit)
-                        if x.eof and not y.shut:
-                            _, _, received = _tcp_info(x.sock)
-                            done = written_y + x.forwarded - forwarded
-                            # R9: -1 is the FIN, counted in bytes_received.
-                            if done >= received - x.consumed - 1:
-                                try:
-                                    y.sock.shutdown(socket.SHUT_WR)
-                                except OSError:
-                                    _abort(a.sock)
-                                    _abort(b.sock)
-                                    return f"{y.name}_reset", False
-                                y.shut = True
-                            elif done != x.drain_progress:
-                                x.drain_progress = done
-                                x.drain_started = now
-                            elif now - x.drain_started > lim.drain_timeout:
-                                return "drain_timeout", False
-                    # Not held through the wait (the last direction's counters, ~400 B).
-                    del ctr, written_y, kernel_done, backlog, forwarded, limit
-                    if a.shut and b.shut:
-                        break
-                    for x, y in ((a, b), (b, a)):
-                        if not x.mask:
-                            continue
-                        if x.eof and x.shut:
-                            # Both halves closed: nothing left to watch on this socket.
-                            poller.unregister(x.fd)
-                            x.mask = 0
-                            continue
-                        mask = _WATCH
-                        if x.holding and x.blocked != "write":
-                            # New held bytes wake us (their data_ready); redirected ones
-                            # cannot: while X holds, the program redirects nothing of X.
-                            mask |= select.EPOLLIN
-                        if y.blocked == "write":
-                            mask |= select.EPOLLOUT
-                        if mask != x.mask:
-                            poller.modify(x.fd, mask)
-                            x.mask = mask
-                    if report is not None:
-                        report.kernel_bytes = ca.bytes + cb.bytes
-                        report.held_bytes = a.forwarded + b.forwarded
-                    if total != last_total:
-                        stats.bytes_from_client = base_from + written_b
-                        stats.bytes_to_client = base_to + written_a
-                moved = total - last_total if last_total >= 0 else 0
-                if total != last_total:
-                    last_total = total
-                    last_activity = now
-                tick = next_tick(lim, tick, moved / max(now - last_tick, 1e-6), worst, a, b)
-                if (a.eof and not b.shut) or (b.eof and not a.shut):
-                    tick = min(tick, _DRAIN_TICK)  # R9 waits for the drain
-                if again:
-                    tick = 0.0
-                last_tick = now
-                if idle_timeout is not None:
-                    if now - last_activity >= idle_timeout:
-                        if worst or a.holding or b.holding:
-                            return "idle_timeout", False  # backlog left: RST, not truncation
-                        return "idle_timeout", True
-                    # Looked at when due, whatever the period (never early).
-                    tick = min(tick, last_activity + idle_timeout - now)
-                del ca, cb  # what a look read is not held through the wait
-            assert first_eof is not None
-            return first_eof, True
-        finally:
-            timer.cancel(wake)
-            settled.discard(wake)
-            for side in (a, b):
-                if side.mask:
-                    poller.unregister(side.fd)
 
 
 class _Wake(Waiter):

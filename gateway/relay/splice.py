@@ -59,7 +59,7 @@ import socket
 import struct
 from typing import Final
 
-from trio.lowlevel import checkpoint, current_task, wait_task_rescheduled
+from trio.lowlevel import checkpoint, current_task
 
 from gateway.linux import SIOCINQ, ioctl_int
 from gateway.relay.idletimer import SLACK
@@ -67,6 +67,7 @@ from gateway.relay.pipes import PIPE_SIZE, Pipe, PipePool
 from gateway.relay.poller import READABLE, Poller, Waiter
 from gateway.relay.poller import current as current_poller
 from gateway.relay.stats import RelayStats
+from gateway.runloop import park
 
 __all__ = ["CLOSE_REASONS", "OUT_OF_FDS", "PIPE_SIZE", "splice_relay", "splice_self_test"]
 
@@ -407,7 +408,7 @@ async def splice_relay(
             if not flow.can_move():
                 flow.arm(poller)
                 flow.task = current_task()
-                await wait_task_rescheduled(flow.abort)
+                await park(flow.abort)
     finally:
         timer.cancel(flow)
         poller.forget(cfd)

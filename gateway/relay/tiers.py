@@ -40,7 +40,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -319,22 +319,20 @@ class RelayTiers:
             return closed
         return await self.promoted(flow, client, upstream, idle_timeout)
 
-    async def promoted(
+    def promoted(
         self, flow: Flow, client: socket.socket, upstream: socket.socket, idle_timeout: float
-    ) -> str:
+    ) -> Coroutine[Any, Any, str]:
         """Take a flow whose promotion out of ``copy`` is due (:attr:`handover`'s
-        ``then``) through the kernel tiers; the close reason."""
+        ``then``) through the kernel tiers: the coroutine to await for the close reason.
+
+        Not a coroutine itself: the core awaits the one it returns, so no frame of this
+        stays with a flow through its life in a kernel tier (about 300 bytes each)."""
         self.promotions += 1
-        policy, tiers = self.policy, self.plan
-        if tiers_for(tiers, True, policy.sockmap_for_bulk) != tiers:
-            # Whether it is bulk decides the tier: watch how fast it moves now
-            # (its average would count the think time of a request/response
-            # flow, or the quiet start of a download).
-            closed, bulk = await self._measure(client, upstream, flow, idle_timeout)
-            if closed is not None:
-                return closed
-            tiers = tiers_for(tiers, bulk, policy.sockmap_for_bulk)
-        return await self._kernel(flow, client, upstream, idle_timeout, tiers)
+        tiers = self.plan
+        # Whether it is bulk decides the tier: then _kernel watches how fast it moves
+        # first.
+        bulk_decides = tiers_for(tiers, True, self.policy.sockmap_for_bulk) != tiers
+        return self._kernel(flow, client, upstream, idle_timeout, tiers, bulk_decides)
 
     async def _kernel(
         self,
@@ -343,9 +341,17 @@ class RelayTiers:
         upstream: socket.socket,
         idle_timeout: float,
         tiers: tuple[str, ...],
+        bulk_decides: bool = False,
     ) -> str:
         """The first of ``tiers`` that takes the flow relays it to its end; ``copy``
-        when none does."""
+        when none does. With ``bulk_decides``, the flow's rate picks the tiers first."""
+        if bulk_decides:
+            # Watch how fast it moves now (its average would count the think time of a
+            # request/response flow, or the quiet start of a download).
+            closed, bulk = await self._measure(client, upstream, flow, idle_timeout)
+            if closed is not None:
+                return closed
+            tiers = tiers_for(tiers, bulk, self.policy.sockmap_for_bulk)
         idle = idle_timeout or None
         for tier in tiers:
             if tier == "sockmap":

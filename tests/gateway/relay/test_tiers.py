@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import trio
+from trio.testing import wait_all_tasks_blocked
 
 from gateway.flow import CloseReason
 from gateway.relay import poller
@@ -141,3 +142,64 @@ async def test_out_of_descriptors_for_a_kernel_tier_the_flow_stays_in_copy(tier:
 
 def _open_fds() -> list[int]:
     return [int(fd) for fd in os.listdir("/proc/self/fd")]
+
+
+def _frames(coro: Any) -> list[str]:
+    """The names of the coroutines and generators a suspended task awaits through."""
+    names, it = [], coro
+    while it is not None:
+        code = getattr(it, "cr_code", None) or getattr(it, "gi_code", None)
+        names.append(code.co_name if code is not None else type(it).__name__)
+        it = getattr(it, "cr_await", None) or getattr(it, "gi_yieldfrom", None)
+    return names
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "tier",
+    [
+        "splice",
+        pytest.param(
+            "sockmap",
+            marks=[
+                pytest.mark.privileged,
+                pytest.mark.skipif(
+                    os.geteuid() != 0 and not os.environ.get("CI"), reason="needs root for BPF"
+                ),
+            ],
+        ),
+    ],
+)
+async def test_an_idle_promoted_flow_keeps_only_its_tiers_frames(tier: str) -> None:
+    """A flow idles in a kernel tier for most of its life, and each frame it awaits
+    through is held all that time (300–700 bytes each: bench/README.md). Promoted the
+    way the core does it (awaiting the handover's ``then``), it holds the tiers' own
+    frame, the tier's relay and the park only: no frame of ``promoted``, of a watchdog
+    apart from the accelerator's ``relay`` or of trio's ``wait_task_rescheduled``; and
+    it still relays byte-exact afterwards."""
+    tiers = configured(f'tiers = ["{tier}"]\npromote_after = "10ms"\nstatus_dir = ""')
+    await start(tiers)
+    assert tiers.plan == (tier,) and tiers.handover is not None
+    flow = make_flow()
+    task: list[trio.lowlevel.Task] = []
+    with topology() as topo, trio.fail_after(30):
+
+        async def run() -> None:
+            task.append(trio.lowlevel.current_task())
+            assert tiers.handover is not None
+            await tiers.handover.then(flow, topo.gw_client, topo.gw_upstream, 10)
+            topo.close_gateway()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(run)
+            while flow.tier != tier:
+                await trio.sleep(0.01)
+            await wait_all_tasks_blocked()
+            expected = {
+                "sockmap": ["_kernel", "relay", "park"],
+                "splice": ["_kernel", "splice_relay", "park"],
+            }
+            assert _frames(task[0].coro)[1:] == expected[tier]
+            at_backend, at_client = await exchange(topo, payload(MiB, 5), payload(MiB + 3, 6))
+    assert at_backend == payload(MiB, 5), first_mismatch(at_backend, payload(MiB, 5))
+    assert at_client == payload(MiB + 3, 6), first_mismatch(at_client, payload(MiB + 3, 6))
