@@ -323,7 +323,7 @@ class _Side:
         return _sent_total(self.sock, upper=False) - self.written_base - fin
 
 
-@dataclass
+@dataclass(slots=True)  # one per flow in the tier, held while it idles
 class FlowReport:
     """What one flow did in the kernel tier, filled in while it runs.
 
@@ -383,6 +383,8 @@ class Accelerator:
         """The trio run (its token) whose task reads the events; None: none yet."""
         self._entries = 2 * max_flows
         """Entries of every map (two sockets a flow)."""
+        self.full_reason = f"sockmap tier full (sockmap_max_flows = {max_flows})"
+        """Why :meth:`room` said no (one string for every flow it refuses)."""
         self._settled: set[_Wake] = set()
         """Watchdogs of quiet flows that wait for the sweep to see their counters move
         (R20)."""
@@ -503,6 +505,19 @@ class Accelerator:
             "settled_now": len(self._settled),
             "close_reasons": dict(t.reasons),
         }
+
+    def room(self) -> bool:
+        """Whether the maps have room for one more flow (``max_flows``); a flow refused
+        for want of it is counted in ``arm_failures``, as one the maps refuse is.
+
+        Ask before :meth:`relay`: at the cap its :class:`ArmError` would pass through the
+        caller's frame, and an exception keeps each frame it passes materialised for as
+        long as the frame lives (about 350 bytes of every flow that goes on elsewhere).
+        """
+        if self._totals.flows_now * 2 < self._entries:
+            return True
+        self._totals.arm_failures += 1
+        return False
 
     def note_self_test(self, result: str | None) -> None:
         """Keep the canary's outcome (None: passed) for :meth:`status`, and forget the

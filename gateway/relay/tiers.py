@@ -358,6 +358,10 @@ class RelayTiers:
                 acc = self.accelerator
                 if acc is None:
                     continue
+                if not acc.room():  # at the cap (sockmap_max_flows): the next tier
+                    self.fallbacks += 1
+                    flow.add_event("relay_fallback", tier="sockmap", reason=acc.full_reason)
+                    continue
                 report = FlowReport()
                 with self._in(flow, "sockmap", entered=False) as enter:
                     try:

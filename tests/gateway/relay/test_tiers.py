@@ -18,7 +18,7 @@ from gateway.relay.pipes import KEEP
 from gateway.relay.tiers import RelayTiers
 from gateway.testing import load_plugins, make_config, make_flow
 
-from relay_helpers import exchange, first_mismatch, payload, topology
+from relay_helpers import exchange, first_mismatch, payload, recv_exact, send_all, topology
 
 MiB = 1 << 20
 
@@ -154,22 +154,14 @@ def _frames(coro: Any) -> list[str]:
     return names
 
 
+NEEDS_BPF = [
+    pytest.mark.privileged,
+    pytest.mark.skipif(os.geteuid() != 0 and not os.environ.get("CI"), reason="needs root for BPF"),
+]
+
+
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(
-    "tier",
-    [
-        "splice",
-        pytest.param(
-            "sockmap",
-            marks=[
-                pytest.mark.privileged,
-                pytest.mark.skipif(
-                    os.geteuid() != 0 and not os.environ.get("CI"), reason="needs root for BPF"
-                ),
-            ],
-        ),
-    ],
-)
+@pytest.mark.parametrize("tier", ["splice", pytest.param("sockmap", marks=NEEDS_BPF)])
 async def test_an_idle_promoted_flow_keeps_only_its_tiers_frames(tier: str) -> None:
     """A flow idles in a kernel tier for most of its life, and each frame it awaits
     through is held all that time (300–700 bytes each: bench/README.md). Promoted the
@@ -203,3 +195,58 @@ async def test_an_idle_promoted_flow_keeps_only_its_tiers_frames(tier: str) -> N
             at_backend, at_client = await exchange(topo, payload(MiB, 5), payload(MiB + 3, 6))
     assert at_backend == payload(MiB, 5), first_mismatch(at_backend, payload(MiB, 5))
     assert at_client == payload(MiB + 3, 6), first_mismatch(at_client, payload(MiB + 3, 6))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.privileged
+@pytest.mark.skipif(os.geteuid() != 0 and not os.environ.get("CI"), reason="needs root for BPF")
+async def test_a_flow_over_the_sockmap_cap_goes_to_the_next_tier_without_an_attempt() -> None:
+    """At ``sockmap_max_flows`` a promoted flow goes to splice at once: counted as the
+    tier's arm failure and a fallback, with the cap as its reason, and no arming tried
+    (an ArmError through the tiers' frame would stay with the flow's life). Both flows
+    relay byte-exact to the end."""
+    tiers = configured(
+        'tiers = ["sockmap", "splice"]\nsockmap_max_flows = 1\npromote_after = "10ms"\n'
+        'status_dir = ""'
+    )
+    await start(tiers)
+    assert tiers.plan == ("sockmap", "splice") and tiers.handover is not None
+    then = tiers.handover.then
+    acc = tiers.accelerator
+    assert acc is not None
+    flows = [make_flow(), make_flow()]
+    with topology() as first, topology() as second, trio.fail_after(30):
+        topos = [first, second]
+
+        async def run(i: int) -> None:
+            await then(flows[i], topos[i].gw_client, topos[i].gw_upstream, 10)
+            topos[i].close_gateway()
+
+        async def promote(i: int, tier: str) -> None:
+            """Start flow i; once its measuring window is over (it is not bulk), its
+            next bytes end it and it goes to a kernel tier."""
+            n.start_soon(run, i)
+            for k in range(100):
+                await trio.sleep(0.03)
+                hello = payload(100, 1000 * i + k)
+                await send_all(topos[i].client, hello)
+                assert await recv_exact(topos[i].backend, 100) == hello
+                if flows[i].tier == tier:
+                    return
+            raise AssertionError(f"flow {i} is in {flows[i].tier}, not {tier}")
+
+        async with trio.open_nursery() as n:
+            await promote(0, "sockmap")
+            await promote(1, "splice")
+            assert acc.status()["arm_failures"] == 1 and tiers.fallbacks == 1
+            (fallback,) = [a for name, a in flows[1].events if name == "relay_fallback"]
+            assert fallback == {
+                "tier": "sockmap",
+                "reason": "sockmap tier full (sockmap_max_flows = 1)",
+            }
+            for i, topo in enumerate(topos):
+                up, down = payload(MiB + i, 10 + i), payload(MiB - i, 20 + i)
+                at_backend, at_client = await exchange(topo, up, down)
+                assert at_backend == up, first_mismatch(at_backend, up)
+                assert at_client == down, first_mismatch(at_client, down)
+    assert [f.tier for f in flows] == ["sockmap", "splice"]
