@@ -1,4 +1,5 @@
-"""Trio's run loop, spared a Python call per check of its instruments.
+"""Trio's run loop, spared a Python call per check of its instruments; a parked task,
+one coroutine.
 
 Around every task step, spawn, reschedule and exit, trio asks whether an
 instrument wants that event: ``"before_task_step" in runner.instruments``. Its
