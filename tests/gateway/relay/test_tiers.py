@@ -223,8 +223,9 @@ async def test_a_flow_over_the_sockmap_cap_goes_to_the_next_tier_without_an_atte
             topos[i].close_gateway()
 
         async def promote(i: int, tier: str) -> None:
-            """Start flow i; once its measuring window is over (it is not bulk), its
-            next bytes end it and it goes to a kernel tier."""
+            """Start flow i and exchange a little now and then: the bytes after its
+            measuring window (it is not bulk) end the measurement, and it goes on in
+            a kernel tier."""
             n.start_soon(run, i)
             for k in range(100):
                 await trio.sleep(0.03)
