@@ -27,6 +27,7 @@ import gc
 import socket
 import sys
 import tracemalloc
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -95,9 +96,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         gc.collect()
         after = tracemalloc.take_snapshot()
         tracemalloc.stop()
-        in_tier: dict[str, int] = {}
-        for f in flows:
-            in_tier[str(f.tier)] = in_tier.get(str(f.tier), 0) + 1
+        in_tier = dict(Counter(str(f.tier) for f in flows))
         nursery.cancel_scope.cancel()
     for pair in pairs:
         for s in (*pair[0], *pair[1]):

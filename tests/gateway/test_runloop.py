@@ -8,6 +8,7 @@ from typing import Any
 import outcome
 import trio
 import trio.lowlevel
+from coroutines import awaited_through
 from trio._core._run import GLOBAL_RUN_CONTEXT
 from trio.testing import wait_all_tasks_blocked
 
@@ -61,15 +62,6 @@ def test_each_run_gets_its_own_checks() -> None:
     assert trio.run(main, False) is False
 
 
-def _awaited_below(coro: Any) -> int:
-    """How many coroutines and generators a suspended coroutine awaits through."""
-    n, it = 0, coro.cr_await
-    while it is not None:
-        n += 1
-        it = getattr(it, "cr_await", None) or getattr(it, "gi_yieldfrom", None)
-    return n
-
-
 async def test_park_is_woken_with_what_the_task_is_rescheduled_with() -> None:
     got: list[Any] = []
     parked: list[trio.lowlevel.Task] = []
@@ -88,7 +80,7 @@ async def test_park_is_woken_with_what_the_task_is_rescheduled_with() -> None:
         await wait_all_tasks_blocked()
         task = parked.pop()
         # One generator between the parked frame and trio (wait_task_rescheduled: two).
-        assert _awaited_below(task.coro) == 1
+        assert awaited_through(task.coro) == ["waiter", "park"]
         trio.lowlevel.reschedule(task, outcome.Value("hello"))
         await wait_all_tasks_blocked()
         trio.lowlevel.reschedule(parked.pop(), outcome.Error(KeyError("gone")))

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import trio
+from coroutines import awaited_through
 from trio.testing import wait_all_tasks_blocked
 
 from gateway.flow import CloseReason
@@ -144,16 +145,6 @@ def _open_fds() -> list[int]:
     return [int(fd) for fd in os.listdir("/proc/self/fd")]
 
 
-def _frames(coro: Any) -> list[str]:
-    """The names of the coroutines and generators a suspended task awaits through."""
-    names, it = [], coro
-    while it is not None:
-        code = getattr(it, "cr_code", None) or getattr(it, "gi_code", None)
-        names.append(code.co_name if code is not None else type(it).__name__)
-        it = getattr(it, "cr_await", None) or getattr(it, "gi_yieldfrom", None)
-    return names
-
-
 NEEDS_BPF = [
     pytest.mark.privileged,
     pytest.mark.skipif(os.geteuid() != 0 and not os.environ.get("CI"), reason="needs root for BPF"),
@@ -191,7 +182,7 @@ async def test_an_idle_promoted_flow_keeps_only_its_tiers_frames(tier: str) -> N
                 "sockmap": ["_kernel", "relay", "park"],
                 "splice": ["_kernel", "splice_relay", "park"],
             }
-            assert _frames(task[0].coro)[1:] == expected[tier]
+            assert awaited_through(task[0].coro)[1:] == expected[tier]
             at_backend, at_client = await exchange(topo, payload(MiB, 5), payload(MiB + 3, 6))
     assert at_backend == payload(MiB, 5), first_mismatch(at_backend, payload(MiB, 5))
     assert at_client == payload(MiB + 3, 6), first_mismatch(at_client, payload(MiB + 3, 6))
