@@ -194,7 +194,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         metavar="LABEL=DIR",
         help="add a path gw-LABEL: l4gw run from DIR/gateway and DIR/l4gw_plugins\n"
-        "(A/B a code change in one interleaved run; repeatable)",
+        '(A/B a code change in one interleaved run; repeatable; a LABEL with "copy" in it\n'
+        "runs with the relay plugin disabled, as gateway-copy)",
     )
     p.add_argument(
         "--same-processes",
@@ -263,7 +264,8 @@ def _starter(
             return [start_gateway(children, name, routes, _COPY_ONLY + args.gateway_extra)]
         if name in args.sources:
             src = args.sources[name]
-            return [start_gateway(children, name, routes, args.gateway_extra, src=src)]
+            extra = (_COPY_ONLY if "copy" in name else "") + args.gateway_extra
+            return [start_gateway(children, name, routes, extra, src=src)]
         if name == "gateway-x2":
             return [
                 start_gateway(children, f"{name}-{i}", routes, args.gateway_extra, reuseport=True)
