@@ -203,11 +203,10 @@ class CopyRelay:
                     await checkpoint()
                     continue
                 pair.chunks = 0
-                if not _can_move(c2u, u2c, pair):
-                    # Park until the poller reschedules the task (gateway/relay/poller.py,
-                    # rule 2).
-                    pair.task = current_task()
-                    await park(pair.abort)
+                # Nothing can move until an event says so (_step's docstring): park until
+                # the poller reschedules the task (gateway/relay/poller.py, rule 2).
+                pair.task = current_task()
+                await park(pair.abort)
         finally:
             timer.cancel(pair)
             pair.relay = None  # no more moving in the poller's task
@@ -236,8 +235,15 @@ class CopyRelay:
         """One pass over both directions: move what can move without waiting.
 
         Synchronous (rule 1: no ``await`` between a read into the shared buffer and
-        its write), so the pair's task and the poller's (for a parked pair) may both
+        its write), so the pair's task and the poller (for a parked pair) may both
         run it. Returns the close reason of a reset, else None.
+
+        A pass that returns None with its chunk budget (rule 4) not spent and no
+        promotion due leaves nothing that could move without a new event: it leaves a
+        direction only at its end, at EAGAIN or a short read (its readable flag
+        cleared), or with a chunk held for a destination that said EAGAIN (its
+        writable flag cleared), and only events set those flags again. So its callers
+        park the pair (or leave it parked) without looking again.
         """
         view = self._view
         size = len(view)
@@ -246,8 +252,7 @@ class CopyRelay:
         for d in (pair.c2u, pair.u2c):
             if d.done:
                 continue
-            src_side = _CLIENT if d.from_client else _UPSTREAM
-            dst_side = _UPSTREAM if d.from_client else _CLIENT
+            src_side, dst_side = d.sides
             if d.pending is not None:
                 if not writable[dst_side]:
                     continue
@@ -352,30 +357,27 @@ _CLIENT: Final = 1
 _UPSTREAM: Final = 0
 
 
-def _can_move(c2u: _Direction, u2c: _Direction, pair: _Pair) -> bool:
-    """Whether some direction has work it can do without waiting."""
-    for d in (c2u, u2c):
-        if d.done:
-            continue
-        src_side = _CLIENT if d.from_client else _UPSTREAM
-        dst_side = _UPSTREAM if d.from_client else _CLIENT
-        if d.pending is not None:
-            if pair.writable[dst_side]:
-                return True
-        elif pair.readable[src_side] and not pair.stopping:
-            return True
-    return False
-
-
 class _Direction:
     """One direction of a pair: where from, where to, what it holds."""
 
-    __slots__ = ("done", "dst", "dst_reset", "from_client", "held", "pending", "src", "src_reset")
+    __slots__ = (
+        "done",
+        "dst",
+        "dst_reset",
+        "from_client",
+        "held",
+        "pending",
+        "sides",
+        "src",
+        "src_reset",
+    )
 
     def __init__(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
         self.src = src
         self.dst = dst
         self.from_client = from_client
+        self.sides = (_CLIENT, _UPSTREAM) if from_client else (_UPSTREAM, _CLIENT)
+        """The pair's flags of its source's side and its destination's."""
         self.done = False
         self.pending: memoryview | None = None
         self.held = 0
@@ -454,9 +456,9 @@ class _Pair(Waiter):
         """An unexpected error the poller met for the parked task, raised by it."""
 
     def ready(self) -> bool:
-        """Move what the event made movable, here in the poller's task; wake the
-        pair's task only for what it must see: an end, a reset, a promotion due, a
-        congested side, or a full budget of chunks (rule 4)."""
+        """Move what the event made movable, here where the poller delivers it; wake
+        the pair's task only for what it must see: an end, a reset, a promotion due,
+        or a full budget of chunks (rule 4)."""
         relay = self.relay
         if relay is None:
             return False
@@ -474,7 +476,7 @@ class _Pair(Waiter):
         if self.chunks >= _CHUNKS_PER_CHECKPOINT:
             return False
         self.chunks = 0
-        return not _can_move(c2u, u2c, self)
+        return True  # nothing else can move until an event (CopyRelay._step)
 
     def eof(self, reason: str) -> None:
         if self.first_eof is None:

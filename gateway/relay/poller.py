@@ -1,4 +1,4 @@
-"""One epoll set per process for the copy relay: each socket registered once, edge-triggered.
+"""The relays' events: each socket registered once, edge-triggered, in trio's own epoll set.
 
 trio's own ``wait_readable``/``wait_writable`` register a file descriptor one-shot and
 re-arm it at every wait (one ``epoll_ctl`` per wait), and one task can wait on one
@@ -27,25 +27,40 @@ Rules kept here:
    Before waking a parked owner the poller asks it (:meth:`Waiter.ready`) whether the
    event can be served right here, synchronously: a copy pair moves the bytes of a
    plain request or response that way, and its task is woken only for what needs it
-   (an end, a reset, a congested side, a promotion). Two task switches per message
-   were a third of the copy tier's CPU per keepalive request.
+   (an end, a reset, a promotion). Two task switches per message were a third of
+   the copy tier's CPU per keepalive request.
 3. **A registration ends with the socket.** ``forget`` drops the owner (events for a
    descriptor nobody owns are ignored: an edge that raced a close); ``unregister``
    also removes it from the set, for a socket that lives on (a kernel tier takes it).
    Closing the socket removes it from the set in the kernel.
-4. **One system task per trio run** polls the set when trio says its descriptor is
-   readable and wakes the owners; it closes the set when the run ends. A second one
+4. **In trio's own epoll set, delivered by trio's own wait.** The relays' sockets are
+   registered in the set trio's run loop waits in, and the events trio's wait returns
+   for them are delivered here (:meth:`Poller.deliver`) before trio sees the rest, in
+   the same pass of its loop. With a set of its own, each wakeup of the relays took
+   trio's wait on that set's descriptor, its re-arming (``epoll_ctl``), a wait on the
+   set itself and a switch to the task that read it: on a keepalive load about one
+   wakeup per one or two requests (bench/README.md). trio's wait is also asked for
+   up to :data:`_BATCH` events more than trio's own waits, which are few. This reaches
+   into trio's loop (``trio._core``, as gateway/runloop.py does); where that loop is
+   not the one known here, the poller keeps a set of its own and a system task that
+   waits on it and delivers (:data:`MERGE` set False makes one so too).
+   A socket that is a relay's must not be waited on with trio's ``wait_*`` until it is
+   ``unregister``-ed: trio would re-arm it one-shot, for itself.
+5. **One system task per trio run** holds the poller's life: it ends with the run, and
+   the poller with it (trio's loop as it was, or its own set closed). A second one
    runs the relays' idle timer (:attr:`Poller.timer`, gateway/relay/idletimer.py).
    The run's pool of pipes for the splice tier (:attr:`Poller.pipes`,
-   gateway/relay/pipes.py) is closed with the set.
+   gateway/relay/pipes.py) is closed with the poller.
 """
 
 from __future__ import annotations
 
 import errno
 import select
-from typing import Final
+from typing import Any, Final
 
+from trio import sleep_forever
+from trio._core import _run
 from trio.lowlevel import (
     Abort,
     RunVar,
@@ -57,6 +72,13 @@ from trio.lowlevel import (
 
 from gateway.relay.idletimer import IdleTimer
 from gateway.relay.pipes import PipePool
+
+try:  # where trio 0.35 keeps its epoll loop; without it, the poller has a set of its own
+    from trio._core._io_epoll import EpollIOManager
+
+    _TrioEpoll: Any = EpollIOManager
+except ImportError:  # pragma: no cover - another trio, or not Linux
+    _TrioEpoll = None
 
 _EVENTS: Final = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _BATCH: Final = 256
@@ -84,9 +106,10 @@ class Waiter:
 
     def ready(self) -> bool:
         """Called by the poller, with the flags set, when an event came while the owner
-        is parked: True when it was served here and the owner stays parked. It runs in
-        the poller's task, so it must not wait, and an exception it lets out would end
-        the trio run: keep it for the owner. The default wakes the owner."""
+        is parked: True when it was served here and the owner stays parked. It runs
+        inside trio's run loop (rule 4), in no task, so it must not wait, and an
+        exception it lets out would end the trio run: keep it for the owner. The
+        default wakes the owner."""
         return False
 
     def abort(self, _: object) -> Abort:
@@ -99,9 +122,12 @@ class Waiter:
 class Poller:
     """The process's epoll set for relays (:func:`current`)."""
 
-    def __init__(self) -> None:
-        self._epoll = select.epoll()
+    def __init__(self, merge: bool = True) -> None:
         self._owners: dict[int, tuple[Waiter, int]] = {}
+        trios = _merge(self) if merge else None
+        self.merged = trios is not None
+        """Whether the relays' sockets are in trio's own epoll set (rule 5)."""
+        self._epoll = trios if trios is not None else select.epoll()
         self.alive = True
         """False once its trio run ended (its set is closed)."""
         self.timer = IdleTimer()
@@ -142,34 +168,91 @@ class Poller:
             if exc.errno not in (errno.ENOENT, errno.EBADF):
                 raise
 
+    def deliver(self, events: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
+        """Set the owners' flags for ``events`` and wake each owner that
+        :meth:`Waiter.ready` did not serve; the events of descriptors it does not own,
+        for trio (None when there are none)."""
+        owners = self._owners
+        theirs = None
+        for fd, events_ in events:
+            owner = owners.get(fd)
+            if owner is None:
+                if theirs is None:
+                    theirs = [(fd, events_)]
+                else:
+                    theirs.append((fd, events_))
+                continue
+            waiter, side = owner
+            if events_ & _READ:
+                waiter.readable[side] = READABLE_TO_END if events_ & _ENDS else READABLE
+            if events_ & _WRITE:
+                waiter.writable[side] = True
+            task = waiter.task
+            if task is not None and not waiter.ready():
+                waiter.task = None
+                reschedule(task)
+        return theirs
+
     async def run(self) -> None:
-        epoll, owners = self._epoll, self._owners
+        epoll = self._epoll
         try:
+            if self.merged:
+                # trio's own wait delivers the events (rule 4): nothing to poll here.
+                await sleep_forever()
             while True:
                 await wait_readable(epoll.fileno())
                 # A bounded batch: without maxevents CPython sizes a buffer for the
                 # whole set at every wakeup; what is left keeps the epoll fd readable.
-                for fd, events in epoll.poll(0, _BATCH):
-                    owner = owners.get(fd)
-                    if owner is None:
-                        continue
-                    waiter, side = owner
-                    if events & _READ:
-                        waiter.readable[side] = READABLE_TO_END if events & _ENDS else READABLE
-                    if events & _WRITE:
-                        waiter.writable[side] = True
-                    task = waiter.task
-                    if task is not None and not waiter.ready():
-                        waiter.task = None
-                        reschedule(task)
+                self.deliver(epoll.poll(0, _BATCH))
         finally:
             self.alive = False
             self._owners.clear()
-            epoll.close()
+            if self.merged:
+                _unmerge()
+            else:
+                epoll.close()
             self.pipes.close()
 
 
 _CURRENT: RunVar[Poller] = RunVar("l4gw_relay_poller")
+
+
+def _merge(poller: Poller) -> select.epoll | None:
+    """Put ``poller``'s owners in the current trio run's epoll set (rule 4): trio's
+    epoll set, or None where trio's loop is not the one this knows."""
+    runner = getattr(_run.GLOBAL_RUN_CONTEXT, "runner", None)
+    io = getattr(runner, "io_manager", None)
+    base: Any = _TrioEpoll
+    if base is None:
+        return None
+    process = base.process_events
+    epoll = getattr(io, "_epoll", None)
+    if type(io) is not base or not isinstance(epoll, select.epoll):
+        return None
+    deliver = poller.deliver
+
+    def get_events(self: Any, timeout: float) -> list[tuple[int, int]]:
+        # trio sizes the batch by its own waits; the relays' sockets are most of the set.
+        return epoll.poll(timeout, _BATCH + len(self._registered))
+
+    def process_events(self: Any, events: list[tuple[int, int]]) -> None:
+        theirs = deliver(events)
+        if theirs is not None:
+            process(self, theirs)
+
+    io.__class__ = type(
+        "EpollIOManager",
+        (base,),
+        {"__slots__": (), "get_events": get_events, "process_events": process_events},
+    )
+    return epoll
+
+
+def _unmerge() -> None:
+    runner = getattr(_run.GLOBAL_RUN_CONTEXT, "runner", None)
+    io = getattr(runner, "io_manager", None)
+    if io is not None and _TrioEpoll is not None and isinstance(io, _TrioEpoll):
+        io.__class__ = _TrioEpoll
 
 
 def running() -> Poller | None:
@@ -180,12 +263,17 @@ def running() -> Poller | None:
         return None
 
 
+MERGE = True
+"""Whether a run's poller puts the relays' sockets in trio's own epoll set (rule 4);
+False gives it a set of its own (the relay tests run both ways)."""
+
+
 def current() -> Poller:
     """This trio run's poller, started on first use."""
     try:
         return _CURRENT.get()
     except LookupError:
-        poller = Poller()
+        poller = Poller(MERGE)
         _CURRENT.set(poller)
         spawn_system_task(poller.run, name="l4gw relay poller")
         spawn_system_task(poller.timer.run, name="l4gw relay idle timer")

@@ -16,7 +16,10 @@ from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import pytest
 import trio
+
+from gateway.relay import poller
 
 _LINGER_ABORT = struct.pack("ii", 1, 0)
 
@@ -343,3 +346,13 @@ async def exchange(topo: Topology, up: bytes, down: bytes) -> tuple[bytes, bytes
         n.start_soon(client)
         n.start_soon(backend)
     return got["backend"], got["client"]
+
+
+@pytest.fixture(params=[True, False], ids=["in-trios-set", "own-set"])
+def poller_set(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Run a relay test with the relays' sockets in trio's own epoll set, and again with
+    the poller's set of its own (gateway/relay/poller.py rule 4: where trio's loop is
+    not the one the poller knows). ``pytestmark = pytest.mark.usefixtures("poller_set")``
+    runs a whole module both ways."""
+    monkeypatch.setattr(poller, "MERGE", request.param)
+    return bool(request.param)

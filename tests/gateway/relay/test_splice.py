@@ -25,13 +25,15 @@ from relay_helpers import (
     expect_reset,
     first_mismatch,
     payload,
+    poller_set,
     recv_exact,
     recv_to_eof,
     send_all,
     topology,
 )
 
-pytestmark = pytest.mark.timeout(60)
+# Every test both ways: in trio's own epoll set, and in the poller's own (poller.py rule 4).
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures(poller_set.__name__)]
 
 _WMEM_MAX = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
 
