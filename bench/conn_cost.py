@@ -19,6 +19,11 @@ code change can be judged on a shared 2-vCPU VM:
   subtracted: valgrind stretches a load ~50-fold, and would pass that work off as
   thousands of instructions per connection. It leaves out the kernel's part and cache
   effects: a code change is judged here, the gateway against HAProxy by ``cpu`` and run.py.
+* ``--requests N`` (cpu, syscalls, instructions): N requests per connection, all but
+  the last kept alive, and the results per request: what a request costs the copy
+  tier once the connection is up (``gateway-copy``; the default gateway hands a
+  kept-alive flow to its kernel tier only after 100 ms, which these connections do
+  not last).
 * ``idle``: RSS per idle connection: ``--hold`` connections opened through the
   proxy to an echo backend, one 16-byte exchange each (with ``--promote S``, two more
   S seconds apart, which hand each connection to the gateway's kernel tier),
@@ -82,15 +87,18 @@ from gateway.relay.policy import DEFAULT_STATUS_DIR
 PATHS = ("gateway", "gateway-copy", "haproxy", "uvloop")
 _COPY_ONLY = 'disable_plugins = ["relay"]\n'
 _REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+_KEEPALIVE_REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:\s*(\d+)", re.I)
 _STRACE_LINE = re.compile(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)\s*$")
 
 
 # --- children: the fixed-count client and the echo backend ------------------------
 
 
-def client(port: int, count: int, concurrency: int) -> None:
-    """``count`` short HTTP connections to ``port``, ``concurrency`` at a time; exit 1
-    if any failed (run as a child process, so its CPU is not the bench's)."""
+def client(port: int, count: int, concurrency: int, requests: int = 1) -> None:
+    """``count`` short HTTP connections to ``port``, ``concurrency`` at a time, each with
+    ``requests`` requests (all but the last kept alive); exit 1 if any failed (run as a
+    child process, so its CPU is not the bench's)."""
     lock = threading.Lock()
     left = [count]
     failed: list[str] = []
@@ -103,6 +111,9 @@ def client(port: int, count: int, concurrency: int) -> None:
                 left[0] -= 1
             try:
                 with socket.create_connection((LOOPBACK, port), timeout=10) as s:
+                    for _ in range(requests - 1):
+                        s.sendall(_KEEPALIVE_REQUEST)
+                        _read_response(s)
                     s.sendall(_REQUEST)
                     reply = b""
                     while chunk := s.recv(4096):
@@ -211,9 +222,36 @@ def _minor_faults(procs: list[Child]) -> int:
     return total
 
 
-def _run_client(port: int, count: int, concurrency: int) -> None:
-    argv = [sys.executable, __file__, "--client", str(port), str(count), str(concurrency)]
-    subprocess.run(argv, check=True, timeout=120)
+def _read_response(s: socket.socket) -> None:
+    """One kept-alive HTTP response: its head, then Content-Length bytes of body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(4096)
+        if not chunk:
+            raise OSError("closed before the response's head")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    m = _CONTENT_LENGTH.search(head)
+    if not head.startswith(b"HTTP/1.1 200") or m is None:
+        raise OSError(f"bad reply {head[:40]!r}")
+    left = int(m.group(1)) - len(body)
+    while left > 0:
+        chunk = s.recv(min(left, 65536))
+        if not chunk:
+            raise OSError("closed in the response's body")
+        left -= len(chunk)
+
+
+def _run_client(port: int, count: int, args: argparse.Namespace) -> None:
+    argv = [sys.executable, __file__, "--client", str(port), str(count), str(args.concurrency)]
+    subprocess.run([*argv, str(args.requests)], check=True, timeout=120)
+
+
+def _units(args: argparse.Namespace) -> tuple[int, str]:
+    """What a measurement is divided by, and its name: connections, or requests."""
+    if args.requests == 1:
+        return args.connections, "connection"
+    return args.connections * args.requests, f"request ({args.requests} per connection)"
 
 
 def measure_cpu(
@@ -236,17 +274,17 @@ def measure_cpu(
                 procs = start_path(
                     children, name, listen, backend, args.sources, variants=args.variants
                 )
-                _run_client(listen, args.warmup, args.concurrency)
+                _run_client(listen, args.warmup, args)
                 user0, kernel0 = _cpu(procs)
                 faults0 = _minor_faults(procs)
-                _run_client(listen, args.connections, args.concurrency)
+                _run_client(listen, args.connections, args)
                 user1, kernel1 = _cpu(procs)
-                faults = (_minor_faults(procs) - faults0) / args.connections
+                faults = (_minor_faults(procs) - faults0) / _units(args)[0]
                 for p in procs:
                     p.check_alive()
             finally:
                 children.stop_all()
-            per = 1e6 / args.connections
+            per = 1e6 / _units(args)[0]
             user, kernel = (user1 - user0) * per, (kernel1 - kernel0) * per
             got = samples[name]
             got["total"].append(user + kernel)
@@ -254,7 +292,7 @@ def measure_cpu(
             got["kernel"].append(kernel)
             got["faults"].append(faults)
             _log(
-                f"round {r + 1} {name}: {user + kernel:.1f} µs/conn "
+                f"round {r + 1} {name}: {user + kernel:.1f} µs/{_units(args)[1].split()[0]} "
                 f"(user {user:.1f}, kernel {kernel:.1f}, {faults:.2f} page faults)"
             )
     return samples
@@ -272,14 +310,14 @@ def measure_syscalls(
             procs = start_path(
                 children, name, listen, backend, args.sources, variants=args.variants
             )
-            _run_client(listen, args.warmup, args.concurrency)
+            _run_client(listen, args.warmup, args)
             summary = workdir / f"strace-{name}.txt"
             strace = subprocess.Popen(
                 ["strace", "-c", "-f", "-o", str(summary), "-p", str(procs[0].pid)],
                 stderr=subprocess.DEVNULL,
             )
             time.sleep(0.5)  # attached
-            _run_client(listen, args.connections, args.concurrency)
+            _run_client(listen, args.connections, args)
             time.sleep(0.2)
             strace.terminate()
             strace.wait(10)
@@ -289,7 +327,7 @@ def measure_syscalls(
         for line in summary.read_text().splitlines():
             m = _STRACE_LINE.match(line)
             if m and m.group(2) != "total":
-                counts[m.group(2)] = int(m.group(1)) / args.connections
+                counts[m.group(2)] = int(m.group(1)) / _units(args)[0]
         out[name] = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
         total = sum(counts.values())
         _log(
@@ -318,7 +356,7 @@ def measure_instructions(
             proc = start_path(
                 children, name, listen, backend, args.sources, variants=args.variants
             )[0]
-            _run_client(listen, args.warmup, args.concurrency)
+            _run_client(listen, args.warmup, args)
             _callgrind_control(proc.pid, "--instr=on")
             # What the process does per second with no load (timers, the relay's
             # status file): under valgrind a load lasts 50x longer, so this work
@@ -328,10 +366,10 @@ def measure_instructions(
             background = _dumped(proc.pid, dump, 1) / (time.monotonic() - began)
             for r in range(args.rounds):
                 began = time.monotonic()
-                _run_client(listen, args.connections, args.concurrency)
+                _run_client(listen, args.connections, args)
                 took = time.monotonic() - began
                 total = _dumped(proc.pid, dump, r + 2)
-                counts.append((total - background * took) / args.connections)
+                counts.append((total - background * took) / _units(args)[0])
             proc.check_alive()
         finally:
             children.stop_all(timeout=30)
@@ -341,7 +379,7 @@ def measure_instructions(
             "background_per_second": background,
         }
         _log(
-            f"{name}: {out[name]['median']:,.0f} instructions per connection ({counts}), "
+            f"{name}: {out[name]['median']:,.0f} instructions per {_units(args)[1]} ({counts}), "
             f"background {background:,.0f}/s subtracted"
         )
     return out
@@ -521,6 +559,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--concurrency", type=int, default=16, help="client threads (16)")
     p.add_argument(
+        "--requests",
+        type=int,
+        default=1,
+        help="cpu, syscalls, instructions: HTTP requests per connection, all but the last "
+        "kept alive; above 1, results are per request (1: per new connection)",
+    )
+    p.add_argument(
         "--rounds", type=int, help="cpu: interleaved rounds; instructions: loads (3; 1 quick)"
     )
     p.add_argument("--hold", type=int, default=9900, help="idle: connections held (9900)")
@@ -572,9 +617,10 @@ def main(argv: list[str] | None = None) -> int:
                     }
                     for k, v in samples.items()
                 }
+                per = _units(args)[1]
                 print(
-                    "| path | CPU µs per connection (median) | user | kernel "
-                    "| minor page faults per connection | samples |"
+                    f"| path | CPU µs per {per} (median) | user | kernel "
+                    f"| minor page faults per {per} | samples |"
                 )
                 print("|---|---|---|---|---|---|")
                 for k, v in samples.items():
@@ -587,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
             elif args.what == "instructions":
                 result = measure_instructions(args, port, workdir)
                 print(
-                    "| path | instructions per connection (user space, median) | samples "
+                    f"| path | instructions per {_units(args)[1]} (user space, median) | samples "
                     "| background per second (subtracted) |"
                 )
                 print("|---|---|---|---|")
@@ -625,7 +671,7 @@ def _log(text: str) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--client":
-        client(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+        client(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
         sys.exit(0)
     if len(sys.argv) > 1 and sys.argv[1] == "--echo-server":
         echo_server(int(sys.argv[2]))
