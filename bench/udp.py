@@ -23,6 +23,7 @@ this VM has two, so absolute numbers are low and ratios are what to read).
     .venv/bin/python bench/udp.py                 # 3 rounds of 3 s per load
     .venv/bin/python bench/udp.py --quick         # 1 round of 1 s (smoke)
     .venv/bin/python bench/udp.py --json out.json
+    .venv/bin/python bench/udp.py --gateway-src ref=/tmp/ref   # A/B: adds path gw-ref
 """
 
 from __future__ import annotations
@@ -192,12 +193,16 @@ endpoints = ["{LOOPBACK}:{backend}"]
 """
 
 
-def start_gateway(children: Children, listen: int, backend: int) -> Child:
-    cfg = children.workdir / "gateway.toml"
+def start_gateway(
+    children: Children, listen: int, backend: int, name: str = "gateway", src: Path | None = None
+) -> Child:
+    """``l4gw run`` from this tree, or from ``src`` (its ``gateway`` and ``l4gw_plugins``)."""
+    cfg = children.workdir / f"{name}.toml"
     cfg.write_text(gateway_config(listen, backend))
+    env = {"PYTHONUNBUFFERED": "1", **({"PYTHONPATH": str(src)} if src else {})}
     child = children.start(
-        "gateway", [sys.executable, "-m", "gateway.cli", "run", "-c", str(cfg)], cwd=ROOT,
-        env={"PYTHONUNBUFFERED": "1"},
+        name, [sys.executable, "-m", "gateway.cli", "run", "-c", str(cfg)], cwd=src or ROOT,
+        env=env,
     )  # fmt: skip
     deadline = time.monotonic() + 15
     # log_level = "warning" hides "ready:": wait for the bound socket instead.
@@ -268,7 +273,13 @@ def load_main(load: str, port: int, seconds: float) -> None:
     print(json.dumps(result))
 
 
-def bench(loads: list[str], seconds: float, rounds: int, workdir: Path) -> dict[str, Any]:
+def bench(
+    loads: list[str],
+    seconds: float,
+    rounds: int,
+    workdir: Path,
+    sources: dict[str, Path] | None = None,
+) -> dict[str, Any]:
     children = Children(workdir)
     try:
         backend_port = free_udp_port()
@@ -284,12 +295,15 @@ def bench(loads: list[str], seconds: float, rounds: int, workdir: Path) -> dict[
         gw_port = free_udp_port()
         proxies = {"gateway": start_gateway(children, gw_port, backend_port)}
         ports = {"direct": backend_port, "gateway": gw_port}
+        for label, src in (sources or {}).items():
+            ports[label] = free_udp_port()
+            proxies[label] = start_gateway(children, ports[label], backend_port, label, src)
         if NGINX_STREAM_MODULE.exists():
             ports["nginx"] = free_udp_port()
             proxies["nginx"] = start_nginx_udp(children, ports["nginx"], backend_port)
         else:
             print(f"udp: {NGINX_STREAM_MODULE} missing (libnginx-mod-stream): no nginx path")
-        paths = [p for p in PATHS if p in ports]
+        paths = [p for p in PATHS if p in ports] + list(sources or {})
         results: dict[str, dict[str, list[dict[str, Any]]]] = {
             load: {path: [] for path in paths} for load in loads
         }
@@ -305,7 +319,7 @@ def bench(loads: list[str], seconds: float, rounds: int, workdir: Path) -> dict[
                         # load process starts, and that costs it (almost) no CPU.
                         busy = proxy.cpu_seconds() - cpu0
                         result["proxy_cpu_pct"] = 100 * busy / result["seconds"]
-                        if path == "gateway":
+                        if path == "gateway" or path in (sources or {}):
                             result["gateway_cpu_pct"] = result["proxy_cpu_pct"]
                         proxy.check_alive()
                     results[load][path].append(result)
@@ -329,10 +343,12 @@ def bench(loads: list[str], seconds: float, rounds: int, workdir: Path) -> dict[
 
 
 def table(report: dict[str, Any]) -> str:
+    others = [p for p in next(iter(report["results"].values()), {}) if p.startswith("gw-")]
     lines = [
         "| load | unit | direct | gateway | nginx | gw÷direct | gw÷nginx "
-        "| loss direct / gateway | gateway CPU | nginx CPU |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| loss direct / gateway | gateway CPU | nginx CPU |"
+        + "".join(f" {p} | gw÷{p} | {p} CPU |" for p in others),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * (3 * len(others)),
     ]
     for load, by_path in report["results"].items():
         direct = by_path["direct"]["median_per_s"]
@@ -357,9 +373,14 @@ def table(report: dict[str, Any]) -> str:
         ratio = gw / direct if direct else 0.0
         ngx_cells = f"{ngx:,.0f} | " if ngx is not None else "- | "
         ngx_ratio = f"{gw / ngx:.2f}" if ngx else "-"
+        extra = ""
+        for p in others:
+            rate = by_path[p]["median_per_s"]
+            p_cpu = statistics.median(r["gateway_cpu_pct"] for r in by_path[p]["runs"])
+            extra += f" {rate:,.0f} | {gw / rate if rate else 0.0:.2f} | {p_cpu:.0f}% |"
         lines.append(
             f"| {load} | {unit} | {direct:,.0f} | {gw:,.0f} | {ngx_cells}{ratio:.2f} | "
-            f"{ngx_ratio} | {loss} | {cpu:.0f}% | {ngx_cpu} |"
+            f"{ngx_ratio} | {loss} | {cpu:.0f}% | {ngx_cpu} |" + extra
         )
     return "\n".join(lines)
 
@@ -378,14 +399,28 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", help=f"comma-separated loads of {','.join(LOADS)}")
     parser.add_argument("--json", help="also write the full report here")
+    parser.add_argument(
+        "--gateway-src",
+        action="append",
+        default=[],
+        metavar="LABEL=DIR",
+        help="add a path gw-LABEL: l4gw run from DIR/gateway and DIR/l4gw_plugins, "
+        "in the same interleaved rounds (A/B a code change; repeatable)",
+    )
     args = parser.parse_args()
+    sources = {}
+    for spec in args.gateway_src:
+        label, _, src = spec.partition("=")
+        if not label or not src:
+            parser.error(f"--gateway-src {spec!r}: LABEL=DIR")
+        sources[f"gw-{label}"] = Path(src).resolve()
     seconds, rounds = (1.0, 1) if args.quick else (args.seconds, args.rounds)
     loads = args.only.split(",") if args.only else list(LOADS)
     unknown = [x for x in loads if x not in LOADS]
     if unknown:
         parser.error(f"unknown loads {unknown}; choose from {', '.join(LOADS)}")
     with tempfile.TemporaryDirectory(prefix="l4gw-udp-bench-") as tmp:
-        report = bench(loads, seconds, rounds, Path(tmp))
+        report = bench(loads, seconds, rounds, Path(tmp), sources)
     print(f"UDP, 127.0.0.1, {rounds} round(s) of {seconds:g} s per load, medians:")
     print(table(report))
     if args.json:
