@@ -209,7 +209,7 @@ class CopyRelay:
                 await park(pair.abort)
         finally:
             timer.cancel(pair)
-            pair.relay = None  # no more moving in the poller's task
+            pair.relay = None  # no more moving where the poller delivers events
             if counters is not None:
                 counters.flows_now -= 1
                 counters.bytes += stats.bytes_from_client + stats.bytes_to_client - before

@@ -120,16 +120,16 @@ class Waiter:
 
 
 class Poller:
-    """The process's epoll set for relays (:func:`current`)."""
+    """The relays' events in one trio run (:func:`current`)."""
 
     def __init__(self, merge: bool = True) -> None:
         self._owners: dict[int, tuple[Waiter, int]] = {}
         trios = _merge(self) if merge else None
         self.merged = trios is not None
-        """Whether the relays' sockets are in trio's own epoll set (rule 5)."""
+        """Whether the relays' sockets are in trio's own epoll set (rule 4)."""
         self._epoll = trios if trios is not None else select.epoll()
         self.alive = True
-        """False once its trio run ended (its set is closed)."""
+        """False once its trio run ended (trio's loop given back, or its own set closed)."""
         self.timer = IdleTimer()
         """The relays' idle deadlines (gateway/relay/idletimer.py), run beside the set."""
         self.pipes = PipePool()

@@ -11,6 +11,7 @@ import socket
 
 import pytest
 import trio
+from trio._core import _run
 from trio.lowlevel import current_task, wait_readable
 
 from gateway.relay import poller
@@ -36,29 +37,28 @@ class _Parked(Waiter):
 
 
 def _io_manager() -> object:
-    from trio._core import _run
-
     return _run.GLOBAL_RUN_CONTEXT.runner.io_manager
 
 
-async def test_the_relays_sockets_are_in_trios_own_set_and_trio_has_its_loop_back() -> None:
-    """Merged: the poller registers in trio's epoll set and keeps no descriptor of its
-    own; once the run is over, trio's loop is the one it was."""
+async def _merged() -> tuple[object, type]:
+    """In a trio run: the poller is in trio's epoll set; trio's I/O manager and the
+    class it had."""
     io = _io_manager()
     kind = type(io)
     p = poller.current()
     assert p.merged and p._epoll is io._epoll  # type: ignore[attr-defined]
     assert type(io) is not kind and isinstance(io, kind)
-    _SEEN.append((io, kind))
+    return io, kind
 
 
-_SEEN: list[tuple[object, type]] = []
+async def test_the_relays_sockets_are_in_trios_own_set() -> None:
+    """Merged (the default): the poller registers in trio's epoll set and keeps no
+    epoll descriptor of its own."""
+    await _merged()
 
 
 def test_after_the_run_trios_loop_is_the_one_it_was() -> None:
-    _SEEN.clear()
-    trio.run(test_the_relays_sockets_are_in_trios_own_set_and_trio_has_its_loop_back)
-    ((io, kind),) = _SEEN
+    io, kind = trio.run(_merged)
     assert type(io) is kind
 
 
