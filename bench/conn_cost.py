@@ -75,6 +75,7 @@ from peers import (
     Children,
     fd_count,
     free_port,
+    gateway_sources,
     rss_kib,
     start_gateway,
     start_haproxy,
@@ -583,11 +584,11 @@ def main(argv: list[str] | None = None) -> int:
         label, _, extra = item.partition("=")
         args.variants[f"gw-{label}"] = extra.replace("\\n", "\n")
         args.paths.append(f"gw-{label}")
-    args.sources = {}
-    for item in args.gateway_src:
-        label, _, src = item.partition("=")
-        args.sources[f"gw-{label}"] = Path(src).resolve()
-        args.paths.append(f"gw-{label}")
+    try:
+        args.sources = gateway_sources(args.gateway_src)
+    except ValueError as exc:
+        p.error(str(exc))
+    args.paths += list(args.sources)
     if args.what == "syscalls" and not _which("strace"):
         p.error("strace not found")
     if args.what == "instructions" and not _which("callgrind_control"):

@@ -376,6 +376,24 @@ idle_timeout = "60s"
     return "".join(parts)
 
 
+def gateway_sources(specs: Sequence[str]) -> dict[str, Path]:
+    """``--gateway-src LABEL=DIR`` options as paths: ``{"gw-LABEL": DIR}``.
+
+    Raises:
+        ValueError: a spec that is not LABEL=DIR with DIR/gateway/cli/main.py (the
+            message names it).
+    """
+    sources = {}
+    for spec in specs:
+        label, _, src = spec.partition("=")
+        gw = Path(src) / "gateway"
+        # cli.py: trees from before the command became a package
+        if not label or not ((gw / "cli" / "main.py").is_file() or (gw / "cli.py").is_file()):
+            raise ValueError(f"--gateway-src {spec!r}: want LABEL=DIR with DIR/gateway/cli/main.py")
+        sources[f"gw-{label}"] = Path(src).resolve()
+    return sources
+
+
 def start_gateway(
     children: Children,
     name: str,

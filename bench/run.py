@@ -46,6 +46,7 @@ from peers import (
     Child,
     Children,
     free_port,
+    gateway_sources,
     kernel_threads_seconds,
     kernel_threads_ticks,
     machine_busy_seconds,
@@ -217,14 +218,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     for name in args.paths:
         if name not in PATHS:
             p.error(f"unknown path {name!r}; paths: {', '.join(PATHS)}")
-    args.sources = {}
-    for item in args.gateway_src:
-        label, _, src = item.partition("=")
-        gw = Path(src) / "gateway"
-        if not label or not ((gw / "cli" / "main.py").is_file() or (gw / "cli.py").is_file()):
-            p.error(f"--gateway-src {item!r}: want LABEL=DIR with DIR/gateway/cli/main.py")
-        args.sources[f"gw-{label}"] = Path(src).resolve()
-        PATH_NOTES[f"gw-{label}"] = f"l4gw run from {src}"
+    try:
+        args.sources = gateway_sources(args.gateway_src)
+    except ValueError as exc:
+        p.error(str(exc))
+    for name, src in args.sources.items():
+        PATH_NOTES[name] = f"l4gw run from {src}"
     args.paths += list(args.sources)
     if args.duration < 1 or args.rounds < 1:
         p.error("--duration must be >= 1 and --rounds >= 1")

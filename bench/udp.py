@@ -44,7 +44,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peers import LOOPBACK, ROOT, Child, Children, disabling_third_party
+from peers import LOOPBACK, ROOT, Child, Children, disabling_third_party, gateway_sources
 
 PATHS = ("direct", "gateway", "nginx")
 #: nginx's stream module (Debian: libnginx-mod-stream), the reference UDP proxy.
@@ -408,12 +408,10 @@ def main() -> int:
         "in the same interleaved rounds (A/B a code change; repeatable)",
     )
     args = parser.parse_args()
-    sources = {}
-    for spec in args.gateway_src:
-        label, _, src = spec.partition("=")
-        if not label or not src:
-            parser.error(f"--gateway-src {spec!r}: LABEL=DIR")
-        sources[f"gw-{label}"] = Path(src).resolve()
+    try:
+        sources = gateway_sources(args.gateway_src)
+    except ValueError as exc:
+        parser.error(str(exc))
     seconds, rounds = (1.0, 1) if args.quick else (args.seconds, args.rounds)
     loads = args.only.split(",") if args.only else list(LOADS)
     unknown = [x for x in loads if x not in LOADS]
