@@ -1,5 +1,6 @@
 """Trio's run loop, spared a Python call per check of its instruments; a parked task,
-one coroutine.
+one coroutine; trio's epoll set shared with the relays. Every reach into trio's
+private modules is here.
 
 Around every task step, spawn, reschedule and exit, trio asks whether an
 instrument wants that event: ``"before_task_step" in runner.instruments``. Its
@@ -20,11 +21,20 @@ trio's is a coroutine that awaits a generator that yields the trap's message, so
 parked task held both (about 280 bytes more than one generator) and each wakeup
 passed through both. A relay parks for the whole idle life of a flow. Where trio
 has no such message (another trio), :func:`park` is trio's own.
+
+:func:`share_epoll` lets another owner of descriptors (the relay poller,
+gateway/relay/poller.py rule 4) register them in the epoll set trio's loop waits in
+and have their events first, in the same pass of the loop: trio's I/O manager gets a
+class of its own whose ``process_events`` hands the owner the events and trio what the
+owner leaves, and whose ``get_events`` asks for a batch the size of the owner's too
+(trio sizes it by its own waits). :func:`unshare_epoll` gives the class back. Where
+trio's I/O manager is not trio 0.35's ``EpollIOManager``, nothing is shared.
 """
 
 from __future__ import annotations
 
 import logging
+import select
 import types
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any
@@ -33,7 +43,17 @@ from trio._core import _run
 from trio._core._instrumentation import Instruments
 from trio.lowlevel import Abort, wait_task_rescheduled
 
+try:  # where trio 0.35 keeps its epoll loop
+    from trio._core._io_epoll import EpollIOManager
+
+    _TrioEpoll: Any = EpollIOManager
+except ImportError:  # pragma: no cover - another trio, or not Linux
+    _TrioEpoll = None
+
 log = logging.getLogger("l4gw.runloop")
+
+Events = list[tuple[int, int]]
+"""What an epoll wait returns: (descriptor, events) pairs."""
 
 
 def fast_instrument_checks() -> bool:
@@ -76,3 +96,40 @@ def _trap() -> Callable[[Callable[[Any], Abort]], Awaitable[Any]]:
 park = _trap()
 """``await park(abort_func)``: as ``trio.lowlevel.wait_task_rescheduled(abort_func)``,
 one frame lighter (the module's docstring)."""
+
+
+def share_epoll(deliver: Callable[[Events], Events | None], batch: int) -> select.epoll | None:
+    """Call inside ``trio.run``: trio's epoll set, whose events ``deliver`` gets first
+    from now on (returning the ones it does not own, or None), with ``batch`` more
+    events asked of each wait; None where trio's loop is not the one known here.
+    """
+    io = getattr(getattr(_run.GLOBAL_RUN_CONTEXT, "runner", None), "io_manager", None)
+    base: Any = _TrioEpoll
+    if base is None:
+        return None
+    process = base.process_events
+    epoll = getattr(io, "_epoll", None)
+    if type(io) is not base or not isinstance(epoll, select.epoll):
+        return None
+
+    def get_events(self: Any, timeout: float) -> Events:
+        return epoll.poll(timeout, batch + len(self._registered))
+
+    def process_events(self: Any, events: Events) -> None:
+        theirs = deliver(events)
+        if theirs is not None:
+            process(self, theirs)
+
+    io.__class__ = type(
+        "EpollIOManager",
+        (base,),
+        {"__slots__": (), "get_events": get_events, "process_events": process_events},
+    )
+    return epoll
+
+
+def unshare_epoll() -> None:
+    """Call inside the ``trio.run`` that :func:`share_epoll` was: trio's loop as it was."""
+    io = getattr(getattr(_run.GLOBAL_RUN_CONTEXT, "runner", None), "io_manager", None)
+    if io is not None and _TrioEpoll is not None and isinstance(io, _TrioEpoll):
+        io.__class__ = _TrioEpoll

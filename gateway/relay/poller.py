@@ -41,9 +41,9 @@ Rules kept here:
    set itself and a switch to the task that read it: on a keepalive load about one
    wakeup per one or two requests (bench/README.md). trio's wait is also asked for
    up to :data:`_BATCH` events more than trio's own waits, which are few. This reaches
-   into trio's loop (``trio._core``, as gateway/runloop.py does); where that loop is
-   not the one known here, the poller keeps a set of its own and a system task that
-   waits on it and delivers (:data:`MERGE` set False makes one so too).
+   into trio's loop (gateway/runloop.py ``share_epoll``); where that loop is not the
+   one known there, the poller keeps a set of its own and a system task that waits on
+   it and delivers (:data:`MERGE` set False makes one so too).
    A socket that is a relay's must not be waited on with trio's ``wait_*`` until it is
    ``unregister``-ed: trio would re-arm it one-shot, for itself.
 5. **One system task per trio run** holds the poller's life: it ends with the run, and
@@ -57,10 +57,9 @@ from __future__ import annotations
 
 import errno
 import select
-from typing import Any, Final
+from typing import Final
 
 from trio import sleep_forever
-from trio._core import _run
 from trio.lowlevel import (
     Abort,
     RunVar,
@@ -72,13 +71,7 @@ from trio.lowlevel import (
 
 from gateway.relay.idletimer import IdleTimer
 from gateway.relay.pipes import PipePool
-
-try:  # where trio 0.35 keeps its epoll loop; without it, the poller has a set of its own
-    from trio._core._io_epoll import EpollIOManager
-
-    _TrioEpoll: Any = EpollIOManager
-except ImportError:  # pragma: no cover - another trio, or not Linux
-    _TrioEpoll = None
+from gateway.runloop import Events, share_epoll, unshare_epoll
 
 _EVENTS: Final = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _BATCH: Final = 256
@@ -124,7 +117,7 @@ class Poller:
 
     def __init__(self, merge: bool = True) -> None:
         self._owners: dict[int, tuple[Waiter, int]] = {}
-        trios = _merge(self) if merge else None
+        trios = share_epoll(self.deliver, _BATCH) if merge else None
         self.merged = trios is not None
         """Whether the relays' sockets are in trio's own epoll set (rule 4)."""
         self._epoll = trios if trios is not None else select.epoll()
@@ -168,7 +161,7 @@ class Poller:
             if exc.errno not in (errno.ENOENT, errno.EBADF):
                 raise
 
-    def deliver(self, events: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
+    def deliver(self, events: Events) -> Events | None:
         """Set the owners' flags for ``events`` and wake each owner that
         :meth:`Waiter.ready` did not serve; the events of descriptors it does not own,
         for trio (None when there are none)."""
@@ -208,51 +201,13 @@ class Poller:
             self.alive = False
             self._owners.clear()
             if self.merged:
-                _unmerge()
+                unshare_epoll()
             else:
                 epoll.close()
             self.pipes.close()
 
 
 _CURRENT: RunVar[Poller] = RunVar("l4gw_relay_poller")
-
-
-def _merge(poller: Poller) -> select.epoll | None:
-    """Put ``poller``'s owners in the current trio run's epoll set (rule 4): trio's
-    epoll set, or None where trio's loop is not the one this knows."""
-    runner = getattr(_run.GLOBAL_RUN_CONTEXT, "runner", None)
-    io = getattr(runner, "io_manager", None)
-    base: Any = _TrioEpoll
-    if base is None:
-        return None
-    process = base.process_events
-    epoll = getattr(io, "_epoll", None)
-    if type(io) is not base or not isinstance(epoll, select.epoll):
-        return None
-    deliver = poller.deliver
-
-    def get_events(self: Any, timeout: float) -> list[tuple[int, int]]:
-        # trio sizes the batch by its own waits; the relays' sockets are most of the set.
-        return epoll.poll(timeout, _BATCH + len(self._registered))
-
-    def process_events(self: Any, events: list[tuple[int, int]]) -> None:
-        theirs = deliver(events)
-        if theirs is not None:
-            process(self, theirs)
-
-    io.__class__ = type(
-        "EpollIOManager",
-        (base,),
-        {"__slots__": (), "get_events": get_events, "process_events": process_events},
-    )
-    return epoll
-
-
-def _unmerge() -> None:
-    runner = getattr(_run.GLOBAL_RUN_CONTEXT, "runner", None)
-    io = getattr(runner, "io_manager", None)
-    if io is not None and _TrioEpoll is not None and isinstance(io, _TrioEpoll):
-        io.__class__ = _TrioEpoll
 
 
 def running() -> Poller | None:
