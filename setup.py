@@ -14,7 +14,13 @@ gateway as the source checkout, objects included.
   kernel tier is asked for ("this installation was built without its BPF
   objects"), so the missing tier is never a mystery.
 * An editable install (``pip install -e .``, what scripts/install.sh does)
-  compiles nothing: the objects are built in place by ``make -C bpf``.
+  compiles no BPF: the objects are built in place by ``make -C bpf``.
+
+It also builds the one C extension, ``gateway.relay._copystep`` (the copy tier's
+inner loop; gateway/relay/copy.py), in place for an editable install. The
+gateway runs without it (the same loop in Python, named at start), so
+``L4GW_NO_EXT=1`` leaves it out on purpose; otherwise a missing compiler or
+Python headers stop the build with what to install.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
@@ -66,4 +73,27 @@ class BuildPyWithBpf(build_py):
             ) from exc
 
 
-setup(cmdclass={"build_py": BuildPyWithBpf})
+class BuildExtSaid(build_ext):
+    """build_ext, stopping with one line that says what to install when it fails."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as exc:
+            raise SystemExit(
+                f"l4gw: compiling gateway/relay/_copystep.c failed ({exc}); it needs gcc and "
+                "the Python headers (Debian: apt install gcc python3-dev); "
+                "L4GW_NO_EXT=1 builds without it (the copy tier then runs its loop in Python)"
+            ) from exc
+
+
+extensions = (
+    []
+    if os.environ.get("L4GW_NO_EXT") == "1"
+    else [Extension("gateway.relay._copystep", ["gateway/relay/_copystep.c"])]
+)
+
+setup(
+    cmdclass={"build_py": BuildPyWithBpf, "build_ext": BuildExtSaid},
+    ext_modules=extensions,
+)

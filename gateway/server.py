@@ -38,6 +38,7 @@ from gateway.identity import resolve_identity
 from gateway.listeners import Listener, open_socket
 from gateway.plugin_manager import Plugins
 from gateway.process import drop_privileges, needed_capabilities
+from gateway.relay import copy as copy_relay
 from gateway.relay import poller as relay_poller
 from gateway.relay.copy import CopyRelay
 from gateway.reloads import Reloads
@@ -137,6 +138,8 @@ class Gateway:
                         # The copy relay's epoll set, made now rather than with the first
                         # copied flow: a process's descriptors stay what they are at start.
                         relay_poller.current()
+                        if not copy_relay.COMPILED:
+                            log.info("copy relay: %s", copy_relay.loop_report())
                         for lc in self._mine(config):
                             self._open(lc)
                         if config.gateway.user:

@@ -31,6 +31,7 @@ from gateway.cli.common import help_without_action
 from gateway.config import ConfigError
 from gateway.plugin_manager import PluginError
 from gateway.relay import libbpf
+from gateway.relay.copy import loop_report as copy_loop_report
 from gateway.relay.policy import KERNEL_TIERS, Policy, defaults, setting
 from gateway.relay.probe import pid_alive, probe
 
@@ -176,6 +177,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         }
         usable = usable and (result.error is None or not listed)
     doc["probe"] = probes
+    doc["copy_loop"] = copy_loop_report()
     status_dir = str(setting(section, "status_dir"))
     doc["status_dir"] = status_dir
     doc["gateways"], doc["stale_status_files"] = running_gateways(status_dir)
@@ -213,7 +215,7 @@ def render(doc: Mapping[str, Any]) -> str:
         what = f"self-test passed in {r['seconds']:.2f} s" if r["usable"] else r["error"]
         note = "" if r["listed"] else " (not in tiers)"
         out.append(f"  {tier:<8}  {verdict:<10}  {what}{note}")
-    out.append(f"  {'copy':<8}  {'usable':<10}  always")
+    out.append(f"  {'copy':<8}  {'usable':<10}  always ({doc['copy_loop']})")
     out += ["", "BPF objects named l4gw* in the kernel:"]
     if doc.get("kernel_objects_error"):
         out.append(f"  {doc['kernel_objects_error']}")

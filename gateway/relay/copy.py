@@ -33,6 +33,15 @@ Rules kept here:
    that would meet EAGAIN is saved (two syscalls of a request/response exchange,
    as HAProxy does). Not when the event that made the side readable said the
    peer's FIN is queued: no later edge comes for it, so reading goes on to it.
+7. **The inner loop is compiled where it can be.** Reading and writing whole
+   chunks until EAGAIN, a short read, a held chunk, an end or the budget is
+   ``gateway/relay/_copystep.c`` ``move``: one call where the socket module
+   makes two per chunk (bench/README.md, "A compiled copy step"). Everything
+   else (holding, half-close, resets, the deadline, promotion) stays here and
+   runs alike for both loops. Without the module (``STEP_WHY_NOT`` says why) the
+   same loop runs in Python. A promotion by bytes stops both loops at the chunk
+   that reaches it; one by age is checked once per call, so the compiled loop may
+   move up to a budget of chunks past it.
 """
 
 from __future__ import annotations
@@ -55,6 +64,23 @@ from gateway.relay.poller import READABLE, Poller, Waiter
 from gateway.relay.poller import current as current_poller
 from gateway.relay.stats import RelayStats, TierCounters
 from gateway.runloop import park
+
+try:
+    from gateway.relay import _copystep
+except ImportError as exc:  # not built: L4GW_NO_EXT=1, or no compiler at install
+    _copystep = None  # type: ignore[assignment]
+    STEP_WHY_NOT: str | None = f"gateway.relay._copystep is not built ({exc})"
+else:
+    STEP_WHY_NOT = None
+COMPILED = _copystep is not None
+"""Whether a new :class:`CopyRelay` moves chunks with the compiled loop (rule 7); the
+tests set it False to run the Python loop where the module is built."""
+
+
+def loop_report() -> str:
+    """Which loop the copy tier runs, for the start log and ``l4gw accel status``."""
+    return "compiled loop" if COMPILED else f"loop in Python: {STEP_WHY_NOT or 'chosen'}"
+
 
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 _CHUNKS_PER_CHECKPOINT: Final = 16
@@ -133,6 +159,8 @@ class CopyRelay:
     def __init__(self, buffer_size: int) -> None:
         self._scratch = bytearray(buffer_size)
         self._view = memoryview(self._scratch)
+        self.compiled = COMPILED
+        """Whether this relay's chunks go through the compiled loop (rule 7)."""
         self._poller: Poller | None = None
         """The poller of the trio run it last relayed in (a RunVar lookup per flow
         otherwise: two calls); replaced once that run is over."""
@@ -167,9 +195,10 @@ class CopyRelay:
             poller = self._poller = current_poller()
         timer = poller.timer
         pair = _Pair(idle_timeout, promotion, timer)
-        c2u, u2c = _Direction(client, upstream, True), _Direction(upstream, client, False)
-        pair.relay, pair.c2u, pair.u2c, pair.stats = self, c2u, u2c, stats
         cfd, ufd = client.fileno(), upstream.fileno()
+        c2u = _Direction(client, upstream, cfd, ufd, True)
+        u2c = _Direction(upstream, client, ufd, cfd, False)
+        pair.relay, pair.c2u, pair.u2c, pair.stats = self, c2u, u2c, stats
         if counters is not None:
             counters.flows_now += 1
             counters.flows_total += 1
@@ -203,8 +232,8 @@ class CopyRelay:
                     await checkpoint()
                     continue
                 pair.chunks = 0
-                # Nothing can move until an event says so (_step's docstring): park until
-                # the poller reschedules the task (gateway/relay/poller.py, rule 2).
+                # Nothing can move until an event says so (_step's docstring): park
+                # until the poller reschedules the task (gateway/relay/poller.py, rule 2).
                 pair.task = current_task()
                 await park(pair.abort)
         finally:
@@ -247,6 +276,7 @@ class CopyRelay:
         """
         view = self._view
         size = len(view)
+        compiled = self.compiled
         stats = pair.stats
         readable, writable = pair.readable, pair.writable
         for d in (pair.c2u, pair.u2c):
@@ -256,18 +286,41 @@ class CopyRelay:
             if d.pending is not None:
                 if not writable[dst_side]:
                     continue
-                try:
-                    while d.pending:
-                        d.pending = d.pending[d.dst.send(d.pending) :]
-                except BlockingIOError:
-                    writable[dst_side] = False
+                reset = self._send_held(d, pair)
+                if reset is not None:
+                    return reset
+                if d.pending is not None:
                     continue
-                except OSError:
+            if compiled and readable[src_side] and not pair.stopping:
+                # Rule 7: the loop below, in one call; what it stopped at is handled
+                # here as the loop below handles it.
+                budget = _CHUNKS_PER_CHECKPOINT - pair.chunks
+                if budget < 1:
+                    budget = 1  # as below: one chunk per direction and pass at least
+                limit = 0
+                if pair.promoting:
+                    limit = pair.promote_bytes - stats.bytes_from_client - stats.bytes_to_client
+                    if limit < 1:
+                        limit = 1
+                status, moved, chunks, sent, n = _move(
+                    self._scratch, d.src_fd, d.dst_fd, budget, readable[src_side] == READABLE, limit
+                )
+                if moved:
+                    pair.chunks += chunks
+                    self._moved(d, moved, stats, pair)
+                if status <= _SHORT:
+                    readable[src_side] = 0
+                elif status == _HELD:
+                    self._hold(d, pair, sent, n)
+                elif status == _END:
+                    self._eof(d, stats, pair)
+                elif status == _SRC_ERROR:
+                    abort_on_close(d.dst)
+                    return d.src_reset
+                elif status == _DST_ERROR:
                     abort_on_close(d.src)
                     return d.dst_reset
-                d.pending = None
-                pair.holding -= 1
-                self._moved(d, d.held, stats, pair)
+                continue
             while readable[src_side] and not pair.stopping:
                 try:
                     n = d.src.recv_into(view, size)
@@ -288,12 +341,7 @@ class CopyRelay:
                     abort_on_close(d.src)
                     return d.dst_reset
                 if sent < n:
-                    # The destination is congested: hold only what it did not
-                    # take, and read no more from this source until it has.
-                    d.pending = memoryview(bytes(view[sent:n]))
-                    d.held = n
-                    pair.holding += 1
-                    writable[dst_side] = False
+                    self._hold(d, pair, sent, n)
                     break
                 self._moved(d, n, stats, pair)
                 pair.chunks += 1
@@ -303,6 +351,32 @@ class CopyRelay:
                     break
                 if pair.chunks >= _CHUNKS_PER_CHECKPOINT:
                     break
+        return None
+
+    def _hold(self, d: _Direction, pair: _Pair, sent: int, n: int) -> None:
+        """The destination took ``sent`` of the chunk of ``n`` bytes in the scratch
+        buffer: congested. Hold only what it did not take (rule 1), and read no more
+        from this source until it has."""
+        d.pending = memoryview(bytes(self._view[sent:n]))
+        d.held = n
+        pair.holding += 1
+        pair.writable[d.sides[1]] = False
+
+    def _send_held(self, d: _Direction, pair: _Pair) -> str | None:
+        """Send the rest of a chunk ``d`` holds; the reset's reason if it failed.
+        ``d.pending`` is None once all of it went."""
+        try:
+            while d.pending:
+                d.pending = d.pending[d.dst.send(d.pending) :]
+        except BlockingIOError:
+            pair.writable[d.sides[1]] = False
+            return None
+        except OSError:
+            abort_on_close(d.src)
+            return d.dst_reset
+        d.pending = None
+        pair.holding -= 1
+        self._moved(d, d.held, pair.stats, pair)
         return None
 
     @staticmethod
@@ -356,6 +430,13 @@ class CopyRelay:
 _CLIENT: Final = 1
 _UPSTREAM: Final = 0
 
+if _copystep is not None:
+    _move = _copystep.move
+    _SHORT, _HELD, _END = _copystep.SHORT, _copystep.HELD, _copystep.END
+    _SRC_ERROR, _DST_ERROR = _copystep.SRC_ERROR, _copystep.DST_ERROR
+    # CopyRelay._step reads "status <= _SHORT" as "the source has nothing more now".
+    assert _copystep.DRAINED < _SHORT < min(_copystep.BUDGET, _copystep.LIMIT, _HELD, _END)
+
 
 class _Direction:
     """One direction of a pair: where from, where to, what it holds."""
@@ -363,18 +444,24 @@ class _Direction:
     __slots__ = (
         "done",
         "dst",
+        "dst_fd",
         "dst_reset",
         "from_client",
         "held",
         "pending",
         "sides",
         "src",
+        "src_fd",
         "src_reset",
     )
 
-    def __init__(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
+    def __init__(
+        self, src: socket.socket, dst: socket.socket, src_fd: int, dst_fd: int, from_client: bool
+    ) -> None:
         self.src = src
         self.dst = dst
+        self.src_fd = src_fd
+        self.dst_fd = dst_fd
         self.from_client = from_client
         self.sides = (_CLIENT, _UPSTREAM) if from_client else (_UPSTREAM, _CLIENT)
         """The pair's flags of its source's side and its destination's."""

@@ -234,7 +234,9 @@ class RelayTiers:
                 "flows_total": c.flows_total,
                 "bytes": c.bytes,
             }
-            if name == "sockmap" and self.accelerator is not None:
+            if name == "copy":
+                entry["loop"] = "compiled" if self.copy.compiled else "python"
+            elif name == "sockmap" and self.accelerator is not None:
                 entry["accelerator"] = self.accelerator.status()
             elif name == "splice" and (run := poller.running()) is not None:
                 pipes = run.pipes

@@ -3,9 +3,9 @@ into a fresh virtual environment (not editable), from a clean export of the chec
 
 ``pip install l4gw`` must give what the README promises: the wheel carries every
 compiled BPF object (setup.py compiles bpf/*.bpf.c with clang), so the installed
-gateway's sockmap tier loads and passes its self-test. A wheel built on purpose
-without them (``L4GW_NO_BPF=1``) says so at run time instead of pointing at a
-Makefile that is not there.
+gateway's sockmap tier loads and passes its self-test, and the copy tier's compiled
+loop. A wheel built on purpose without them (``L4GW_NO_BPF=1``, ``L4GW_NO_EXT=1``)
+says so at run time instead of pointing at a Makefile that is not there.
 """
 
 from __future__ import annotations
@@ -104,15 +104,22 @@ def test_wheel_from_a_clean_export_carries_the_bpf_objects_and_the_tier_loads(
     status = _accel_status(venv, tmp_path)
     sockmap = next(line for line in status.splitlines() if line.strip().startswith("sockmap"))
     assert "usable" in sockmap, status
+    # The copy tier's loop is compiled into the wheel too (setup.py, gateway/relay/copy.py).
+    assert [n for n in names if n.startswith("gateway/relay/_copystep.") and n.endswith(".so")]
+    assert "gateway/relay/_copystep.pyi" in names
+    copy = next(line for line in status.splitlines() if line.strip().startswith("copy"))
+    assert "compiled loop" in copy, status
 
 
-def test_a_wheel_built_without_bpf_says_so_at_run_time(export: Path, tmp_path: Path) -> None:
-    wheel = _build(export, tmp_path / "dist", L4GW_NO_BPF="1")
+def test_a_wheel_built_without_bpf_or_c_says_so_at_run_time(export: Path, tmp_path: Path) -> None:
+    wheel = _build(export, tmp_path / "dist", L4GW_NO_BPF="1", L4GW_NO_EXT="1")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "gateway/bpf/NO_BPF" in names
-    assert not [n for n in names if n.endswith(".bpf.o")]
+    assert not [n for n in names if n.endswith((".bpf.o", ".so"))]
 
     status = _accel_status(_venv_with(wheel, tmp_path), tmp_path, ok=1)
     sockmap = next(line for line in status.splitlines() if line.strip().startswith("sockmap"))
     assert "built without its BPF objects" in sockmap, status
     assert "make -C" not in sockmap
+    copy = next(line for line in status.splitlines() if line.strip().startswith("copy"))
+    assert "loop in Python: gateway.relay._copystep is not built" in copy, status

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import socket
 import struct
 from array import array
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import pytest
 import trio
 
-from gateway.relay import poller
+from gateway.relay import copy, poller
 
 _LINGER_ABORT = struct.pack("ii", 1, 0)
 
@@ -355,4 +356,18 @@ def poller_set(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     not the one the poller knows). ``pytestmark = pytest.mark.usefixtures("poller_set")``
     runs a whole module both ways."""
     monkeypatch.setattr(poller, "MERGE", request.param)
+    return bool(request.param)
+
+
+@pytest.fixture(params=[True, False], ids=["compiled", "python"])
+def copy_step(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Run a copy-relay test with the compiled loop (gateway/relay/_copystep.c), and
+    again with the Python one (gateway/relay/copy.py rule 7). Where the module is not
+    built the compiled run fails under CI (the install builds it) and skips elsewhere."""
+    if request.param and not copy.COMPILED:
+        why = copy.STEP_WHY_NOT or "not built"
+        if os.environ.get("CI"):
+            pytest.fail(f"the compiled copy loop is missing: {why}")
+        pytest.skip(f"the compiled copy loop is missing: {why}")
+    monkeypatch.setattr(copy, "COMPILED", request.param)
     return bool(request.param)

@@ -16,6 +16,7 @@ from gateway.relay.stats import RelayStats
 
 from relay_helpers import (
     abort,
+    copy_step,
     exchange,
     expect_reset,
     first_mismatch,
@@ -27,8 +28,9 @@ from relay_helpers import (
     topology,
 )
 
-# Every test both ways: in trio's own epoll set, and in the poller's own (poller.py rule 4).
-pytestmark = pytest.mark.usefixtures(poller_set.__name__)
+# Every test in trio's own epoll set and in the poller's own (poller.py rule 4), each
+# with the compiled loop and the Python one (copy.py rule 7).
+pytestmark = pytest.mark.usefixtures(poller_set.__name__, copy_step.__name__)
 
 MiB = 1 << 20
 
