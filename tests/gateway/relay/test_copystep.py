@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import os
 import socket
 import struct
 import termios
@@ -13,16 +12,11 @@ import time
 
 import pytest
 
-from gateway.relay import copy
+from relay_helpers import payload, require_compiled_copy_step
 
-from relay_helpers import payload
+require_compiled_copy_step()
 
-if not copy.COMPILED:
-    if os.environ.get("CI"):
-        pytest.fail(f"the compiled copy loop is missing: {copy.STEP_WHY_NOT}")
-    pytest.skip(f"the compiled copy loop is missing: {copy.STEP_WHY_NOT}", allow_module_level=True)
-
-from gateway.relay import _copystep as step  # after the check above
+from gateway.relay import _copystep as step  # noqa: E402  (after the check above)
 
 NO_LIMIT = 0
 
