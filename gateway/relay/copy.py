@@ -67,7 +67,7 @@ from gateway.runloop import park
 
 try:
     from gateway.relay import _copystep
-except ImportError as exc:  # not built: L4GW_NO_EXT=1, or no compiler at install
+except ImportError as exc:  # not built: L4GW_NO_EXT=1, or sources run without an install
     _copystep = None  # type: ignore[assignment]
     STEP_WHY_NOT: str | None = f"gateway.relay._copystep is not built ({exc})"
 else:
