@@ -1,12 +1,16 @@
-/* The copy tier's inner loop, compiled: read a chunk from one socket, write it to
- * the other, until something stops it (gateway/relay/copy.py, CopyRelay._step).
+/* The copy tier's hot path, compiled: read a chunk from one socket, write it to the
+ * other, until something stops it (gateway/relay/copy.py, CopyRelay._step); and the
+ * relays' event delivery, which moves a parked copy pair's plain event that way
+ * without a Python call (gateway/relay/poller.py rule 6, copy.py rule 8).
  *
  * Why C: a kept-alive request through the copy tier makes the same syscalls as
  * HAProxy's, and what is left between them is Python (bench/README.md, "A compiled
- * copy step"). Each chunk through the socket module costs two method calls, a
- * memoryview slice, the GIL released and taken twice; here it costs the two
- * syscalls. copy.py runs the same loop in Python where this module is not built,
- * and the tests run every copy test both ways.
+ * copy step", "The delivery compiled"). Each chunk through the socket module costs
+ * two method calls, a memoryview slice, the GIL released and taken twice; here it
+ * costs the two syscalls. Each event through the Python delivery cost four calls and
+ * about a hundred bytecodes around them. copy.py and poller.py run the same loop and
+ * delivery in Python where this module is not built, and the tests run every copy
+ * test both ways.
  *
  * The GIL is kept: every call here is MSG_DONTWAIT (the sockets are non-blocking
  * anyway), so none waits.
@@ -28,11 +32,22 @@
  *   sent, held  for HELD: the last chunk read is scratch[0:held], and dst took
  *               only scratch[0:sent]; the caller keeps scratch[sent:held].
  *               For SRC_ERROR and DST_ERROR: sent is the errno.
+ *
+ * deliver(owners, reschedule, clock, events) -> list | None
+ *
+ *   Poller.deliver (gateway/relay/poller.py) as it is, for trio's epoll events
+ *   ``events``: ``owners`` maps a descriptor to (waiter, side); the events of
+ *   descriptors it does not own come back, in order (None when there are none);
+ *   ``reschedule`` wakes a parked waiter that ``waiter.ready()`` did not serve.
+ *   A parked waiter with a ``fast`` path (a copy pair's: serve() below) has an
+ *   event that says only "readable" served here; ``clock`` is the run clock's
+ *   perf_counter, read when bytes moved and the pair has an idle timeout.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <errno.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 
 enum {
@@ -60,40 +75,23 @@ as_int(PyObject *o, const char *what, long min, long *out)
     return 0;
 }
 
-static PyObject *
-move(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
-{
-    (void)module;
-    if (nargs != 6) {
-        PyErr_Format(PyExc_TypeError, "move() takes 6 arguments (%zd given)", nargs);
-        return NULL;
-    }
-    long src, dst, budget;
-    if (as_int(args[1], "src", 0, &src) < 0 || as_int(args[2], "dst", 0, &dst) < 0
-        || as_int(args[3], "budget", 1, &budget) < 0)
-        return NULL;
-    int stop_short = PyObject_IsTrue(args[4]);
-    if (stop_short < 0)
-        return NULL;
-    long long limit = PyLong_AsLongLong(args[5]);
-    if (limit == -1 && PyErr_Occurred())
-        return NULL;
-    Py_buffer scratch;
-    if (PyObject_GetBuffer(args[0], &scratch, PyBUF_WRITABLE) < 0)
-        return NULL;
-    char *buf = scratch.buf;
-    size_t size = (size_t)scratch.len;
+/* What move_chunks stopped at: move()'s tuple, as a struct. */
+struct moved {
+    int status;
+    long long moved;
+    long chunks, sent, held;
+};
 
+/* The loop itself, shared by move() and the delivery's fast path (deliver()). */
+static void
+move_chunks(char *buf, size_t size, int src, int dst, long budget, int stop_short,
+            long long limit, struct moved *r)
+{
     int status;
     long long moved = 0;
     long chunks = 0, sent = 0, held = 0;
-    if (size == 0) {
-        PyBuffer_Release(&scratch);
-        PyErr_SetString(PyExc_ValueError, "move(): empty scratch buffer");
-        return NULL;
-    }
     for (;;) {
-        ssize_t n = recv((int)src, buf, size, MSG_DONTWAIT);
+        ssize_t n = recv(src, buf, size, MSG_DONTWAIT);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -112,7 +110,7 @@ move(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         ssize_t s;
         do {
             /* MSG_NOSIGNAL: a peer gone is an error to report, not a SIGPIPE. */
-            s = send((int)dst, buf, (size_t)n, MSG_DONTWAIT | MSG_NOSIGNAL);
+            s = send(dst, buf, (size_t)n, MSG_DONTWAIT | MSG_NOSIGNAL);
         } while (s < 0 && errno == EINTR);
         if (s < 0) {
             if (errno != EAGAIN && errno != EWOULDBLOCK) {
@@ -143,14 +141,49 @@ move(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             break;
         }
     }
+    r->status = status;
+    r->moved = moved;
+    r->chunks = chunks;
+    r->sent = sent;
+    r->held = held;
+}
+
+static PyObject *
+move(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 6) {
+        PyErr_Format(PyExc_TypeError, "move() takes 6 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    long src, dst, budget;
+    if (as_int(args[1], "src", 0, &src) < 0 || as_int(args[2], "dst", 0, &dst) < 0
+        || as_int(args[3], "budget", 1, &budget) < 0)
+        return NULL;
+    int stop_short = PyObject_IsTrue(args[4]);
+    if (stop_short < 0)
+        return NULL;
+    long long limit = PyLong_AsLongLong(args[5]);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer scratch;
+    if (PyObject_GetBuffer(args[0], &scratch, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (scratch.len == 0) {
+        PyBuffer_Release(&scratch);
+        PyErr_SetString(PyExc_ValueError, "move(): empty scratch buffer");
+        return NULL;
+    }
+    struct moved r;
+    move_chunks(scratch.buf, (size_t)scratch.len, (int)src, (int)dst, budget, stop_short, limit, &r);
     PyBuffer_Release(&scratch);
 
     PyObject *out = PyTuple_New(5);
     if (out == NULL)
         return NULL;
     PyObject *items[5] = {
-        PyLong_FromLong(status), PyLong_FromLongLong(moved), PyLong_FromLong(chunks),
-        PyLong_FromLong(sent), PyLong_FromLong(held),
+        PyLong_FromLong(r.status), PyLong_FromLongLong(r.moved), PyLong_FromLong(r.chunks),
+        PyLong_FromLong(r.sent), PyLong_FromLong(r.held),
     };
     for (int i = 0; i < 5; i++) {
         if (items[i] == NULL) {
@@ -165,10 +198,252 @@ move(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return out;
 }
 
+/* ---- The relays' event delivery (gateway/relay/poller.py, Poller.deliver) ---- */
+
+/* Interned at import: the attributes the delivery reads and writes. */
+static PyObject *s_readable, *s_writable, *s_task, *s_fast, *s_ready, *s_deadline,
+    *s_from_client, *s_to_client;
+
+#define EV_READ (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)
+#define EV_ENDS (EPOLLRDHUP | EPOLLHUP | EPOLLERR)
+#define EV_WRITE (EPOLLOUT | EPOLLHUP | EPOLLERR)
+#define SIDE_CLIENT 1 /* copy.py _CLIENT; side 0 is the upstream */
+
+/* waiter.<flags>[side] = value */
+static int
+set_flag(PyObject *waiter, PyObject *flags_name, long side, PyObject *value)
+{
+    PyObject *flags = PyObject_GetAttr(waiter, flags_name);
+    if (flags == NULL)
+        return -1;
+    Py_INCREF(value);
+    int rc = PyList_SetItem(flags, side, value); /* steals value; checks the list */
+    Py_DECREF(flags);
+    return rc;
+}
+
+static int
+tuple_long(PyObject *t, Py_ssize_t i, long *out)
+{
+    *out = PyLong_AsLong(PyTuple_GET_ITEM(t, i));
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+static int
+tuple_double(PyObject *t, Py_ssize_t i, double *out)
+{
+    *out = PyFloat_AsDouble(PyTuple_GET_ITEM(t, i));
+    return (*out == -1.0 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/* A parked copy pair's plain event (no end, no error), served without Python: its
+ * fast path is the tuple copy.py keeps in ``waiter.fast`` while the pair holds
+ * nothing, has no end and cannot be promoted, (fd of side 0, fd of side 1, scratch
+ * bytearray, stats, idle, clock offset, budget). 1: served, the pair stays parked;
+ * 0: wake it; -1: an error. What is not plain here goes to ``waiter.ready`` with
+ * what move_chunks stopped at, which handles it as CopyRelay._step would have. */
+static int
+serve(PyObject *waiter, PyObject *fast, long side, long ev, PyObject *clock)
+{
+    if (!(ev & EPOLLIN))
+        return 1; /* writable only: nothing is held, so nothing waits for it */
+    long src, dst, budget;
+    double idle, offset;
+    PyObject *scratch;
+    if (!PyTuple_Check(fast) || PyTuple_GET_SIZE(fast) != 7
+        || !PyByteArray_Check(scratch = PyTuple_GET_ITEM(fast, 2))
+        || PyByteArray_GET_SIZE(scratch) == 0) {
+        PyErr_SetString(PyExc_TypeError, "deliver(): a waiter's fast path is not its tuple");
+        return -1;
+    }
+    if (tuple_long(fast, side, &src) < 0 || tuple_long(fast, 1 - side, &dst) < 0
+        || tuple_double(fast, 4, &idle) < 0 || tuple_double(fast, 5, &offset) < 0
+        || tuple_long(fast, 6, &budget) < 0)
+        return -1;
+    struct moved r;
+    move_chunks(PyByteArray_AS_STRING(scratch), (size_t)PyByteArray_GET_SIZE(scratch), (int)src,
+                (int)dst, budget, 1, 0, &r);
+    if (r.status <= SHORT && r.moved > 0 && idle > 0) {
+        /* The idle deadline moves only once it fell behind now + idle (copy.py
+         * _moved): that rare case is Python's. */
+        PyObject *now = PyObject_CallNoArgs(clock);
+        if (now == NULL)
+            return -1;
+        double t = PyFloat_AsDouble(now);
+        Py_DECREF(now);
+        PyObject *deadline = PyObject_GetAttr(waiter, s_deadline);
+        if (deadline == NULL)
+            return -1;
+        double d = PyFloat_AsDouble(deadline);
+        Py_DECREF(deadline);
+        if ((t == -1.0 || d == -1.0) && PyErr_Occurred())
+            return -1;
+        if (d < offset + t + idle)
+            goto to_python;
+    }
+    if (r.status <= SHORT) {
+        if (r.moved > 0) {
+            PyObject *stats = PyTuple_GET_ITEM(fast, 3);
+            PyObject *name = side == SIDE_CLIENT ? s_from_client : s_to_client;
+            PyObject *count = PyObject_GetAttr(stats, name);
+            if (count == NULL)
+                return -1;
+            PyObject *more = PyLong_FromLongLong(r.moved);
+            PyObject *sum = more == NULL ? NULL : PyNumber_Add(count, more);
+            Py_DECREF(count);
+            Py_XDECREF(more);
+            if (sum == NULL)
+                return -1;
+            int rc = PyObject_SetAttr(stats, name, sum);
+            Py_DECREF(sum);
+            if (rc < 0)
+                return -1;
+        }
+        PyObject *zero = PyLong_FromLong(0);
+        int rc = set_flag(waiter, s_readable, side, zero);
+        Py_DECREF(zero);
+        return rc < 0 ? -1 : 1;
+    }
+to_python:;
+    PyObject *args[7] = {waiter, NULL, NULL, NULL, NULL, NULL, NULL};
+    long long values[6] = {side, r.status, r.moved, r.chunks, r.sent, r.held};
+    int ok = 1;
+    for (int i = 0; i < 6; i++)
+        if ((args[i + 1] = PyLong_FromLongLong(values[i])) == NULL)
+            ok = 0;
+    PyObject *result = NULL;
+    if (ok)
+        result = PyObject_VectorcallMethod(s_ready, args, 7 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    for (int i = 1; i < 7; i++)
+        Py_XDECREF(args[i]);
+    if (result == NULL)
+        return -1;
+    int served = PyObject_IsTrue(result);
+    Py_DECREF(result);
+    return served;
+}
+
+/* One event for an owned descriptor: Poller.deliver's loop body. */
+static int
+deliver_one(PyObject *owner, long ev, PyObject *reschedule, PyObject *clock)
+{
+    if (!PyTuple_Check(owner) || PyTuple_GET_SIZE(owner) != 2) {
+        PyErr_SetString(PyExc_TypeError, "deliver(): an owner is not (waiter, side)");
+        return -1;
+    }
+    PyObject *waiter = PyTuple_GET_ITEM(owner, 0);
+    long side;
+    if (tuple_long(owner, 1, &side) < 0)
+        return -1;
+    if (ev & EV_READ) {
+        PyObject *flag = PyLong_FromLong(ev & EV_ENDS ? 2 : 1); /* READABLE[_TO_END] */
+        int rc = set_flag(waiter, s_readable, side, flag);
+        Py_DECREF(flag);
+        if (rc < 0)
+            return -1;
+    }
+    if ((ev & EV_WRITE) && set_flag(waiter, s_writable, side, Py_True) < 0)
+        return -1;
+    PyObject *task = PyObject_GetAttr(waiter, s_task);
+    if (task == NULL)
+        return -1;
+    int served = 1;
+    if (task != Py_None) {
+        served = 2; /* not decided: waiter.ready() decides */
+        if (!(ev & EV_ENDS)) {
+            PyObject *fast = PyObject_GetAttr(waiter, s_fast);
+            if (fast == NULL)
+                goto fail;
+            if (fast != Py_None)
+                served = serve(waiter, fast, side, ev, clock);
+            Py_DECREF(fast);
+        }
+        if (served == 2) {
+            PyObject *result = PyObject_CallMethodNoArgs(waiter, s_ready);
+            if (result == NULL)
+                goto fail;
+            served = PyObject_IsTrue(result);
+            Py_DECREF(result);
+        }
+        if (served < 0)
+            goto fail;
+        if (served == 0) {
+            if (PyObject_SetAttr(waiter, s_task, Py_None) < 0)
+                goto fail;
+            PyObject *result = PyObject_CallOneArg(reschedule, task);
+            if (result == NULL)
+                goto fail;
+            Py_DECREF(result);
+        }
+    }
+    Py_DECREF(task);
+    return 0;
+fail:
+    Py_DECREF(task);
+    return -1;
+}
+
+static PyObject *
+deliver(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 4) {
+        PyErr_Format(PyExc_TypeError, "deliver() takes 4 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *owners = args[0], *reschedule = args[1], *clock = args[2];
+    if (!PyDict_Check(owners)) {
+        PyErr_SetString(PyExc_TypeError, "deliver(): owners must be a dict");
+        return NULL;
+    }
+    PyObject *events = PySequence_Fast(args[3], "deliver(): events must be a sequence");
+    if (events == NULL)
+        return NULL;
+    PyObject *theirs = NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(events);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(events, i);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) {
+            PyErr_SetString(PyExc_TypeError, "deliver(): an event is not (fd, events)");
+            goto fail;
+        }
+        long ev;
+        if (tuple_long(item, 1, &ev) < 0)
+            goto fail;
+        PyObject *owner = PyDict_GetItemWithError(owners, PyTuple_GET_ITEM(item, 0));
+        if (owner == NULL) {
+            if (PyErr_Occurred())
+                goto fail;
+            if (theirs == NULL && (theirs = PyList_New(0)) == NULL)
+                goto fail;
+            if (PyList_Append(theirs, item) < 0)
+                goto fail;
+            continue;
+        }
+        /* Held: what the waiter runs may forget its descriptor (and the owner). */
+        Py_INCREF(owner);
+        int rc = deliver_one(owner, ev, reschedule, clock);
+        Py_DECREF(owner);
+        if (rc < 0)
+            goto fail;
+    }
+    Py_DECREF(events);
+    if (theirs == NULL)
+        Py_RETURN_NONE;
+    return theirs;
+fail:
+    Py_DECREF(events);
+    Py_XDECREF(theirs);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"move", (PyCFunction)(void (*)(void))move, METH_FASTCALL,
      "move(scratch, src, dst, budget, stop_short, limit) -> (status, moved, chunks, sent, held)\n"
      "Relay whole chunks from src to dst until a stop (see the module's constants)."},
+    {"deliver", (PyCFunction)(void (*)(void))deliver, METH_FASTCALL,
+     "deliver(owners, reschedule, clock, events) -> list | None\n"
+     "gateway/relay/poller.py Poller.deliver, with a parked copy pair's plain event served here."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -185,6 +460,18 @@ exec_module(PyObject *m)
     };
     for (size_t i = 0; i < sizeof(consts) / sizeof(consts[0]); i++)
         if (PyModule_AddIntConstant(m, consts[i].name, consts[i].value) < 0)
+            return -1;
+    static const struct {
+        PyObject **name;
+        const char *text;
+    } names[] = {
+        {&s_readable, "readable"}, {&s_writable, "writable"}, {&s_task, "task"},
+        {&s_fast, "fast"},         {&s_ready, "ready"},
+        {&s_deadline, "deadline"}, {&s_from_client, "bytes_from_client"},
+        {&s_to_client, "bytes_to_client"},
+    };
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+        if (*names[i].name == NULL && (*names[i].name = PyUnicode_InternFromString(names[i].text)) == NULL)
             return -1;
     return 0;
 }

@@ -1,4 +1,7 @@
-"""Types of the compiled copy loop (gateway/relay/_copystep.c documents it)."""
+"""Types of the compiled copy loop and delivery (gateway/relay/_copystep.c documents them)."""
+
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from typing_extensions import Buffer
 
@@ -14,3 +17,10 @@ DST_ERROR: int
 def move(
     scratch: Buffer, src: int, dst: int, budget: int, stop_short: bool, limit: int, /
 ) -> tuple[int, int, int, int, int]: ...
+def deliver(
+    owners: dict[int, tuple[Any, int]],
+    reschedule: Callable[[Any], object],
+    clock: Callable[[], float],
+    events: Sequence[tuple[int, int]],
+    /,
+) -> list[tuple[int, int]] | None: ...

@@ -42,6 +42,16 @@ Rules kept here:
    same loop runs in Python. A promotion by bytes stops both loops at the chunk
    that reaches it; one by age is checked once per call, so the compiled loop may
    move up to a budget of chunks past it.
+8. **A plain event is served without Python.** While a pair is parked holding
+   nothing, with no end and no promotion to come, its ``fast`` path (a tuple: the two
+   descriptors, the scratch buffer, the stats, the idle timeout, the clock's offset,
+   the budget) lets the compiled delivery (gateway/relay/poller.py rule 6) move the
+   bytes of an event that says only "readable" and count them, as ``_step`` and
+   ``_moved`` would. Anything else it meets (an end, a reset, a held chunk, a full
+   budget, an idle deadline due to move) it hands to :meth:`_Pair.ready`, with what
+   it moved, which handles it here; an event that says "end" or "error" goes to
+   :meth:`_Pair.ready` as before. The pair's task is woken for the same things as with the Python
+   delivery.
 """
 
 from __future__ import annotations
@@ -199,6 +209,20 @@ class CopyRelay:
         c2u = _Direction(client, upstream, cfd, ufd, True)
         u2c = _Direction(upstream, client, ufd, cfd, False)
         pair.relay, pair.c2u, pair.u2c, pair.stats = self, c2u, u2c, stats
+        if self.compiled and timer.offset is not None:
+            # Rule 8: what the compiled delivery needs to move a plain event's bytes,
+            # indexed by side (_UPSTREAM, _CLIENT) as the poller's owners are.
+            pair.fastpath = (
+                ufd,
+                cfd,
+                self._scratch,
+                stats,
+                float(idle_timeout or 0),
+                timer.offset,
+                _CHUNKS_PER_CHECKPOINT,
+            )
+            if not pair.promoting:
+                pair.fast = pair.fastpath
         if counters is not None:
             counters.flows_now += 1
             counters.flows_total += 1
@@ -239,6 +263,7 @@ class CopyRelay:
         finally:
             timer.cancel(pair)
             pair.relay = None  # no more moving where the poller delivers events
+            pair.fast = None
             if counters is not None:
                 counters.flows_now -= 1
                 counters.bytes += stats.bytes_from_client + stats.bytes_to_client - before
@@ -305,21 +330,9 @@ class CopyRelay:
                 status, moved, chunks, sent, n = _move(
                     self._scratch, d.src_fd, d.dst_fd, budget, readable[src_side] == READABLE, limit
                 )
-                if moved:
-                    pair.chunks += chunks
-                    self._moved(d, moved, stats, pair)
-                if status <= _SHORT:
-                    readable[src_side] = 0
-                elif status == _HELD:
-                    self._hold(d, pair, sent, n)
-                elif status == _END:
-                    self._eof(d, stats, pair)
-                elif status == _SRC_ERROR:
-                    abort_on_close(d.dst)
-                    return d.src_reset
-                elif status == _DST_ERROR:
-                    abort_on_close(d.src)
-                    return d.dst_reset
+                reset = self._after_move(d, pair, status, moved, chunks, sent, n)
+                if reset is not None:
+                    return reset
                 continue
             while readable[src_side] and not pair.stopping:
                 try:
@@ -353,6 +366,28 @@ class CopyRelay:
                     break
         return None
 
+    def _after_move(
+        self, d: _Direction, pair: _Pair, status: int, moved: int, chunks: int, sent: int, n: int
+    ) -> str | None:
+        """What the compiled loop stopped at for ``d`` (``_copystep.move``'s tuple),
+        handled as the Python loop handles it; the close reason of a reset, else None."""
+        if moved:
+            pair.chunks += chunks
+            self._moved(d, moved, pair.stats, pair)
+        if status <= _SHORT:
+            pair.readable[d.sides[0]] = 0
+        elif status == _HELD:
+            self._hold(d, pair, sent, n)
+        elif status == _END:
+            self._eof(d, pair.stats, pair)
+        elif status == _SRC_ERROR:
+            abort_on_close(d.dst)
+            return d.src_reset
+        elif status == _DST_ERROR:
+            abort_on_close(d.src)
+            return d.dst_reset
+        return None
+
     def _hold(self, d: _Direction, pair: _Pair, sent: int, n: int) -> None:
         """The destination took ``sent`` of the chunk of ``n`` bytes in the scratch
         buffer: congested. Hold only what it did not take (rule 1), and read no more
@@ -361,6 +396,7 @@ class CopyRelay:
         d.held = n
         pair.holding += 1
         pair.writable[d.sides[1]] = False
+        pair.fast = None  # rule 8: a pair holding bytes is served in Python
 
     def _send_held(self, d: _Direction, pair: _Pair) -> str | None:
         """Send the rest of a chunk ``d`` holds; the reset's reason if it failed.
@@ -376,6 +412,8 @@ class CopyRelay:
             return d.dst_reset
         d.pending = None
         pair.holding -= 1
+        if not pair.holding and not pair.promoting and pair.first_eof is None:
+            pair.fast = pair.fastpath  # rule 8: plain again
         self._moved(d, d.held, pair.stats, pair)
         return None
 
@@ -483,6 +521,7 @@ class _Pair(Waiter):
         "error",
         "expired",
         "failure",
+        "fastpath",
         "first_eof",
         "holding",
         "idle",
@@ -510,6 +549,10 @@ class _Pair(Waiter):
         self.task = None
         self.readable = [0, READABLE]
         self.writable = [True, True]
+        self.fast = None
+        self.fastpath: tuple[int, int, bytearray, object, float, float, int] | None = None
+        """The fast path (rule 8) while the relay runs compiled; ``fast`` is it while
+        the pair is plain: nothing held, no end, no promotion to come."""
         now = timer.now()
         # With the slack of _moved already, so the first chunks do not move it.
         self.deadline = now + idle * SLACK if idle else math.inf
@@ -542,15 +585,33 @@ class _Pair(Waiter):
         self.error: Exception | None = None
         """An unexpected error the poller met for the parked task, raised by it."""
 
-    def ready(self) -> bool:
+    def ready(
+        self,
+        side: int = -1,
+        status: int = 0,
+        moved: int = 0,
+        chunks: int = 0,
+        sent: int = 0,
+        n: int = 0,
+    ) -> bool:
         """Move what the event made movable, here where the poller delivers it; wake
         the pair's task only for what it must see: an end, a reset, a promotion due,
-        or a full budget of chunks (rule 4)."""
+        or a full budget of chunks (rule 4).
+
+        With arguments, from the compiled delivery's fast path (rule 8): what its move
+        of the direction from ``side`` stopped at (``_copystep.move``'s tuple), which
+        is Python's to handle (an end, a reset, a held chunk, a full budget, or an
+        idle deadline due to move); handled first, as ``_step`` would have."""
         relay = self.relay
         if relay is None:
             return False
         try:
-            reset = relay._step(self)
+            reset = None
+            if side >= 0:
+                d = self.c2u if side == _CLIENT else self.u2c
+                reset = relay._after_move(d, self, status, moved, chunks, sent, n)
+            if reset is None:
+                reset = relay._step(self)
         except Exception as exc:  # not the poller's to raise: the task raises it
             self.error = exc
             return False
@@ -566,6 +627,7 @@ class _Pair(Waiter):
         return True  # nothing else can move until an event (CopyRelay._step)
 
     def eof(self, reason: str) -> None:
+        self.fast = None  # rule 8: a half-closed pair is served in Python
         if self.first_eof is None:
             self.first_eof = reason
         # A half-closed pair stays in this tier: kernel tiers need both open.

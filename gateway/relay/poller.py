@@ -51,12 +51,23 @@ Rules kept here:
    runs the relays' idle timer (:attr:`Poller.timer`, gateway/relay/idletimer.py).
    The run's pool of pipes for the splice tier (:attr:`Poller.pipes`,
    gateway/relay/pipes.py) is closed with the poller.
+6. **The delivery is compiled where it can be.** Where gateway/relay/_copystep.c is
+   built, :meth:`Poller.deliver` runs as its ``deliver``: the same loop, and for an
+   owner that keeps a fast path (:attr:`Waiter.fast`: a parked copy pair holding
+   nothing, with no end and no promotion to come) a plain event's bytes are moved
+   there, with no Python call (gateway/relay/copy.py rule 8). The interpreter's part
+   of a kept-alive request through the copy tier was four calls and about a hundred
+   bytecodes around one read and one write (bench/README.md, "The delivery
+   compiled"). :data:`COMPILED` says which delivery a new poller takes.
 """
 
 from __future__ import annotations
 
 import errno
 import select
+from collections.abc import Callable
+from functools import partial
+from time import perf_counter
 from typing import Final
 
 from trio import sleep_forever
@@ -72,6 +83,11 @@ from trio.lowlevel import (
 from gateway.relay.idletimer import IdleTimer
 from gateway.relay.pipes import PipePool
 from gateway.runloop import Events, share_epoll, unshare_epoll
+
+try:
+    from gateway.relay import _copystep
+except ImportError:  # not built (gateway/relay/copy.py says why, at start)
+    _copystep = None  # type: ignore[assignment]
 
 _EVENTS: Final = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _BATCH: Final = 256
@@ -89,13 +105,16 @@ _WRITE: Final = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 class Waiter:
     """What one relay waits for: two sides (0 and 1), each readable and/or writable."""
 
-    __slots__ = ("readable", "task", "writable")
+    __slots__ = ("fast", "readable", "task", "writable")
 
     def __init__(self) -> None:
         self.task: Task | None = None
         self.readable = [0, 0]
         """Per side: 0, :data:`READABLE` or :data:`READABLE_TO_END`."""
         self.writable = [False, False]
+        self.fast: tuple[int, int, bytearray, object, float, float, int] | None = None
+        """A copy pair's fast path, while the compiled delivery may serve its plain events
+        (rule 6; gateway/relay/copy.py rule 8); None for every other owner."""
 
     def ready(self) -> bool:
         """Called by the poller, with the flags set, when an event came while the owner
@@ -115,9 +134,15 @@ class Waiter:
 class Poller:
     """The relays' events in one trio run (:func:`current`)."""
 
-    def __init__(self, merge: bool = True) -> None:
+    def __init__(self, merge: bool = True, compiled: bool = False) -> None:
         self._owners: dict[int, tuple[Waiter, int]] = {}
-        trios = share_epoll(self.deliver, _BATCH) if merge else None
+        self.compiled = compiled and _copystep is not None
+        """Whether events are delivered by the compiled delivery (rule 6)."""
+        self._deliver: Callable[[Events], Events | None] = self.deliver
+        if self.compiled:
+            # Rule 6: the same delivery, in C, bound to this poller's owners.
+            self._deliver = partial(_copystep.deliver, self._owners, reschedule, perf_counter)
+        trios = share_epoll(self._deliver, _BATCH) if merge else None
         self.merged = trios is not None
         """Whether the relays' sockets are in trio's own epoll set (rule 4)."""
         self._epoll = trios if trios is not None else select.epoll()
@@ -164,7 +189,8 @@ class Poller:
     def deliver(self, events: Events) -> Events | None:
         """Set the owners' flags for ``events`` and wake each owner that
         :meth:`Waiter.ready` did not serve; the events of descriptors it does not own,
-        for trio (None when there are none)."""
+        for trio (None when there are none). The compiled delivery (rule 6) does the
+        same, and serves a copy pair's plain event itself."""
         owners = self._owners
         theirs = None
         for fd, events_ in events:
@@ -196,7 +222,7 @@ class Poller:
                 await wait_readable(epoll.fileno())
                 # A bounded batch: without maxevents CPython sizes a buffer for the
                 # whole set at every wakeup; what is left keeps the epoll fd readable.
-                self.deliver(epoll.poll(0, _BATCH))
+                self._deliver(epoll.poll(0, _BATCH))
         finally:
             self.alive = False
             self._owners.clear()
@@ -221,6 +247,9 @@ def running() -> Poller | None:
 MERGE = True
 """Whether a run's poller puts the relays' sockets in trio's own epoll set (rule 4);
 False gives it a set of its own (the relay tests run both ways)."""
+COMPILED = _copystep is not None
+"""Whether a run's poller delivers events with the compiled delivery (rule 6); the
+tests set it False to run the Python one where the module is built."""
 
 
 def current() -> Poller:
@@ -228,7 +257,7 @@ def current() -> Poller:
     try:
         return _CURRENT.get()
     except LookupError:
-        poller = Poller(MERGE)
+        poller = Poller(MERGE, COMPILED)
         _CURRENT.set(poller)
         spawn_system_task(poller.run, name="l4gw relay poller")
         spawn_system_task(poller.timer.run, name="l4gw relay idle timer")

@@ -178,6 +178,7 @@ class _Flow(Waiter):
         self.task = None
         self.readable = [READABLE, READABLE]
         self.writable = [True, True]
+        self.fast = None
         self.c2u, self.u2c = c2u, u2c
         self.idle = idle
         self.deadline = now + idle * SLACK if idle else math.inf

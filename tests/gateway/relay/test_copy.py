@@ -302,11 +302,67 @@ async def test_an_error_in_the_pollers_step_is_the_pairs_and_the_poller_lives_on
                 await trio.lowlevel.checkpoint()  # until the pair task is parked in the poller
             if not relay.failed:
                 # Else the event of its registration was served at once, the task parked.
+                # The FIN's event is the step's, with the compiled delivery too (a plain
+                # event's bytes it moves itself: rule 8).
                 await send_all(topo.backend, b"hello")
+                topo.backend.shutdown(trio.socket.SHUT_WR)
             await recv_to_eof(topo.client)
         assert relay.failed and str(outcome["error"]) == "a bug in a step"
     # The poller survived: a second relay in the same run moves bytes both ways.
     await test_bytes_both_ways_and_reason(70_000)
+
+
+class _CountsSteps(CopyRelay):
+    """A relay that counts its steps (each run by its task or by the Python poller)."""
+
+    def __init__(self) -> None:
+        super().__init__(65536)
+        self.steps = 0
+
+    def _step(self, pair):  # type: ignore[no-untyped-def]
+        self.steps += 1
+        return super()._step(pair)
+
+
+async def test_a_parked_pairs_plain_exchanges_are_moved_without_a_step(copy_step):
+    """Rule 8: with the compiled delivery, the bytes of a parked pair's plain requests
+    and responses are moved and counted where the event comes, with no step in Python
+    (steps run for the start and the end; the idle deadline, 10 s here, need not move).
+    Each exchange's bytes are different and arrive exact, both ways. The deadline's
+    moves (_kept_alive_by_bytes) and a held chunk (test_slow_reader_bounded_and_intact)
+    go through the fast path's hand-over to Python in the tests above."""
+    relay = _CountsSteps()
+    stats = RelayStats()
+    exchanges = 60
+    up_total = down_total = 0
+    with topology() as topo, trio.fail_after(30):
+        async with trio.open_nursery() as n:
+            result: dict[str, str | None] = {}
+
+            async def run() -> None:
+                result["reason"] = await relay.run(topo.gw_client, topo.gw_upstream, stats, 10)
+                topo.close_gateway()
+
+            n.start_soon(run)
+            for i in range(exchanges):
+                request, response = payload(100 + i, 2 * i), payload(3000 + 7 * i, 2 * i + 1)
+                await send_all(topo.client, request)
+                assert await recv_exact(topo.backend, len(request)) == request
+                await send_all(topo.backend, response)
+                assert await recv_exact(topo.client, len(response)) == response
+                up_total += len(request)
+                down_total += len(response)
+            steps = relay.steps
+            topo.client.shutdown(trio.socket.SHUT_WR)
+            assert await recv_to_eof(topo.backend) == b""
+            topo.backend.shutdown(trio.socket.SHUT_WR)
+            assert await recv_to_eof(topo.client) == b""
+    assert result["reason"] in (CloseReason.CLIENT_EOF, CloseReason.BACKEND_EOF)
+    assert (stats.bytes_from_client, stats.bytes_to_client) == (up_total, down_total)
+    if copy_step:
+        assert steps < 5, steps
+    else:
+        assert steps >= 2 * exchanges, steps
 
 
 @pytest.mark.parametrize("when", ["before_run", "while_parked", "fin_later"])

@@ -1,10 +1,14 @@
 """The compiled copy loop (gateway/relay/_copystep.c) on real sockets: every way it
-stops, the bytes it moves and the ones it leaves, and its argument checks."""
+stops, the bytes it moves and the ones it leaves, and its argument checks; and the
+compiled delivery: the owners' flags, who it wakes, what it hands back, and a copy
+pair's fast path (what it moves itself and what it hands to Python)."""
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import math
+import select
 import socket
 import struct
 import termios
@@ -17,6 +21,8 @@ from relay_helpers import payload, require_compiled_copy_step
 require_compiled_copy_step()
 
 from gateway.relay import _copystep as step  # noqa: E402  (after the check above)
+from gateway.relay.poller import Waiter  # noqa: E402
+from gateway.relay.stats import RelayStats  # noqa: E402
 
 NO_LIMIT = 0
 
@@ -207,3 +213,121 @@ def test_a_gone_destination_is_a_destination_error(pairs):
 def test_bad_arguments_are_errors_not_crashes(args, error):
     with pytest.raises(error):
         step.move(*args)
+
+
+# The compiled delivery (gateway/relay/poller.py rule 6, copy.py rule 8). Sides as in
+# copy.py: 1 the client's socket (``src`` here), 0 the upstream's (``dst``).
+CLIENT, UPSTREAM = 1, 0
+IN, OUT = select.EPOLLIN, select.EPOLLOUT
+
+
+class _Owner(Waiter):
+    """A waiter that records what the delivery asked of it."""
+
+    __slots__ = ("calls", "deadline", "serves")
+
+    def __init__(self, parked: bool, serves: bool = True) -> None:
+        super().__init__()
+        self.task = "the task" if parked else None  # type: ignore[assignment]
+        self.calls: list[tuple[object, ...]] = []
+        self.serves = serves
+        self.deadline = math.inf
+
+    def ready(self, *moved: int) -> bool:
+        self.calls.append(("ready", *moved))
+        return self.serves
+
+
+def _deliver(owners, events):  # type: ignore[no-untyped-def]
+    woken: list[object] = []
+    theirs = step.deliver(owners, woken.append, time.perf_counter, events)
+    return theirs, woken
+
+
+def _fast(src, dst, stats, idle=0.0, scratch=65536):  # type: ignore[no-untyped-def]
+    return (dst.fileno(), src.fileno(), bytearray(scratch), stats, idle, 0.0, 16)
+
+
+def test_deliver_sets_flags_and_hands_back_what_it_does_not_own():
+    idle, parked = _Owner(parked=False), _Owner(parked=True)
+    owners = {10: (idle, CLIENT), 11: (parked, UPSTREAM)}
+    events = [(9, IN), (10, IN | select.EPOLLRDHUP), (11, OUT), (12, IN)]
+    theirs, woken = _deliver(owners, events)
+    assert theirs == [(9, IN), (12, IN)]
+    assert idle.readable == [0, 2] and idle.calls == []  # READABLE_TO_END; not parked
+    assert parked.writable == [True, False] and parked.calls == [("ready",)]
+    assert woken == []
+    assert _deliver(owners, [(10, IN)])[0] is None
+
+
+def test_deliver_wakes_a_parked_owner_its_ready_did_not_serve():
+    owner = _Owner(parked=True, serves=False)
+    theirs, woken = _deliver({5: (owner, CLIENT)}, [(5, IN)])
+    assert (theirs, woken, owner.task, owner.readable) == (None, ["the task"], None, [0, 1])
+
+
+def test_a_plain_event_of_a_fast_owner_is_moved_and_counted_without_python(pairs):
+    src_peer, src, dst, dst_peer = pairs
+    stats = RelayStats()
+    owner = _Owner(parked=True)
+    owner.fast = _fast(src, dst, stats, idle=30.0)
+    data = payload(5000, 11)
+    _feed(src_peer, data)
+    _settle(src, len(data))
+    theirs, woken = _deliver({src.fileno(): (owner, CLIENT)}, [(src.fileno(), IN | OUT)])
+    assert (theirs, woken, owner.calls) == (None, [], [])
+    assert owner.readable[CLIENT] == 0 and owner.task == "the task"
+    assert (stats.bytes_from_client, stats.bytes_to_client) == (len(data), 0)
+    _settle(dst_peer, len(data))
+    assert _drain(dst_peer) == data
+    # Writable only: nothing is held, so nothing is asked.
+    assert _deliver({src.fileno(): (owner, CLIENT)}, [(src.fileno(), OUT)])[1] == []
+    assert owner.calls == []
+
+
+def test_the_fast_path_hands_python_what_is_not_plain(pairs):
+    """A deadline due to move, an end, or an event that says "end" or "error"."""
+    src_peer, src, dst, dst_peer = pairs
+    stats = RelayStats()
+    owner = _Owner(parked=True)
+    owner.fast = _fast(src, dst, stats, idle=30.0)
+    owners = {src.fileno(): (owner, CLIENT)}
+    owner.deadline = 0.0  # behind now + idle: Python moves it
+    data = payload(700, 12)
+    _feed(src_peer, data)
+    _settle(src, len(data))
+    _deliver(owners, [(src.fileno(), IN)])
+    assert owner.calls == [("ready", CLIENT, step.SHORT, len(data), 1, 0, 0)]
+    assert stats.bytes_from_client == 0  # Python counts them (copy.py _after_move)
+    owner.calls.clear()
+    owner.deadline = math.inf
+    src_peer.shutdown(socket.SHUT_WR)
+    time.sleep(0.05)
+    _deliver(owners, [(src.fileno(), IN)])  # an edge that said only "readable"
+    assert owner.calls == [("ready", CLIENT, step.END, 0, 0, 0, 0)]
+    owner.calls.clear()
+    _deliver(owners, [(src.fileno(), IN | select.EPOLLRDHUP)])
+    assert owner.calls == [("ready",)] and owner.readable[CLIENT] == 2
+    _settle(dst_peer, len(data))
+    assert _drain(dst_peer) == data
+
+
+@pytest.mark.parametrize(
+    ("owners", "events", "error"),
+    [
+        ([], [], TypeError),  # owners not a dict
+        ({}, [(1,)], TypeError),  # an event not (fd, events)
+        ({1: (None,)}, [(1, IN)], TypeError),  # an owner not (waiter, side)
+    ],
+)
+def test_deliver_bad_arguments_are_errors_not_crashes(owners, events, error):
+    with pytest.raises(error):
+        step.deliver(owners, print, time.perf_counter, events)
+
+
+def test_a_fast_path_that_is_not_its_tuple_is_an_error(pairs):
+    src_peer, src, dst, _ = pairs
+    owner = _Owner(parked=True)
+    owner.fast = (1, 2, 3)  # type: ignore[assignment]
+    with pytest.raises(TypeError, match="fast path"):
+        _deliver({src.fileno(): (owner, CLIENT)}, [(src.fileno(), IN)])

@@ -2,7 +2,7 @@
 
 Every relay test of test_copy.py and test_splice.py runs both ways (relay_helpers
 ``poller_set``); these check what the two ways are, and that trio's own waits are
-served beside the relays' sockets.
+served beside the relays' sockets, with the compiled delivery and the Python one.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from gateway.relay import poller
 from gateway.relay.poller import READABLE, Waiter
 from gateway.runloop import park
 
-from relay_helpers import poller_set
+from relay_helpers import poller_set, require_compiled_copy_step
 
 
 class _Parked(Waiter):
@@ -62,15 +62,25 @@ def test_after_the_run_trios_loop_is_the_one_it_was() -> None:
     assert type(io) is kind
 
 
+@pytest.fixture(params=[True, False], ids=["compiled", "python"])
+def compiled(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """The run's poller with the compiled delivery, and with the Python one (rule 6)."""
+    if request.param:
+        require_compiled_copy_step()
+    monkeypatch.setattr(poller, "COMPILED", request.param)
+    return bool(request.param)
+
+
 @pytest.mark.usefixtures(poller_set.__name__)
 async def test_an_event_wakes_a_parked_owner_or_is_served_where_it_comes(
-    poller_set: bool,
+    poller_set: bool, compiled: bool
 ) -> None:
-    """Both ways: an event for a parked owner is offered to its ``ready`` first, which
-    keeps it parked (served) or has it woken, with the flag of the side it came on;
-    trio's own wait on another socket of the same run is served beside it."""
+    """Both ways, with either delivery (rule 6): an event for a parked owner is offered
+    to its ``ready`` first, which keeps it parked (served) or has it woken, with the
+    flag of the side it came on; trio's own wait on another socket of the same run is
+    served beside it."""
     p = poller.current()
-    assert p.merged is poller_set
+    assert p.merged is poller_set and p.compiled is compiled
     a, b = socket.socketpair()
     c, d = socket.socketpair()
     with a, b, c, d:
