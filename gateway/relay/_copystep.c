@@ -41,7 +41,8 @@
  *   ``reschedule`` wakes a parked waiter that ``waiter.ready()`` did not serve.
  *   A parked waiter with a ``fast`` path (a copy pair's: serve() below) has an
  *   event that says only "readable" served here; ``clock`` is the run clock's
- *   perf_counter, read when bytes moved and the pair has an idle timeout.
+ *   perf_counter, read when bytes moved and the pair has an idle timeout. An
+ *   error met serving it becomes ``waiter.error`` and the waiter is woken.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -201,7 +202,7 @@ move(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 /* ---- The relays' event delivery (gateway/relay/poller.py, Poller.deliver) ---- */
 
 /* Interned at import: the attributes the delivery reads and writes. */
-static PyObject *s_readable, *s_writable, *s_task, *s_fast, *s_ready, *s_deadline,
+static PyObject *s_readable, *s_writable, *s_task, *s_fast, *s_ready, *s_deadline, *s_error,
     *s_from_client, *s_to_client;
 
 #define EV_READ (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)
@@ -323,6 +324,24 @@ to_python:;
     return served;
 }
 
+/* An error met serving a pair's event is the pair's, not the run's (as _Pair.ready
+ * keeps one): it becomes ``waiter.error``, which the woken task raises, and the
+ * delivery goes on. 0 (wake the owner), or -1 if even that failed. */
+static int
+keep_for_owner(PyObject *waiter)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL && value != NULL)
+        PyException_SetTraceback(value, tb);
+    int rc = value == NULL ? -1 : PyObject_SetAttr(waiter, s_error, value);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    return rc < 0 ? -1 : 0;
+}
+
 /* One event for an owned descriptor: Poller.deliver's loop body. */
 static int
 deliver_one(PyObject *owner, long ev, PyObject *reschedule, PyObject *clock)
@@ -354,8 +373,11 @@ deliver_one(PyObject *owner, long ev, PyObject *reschedule, PyObject *clock)
             PyObject *fast = PyObject_GetAttr(waiter, s_fast);
             if (fast == NULL)
                 goto fail;
-            if (fast != Py_None)
+            if (fast != Py_None) {
                 served = serve(waiter, fast, side, ev, clock);
+                if (served < 0)
+                    served = keep_for_owner(waiter);
+            }
             Py_DECREF(fast);
         }
         if (served == 2) {
@@ -466,7 +488,7 @@ exec_module(PyObject *m)
         const char *text;
     } names[] = {
         {&s_readable, "readable"}, {&s_writable, "writable"}, {&s_task, "task"},
-        {&s_fast, "fast"},         {&s_ready, "ready"},
+        {&s_fast, "fast"},         {&s_ready, "ready"},       {&s_error, "error"},
         {&s_deadline, "deadline"}, {&s_from_client, "bytes_from_client"},
         {&s_to_client, "bytes_to_client"},
     };

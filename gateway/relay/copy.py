@@ -47,11 +47,11 @@ Rules kept here:
    descriptors, the scratch buffer, the stats, the idle timeout, the clock's offset,
    the budget) lets the compiled delivery (gateway/relay/poller.py rule 6) move the
    bytes of an event that says only "readable" and count them, as ``_step`` and
-   ``_moved`` would. Anything else it meets (an end, a reset, a held chunk, a full
-   budget, an idle deadline due to move) it hands to :meth:`_Pair.ready`, with what
-   it moved, which handles it here; an event that says "end" or "error" goes to
-   :meth:`_Pair.ready` as before. The pair's task is woken for the same things as with the Python
-   delivery.
+   ``_moved`` would. Anything else its move meets (an end, a reset, a held chunk, a
+   full budget, an idle deadline due to move) it hands to :meth:`_Pair.ready` with
+   what the move stopped at, to be handled here; an event that says "end" or "error"
+   goes to :meth:`_Pair.ready` as before. The pair's task is woken for the same
+   things as with the Python delivery (bench/README.md, "The delivery compiled").
 """
 
 from __future__ import annotations

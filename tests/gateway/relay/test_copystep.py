@@ -224,10 +224,11 @@ IN, OUT = select.EPOLLIN, select.EPOLLOUT
 class _Owner(Waiter):
     """A waiter that records what the delivery asked of it."""
 
-    __slots__ = ("calls", "deadline", "serves")
+    __slots__ = ("calls", "deadline", "error", "serves")
 
     def __init__(self, parked: bool, serves: bool = True) -> None:
         super().__init__()
+        self.error: Exception | None = None
         self.task = "the task" if parked else None  # type: ignore[assignment]
         self.calls: list[tuple[object, ...]] = []
         self.serves = serves
@@ -325,9 +326,21 @@ def test_deliver_bad_arguments_are_errors_not_crashes(owners, events, error):
         step.deliver(owners, print, time.perf_counter, events)
 
 
-def test_a_fast_path_that_is_not_its_tuple_is_an_error(pairs):
+def test_an_error_serving_a_fast_path_is_its_owners_and_the_delivery_goes_on(pairs):
+    """As ``_Pair.ready`` keeps one: the error becomes the owner's (its task, woken,
+    raises it: its connection ends as an internal error), never the trio run's, and the
+    rest of the events are delivered."""
     src_peer, src, dst, _ = pairs
-    owner = _Owner(parked=True)
-    owner.fast = (1, 2, 3)  # type: ignore[assignment]
-    with pytest.raises(TypeError, match="fast path"):
-        _deliver({src.fileno(): (owner, CLIENT)}, [(src.fileno(), IN)])
+    broken, other = _Owner(parked=True), _Owner(parked=True, serves=False)
+    broken.fast = (1, 2, 3)  # type: ignore[assignment]
+    owners = {src.fileno(): (broken, CLIENT), 99: (other, UPSTREAM)}
+    theirs, woken = _deliver(owners, [(src.fileno(), IN), (99, IN)])
+    assert isinstance(broken.error, TypeError) and "fast path" in str(broken.error)
+    assert (theirs, woken, broken.task) == (None, ["the task", "the task"], None)
+    assert other.calls == [("ready",)]
+    broken.task, broken.error = "the task", None  # type: ignore[assignment]
+    broken.fast = _fast(src, dst, object(), idle=0.0)  # stats without counters
+    _feed(src_peer, b"x")
+    _settle(src, 1)
+    _deliver({src.fileno(): (broken, CLIENT)}, [(src.fileno(), IN)])
+    assert isinstance(broken.error, AttributeError) and broken.task is None
