@@ -70,7 +70,7 @@ from trio.lowlevel import checkpoint, current_task
 from gateway.flow import CloseReason, Flow
 from gateway.linux import SIOCINQ, ioctl_int
 from gateway.relay.idletimer import SLACK, IdleTimer
-from gateway.relay.poller import READABLE, Poller, Waiter
+from gateway.relay.poller import READABLE, FastPath, Poller, Waiter
 from gateway.relay.poller import current as current_poller
 from gateway.relay.stats import RelayStats, TierCounters
 from gateway.runloop import park
@@ -550,7 +550,7 @@ class _Pair(Waiter):
         self.readable = [0, READABLE]
         self.writable = [True, True]
         self.fast = None
-        self.fastpath: tuple[int, int, bytearray, object, float, float, int] | None = None
+        self.fastpath: FastPath | None = None
         """The fast path (rule 8) while the relay runs compiled; ``fast`` is it while
         the pair is plain: nothing held, no end, no promotion to come."""
         now = timer.now()

@@ -101,6 +101,11 @@ READABLE_TO_END: Final = 2
 read on to it, since no later edge will come for what is already there."""
 _WRITE: Final = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 
+FastPath = tuple[int, int, bytearray, object, float, float, int]
+"""A copy pair's fast path (rule 6; gateway/relay/copy.py rule 8): the descriptors of
+side 0 and side 1, the scratch buffer, the stats, the idle timeout, the run clock's
+offset, the chunk budget."""
+
 
 class Waiter:
     """What one relay waits for: two sides (0 and 1), each readable and/or writable."""
@@ -112,7 +117,7 @@ class Waiter:
         self.readable = [0, 0]
         """Per side: 0, :data:`READABLE` or :data:`READABLE_TO_END`."""
         self.writable = [False, False]
-        self.fast: tuple[int, int, bytearray, object, float, float, int] | None = None
+        self.fast: FastPath | None = None
         """A copy pair's fast path, while the compiled delivery may serve its plain events
         (rule 6; gateway/relay/copy.py rule 8); None for every other owner."""
 
