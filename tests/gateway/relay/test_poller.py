@@ -18,7 +18,7 @@ from gateway.relay import poller
 from gateway.relay.poller import READABLE, Waiter
 from gateway.runloop import park
 
-from relay_helpers import poller_set, require_compiled_copy_step
+from relay_helpers import copy_step, poller_set
 
 
 class _Parked(Waiter):
@@ -62,25 +62,16 @@ def test_after_the_run_trios_loop_is_the_one_it_was() -> None:
     assert type(io) is kind
 
 
-@pytest.fixture(params=[True, False], ids=["compiled", "python"])
-def compiled(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    """The run's poller with the compiled delivery, and with the Python one (rule 6)."""
-    if request.param:
-        require_compiled_copy_step()
-    monkeypatch.setattr(poller, "COMPILED", request.param)
-    return bool(request.param)
-
-
-@pytest.mark.usefixtures(poller_set.__name__)
+@pytest.mark.usefixtures(poller_set.__name__, copy_step.__name__)
 async def test_an_event_wakes_a_parked_owner_or_is_served_where_it_comes(
-    poller_set: bool, compiled: bool
+    poller_set: bool, copy_step: bool
 ) -> None:
     """Both ways, with either delivery (rule 6): an event for a parked owner is offered
     to its ``ready`` first, which keeps it parked (served) or has it woken, with the
     flag of the side it came on; trio's own wait on another socket of the same run is
     served beside it."""
     p = poller.current()
-    assert p.merged is poller_set and p.compiled is compiled
+    assert p.merged is poller_set and p.compiled is copy_step
     a, b = socket.socketpair()
     c, d = socket.socketpair()
     with a, b, c, d:
