@@ -54,6 +54,10 @@ from gateway.workers import HELD_WHILE_STARTING
 
 log = logging.getLogger("l4gw")
 
+_CONNECTION_TASK = f"{handle.__module__}.{handle.__qualname__}"
+"""Each connection's task name, as trio would make it: given, trio does not format it
+again for every connection (an f-string and two attribute reads per spawn)."""
+
 
 class Gateway:
     """One gateway process serving ``config`` with ``plugins``."""
@@ -231,6 +235,7 @@ class Gateway:
             self._is_draining,
             listener.local,
             listener.ended,
+            name=_CONNECTION_TASK,
         )
 
     def _connection_ended(self, listener: Listener) -> None:

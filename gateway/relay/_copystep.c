@@ -1,7 +1,8 @@
 /* The copy tier's hot path, compiled: read a chunk from one socket, write it to the
  * other, until something stops it (gateway/relay/copy.py, CopyRelay._step); and the
- * relays' event delivery, which moves a parked copy pair's plain event that way
- * without a Python call (gateway/relay/poller.py rule 6, copy.py rule 8).
+ * relays' event delivery, which moves a parked copy pair's event that way without a
+ * Python call, or with one to end a direction (gateway/relay/poller.py rule 6, copy.py
+ * rule 8).
  *
  * Why C: a kept-alive request through the copy tier makes the same syscalls as
  * HAProxy's, and what is left between them is Python (bench/README.md, "A compiled
@@ -40,9 +41,10 @@
  *   descriptors it does not own come back, in order (None when there are none);
  *   ``reschedule`` wakes a parked waiter that ``waiter.ready()`` did not serve.
  *   A parked waiter with a ``fast`` path (a copy pair's: serve() below) has an
- *   event that says only "readable" served here; ``clock`` is the run clock's
- *   perf_counter, read when bytes moved and the pair has an idle timeout. An
- *   error met serving it becomes ``waiter.error`` and the waiter is woken.
+ *   event that says "readable" or "end" served here (an end with one call to
+ *   ``waiter.ended``); ``clock`` is the run clock's perf_counter, read when bytes
+ *   moved and the pair has an idle timeout. An error met serving it becomes
+ *   ``waiter.error`` and the waiter is woken.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -203,7 +205,7 @@ move(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
 /* Interned at import: the attributes the delivery reads and writes. */
 static PyObject *s_readable, *s_writable, *s_task, *s_fast, *s_ready, *s_deadline, *s_error,
-    *s_from_client, *s_to_client;
+    *s_from_client, *s_to_client, *s_ended;
 
 #define EV_READ (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)
 #define EV_ENDS (EPOLLRDHUP | EPOLLHUP | EPOLLERR)
@@ -237,21 +239,51 @@ tuple_double(PyObject *t, Py_ssize_t i, double *out)
     return (*out == -1.0 && PyErr_Occurred()) ? -1 : 0;
 }
 
-/* A parked copy pair's plain event (no end, no error), served without Python: its
+/* waiter.<counter> of the stats += moved */
+static int
+count_moved(PyObject *stats, long side, long long moved)
+{
+    PyObject *name = side == SIDE_CLIENT ? s_from_client : s_to_client;
+    PyObject *count = PyObject_GetAttr(stats, name);
+    if (count == NULL)
+        return -1;
+    PyObject *more = PyLong_FromLongLong(moved);
+    PyObject *sum = more == NULL ? NULL : PyNumber_Add(count, more);
+    Py_DECREF(count);
+    Py_XDECREF(more);
+    if (sum == NULL)
+        return -1;
+    int rc = PyObject_SetAttr(stats, name, sum);
+    Py_DECREF(sum);
+    return rc;
+}
+
+/* A parked copy pair's event (no error), served without Python where it can be: its
  * fast path is the tuple copy.py keeps in ``waiter.fast`` while the pair holds
- * nothing, has no end and cannot be promoted, (fd of side 0, fd of side 1, scratch
- * bytearray, stats, idle, clock offset, budget). 1: served, the pair stays parked;
- * 0: wake it; -1: an error. What is not plain here goes to ``waiter.ready`` with
- * what move_chunks stopped at, which handles it as CopyRelay._step would have. */
+ * nothing and is not stopping for a promotion, (fd of side 0, fd of side 1, scratch
+ * bytearray, stats, idle, clock offset, budget, ended, promote_bytes, promote_at):
+ * ``ended`` the mask of the sides whose direction is over (1 << side); the promotion
+ * due at ``promote_bytes`` bytes moved or at ``promote_at`` on the run clock (-1 and
+ * 0.0: none to come). 1: served, the pair stays parked; 0: wake it; -1: an error.
+ *
+ * The bytes are moved as CopyRelay._step moves them (to the end, when the event says
+ * the peer's FIN is queued) and counted. A move that met the end calls
+ * ``waiter.ended(side)``, which ends that direction as _step would have (one Python
+ * call where _step took six) and says whether the pair stays parked. Whatever else
+ * it stopped at (a held chunk, a full budget, a reset, an idle deadline due to move,
+ * or a promotion due) goes to ``waiter.ready`` with the move's result, which handles
+ * it as CopyRelay._step would have. */
 static int
 serve(PyObject *waiter, PyObject *fast, long side, long ev, PyObject *clock)
 {
-    if (!(ev & EPOLLIN))
+    int ends = (ev & EV_ENDS) != 0;
+    if (!(ev & EPOLLIN) && !ends)
         return 1; /* writable only: nothing is held, so nothing waits for it */
-    long src, dst, budget;
-    double idle, offset;
-    PyObject *scratch;
-    if (!PyTuple_Check(fast) || PyTuple_GET_SIZE(fast) != 7
+    long src, dst, budget, ended;
+    long long promote_bytes, total = 0, limit = 0;
+    double idle, offset, promote_at;
+    PyObject *scratch, *stats;
+    if (!PyTuple_Check(fast) || PyTuple_GET_SIZE(fast) != 10
         || !PyByteArray_Check(scratch = PyTuple_GET_ITEM(fast, 2))
         || PyByteArray_GET_SIZE(scratch) == 0) {
         PyErr_SetString(PyExc_TypeError, "deliver(): a waiter's fast path is not its tuple");
@@ -259,52 +291,81 @@ serve(PyObject *waiter, PyObject *fast, long side, long ev, PyObject *clock)
     }
     if (tuple_long(fast, side, &src) < 0 || tuple_long(fast, 1 - side, &dst) < 0
         || tuple_double(fast, 4, &idle) < 0 || tuple_double(fast, 5, &offset) < 0
-        || tuple_long(fast, 6, &budget) < 0)
+        || tuple_long(fast, 6, &budget) < 0 || tuple_long(fast, 7, &ended) < 0
+        || tuple_double(fast, 9, &promote_at) < 0)
         return -1;
+    promote_bytes = PyLong_AsLongLong(PyTuple_GET_ITEM(fast, 8));
+    if (promote_bytes == -1 && PyErr_Occurred())
+        return -1;
+    if (ended & (1L << side))
+        return 1; /* this side's direction is over: nothing to read, nothing held */
+    stats = PyTuple_GET_ITEM(fast, 3);
+    int promoting = promote_bytes >= 0;
+    if (promoting) {
+        /* As _step: stop at the chunk that reaches the promotion's byte count. */
+        long long counts[2];
+        PyObject *names[2] = {s_from_client, s_to_client};
+        for (int i = 0; i < 2; i++) {
+            PyObject *count = PyObject_GetAttr(stats, names[i]);
+            if (count == NULL)
+                return -1;
+            counts[i] = PyLong_AsLongLong(count);
+            Py_DECREF(count);
+            if (counts[i] == -1 && PyErr_Occurred())
+                return -1;
+        }
+        total = counts[0] + counts[1];
+        limit = promote_bytes - total < 1 ? 1 : promote_bytes - total;
+    }
     struct moved r;
     move_chunks(PyByteArray_AS_STRING(scratch), (size_t)PyByteArray_GET_SIZE(scratch), (int)src,
-                (int)dst, budget, 1, 0, &r);
-    if (r.status <= SHORT && r.moved > 0 && idle > 0) {
+                (int)dst, budget, !ends, limit, &r);
+    if (r.status > SHORT && r.status != END)
+        goto to_python;
+    if (r.moved > 0 && (idle > 0 || promoting)) {
         /* The idle deadline moves only once it fell behind now + idle (copy.py
-         * _moved): that rare case is Python's. */
+         * _moved), and a promotion comes once: those rare cases are Python's. */
         PyObject *now = PyObject_CallNoArgs(clock);
         if (now == NULL)
             return -1;
         double t = PyFloat_AsDouble(now);
         Py_DECREF(now);
-        PyObject *deadline = PyObject_GetAttr(waiter, s_deadline);
-        if (deadline == NULL)
+        if (t == -1.0 && PyErr_Occurred())
             return -1;
-        double d = PyFloat_AsDouble(deadline);
-        Py_DECREF(deadline);
-        if ((t == -1.0 || d == -1.0) && PyErr_Occurred())
-            return -1;
-        if (d < offset + t + idle)
+        t += offset;
+        if (promoting && (total + r.moved >= promote_bytes || t >= promote_at))
             goto to_python;
-    }
-    if (r.status <= SHORT) {
-        if (r.moved > 0) {
-            PyObject *stats = PyTuple_GET_ITEM(fast, 3);
-            PyObject *name = side == SIDE_CLIENT ? s_from_client : s_to_client;
-            PyObject *count = PyObject_GetAttr(stats, name);
-            if (count == NULL)
+        if (idle > 0) {
+            PyObject *deadline = PyObject_GetAttr(waiter, s_deadline);
+            if (deadline == NULL)
                 return -1;
-            PyObject *more = PyLong_FromLongLong(r.moved);
-            PyObject *sum = more == NULL ? NULL : PyNumber_Add(count, more);
-            Py_DECREF(count);
-            Py_XDECREF(more);
-            if (sum == NULL)
+            double d = PyFloat_AsDouble(deadline);
+            Py_DECREF(deadline);
+            if (d == -1.0 && PyErr_Occurred())
                 return -1;
-            int rc = PyObject_SetAttr(stats, name, sum);
-            Py_DECREF(sum);
-            if (rc < 0)
-                return -1;
+            if (d < t + idle)
+                goto to_python;
         }
-        PyObject *zero = PyLong_FromLong(0);
-        int rc = set_flag(waiter, s_readable, side, zero);
-        Py_DECREF(zero);
-        return rc < 0 ? -1 : 1;
     }
+    if (r.moved > 0 && count_moved(stats, side, r.moved) < 0)
+        return -1;
+    if (r.status == END) {
+        PyObject *args[2] = {waiter, PyLong_FromLong(side)};
+        if (args[1] == NULL)
+            return -1;
+        PyObject *result =
+            PyObject_VectorcallMethod(s_ended, args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        Py_DECREF(args[1]);
+        if (result == NULL)
+            return -1;
+        int served = PyObject_IsTrue(result);
+        Py_DECREF(result);
+        return served;
+    }
+    PyObject *zero = PyLong_FromLong(0);
+    int rc = set_flag(waiter, s_readable, side, zero);
+    Py_DECREF(zero);
+    return rc < 0 ? -1 : 1;
 to_python:;
     PyObject *args[7] = {waiter, NULL, NULL, NULL, NULL, NULL, NULL};
     long long values[6] = {side, r.status, r.moved, r.chunks, r.sent, r.held};
@@ -369,7 +430,7 @@ deliver_one(PyObject *owner, long ev, PyObject *reschedule, PyObject *clock)
     int served = 1;
     if (task != Py_None) {
         served = 2; /* not decided: waiter.ready() decides */
-        if (!(ev & EV_ENDS)) {
+        if (!(ev & EPOLLERR)) {
             PyObject *fast = PyObject_GetAttr(waiter, s_fast);
             if (fast == NULL)
                 goto fail;
@@ -490,7 +551,7 @@ exec_module(PyObject *m)
         {&s_readable, "readable"}, {&s_writable, "writable"}, {&s_task, "task"},
         {&s_fast, "fast"},         {&s_ready, "ready"},       {&s_error, "error"},
         {&s_deadline, "deadline"}, {&s_from_client, "bytes_from_client"},
-        {&s_to_client, "bytes_to_client"},
+        {&s_to_client, "bytes_to_client"}, {&s_ended, "ended"},
     };
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
         if (*names[i].name == NULL && (*names[i].name = PyUnicode_InternFromString(names[i].text)) == NULL)

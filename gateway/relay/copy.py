@@ -42,16 +42,21 @@ Rules kept here:
    same loop runs in Python. A promotion by bytes stops both loops at the chunk
    that reaches it; one by age is checked once per call, so the compiled loop may
    move up to a budget of chunks past it.
-8. **A plain event is served without Python.** While a pair is parked holding
-   nothing, with no end and no promotion to come, its ``fast`` path (a tuple: the two
-   descriptors, the scratch buffer, the stats, the idle timeout, the clock's offset,
-   the budget) lets the compiled delivery (gateway/relay/poller.py rule 6) move the
-   bytes of an event that says only "readable" and count them, as ``_step`` and
-   ``_moved`` would. Anything else its move meets (an end, a reset, a held chunk, a
-   full budget, an idle deadline due to move) it hands to :meth:`_Pair.ready` with
-   what the move stopped at, to be handled here; an event that says "end" or "error"
-   goes to :meth:`_Pair.ready` as before. The pair's task is woken for the same
-   things as with the Python delivery (bench/README.md, "The delivery compiled").
+8. **A parked pair's events are served without Python where they can be.** While a
+   pair is parked holding nothing and not stopping for a promotion, its ``fast`` path
+   (a tuple: the two descriptors, the scratch buffer, the stats, the idle timeout, the
+   clock's offset, the budget, the sides whose direction ended, the promotion's byte
+   count and time) lets the compiled delivery (gateway/relay/poller.py rule 6) move
+   the bytes of an event that says "readable" or "end" and count them, as ``_step``
+   and ``_moved`` would. An end its move meets goes to :meth:`_Pair.ended`, which ends
+   that direction as ``_step`` would and says whether the pair stays parked: one
+   Python call per end, where the Python delivery made six (a short connection has
+   two). Anything else (a reset, a held chunk, a full budget, an idle deadline due to
+   move, a promotion due) it hands to :meth:`_Pair.ready` with what the move stopped
+   at, to be handled here; an event that says "error" goes to :meth:`_Pair.ready` as
+   before. The pair's task is woken
+   for the same things as with the Python delivery (bench/README.md, "The delivery
+   compiled", "Ends in the compiled delivery").
 """
 
 from __future__ import annotations
@@ -210,9 +215,10 @@ class CopyRelay:
         u2c = _Direction(upstream, client, ufd, cfd, False)
         pair.relay, pair.c2u, pair.u2c, pair.stats = self, c2u, u2c, stats
         if self.compiled and timer.offset is not None:
-            # Rule 8: what the compiled delivery needs to move a plain event's bytes,
-            # indexed by side (_UPSTREAM, _CLIENT) as the poller's owners are.
-            pair.fastpath = (
+            # Rule 8: what the compiled delivery needs to move an event's bytes,
+            # indexed by side (_UPSTREAM, _CLIENT) as the poller's owners are; no
+            # direction has ended yet.
+            pair.fast = pair.fastpath = (
                 ufd,
                 cfd,
                 self._scratch,
@@ -220,9 +226,10 @@ class CopyRelay:
                 float(idle_timeout or 0),
                 timer.offset,
                 _CHUNKS_PER_CHECKPOINT,
+                0,
+                pair.promote_bytes if pair.promoting else -1,
+                pair.promote_at if pair.promoting else 0.0,
             )
-            if not pair.promoting:
-                pair.fast = pair.fastpath
         if counters is not None:
             counters.flows_now += 1
             counters.flows_total += 1
@@ -412,8 +419,8 @@ class CopyRelay:
             return d.dst_reset
         d.pending = None
         pair.holding -= 1
-        if not pair.holding and not pair.promoting and pair.first_eof is None:
-            pair.fast = pair.fastpath  # rule 8: plain again
+        if not pair.holding and not pair.stopping:
+            pair.fast = pair.fastpath  # rule 8: nothing held again
         self._moved(d, d.held, pair.stats, pair)
         return None
 
@@ -446,6 +453,7 @@ class CopyRelay:
             # Stop reading; a direction still holding bytes delivers them first,
             # so the kernel tier takes over with nothing held here.
             pair.stopping = True
+            pair.fast = None  # rule 8: a pair stopping is served in Python
 
     @staticmethod
     def _eof(d: _Direction, stats: RelayStats, pair: _Pair) -> None:
@@ -454,7 +462,7 @@ class CopyRelay:
             # The flow's span shows when it became half-closed, and by whom.
             stats.add_event("half_closed", by="client" if d.from_client else "backend")
         other_ended = pair.first_eof is not None
-        pair.eof(CloseReason.CLIENT_EOF if d.from_client else CloseReason.BACKEND_EOF)
+        pair.eof(CloseReason.CLIENT_EOF if d.from_client else CloseReason.BACKEND_EOF, d.sides[0])
         if not other_ended:
             try:
                 d.dst.shutdown(socket.SHUT_WR)
@@ -552,7 +560,7 @@ class _Pair(Waiter):
         self.fast = None
         self.fastpath: FastPath | None = None
         """The fast path (rule 8) while the relay runs compiled; ``fast`` is it while
-        the pair is plain: nothing held, no end, no promotion to come."""
+        the pair holds nothing and is not stopping for a promotion."""
         now = timer.now()
         # With the slack of _moved already, so the first chunks do not move it.
         self.deadline = now + idle * SLACK if idle else math.inf
@@ -600,8 +608,9 @@ class _Pair(Waiter):
 
         With arguments, from the compiled delivery's fast path (rule 8): what its move
         of the direction from ``side`` stopped at (``_copystep.move``'s tuple), which
-        is Python's to handle (an end, a reset, a held chunk, a full budget, or an
-        idle deadline due to move); handled first, as ``_step`` would have."""
+        is Python's to handle (a reset, a held chunk, a full budget, an idle deadline
+        due to move, a promotion due, or an end that came with one of the last two);
+        handled first, as ``_step`` would have."""
         relay = self.relay
         if relay is None:
             return False
@@ -626,10 +635,27 @@ class _Pair(Waiter):
         self.chunks = 0
         return True  # nothing else can move until an event (CopyRelay._step)
 
-    def eof(self, reason: str) -> None:
-        self.fast = None  # rule 8: a half-closed pair is served in Python
+    def ended(self, side: int) -> bool:
+        """The compiled delivery's fast path (rule 8) met the end of the direction from
+        ``side``, with the bytes before it moved and counted: end it as ``_step``
+        would have. Whether the pair stays parked (False: both directions are over,
+        wake its task)."""
+        relay = self.relay
+        if relay is None:
+            return False
+        relay._eof(self.c2u if side == _CLIENT else self.u2c, self.stats, self)
+        return not (self.c2u.done and self.u2c.done)
+
+    def eof(self, reason: str, side: int) -> None:
+        """The direction from ``side`` ended, for ``reason``."""
         if self.first_eof is None:
             self.first_eof = reason
         # A half-closed pair stays in this tier: kernel tiers need both open.
         self.promoting = False
         self.stopping = False
+        fastpath = self.fastpath
+        if fastpath is not None:
+            # Rule 8: the fast path serves the direction still open and skips this one,
+            # with no promotion to come.
+            self.fastpath = fastpath = (*fastpath[:7], fastpath[7] | 1 << side, -1, 0.0)
+            self.fast = None if self.holding else fastpath

@@ -54,8 +54,8 @@ Rules kept here:
 6. **The delivery is compiled where it can be.** Where gateway/relay/_copystep.c is
    built, :meth:`Poller.deliver` runs as its ``deliver``: the same loop, and for an
    owner that keeps a fast path (:attr:`Waiter.fast`: a parked copy pair holding
-   nothing, with no end and no promotion to come) a plain event's bytes are moved
-   there, with no Python call (gateway/relay/copy.py rule 8). The interpreter's part
+   nothing) an event's bytes are moved there, with no Python call, or one to end a
+   direction (gateway/relay/copy.py rule 8). The interpreter's part
    of a kept-alive request through the copy tier was four calls and about a hundred
    bytecodes around one read and one write (bench/README.md, "The delivery
    compiled"). :data:`COMPILED` says which delivery a new poller takes.
@@ -101,10 +101,11 @@ READABLE_TO_END: Final = 2
 read on to it, since no later edge will come for what is already there."""
 _WRITE: Final = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 
-FastPath = tuple[int, int, bytearray, object, float, float, int]
+FastPath = tuple[int, int, bytearray, object, float, float, int, int, int, float]
 """A copy pair's fast path (rule 6; gateway/relay/copy.py rule 8): the descriptors of
 side 0 and side 1, the scratch buffer, the stats, the idle timeout, the run clock's
-offset, the chunk budget."""
+offset, the chunk budget, the sides whose direction ended (a mask of ``1 << side``),
+the promotion's byte count and time on the run clock (-1 and 0.0: none to come)."""
 
 
 class Waiter:
@@ -118,7 +119,7 @@ class Waiter:
         """Per side: 0, :data:`READABLE` or :data:`READABLE_TO_END`."""
         self.writable = [False, False]
         self.fast: FastPath | None = None
-        """A copy pair's fast path, while the compiled delivery may serve its plain events
+        """A copy pair's fast path, while the compiled delivery may serve its events
         (rule 6; gateway/relay/copy.py rule 8); None for every other owner."""
 
     def ready(self) -> bool:
@@ -195,7 +196,7 @@ class Poller:
         """Set the owners' flags for ``events`` and wake each owner that
         :meth:`Waiter.ready` did not serve; the events of descriptors it does not own,
         for trio (None when there are none). The compiled delivery (rule 6) does the
-        same, and serves a copy pair's plain event itself."""
+        same, and serves a copy pair's event itself where it can."""
         owners = self._owners
         theirs = None
         for fd, events_ in events:

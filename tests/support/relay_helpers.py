@@ -373,7 +373,7 @@ def require_compiled_copy_step() -> None:
 @pytest.fixture(params=[True, False], ids=["compiled", "python"])
 def copy_step(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
     """Run a copy-relay test with the compiled loop and delivery
-    (gateway/relay/_copystep.c: a plain event served without Python), and again with
+    (gateway/relay/_copystep.c: a pair's events served without Python), and again with
     the Python ones (gateway/relay/copy.py rules 7 and 8, poller.py rule 6)."""
     if request.param:
         require_compiled_copy_step()

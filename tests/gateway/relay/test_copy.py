@@ -266,19 +266,27 @@ async def test_backend_speaks_first_and_an_idle_pair_is_one_task():
 
 
 class _FailsInThePoller(CopyRelay):
-    """A relay whose step fails once it runs in the poller's task (a parked pair)."""
+    """A relay whose step, or end of a direction, fails once the poller runs it for a
+    parked pair (the compiled delivery ends a direction without a step: rule 8)."""
 
     def __init__(self) -> None:
         super().__init__(65536)
         self.failed = False
         self.pair = None
 
-    def _step(self, pair):  # type: ignore[no-untyped-def]
+    def _fail_if_parked(self, pair):  # type: ignore[no-untyped-def]
         self.pair = pair
         if pair.task is not None and not self.failed:  # parked: the poller is calling
             self.failed = True
             raise RuntimeError("a bug in a step")
+
+    def _step(self, pair):  # type: ignore[no-untyped-def]
+        self._fail_if_parked(pair)
         return super()._step(pair)
+
+    def _eof(self, d, stats, pair):  # type: ignore[no-untyped-def]
+        self._fail_if_parked(pair)
+        return super()._eof(d, stats, pair)
 
 
 async def test_an_error_in_the_pollers_step_is_the_pairs_and_the_poller_lives_on():
@@ -302,10 +310,10 @@ async def test_an_error_in_the_pollers_step_is_the_pairs_and_the_poller_lives_on
                 await trio.lowlevel.checkpoint()  # until the pair task is parked in the poller
             if not relay.failed:
                 # Else the event of its registration was served at once, the task parked.
-                # The FIN's event is the step's, with the compiled delivery too (a plain
-                # event's bytes it moves itself: rule 8). With the Python delivery the
-                # bytes' event fails the step already, and the pair may be closed (and
-                # the backend's connection with it) before the FIN is sent.
+                # With the compiled delivery the FIN's event fails (it moves the bytes
+                # itself and ends the direction with _eof: rule 8). With the Python
+                # delivery the bytes' event fails the step already, and the pair may be
+                # closed (and the backend's connection with it) before the FIN is sent.
                 await send_all(topo.backend, b"hello")
                 try:
                     topo.backend.shutdown(trio.socket.SHUT_WR)
@@ -329,11 +337,12 @@ class _CountsSteps(CopyRelay):
         return super()._step(pair)
 
 
-async def test_a_parked_pairs_plain_exchanges_are_moved_without_a_step(copy_step):
+async def test_a_parked_pairs_exchanges_and_ends_are_moved_without_a_step(copy_step):
     """Rule 8: with the compiled delivery, the bytes of a parked pair's plain requests
     and responses are moved and counted where the event comes, with no step in Python
     (steps run for the start and the end; the idle deadline, an hour here, need not
-    move).
+    move). The end of each direction is one call (``_Pair.ended``), no step; the task,
+    woken once both are over, runs one.
     Each exchange's bytes are different and arrive exact, both ways. The deadline's
     moves (_kept_alive_by_bytes) and a held chunk (test_slow_reader_bounded_and_intact)
     go through the fast path's hand-over to Python in the tests above."""
@@ -367,8 +376,10 @@ async def test_a_parked_pairs_plain_exchanges_are_moved_without_a_step(copy_step
     assert (stats.bytes_from_client, stats.bytes_to_client) == (up_total, down_total)
     if copy_step:
         assert steps < 5, steps
+        assert relay.steps - steps == 1, relay.steps - steps
     else:
         assert steps >= 2 * exchanges, steps
+        assert relay.steps - steps >= 3, relay.steps - steps  # one per end, one woken
 
 
 @pytest.mark.parametrize("when", ["before_run", "while_parked", "fin_later"])

@@ -238,6 +238,10 @@ class _Owner(Waiter):
         self.calls.append(("ready", *moved))
         return self.serves
 
+    def ended(self, side: int) -> bool:
+        self.calls.append(("ended", side))
+        return self.serves
+
 
 def _deliver(owners, events):  # type: ignore[no-untyped-def]
     woken: list[object] = []
@@ -245,8 +249,8 @@ def _deliver(owners, events):  # type: ignore[no-untyped-def]
     return theirs, woken
 
 
-def _fast(src, dst, stats, idle=0.0, scratch=65536):  # type: ignore[no-untyped-def]
-    return (dst.fileno(), src.fileno(), bytearray(scratch), stats, idle, 0.0, 16)
+def _fast(src, dst, stats, idle=0.0, scratch=65536, ended=0):  # type: ignore[no-untyped-def]
+    return (dst.fileno(), src.fileno(), bytearray(scratch), stats, idle, 0.0, 16, ended, -1, 0.0)
 
 
 def test_deliver_sets_flags_and_hands_back_what_it_does_not_own():
@@ -286,8 +290,8 @@ def test_a_plain_event_of_a_fast_owner_is_moved_and_counted_without_python(pairs
     assert owner.calls == []
 
 
-def test_the_fast_path_hands_python_what_is_not_plain(pairs):
-    """A deadline due to move, an end, or an event that says "end" or "error"."""
+def test_the_fast_path_hands_python_what_it_must_handle(pairs):
+    """A deadline due to move, a reset, or an event that says "error"."""
     src_peer, src, dst, dst_peer = pairs
     stats = RelayStats()
     owner = _Owner(parked=True)
@@ -300,17 +304,89 @@ def test_the_fast_path_hands_python_what_is_not_plain(pairs):
     _deliver(owners, [(src.fileno(), IN)])
     assert owner.calls == [("ready", CLIENT, step.SHORT, len(data), 1, 0, 0)]
     assert stats.bytes_from_client == 0  # Python counts them (copy.py _after_move)
-    owner.calls.clear()
-    owner.deadline = math.inf
-    src_peer.shutdown(socket.SHUT_WR)
-    assert select.select([src], [], [], 5)[0], "the FIN did not arrive"  # nothing else is queued
-    _deliver(owners, [(src.fileno(), IN)])  # an edge that said only "readable"
-    assert owner.calls == [("ready", CLIENT, step.END, 0, 0, 0, 0)]
-    owner.calls.clear()
-    _deliver(owners, [(src.fileno(), IN | select.EPOLLRDHUP)])
-    assert owner.calls == [("ready",)] and owner.readable[CLIENT] == 2
     _settle(dst_peer, len(data))
     assert _drain(dst_peer) == data
+    owner.calls.clear()
+    owner.deadline = math.inf
+    _deliver(owners, [(src.fileno(), IN | select.EPOLLERR)])
+    assert owner.calls == [("ready",)] and owner.readable[CLIENT] == 2
+    owner.calls.clear()
+    src_peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    src_peer.close()  # a reset
+    assert select.select([src], [], [], 5)[0], "the reset did not arrive"
+    _deliver(owners, [(src.fileno(), IN)])
+    assert owner.calls[0][:2] == ("ready", CLIENT) and owner.calls[0][2] == step.SRC_ERROR
+
+
+def test_a_promotion_to_come_is_checked_by_the_fast_path(pairs):
+    """Below the promotion's byte count and before its time the bytes are moved and
+    counted; the chunk that reaches the count, or bytes moved after the time, go to
+    Python (copy.py _moved stops the pair there)."""
+    src_peer, src, dst, dst_peer = pairs
+    stats = RelayStats()
+    stats.bytes_to_client = 1000  # the promotion counts both directions
+    owner = _Owner(parked=True)
+    owners = {src.fileno(): (owner, CLIENT)}
+
+    def fast(promote_bytes: int, promote_at: float):  # type: ignore[no-untyped-def]
+        return (*_fast(src, dst, stats)[:8], promote_bytes, promote_at)
+
+    owner.fast = fast(5000, math.inf)
+    first = payload(3000, 14)
+    _feed(src_peer, first)
+    _settle(src, len(first))
+    assert _deliver(owners, [(src.fileno(), IN)])[1] == [] and owner.calls == []
+    assert stats.bytes_from_client == len(first)
+    second = payload(1500, 15)  # 1000 + 3000 + 1500 reaches 5000
+    _feed(src_peer, second)
+    _settle(src, len(second))
+    _deliver(owners, [(src.fileno(), IN)])
+    assert owner.calls == [("ready", CLIENT, step.SHORT, len(second), 1, 0, 0)]
+    assert stats.bytes_from_client == len(first)  # Python counts these (_after_move)
+    owner.calls.clear()
+    owner.fast = fast(1 << 30, 0.0)  # due by time
+    third = payload(200, 16)
+    _feed(src_peer, third)
+    _settle(src, len(third))
+    _deliver(owners, [(src.fileno(), IN)])
+    assert owner.calls == [("ready", CLIENT, step.SHORT, len(third), 1, 0, 0)]
+    _settle(dst_peer, len(first) + len(second) + len(third))
+    assert _drain(dst_peer) == first + second + third
+
+
+@pytest.mark.parametrize(
+    ("event", "data_size"),
+    # An edge that said only "readable" and finds bytes stops at their short read (rule
+    # 6): the FIN's own edge comes after. One that finds the FIN alone ends.
+    [(IN, 0), (IN | select.EPOLLRDHUP, 0), (IN | select.EPOLLRDHUP, 3000),
+     (IN | select.EPOLLRDHUP | select.EPOLLHUP, 3000)],
+)  # fmt: skip
+def test_the_fast_path_ends_a_direction_with_one_call(pairs, event, data_size):
+    """The bytes before the end are moved and counted, then ``ended(side)`` is the one
+    call, whatever the event said; a side whose direction ended is skipped after."""
+    src_peer, src, dst, dst_peer = pairs
+    stats = RelayStats()
+    owner = _Owner(parked=True)
+    owner.fast = _fast(src, dst, stats, idle=30.0)
+    owners = {src.fileno(): (owner, CLIENT)}
+    data = payload(data_size, 13)
+    if data:
+        _feed(src_peer, data)
+    src_peer.shutdown(socket.SHUT_WR)
+    assert select.select([src], [], [], 5)[0], "the FIN did not arrive"
+    theirs, woken = _deliver(owners, [(src.fileno(), event)])
+    assert (theirs, woken, owner.calls) == (None, [], [("ended", CLIENT)])
+    assert (stats.bytes_from_client, stats.bytes_to_client) == (len(data), 0)
+    _settle(dst_peer, len(data))
+    assert _drain(dst_peer) == data
+    # copy.py marks the ended side in the fast path: its events ask nothing more.
+    owner.fast = _fast(src, dst, stats, idle=30.0, ended=1 << CLIENT)
+    owner.calls.clear()
+    assert _deliver(owners, [(src.fileno(), IN | select.EPOLLRDHUP | OUT)])[1] == []
+    assert owner.calls == []
+    # Its owner's answer decides: False wakes the task (both directions are over).
+    owner.fast, owner.serves = _fast(src, dst, stats, idle=30.0), False
+    assert _deliver(owners, [(src.fileno(), event)])[1] == ["the task"]
 
 
 @pytest.mark.parametrize(
