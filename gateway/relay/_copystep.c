@@ -239,7 +239,7 @@ tuple_double(PyObject *t, Py_ssize_t i, double *out)
     return (*out == -1.0 && PyErr_Occurred()) ? -1 : 0;
 }
 
-/* waiter.<counter> of the stats += moved */
+/* stats.bytes_from_client (side 1) or stats.bytes_to_client (side 0) += moved */
 static int
 count_moved(PyObject *stats, long side, long long moved)
 {
@@ -268,8 +268,9 @@ count_moved(PyObject *stats, long side, long long moved)
  *
  * The bytes are moved as CopyRelay._step moves them (to the end, when the event says
  * the peer's FIN is queued) and counted. A move that met the end calls
- * ``waiter.ended(side)``, which ends that direction as _step would have (one Python
- * call where _step took six) and says whether the pair stays parked. Whatever else
+ * ``waiter.ended(side)``, which ends that direction as _step would have (three Python
+ * frames, where the hand-over to ready() ran six) and says whether the pair stays
+ * parked. Whatever else
  * it stopped at (a held chunk, a full budget, a reset, an idle deadline due to move,
  * or a promotion due) goes to ``waiter.ready`` with the move's result, which handles
  * it as CopyRelay._step would have. */

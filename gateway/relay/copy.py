@@ -49,12 +49,12 @@ Rules kept here:
    count and time) lets the compiled delivery (gateway/relay/poller.py rule 6) move
    the bytes of an event that says "readable" or "end" and count them, as ``_step``
    and ``_moved`` would. An end its move meets goes to :meth:`_Pair.ended`, which ends
-   that direction as ``_step`` would and says whether the pair stays parked: one
-   Python call per end, where the Python delivery made six (a short connection has
-   two). Anything else (a reset, a held chunk, a full budget, an idle deadline due to
-   move, a promotion due) it hands to :meth:`_Pair.ready` with what the move stopped
-   at, to be handled here; an event that says "error" goes to :meth:`_Pair.ready` as
-   before. The pair's task is woken
+   that direction as ``_step`` would and says whether the pair stays parked: three
+   Python frames per end (``ended``, ``_eof``, ``eof``), where the hand-over to
+   ``ready`` ran six (a short connection has two ends). Anything else (a reset, a
+   held chunk, a full budget, an idle deadline due to move, a promotion due) it hands
+   to :meth:`_Pair.ready` with what the move stopped at, to be handled here; an event
+   that says "error" goes to :meth:`_Pair.ready` as before. The pair's task is woken
    for the same things as with the Python delivery (bench/README.md, "The delivery
    compiled", "Ends in the compiled delivery").
 """

@@ -55,10 +55,10 @@ Rules kept here:
    built, :meth:`Poller.deliver` runs as its ``deliver``: the same loop, and for an
    owner that keeps a fast path (:attr:`Waiter.fast`: a parked copy pair holding
    nothing) an event's bytes are moved there, with no Python call, or one to end a
-   direction (gateway/relay/copy.py rule 8). The interpreter's part
-   of a kept-alive request through the copy tier was four calls and about a hundred
-   bytecodes around one read and one write (bench/README.md, "The delivery
-   compiled"). :data:`COMPILED` says which delivery a new poller takes.
+   direction (gateway/relay/copy.py rule 8). The interpreter's part of a kept-alive
+   request through the copy tier was four calls and about a hundred bytecodes around
+   one read and one write (bench/README.md, "The delivery compiled"). :data:`COMPILED`
+   says which delivery a new poller takes.
 """
 
 from __future__ import annotations
