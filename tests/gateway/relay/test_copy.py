@@ -231,6 +231,47 @@ async def test_no_promotion_after_half_close():
         assert result["reason"] == CloseReason.CLIENT_EOF
 
 
+async def test_promotion_by_age_while_parked_hands_over_at_the_next_bytes():
+    """A pair parked between small exchanges is promoted by age at the first bytes that
+    move after its time (rule 8: the compiled delivery checks the time and hands that
+    event to Python, which stops the pair); the next relay carries on, every exchange
+    exact both ways."""
+    relay = CopyRelay(65536)
+    with topology() as topo, trio.fail_after(20):
+        stats = RelayStats()
+        result: dict[str, object] = {}
+        handed_over = trio.Event()
+
+        async def run() -> None:
+            promote = Promotion(after_bytes=1 << 40, at=time.monotonic() + 0.3)
+            result["first"] = await relay.run(topo.gw_client, topo.gw_upstream, stats, 10, promote)
+            result["at"] = stats.bytes_from_client + stats.bytes_to_client
+            handed_over.set()
+            result["second"] = await relay.run(topo.gw_client, topo.gw_upstream, stats, 10)
+            topo.close_gateway()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(run)
+            up_total = down_total = 0
+            for i in range(40):
+                request, response = payload(50 + i, 100 + 2 * i), payload(900 + i, 101 + 2 * i)
+                await send_all(topo.client, request)
+                assert await recv_exact(topo.backend, len(request)) == request
+                await send_all(topo.backend, response)
+                assert await recv_exact(topo.client, len(response)) == response
+                up_total += len(request)
+                down_total += len(response)
+                await trio.sleep(0.02)
+            topo.client.shutdown(trio.socket.SHUT_WR)
+            assert await recv_to_eof(topo.backend) == b""
+            topo.backend.shutdown(trio.socket.SHUT_WR)
+            assert await recv_to_eof(topo.client) == b""
+        assert handed_over.is_set() and result["first"] is None
+        assert 0 < result["at"] < up_total + down_total  # type: ignore[operator]
+        assert result["second"] in (CloseReason.CLIENT_EOF, CloseReason.BACKEND_EOF)
+        assert (stats.bytes_from_client, stats.bytes_to_client) == (up_total, down_total)
+
+
 async def test_backend_speaks_first_and_an_idle_pair_is_one_task():
     """A backend that sends first (SMTP, SSH banners) is relayed before the client sends
     anything: the relay waits on both sockets at once. While it waits, the pair is one
