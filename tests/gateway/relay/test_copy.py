@@ -15,6 +15,7 @@ from gateway.relay.copy import CopyRelay, Promotion
 from gateway.relay.stats import RelayStats
 
 from relay_helpers import (
+    Topology,
     abort,
     copy_step,
     exchange,
@@ -231,6 +232,15 @@ async def test_no_promotion_after_half_close():
         assert result["reason"] == CloseReason.CLIENT_EOF
 
 
+async def _request_response(topo: Topology, request: bytes, response: bytes) -> None:
+    """One exchange through the relay: the client's request reaches the backend, the
+    backend's response reaches the client, each exact."""
+    await send_all(topo.client, request)
+    assert await recv_exact(topo.backend, len(request)) == request
+    await send_all(topo.backend, response)
+    assert await recv_exact(topo.client, len(response)) == response
+
+
 async def test_promotion_by_age_while_parked_hands_over_at_the_next_bytes():
     """A pair parked between small exchanges is promoted by age at the first bytes that
     move after its time (rule 8: the compiled delivery checks the time and hands that
@@ -255,10 +265,7 @@ async def test_promotion_by_age_while_parked_hands_over_at_the_next_bytes():
             up_total = down_total = 0
             for i in range(40):
                 request, response = payload(50 + i, 100 + 2 * i), payload(900 + i, 101 + 2 * i)
-                await send_all(topo.client, request)
-                assert await recv_exact(topo.backend, len(request)) == request
-                await send_all(topo.backend, response)
-                assert await recv_exact(topo.client, len(response)) == response
+                await _request_response(topo, request, response)
                 up_total += len(request)
                 down_total += len(response)
                 await trio.sleep(0.02)
@@ -402,10 +409,7 @@ async def test_a_parked_pairs_exchanges_and_ends_are_moved_without_a_step(copy_s
             n.start_soon(run)
             for i in range(exchanges):
                 request, response = payload(100 + i, 2 * i), payload(3000 + 7 * i, 2 * i + 1)
-                await send_all(topo.client, request)
-                assert await recv_exact(topo.backend, len(request)) == request
-                await send_all(topo.backend, response)
-                assert await recv_exact(topo.client, len(response)) == response
+                await _request_response(topo, request, response)
                 up_total += len(request)
                 down_total += len(response)
             steps = relay.steps
