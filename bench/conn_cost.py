@@ -587,12 +587,14 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.variant:
         label, _, extra = item.partition("=")
         args.variants[f"gw-{label}"] = extra.replace("\\n", "\n")
-        args.paths.append(f"gw-{label}")
+        if f"gw-{label}" not in args.paths:
+            args.paths.append(f"gw-{label}")
     try:
         args.sources = gateway_sources(args.gateway_src)
     except ValueError as exc:
         p.error(str(exc))
-    args.paths += list(args.sources)
+    # A source or variant named in --paths too runs once a round, not twice.
+    args.paths += [name for name in args.sources if name not in args.paths]
     if args.what == "syscalls" and not _which("strace"):
         p.error("strace not found")
     if args.what == "instructions" and not _which("callgrind_control"):

@@ -27,10 +27,17 @@ def test_cpu_per_connection_every_path(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(90)
 def test_reference_proxies_and_a_variant(tmp_path: Path) -> None:
-    """bench/trio_proxy.py (both kinds) and a ``--variant`` of the gateway serve the load."""
+    """bench/trio_proxy.py (both kinds) and a ``--variant`` of the gateway serve the load;
+    the variant, named in ``--paths`` too, runs once a round (not once per mention)."""
     _, report = run_quick(
         "conn_cost.py",
-        ["cpu", "--paths", "trio-lean,trio-naive", "--variant", 'core=disable_plugins = ["relay"]'],
+        [
+            "cpu",
+            "--paths",
+            "trio-lean,trio-naive,gw-core",
+            "--variant",
+            'core=disable_plugins = ["relay"]',
+        ],
         TOOLS,
         tmp_path,
         80,
@@ -38,6 +45,7 @@ def test_reference_proxies_and_a_variant(tmp_path: Path) -> None:
     assert set(report["result"]) == {"trio-lean", "trio-naive", "gw-core"}
     for name, cell in report["result"].items():
         assert cell["median"] > 0, name
+        assert len(cell["samples"]) == 1, name  # --quick: one round
 
 
 @pytest.mark.timeout(60)
