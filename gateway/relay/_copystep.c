@@ -268,7 +268,7 @@ count_moved(PyObject *stats, long side, long long moved)
  *
  * The bytes are moved as CopyRelay._step moves them (to the end, when the event says
  * the peer's FIN is queued) and counted. A move that met the end calls
- * ``waiter.ended(side)``, which ends that direction as _step would have (three Python
+ * ``waiter.ended(side)``, which ends that direction as _step would have (two Python
  * frames, where the hand-over to ready() ran six) and says whether the pair stays
  * parked. Whatever else
  * it stopped at (a held chunk, a full budget, a reset, an idle deadline due to move,

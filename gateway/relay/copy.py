@@ -49,8 +49,8 @@ Rules kept here:
    count and time) lets the compiled delivery (gateway/relay/poller.py rule 6) move
    the bytes of an event that says "readable" or "end" and count them, as ``_step``
    and ``_moved`` would. An end its move meets goes to :meth:`_Pair.ended`, which ends
-   that direction as ``_step`` would and says whether the pair stays parked: three
-   Python frames per end (``ended``, ``_eof``, ``eof``), where the hand-over to
+   that direction as ``_step`` would and says whether the pair stays parked: two
+   Python frames per end (``ended``, ``_eof``), where the hand-over to
    ``ready`` ran six (a short connection has two ends). Anything else (a reset, a
    held chunk, a full budget, an idle deadline due to move, a promotion due) it hands
    to :meth:`_Pair.ready` with what the move stopped at, to be handled here; an event
@@ -247,7 +247,13 @@ class CopyRelay:
             while True:
                 if pair.error is not None:
                     raise pair.error  # raised by a step the poller ran for this pair
-                reset = pair.failure or self._step(pair)
+                reset = pair.failure
+                if reset is None:
+                    if c2u.done and u2c.done:
+                        # Ended while parked (a short connection's task is woken
+                        # for this): a step would find nothing to do.
+                        break
+                    reset = self._step(pair)
                 if reset is not None:
                     return reset
                 if c2u.done and u2c.done:
@@ -457,13 +463,24 @@ class CopyRelay:
 
     @staticmethod
     def _eof(d: _Direction, stats: RelayStats, pair: _Pair) -> None:
+        """The direction ``d`` of ``pair`` met its source's end."""
         d.done = True
-        if pair.first_eof is None and isinstance(stats, Flow):
-            # The flow's span shows when it became half-closed, and by whom.
-            stats.add_event("half_closed", by="client" if d.from_client else "backend")
-        other_ended = pair.first_eof is not None
-        pair.eof(CloseReason.CLIENT_EOF if d.from_client else CloseReason.BACKEND_EOF, d.sides[0])
-        if not other_ended:
+        first = pair.first_eof is None
+        if first:
+            pair.first_eof = CloseReason.CLIENT_EOF if d.from_client else CloseReason.BACKEND_EOF
+            if isinstance(stats, Flow):
+                # The flow's span shows when it became half-closed, and by whom.
+                stats.add_event("half_closed", by="client" if d.from_client else "backend")
+        # A half-closed pair stays in this tier: kernel tiers need both open.
+        pair.promoting = False
+        pair.stopping = False
+        fastpath = pair.fastpath
+        if fastpath is not None:
+            # Rule 8: the fast path serves the direction still open and skips this one,
+            # with no promotion to come.
+            pair.fastpath = fastpath = (*fastpath[:7], fastpath[7] | 1 << d.sides[0], -1, 0.0)
+            pair.fast = None if pair.holding else fastpath
+        if first:
             try:
                 d.dst.shutdown(socket.SHUT_WR)
             except OSError:
@@ -645,17 +662,3 @@ class _Pair(Waiter):
             return False
         relay._eof(self.c2u if side == _CLIENT else self.u2c, self.stats, self)
         return not (self.c2u.done and self.u2c.done)
-
-    def eof(self, reason: str, side: int) -> None:
-        """The direction from ``side`` ended, for ``reason``."""
-        if self.first_eof is None:
-            self.first_eof = reason
-        # A half-closed pair stays in this tier: kernel tiers need both open.
-        self.promoting = False
-        self.stopping = False
-        fastpath = self.fastpath
-        if fastpath is not None:
-            # Rule 8: the fast path serves the direction still open and skips this one,
-            # with no promotion to come.
-            self.fastpath = fastpath = (*fastpath[:7], fastpath[7] | 1 << side, -1, 0.0)
-            self.fast = None if self.holding else fastpath
