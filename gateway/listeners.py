@@ -113,7 +113,9 @@ class Listener:
         connection asks its own socket (getsockname: one syscall per connection)."""
         self.active = 0
         self.scope = trio.CancelScope()
-        self._slot = trio.Event()
+        self._slot: trio.Event | None = None
+        """Set when a connection ends, while the accept loop waits for one to (at
+        ``max_connections``); None while it does not wait."""
         self._last_backoff_log = 0.0
         self.ended: Callable[[], None] | None = None
         """Called as each connection it accepted ends (the server's count of them)."""
@@ -131,8 +133,10 @@ class Listener:
 
     def released(self) -> None:
         self.active -= 1
-        if not self._slot.is_set():
-            self._slot.set()
+        slot = self._slot
+        if slot is not None:
+            self._slot = None
+            slot.set()
 
     async def accept_loop(
         self,
@@ -153,8 +157,8 @@ class Listener:
                     cap = self.config.max_connections
                     while self.active >= cap and self.config.on_max_connections == "wait":
                         # Leave new connections in the kernel backlog.
-                        self._slot = trio.Event()
-                        await self._slot.wait()
+                        self._slot = slot = trio.Event()
+                        await slot.wait()
                     try:
                         fd, peer = raw_accept()
                     except BlockingIOError:
