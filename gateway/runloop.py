@@ -19,7 +19,8 @@ instruments are not the object described here (another trio), it does nothing.
 :func:`park` is ``trio.lowlevel.wait_task_rescheduled`` without its coroutine:
 trio's is a coroutine that awaits a generator that yields the trap's message, so a
 parked task held both (about 280 bytes more than one generator) and each wakeup
-passed through both. A relay parks for the whole idle life of a flow. Where trio
+passed through both. A wakeup with a value returns it without ``outcome``'s two
+Python calls to unwrap it. A relay parks for the whole idle life of a flow. Where trio
 has no such message (another trio), :func:`park` is trio's own.
 
 :func:`share_epoll` lets another owner of descriptors (the relay poller,
@@ -39,6 +40,7 @@ import types
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
+from outcome import Value
 from trio._core import _run
 from trio._core._instrumentation import Instruments
 from trio.lowlevel import Abort, wait_task_rescheduled
@@ -88,7 +90,12 @@ def _trap() -> Callable[[Callable[[Any], Abort]], Awaitable[Any]]:
     def park(abort_func: Callable[[Any], Abort]) -> Generator[Any, Any, Any]:
         # What trio's wait_task_rescheduled yields (through one more coroutine): the
         # message, answered with the outcome trio reschedules the task with.
-        return (yield WaitTaskRescheduled(abort_func)).unwrap()
+        woken = yield WaitTaskRescheduled(abort_func)
+        if woken.__class__ is Value:
+            # What its unwrap() returns, without its two calls: the flag they set
+            # guards against a second unwrap, and no one else holds this outcome.
+            return woken.value
+        return woken.unwrap()
 
     return park
 
