@@ -43,7 +43,7 @@ from typing import Any
 from outcome import Value
 from trio._core import _run
 from trio._core._instrumentation import Instruments
-from trio.lowlevel import Abort, wait_task_rescheduled
+from trio.lowlevel import Abort, Task, reschedule, wait_task_rescheduled
 
 try:  # where trio 0.35 keeps its epoll loop
     from trio._core._io_epoll import EpollIOManager
@@ -103,6 +103,19 @@ def _trap() -> Callable[[Callable[[Any], Abort]], Awaitable[Any]]:
 park = _trap()
 """``await park(abort_func)``: as ``trio.lowlevel.wait_task_rescheduled(abort_func)``,
 one frame lighter (the module's docstring)."""
+
+
+def run_reschedule() -> Callable[[Task], None]:
+    """Call inside ``trio.run``: what ``trio.lowlevel.reschedule`` calls, this run's own
+    method, without the call of its wrapper; trio's function where there is no run.
+
+    The wrapper protects the reschedule from a KeyboardInterrupt raised inside it
+    (trio's KI handling). Only for callers that are protected already: code run by
+    trio's own loop (the I/O manager's events, :func:`share_epoll`) or by a system
+    task, as the relay poller's delivery is.
+    """
+    method = getattr(getattr(_run.GLOBAL_RUN_CONTEXT, "runner", None), "reschedule", None)
+    return method if callable(method) else reschedule
 
 
 def share_epoll(deliver: Callable[[Events], Events | None], batch: int) -> select.epoll | None:

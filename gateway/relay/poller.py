@@ -75,14 +75,13 @@ from trio.lowlevel import (
     Abort,
     RunVar,
     Task,
-    reschedule,
     spawn_system_task,
     wait_readable,
 )
 
 from gateway.relay.idletimer import IdleTimer
 from gateway.relay.pipes import PipePool
-from gateway.runloop import Events, share_epoll, unshare_epoll
+from gateway.runloop import Events, run_reschedule, share_epoll, unshare_epoll
 
 try:
     from gateway.relay import _copystep
@@ -144,10 +143,13 @@ class Poller:
         self._owners: dict[int, tuple[Waiter, int]] = {}
         self.compiled = compiled and _copystep is not None
         """Whether events are delivered by the compiled delivery (rule 6)."""
+        # Both deliveries run in trio's loop or the poller's system task: protected
+        # from a KeyboardInterrupt already, so trio's reschedule without its wrapper.
+        self._reschedule = run_reschedule()
         self._deliver: Callable[[Events], Events | None] = self.deliver
         if self.compiled:
             # Rule 6: the same delivery, in C, bound to this poller's owners.
-            self._deliver = partial(_copystep.deliver, self._owners, reschedule, perf_counter)
+            self._deliver = partial(_copystep.deliver, self._owners, self._reschedule, perf_counter)
         trios = share_epoll(self._deliver, _BATCH) if merge else None
         self.merged = trios is not None
         """Whether the relays' sockets are in trio's own epoll set (rule 4)."""
@@ -215,7 +217,7 @@ class Poller:
             task = waiter.task
             if task is not None and not waiter.ready():
                 waiter.task = None
-                reschedule(task)
+                self._reschedule(task)
         return theirs
 
     async def run(self) -> None:

@@ -1,5 +1,6 @@
 """gateway/runloop.py: trio's instrument checks in C, with trio's instruments unchanged;
-a park one frame lighter than trio's, that behaves as trio's does."""
+a park one frame lighter than trio's, that behaves as trio's does; the run's own
+reschedule."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from coroutines import awaited_through
 from trio._core._run import GLOBAL_RUN_CONTEXT
 from trio.testing import wait_all_tasks_blocked
 
-from gateway.runloop import fast_instrument_checks, park
+from gateway.runloop import fast_instrument_checks, park, run_reschedule
 
 
 class Steps(trio.abc.Instrument):
@@ -97,3 +98,34 @@ async def test_a_parked_task_is_cancelled_through_its_abort_function() -> None:
     with trio.move_on_after(0.01) as scope:
         await park(abort)
     assert scope.cancelled_caught and len(aborted) == 1
+
+
+def test_run_reschedule_is_the_runs_own_method_and_wakes_as_trios_does() -> None:
+    """Outside a run there is no runner: trio's function. Inside, the runner's method,
+    which wakes a parked task with a value or an error as trio's function does."""
+    assert run_reschedule() is trio.lowlevel.reschedule
+
+    async def main() -> None:
+        wake = run_reschedule()
+        assert wake == GLOBAL_RUN_CONTEXT.runner.reschedule
+        got: list[Any] = []
+        parked: list[trio.lowlevel.Task] = []
+
+        async def waiter() -> None:
+            parked.append(trio.lowlevel.current_task())
+            got.append(await park(lambda _: trio.lowlevel.Abort.FAILED))
+            parked.append(trio.lowlevel.current_task())
+            try:
+                await park(lambda _: trio.lowlevel.Abort.FAILED)
+            except KeyError as exc:
+                got.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await wait_all_tasks_blocked()
+            wake(parked.pop())  # as the poller wakes a pair: with None
+            await wait_all_tasks_blocked()
+            wake(parked.pop(), outcome.Error(KeyError("gone")))
+        assert got[0] is None and isinstance(got[1], KeyError)
+
+    trio.run(main)
