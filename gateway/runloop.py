@@ -34,11 +34,12 @@ trio's I/O manager is not trio 0.35's ``EpollIOManager``, nothing is shared.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import select
 import types
 from collections.abc import Awaitable, Callable, Generator
-from typing import Any
+from typing import Any, cast
 
 from outcome import Value
 from trio._core import _run
@@ -116,6 +117,35 @@ def run_reschedule() -> Callable[[Task], None]:
     """
     method = getattr(getattr(_run.GLOBAL_RUN_CONTEXT, "runner", None), "reschedule", None)
     return method if callable(method) else reschedule
+
+
+Spawn = Callable[[Callable[..., Awaitable[object]], tuple[Any, ...], Any, str], object]
+"""``spawn(async_fn, args, nursery, name)``: ``nursery.start_soon(async_fn, *args,
+name=name)``."""
+
+
+def start_soon(
+    async_fn: Callable[..., Awaitable[object]], args: tuple[Any, ...], nursery: Any, name: str
+) -> None:
+    """A :data:`Spawn` through the nursery's public method."""
+    nursery.start_soon(async_fn, *args, name=name)
+
+
+def run_spawn() -> Spawn:
+    """Call inside ``trio.run``: what ``Nursery.start_soon`` calls, this run's own
+    method, without the call of ``start_soon`` (one per connection); :func:`start_soon`
+    outside a run, or where trio's method is not the one known here."""
+    method: Any = getattr(getattr(_run.GLOBAL_RUN_CONTEXT, "runner", None), "spawn_impl", None)
+    if method is None:
+        return start_soon
+    try:
+        names = list(inspect.signature(method).parameters)[:4]
+    except (TypeError, ValueError):
+        names = []
+    if names != ["async_fn", "args", "nursery", "name"]:
+        log.debug("trio's spawn_impl is not trio 0.35's here: connections use start_soon")
+        return start_soon
+    return cast(Spawn, method)
 
 
 def share_epoll(deliver: Callable[[Events], Events | None], batch: int) -> select.epoll | None:

@@ -42,7 +42,7 @@ from gateway.relay import copy as copy_relay
 from gateway.relay import poller as relay_poller
 from gateway.relay.copy import CopyRelay
 from gateway.reloads import Reloads
-from gateway.runloop import fast_instrument_checks
+from gateway.runloop import Spawn, fast_instrument_checks, run_spawn, start_soon
 from gateway.runtime import Runtime
 from gateway.schema import format_address
 from gateway.shield import table as shield_table
@@ -86,6 +86,8 @@ class Gateway:
         self._idle = trio.Event()
         self._accepting: trio.Nursery | None = None
         self._connections: trio.Nursery | None = None
+        self._spawn_in: Spawn = start_soon
+        """Starts a connection's task in ``_connections`` (runloop.run_spawn)."""
         self._background: trio.Nursery | None = None
         self._admin: tuple[trio.CancelScope, trio.Event] | None = None
         """The admin endpoint's scope, and the event set once it has closed."""
@@ -137,6 +139,7 @@ class Gateway:
                     background.start_soon(shield_table.current().sweeper)
                 async with trio.open_nursery() as connections:
                     self._connections = connections
+                    self._spawn_in = run_spawn()
                     async with trio.open_nursery() as accepting:
                         self._accepting = accepting
                         # The copy relay's epoll set, made now rather than with the first
@@ -225,17 +228,20 @@ class Gateway:
         return format_address(lc.host, listener.sock.getsockname()[1])
 
     def _spawn(self, listener: Listener, conn: socket.socket, peer: Any) -> None:
-        assert self._connections is not None
-        self._connections.start_soon(
+        # self._connections.start_soon(handle, ..., name=...), one call shorter.
+        self._spawn_in(
             handle,
-            self.runtime,
-            listener.config,
-            conn,
-            peer,
-            self._is_draining,
-            listener.local,
-            listener.ended,
-            name=_CONNECTION_TASK,
+            (
+                self.runtime,
+                listener.config,
+                conn,
+                peer,
+                self._is_draining,
+                listener.local,
+                listener.ended,
+            ),
+            self._connections,
+            _CONNECTION_TASK,
         )
 
     def _connection_ended(self, listener: Listener) -> None:

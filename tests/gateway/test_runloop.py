@@ -1,6 +1,6 @@
 """gateway/runloop.py: trio's instrument checks in C, with trio's instruments unchanged;
 a park one frame lighter than trio's, that behaves as trio's does; the run's own
-reschedule."""
+reschedule and spawn."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from coroutines import awaited_through
 from trio._core._run import GLOBAL_RUN_CONTEXT
 from trio.testing import wait_all_tasks_blocked
 
-from gateway.runloop import fast_instrument_checks, park, run_reschedule
+from gateway.runloop import fast_instrument_checks, park, run_reschedule, run_spawn, start_soon
 
 
 class Steps(trio.abc.Instrument):
@@ -127,5 +127,28 @@ def test_run_reschedule_is_the_runs_own_method_and_wakes_as_trios_does() -> None
             await wait_all_tasks_blocked()
             wake(parked.pop(), outcome.Error(KeyError("gone")))
         assert got[0] is None and isinstance(got[1], KeyError)
+
+    trio.run(main)
+
+
+def test_run_spawn_starts_a_task_in_the_nursery_as_start_soon_does() -> None:
+    """Outside a run: the public path. Inside: the runner's method, which starts the
+    task in the nursery given, with its arguments and name, as ``start_soon`` does
+    (and so does the public path)."""
+    assert run_spawn() is start_soon
+
+    async def main() -> None:
+        spawn = run_spawn()
+        assert spawn == GLOBAL_RUN_CONTEXT.runner.spawn_impl
+        ran: list[tuple[str, int, str]] = []
+
+        async def child(word: str, n: int) -> None:
+            ran.append((word, n, trio.lowlevel.current_task().name))
+
+        async with trio.open_nursery() as nursery:
+            spawn(child, ("fast", 1), nursery, "l4gw.test.fast")
+            start_soon(child, ("public", 2), nursery, "l4gw.test.public")
+            assert {t.name for t in nursery.child_tasks} == {"l4gw.test.fast", "l4gw.test.public"}
+        assert sorted(ran) == [("fast", 1, "l4gw.test.fast"), ("public", 2, "l4gw.test.public")]
 
     trio.run(main)
