@@ -578,7 +578,8 @@ class _Pair(Waiter):
         self.fastpath: FastPath | None = None
         """The fast path (rule 8) while the relay runs compiled; ``fast`` is it while
         the pair holds nothing and is not stopping for a promotion."""
-        now = timer.now()
+        offset = timer.offset
+        now = timer.now() if offset is None else offset + perf_counter()  # as in _moved
         # With the slack of _moved already, so the first chunks do not move it.
         self.deadline = now + idle * SLACK if idle else math.inf
         """When the pair expires unless bytes move (the timer's bucket rounds it up)."""

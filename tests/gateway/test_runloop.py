@@ -4,6 +4,7 @@ reschedule and spawn."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import outcome
@@ -64,27 +65,9 @@ def test_each_run_gets_its_own_checks() -> None:
 
 
 async def test_park_is_woken_with_what_the_task_is_rescheduled_with() -> None:
-    got: list[Any] = []
-    parked: list[trio.lowlevel.Task] = []
-
-    async def waiter() -> None:
-        parked.append(trio.lowlevel.current_task())
-        got.append(await park(lambda _: trio.lowlevel.Abort.FAILED))
-        parked.append(trio.lowlevel.current_task())
-        try:
-            await park(lambda _: trio.lowlevel.Abort.FAILED)
-        except KeyError as exc:
-            got.append(exc)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(waiter)
-        await wait_all_tasks_blocked()
-        task = parked.pop()
-        # One generator between the parked frame and trio (wait_task_rescheduled: two).
-        assert awaited_through(task.coro) == ["waiter", "park"]
-        trio.lowlevel.reschedule(task, outcome.Value("hello"))
-        await wait_all_tasks_blocked()
-        trio.lowlevel.reschedule(parked.pop(), outcome.Error(KeyError("gone")))
+    got, frames = await _woken_twice(trio.lowlevel.reschedule, outcome.Value("hello"))
+    # One generator between the parked frame and trio (wait_task_rescheduled: two).
+    assert frames == ["waiter", "park"]
     assert got[0] == "hello" and isinstance(got[1], KeyError)
 
 
@@ -108,24 +91,7 @@ def test_run_reschedule_is_the_runs_own_method_and_wakes_as_trios_does() -> None
     async def main() -> None:
         wake = run_reschedule()
         assert wake == GLOBAL_RUN_CONTEXT.runner.reschedule
-        got: list[Any] = []
-        parked: list[trio.lowlevel.Task] = []
-
-        async def waiter() -> None:
-            parked.append(trio.lowlevel.current_task())
-            got.append(await park(lambda _: trio.lowlevel.Abort.FAILED))
-            parked.append(trio.lowlevel.current_task())
-            try:
-                await park(lambda _: trio.lowlevel.Abort.FAILED)
-            except KeyError as exc:
-                got.append(exc)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(waiter)
-            await wait_all_tasks_blocked()
-            wake(parked.pop())  # as the poller wakes a pair: with None
-            await wait_all_tasks_blocked()
-            wake(parked.pop(), outcome.Error(KeyError("gone")))
+        got, _ = await _woken_twice(wake)  # as the poller wakes a pair: with None
         assert got[0] is None and isinstance(got[1], KeyError)
 
     trio.run(main)
@@ -152,3 +118,29 @@ def test_run_spawn_starts_a_task_in_the_nursery_as_start_soon_does() -> None:
         assert sorted(ran) == [("fast", 1, "l4gw.test.fast"), ("public", 2, "l4gw.test.public")]
 
     trio.run(main)
+
+
+async def _woken_twice(wake: Callable[..., None], *first: Any) -> tuple[list[Any], list[str]]:
+    """A task parks, is woken by ``wake(task, *first)``, parks again and is woken with a
+    KeyError; what it got each time, and the frames it was parked in the first time."""
+    got: list[Any] = []
+    parked: list[trio.lowlevel.Task] = []
+
+    async def waiter() -> None:
+        parked.append(trio.lowlevel.current_task())
+        got.append(await park(lambda _: trio.lowlevel.Abort.FAILED))
+        parked.append(trio.lowlevel.current_task())
+        try:
+            await park(lambda _: trio.lowlevel.Abort.FAILED)
+        except KeyError as exc:
+            got.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await wait_all_tasks_blocked()
+        task = parked.pop()
+        frames = awaited_through(task.coro)
+        wake(task, *first)
+        await wait_all_tasks_blocked()
+        wake(parked.pop(), outcome.Error(KeyError("gone")))
+    return got, frames
