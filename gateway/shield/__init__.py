@@ -55,6 +55,7 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv6Address
 
+from gateway.shield import table as _table
 from gateway.shield.never import Network
 from gateway.shield.table import Entry, ShieldRefused, current
 
@@ -93,7 +94,9 @@ def remove(network: str | IPv4Address | IPv6Address | Network) -> Entry | None:
 
 def lookup(address: str | IPv4Address | IPv6Address) -> Entry | None:
     """The live entry whose network holds ``address``, or None."""
-    return current().lookup(address)
+    # The acl plugin asks per connection: the installed table read in place, not
+    # through current() (a call).
+    return (_table._current or current()).lookup(address)
 
 
 def entries() -> list[Entry]:
