@@ -96,7 +96,8 @@ def lookup(address: str | IPv4Address | IPv6Address) -> Entry | None:
     """The live entry whose network holds ``address``, or None."""
     # The acl plugin asks per connection: the installed table read in place, not
     # through current() (a call).
-    return (_table._current or current()).lookup(address)
+    table = _table._current
+    return (current() if table is None else table).lookup(address)
 
 
 def entries() -> list[Entry]:
