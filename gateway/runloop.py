@@ -1,6 +1,6 @@
 """Trio's run loop, spared a Python call per check of its instruments; a parked task,
-one coroutine; trio's epoll set shared with the relays. Every reach into trio's
-private modules is here.
+one coroutine; a task spawned and woken without trio's wrappers; trio's epoll set
+shared with the relays. Every reach into trio's private modules is here.
 
 Around every task step, spawn, reschedule and exit, trio asks whether an
 instrument wants that event: ``"before_task_step" in runner.instruments``. Its
@@ -22,6 +22,12 @@ parked task held both (about 280 bytes more than one generator) and each wakeup
 passed through both. A wakeup with a value returns it without ``outcome``'s two
 Python calls to unwrap it. A relay parks for the whole idle life of a flow. Where trio
 has no such message (another trio), :func:`park` is trio's own.
+
+:func:`run_spawn` and :func:`run_reschedule` are the run's own methods that
+``Nursery.start_soon`` and ``trio.lowlevel.reschedule`` call, for the accept loop
+(a task per connection) and the relay poller (a wakeup per short connection): a
+Python call less each. Where trio's are not the ones known here (or there is no run),
+they are the public functions.
 
 :func:`share_epoll` lets another owner of descriptors (the relay poller,
 gateway/relay/poller.py rule 4) register them in the epoll set trio's loop waits in
