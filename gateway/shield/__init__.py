@@ -33,10 +33,10 @@ The functions, on the table every worker of the gateway shares:
 * :func:`remove` ``(network) -> Entry | None``: the entry listed exactly as
   ``network``, removed (with its drop count), or None.
 * :func:`lookup` ``(address) -> Entry | None``: the live entry holding
-  ``address`` (longest prefix). Cheap (a few microseconds: an ``fstat``
-  and a ``pread`` of the shared journal when nothing changed, no lock between
-  processes): call it from ``l4gw_admit`` to refuse listed clients when the
-  kernel shield is off.
+  ``address`` (longest prefix). Cheap (with an empty table that no process
+  changed, one read of the journal's shared counter: no system call, no
+  lock): call it from ``l4gw_admit`` to refuse listed clients when the kernel
+  shield is off.
 * :func:`entries` ``() -> list[Entry]``: the live entries with their drops.
 * :func:`kernel_enabled` ``() -> bool``: whether the kernel drops for the
   table; when False the table still works and the plugins enforce it in
@@ -55,9 +55,8 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv6Address
 
-from gateway.shield import table as _table
 from gateway.shield.never import Network
-from gateway.shield.table import Entry, ShieldRefused, current
+from gateway.shield.table import Entry, ShieldRefused, current, lookup
 
 __all__ = [
     "Entry",
@@ -90,14 +89,6 @@ def add(
 def remove(network: str | IPv4Address | IPv6Address | Network) -> Entry | None:
     """Remove the entry listed as ``network``; None when there is none."""
     return current().remove(network)
-
-
-def lookup(address: str | IPv4Address | IPv6Address) -> Entry | None:
-    """The live entry whose network holds ``address``, or None."""
-    # The acl plugin asks per connection: the installed table read in place, not
-    # through current() (a call).
-    table = _table._current
-    return (current() if table is None else table).lookup(address)
 
 
 def entries() -> list[Entry]:

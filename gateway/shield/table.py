@@ -636,3 +636,10 @@ def current() -> Shield:
 def installed() -> Shield | None:
     """The installed table, without making one."""
     return _current
+
+
+def lookup(address: str | IPv4Address | IPv6Address) -> Entry | None:
+    """``current().lookup(address)``, with the installed table read in place: the acl
+    plugin asks per connection, and ``current()`` is a call."""
+    shield = _current
+    return (current() if shield is None else shield).lookup(address)
