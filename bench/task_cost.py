@@ -4,18 +4,22 @@
     .venv/bin/python bench/task_cost.py                 # 16,000 tasks of each kind
     .venv/bin/python bench/task_cost.py --tasks 2000 --json tasks.json
 
-Every connection through the gateway is a trio task (the brief's structured
-concurrency): spawned by the accept loop, run once, parked in the relay poller until
-its flow ends, woken, run again, exited. This script measures that lifecycle with no
+Every connection through the gateway is served by a trio task of its own (the brief's
+structured concurrency): spawned by the accept loop, run once, parked in the relay
+poller until its flow ends, woken, run again, exited; since gateway/taskpool.py, kept
+for the next connection instead of exited. This script measures that lifecycle with no
 socket and no l4gw code around it, in a trio run set up as the gateway sets its own
 up (gateway/runloop.py: the instrument checks in C, ``park`` one frame lighter), so
 that bench/README.md can say which part of a new connection's cost is the task itself.
 
-Two kinds, batches of 16 spawned from one parent task as the accept loop spawns them:
+Three kinds, batches of 16 started from one parent task as the accept loop starts them:
 
 * ``park``: spawn, one step that parks, a reschedule, a second step that exits: a
   short connection's task.
 * ``spawn``: spawn, one step that exits.
+* ``kept``: the gateway's own :class:`gateway.taskpool.TaskPool` (what the server
+  runs each connection in): a task kept from an earlier connection is woken, parks
+  once, is woken and parks in the pool again (a new task only while none is kept).
 
 Each kind runs under valgrind's callgrind twice, with no task and with ``--tasks``,
 and the difference divided by the count is the cost of one task (the interpreter's
@@ -34,7 +38,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-KINDS = ("park", "spawn")
+KINDS = ("park", "spawn", "kept")
 
 
 def child(kind: str, count: int) -> None:
@@ -44,6 +48,7 @@ def child(kind: str, count: int) -> None:
     from trio.lowlevel import Abort, checkpoint, current_task, reschedule
 
     from gateway import runloop
+    from gateway.taskpool import TaskPool
 
     parked: list[trio.lowlevel.Task] = []
 
@@ -51,26 +56,31 @@ def child(kind: str, count: int) -> None:
         return Abort.SUCCEEDED
 
     async def connection() -> None:
-        if kind == "park":
+        if kind != "spawn":
             parked.append(current_task())
             await runloop.park(abort)
 
     async def main() -> None:
         runloop.fast_instrument_checks()
         async with trio.open_nursery() as nursery:
+            pool = TaskPool(connection, nursery, "connection", runloop.run_spawn())
             done = 0
             while done < count:
                 for _ in range(16):
-                    nursery.start_soon(connection, name="connection")
+                    if kind == "kept":
+                        pool.start(())
+                    else:
+                        nursery.start_soon(connection, name="connection")
                 await checkpoint()  # the batch runs: at most 16 live, as connections come
                 woken = 0
                 # trio runs a batch in random order: wait until all 16 have parked.
-                while kind == "park" and woken < 16:
+                while kind != "spawn" and woken < 16:
                     while parked:
                         reschedule(parked.pop())
                         woken += 1
                     await checkpoint()
                 done += 16
+            nursery.cancel_scope.cancel()  # the kept tasks end
 
     trio.run(main)
 

@@ -5,8 +5,9 @@ Task tree (every task has an owner):
     root ─ signal loop
          └ background (plugins' tasks from l4gw_startup; the admin endpoint and
              │         the TPROXY guard, in worker 0)
-             └ connections (one task per connection; each UDP listener,
-                 │             whose sessions live in its own nursery)
+             └ connections (a task per connection, kept for the next one when
+                 │             its connection ends: gateway/taskpool.py; each UDP
+                 │             listener, whose sessions live in its own nursery)
                  └ accepting (one accept loop per listener, each in its own
                               cancel scope so a reload can close one)
 
@@ -42,10 +43,11 @@ from gateway.relay import copy as copy_relay
 from gateway.relay import poller as relay_poller
 from gateway.relay.copy import CopyRelay
 from gateway.reloads import Reloads
-from gateway.runloop import Spawn, fast_instrument_checks, run_spawn, start_soon
+from gateway.runloop import fast_instrument_checks, run_spawn, start_soon
 from gateway.runtime import Runtime
 from gateway.schema import format_address
 from gateway.shield import table as shield_table
+from gateway.taskpool import TaskPool
 from gateway.telemetry import providers
 from gateway.tproxy.guard import Guard
 from gateway.udp.listener import UdpListener, UpstreamTuple
@@ -86,8 +88,8 @@ class Gateway:
         self._idle = trio.Event()
         self._accepting: trio.Nursery | None = None
         self._connections: trio.Nursery | None = None
-        self._spawn_in: Spawn = start_soon
-        """Starts a connection's task in ``_connections`` (runloop.run_spawn)."""
+        self._tasks = TaskPool(handle, None, _CONNECTION_TASK, start_soon)
+        """Serves each connection in a task of ``_connections`` (made when it opens)."""
         self._background: trio.Nursery | None = None
         self._admin: tuple[trio.CancelScope, trio.Event] | None = None
         """The admin endpoint's scope, and the event set once it has closed."""
@@ -139,7 +141,7 @@ class Gateway:
                     background.start_soon(shield_table.current().sweeper)
                 async with trio.open_nursery() as connections:
                     self._connections = connections
-                    self._spawn_in = run_spawn()
+                    self._tasks = TaskPool(handle, connections, _CONNECTION_TASK, run_spawn())
                     async with trio.open_nursery() as accepting:
                         self._accepting = accepting
                         # The copy relay's epoll set, made now rather than with the first
@@ -228,9 +230,7 @@ class Gateway:
         return format_address(lc.host, listener.sock.getsockname()[1])
 
     def _spawn(self, listener: Listener, conn: socket.socket, peer: Any) -> None:
-        # self._connections.start_soon(handle, ..., name=...), one call shorter.
-        self._spawn_in(
-            handle,
+        self._tasks.start(
             (
                 self.runtime,
                 listener.config,
@@ -239,9 +239,7 @@ class Gateway:
                 self._is_draining,
                 listener.local,
                 listener.ended,
-            ),
-            self._connections,
-            _CONNECTION_TASK,
+            )
         )
 
     def _connection_ended(self, listener: Listener) -> None:
