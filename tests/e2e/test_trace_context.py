@@ -4,7 +4,8 @@ real ``l4gw run`` exports to a real OTLP receiver.
 
 The span the plugin starts in ``l4gw_admit`` is a child of the connection's SERVER
 span, in its trace; what it sets on ``trace.get_current_span()`` is on the SERVER
-span.
+span. A context variable it leaves set in one connection is not set in the next, which
+a task kept from the first may serve (gateway/taskpool.py).
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ sample_ratio = 1.0
         assert server.start_ns <= lookup.start_ns <= lookup.end_ns <= server.end_ns
         # What it set on the current span is on the SERVER span.
         assert server.attributes["spans.admit_recording"] is True
+        # Nothing the plugin left in the context of an earlier connection's task.
+        assert server.attributes["spans.context_carried"] is False
         assert server.attributes["spans.route_trace"] == server.trace_id
         events = {name: attrs for name, attrs, _ in server.events}
         assert events["spans.admit"] == {"flow": flow_id}
