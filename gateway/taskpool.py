@@ -7,10 +7,11 @@ A task whose connection has ended parks in the pool instead of exiting, and the 
 accepted connection wakes it instead of spawning a new one.
 
 Why: a short connection's task was spawned, parked once (its relay), woken and exited.
-Spawning and exiting are most of trio's cost per connection: 68,000 user-space
-instructions for that lifecycle against 41,000 for a kept task woken with the next
-connection, parked once and parked again in the pool (bench/task_cost.py), of about
-212,000 per connection through the gateway (bench/README.md).
+Spawning and exiting are most of trio's cost per connection: 67,900 user-space
+instructions for that lifecycle against 45,700 for a kept task woken with the next
+connection, parked once, woken and parked again in the pool (bench/task_cost.py), of
+about 212,000 per connection through the gateway before (bench/README.md: 10 % fewer
+with the pool).
 
 What a connection finds, as with a new task:
 
