@@ -94,6 +94,7 @@ async def test_each_connection_starts_in_a_copy_of_the_starters_context() -> Non
 
 async def test_a_connection_cancelled_inside_its_own_scope_leaves_the_next_uncancelled() -> None:
     outcomes: list[str] = []
+    ended = [trio.Event(), trio.Event()]
 
     async def job(n: int) -> None:
         with trio.CancelScope() as scope:
@@ -101,19 +102,26 @@ async def test_a_connection_cancelled_inside_its_own_scope_leaves_the_next_uncan
                 scope.cancel()
             await trio.lowlevel.checkpoint()
         outcomes.append("cancelled" if scope.cancelled_caught else "ran")
-        with trio.move_on_after(0.001 if n == 0 else 60):
-            await trio.sleep(0.01 if n == 0 else 0)
+        # The first connection's deadline passes (a timeout of its own); the second's not.
+        with trio.move_on_after(0 if n == 0 else 60) as timeout:
+            if n == 0:
+                await trio.sleep_forever()
+            await trio.lowlevel.checkpoint()
+        outcomes.append("timed out" if timeout.cancelled_caught else "in time")
         await trio.lowlevel.checkpoint()
-        outcomes.append("checkpointed")
+        ended[n].set()
 
-    async with trio.open_nursery() as nursery:
-        pool = TaskPool(job, nursery, "l4gw.test.connection", run_spawn())
-        pool.start((0,))
-        await trio.sleep(0.05)
-        pool.start((1,))
-        await trio.testing.wait_all_tasks_blocked()
-        nursery.cancel_scope.cancel()
-    assert outcomes == ["cancelled", "checkpointed", "ran", "checkpointed"]
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            pool = TaskPool(job, nursery, "l4gw.test.connection", run_spawn())
+            pool.start((0,))
+            await ended[0].wait()
+            await trio.testing.wait_all_tasks_blocked()
+            assert pool.idle == 1
+            pool.start((1,))
+            await ended[1].wait()
+            nursery.cancel_scope.cancel()
+    assert outcomes == ["cancelled", "timed out", "ran", "in time"]
 
 
 async def test_a_parked_task_holds_nothing_of_its_last_connection() -> None:
