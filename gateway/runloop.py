@@ -24,10 +24,10 @@ Python calls to unwrap it. A relay parks for the whole idle life of a flow. Wher
 has no such message (another trio), :func:`park` is trio's own.
 
 :func:`run_spawn` and :func:`run_reschedule` are the run's own methods that
-``Nursery.start_soon`` and ``trio.lowlevel.reschedule`` call, for the accept loop
-(a task per connection) and the relay poller (a wakeup per short connection): a
-Python call less each. Where trio's are not the ones known here (or there is no run),
-they are the public functions.
+``Nursery.start_soon`` and ``trio.lowlevel.reschedule`` call, for the connection
+tasks (spawned when no kept one waits: gateway/taskpool.py) and the relay poller (a
+wakeup per short connection): a Python call less each. Where trio's are not the ones
+known here (or there is no run), they are the public functions.
 
 :func:`share_epoll` lets another owner of descriptors (the relay poller,
 gateway/relay/poller.py rule 4) register them in the epoll set trio's loop waits in
