@@ -39,13 +39,16 @@ code change can be judged on a shared 2-vCPU VM:
     .venv/bin/python bench/conn_cost.py idle --hold 9900
     .venv/bin/python bench/conn_cost.py idle --paths gateway --hold 3000 --promote 0.3
     .venv/bin/python bench/conn_cost.py cpu --paths gateway-copy --gateway-src ref=/tmp/ref
+    .venv/bin/python bench/conn_cost.py cpu --gateway-src pyenv=/tmp/venv-pyenv/bin/python
     .venv/bin/python bench/conn_cost.py cpu --quick               # smoke: tiny counts
 
 Paths: ``gateway`` (``l4gw run``, installed plugins at their defaults),
 ``gateway-copy`` (``disable_plugins = ["relay"]``), ``haproxy`` (``nbthread 1``),
 ``uvloop`` (bench/uvloop_proxy.py), ``trio-lean`` and ``trio-naive`` (bench/trio_proxy.py:
 the gateway's connection machinery without l4gw's layers, and a textbook trio proxy; not
-in the default set), and ``gw-LABEL`` for ``--gateway-src LABEL=DIR``. Every child is stopped on exit; every load is bounded in count and time.
+in the default set), and ``gw-LABEL`` for ``--gateway-src LABEL=DIR`` (a copy of a tree)
+or ``LABEL=PYTHON`` (this tree run by another interpreter). Every child is stopped on exit;
+every load is bounded in count and time.
 """
 
 from __future__ import annotations
@@ -71,8 +74,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import (
     LOOPBACK,
     REFERENCE_PROXIES,
+    THIS_TREE,
     Child,
     Children,
+    GatewaySource,
     fd_count,
     free_port,
     gateway_sources,
@@ -177,7 +182,7 @@ def start_path(
     name: str,
     listen: int,
     backend: int,
-    sources: dict[str, Path],
+    sources: dict[str, GatewaySource],
     maxconn: int = 8000,
     variants: dict[str, str] | None = None,
 ) -> list[Child]:
@@ -190,7 +195,7 @@ def start_path(
         return [start_gateway(children, name, routes, _COPY_ONLY)]
     if name in variants:
         label, _, source = name.partition("@")
-        src = sources[f"gw-{source}"] if source else None
+        src = sources[f"gw-{source}"] if source else THIS_TREE
         return [start_gateway(children, label, routes, variants[name], src=src)]
     if name in sources:
         return [
@@ -531,7 +536,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("what", choices=("cpu", "syscalls", "instructions", "idle"))
     p.add_argument("--paths", default=",".join(PATHS), help="comma-separated (%(default)s)")
-    p.add_argument("--gateway-src", action="append", default=[], metavar="LABEL=DIR")
+    p.add_argument(
+        "--gateway-src",
+        action="append",
+        default=[],
+        metavar="LABEL=DIR|PYTHON",
+        help="a gateway path gw-LABEL: another tree's l4gw (DIR, a copy with gateway and "
+        "l4gw_plugins), or this tree run by another interpreter (PYTHON); repeatable",
+    )
     p.add_argument(
         "--variant",
         action="append",

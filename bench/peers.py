@@ -24,6 +24,7 @@ import sys
 import time
 import tomllib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -376,21 +377,54 @@ idle_timeout = "60s"
     return "".join(parts)
 
 
-def gateway_sources(specs: Sequence[str]) -> dict[str, Path]:
-    """``--gateway-src LABEL=DIR`` options as paths: ``{"gw-LABEL": DIR}``.
+@dataclass(frozen=True)
+class GatewaySource:
+    """What an A/B path ``gw-LABEL`` runs: a copy of a tree (None: the working tree's)
+    and the interpreter that runs it."""
+
+    tree: Path | None
+    python: str = sys.executable
+
+    def __str__(self) -> str:
+        return str(self.tree) if self.tree else f"this tree run by {self.python}"
+
+    def argv(self) -> list[str]:
+        """``l4gw`` as a command line: ``PYTHON -m gateway.cli``."""
+        return [self.python, "-m", "gateway.cli"]
+
+    def env(self) -> dict[str, str] | None:
+        """The child's environment additions: the tree copy on the path."""
+        return {"PYTHONPATH": str(self.tree)} if self.tree else None
+
+
+THIS_TREE = GatewaySource(None)
+
+
+def gateway_sources(specs: Sequence[str]) -> dict[str, GatewaySource]:
+    """``--gateway-src LABEL=DIR`` or ``LABEL=PYTHON`` options as paths ``gw-LABEL``.
+
+    DIR is a copy of a tree (its ``gateway`` and ``l4gw_plugins``): A/B a code change.
+    PYTHON is an interpreter (an executable file, e.g. another venv's ``bin/python``
+    with l4gw's dependencies installed) that runs this tree: A/B an interpreter.
 
     Raises:
-        ValueError: a spec that is not LABEL=DIR with DIR/gateway/cli/main.py (the
-            message names it).
+        ValueError: a spec that is neither (the message names it).
     """
     sources = {}
     for spec in specs:
         label, _, src = spec.partition("=")
-        gw = Path(src) / "gateway"
+        path = Path(src)
+        gw = path / "gateway"
+        if label and path.is_file() and os.access(path, os.X_OK):
+            sources[f"gw-{label}"] = GatewaySource(None, str(path))
+            continue
         # cli.py: trees from before the command became a package
         if not label or not ((gw / "cli" / "main.py").is_file() or (gw / "cli.py").is_file()):
-            raise ValueError(f"--gateway-src {spec!r}: want LABEL=DIR with DIR/gateway/cli/main.py")
-        sources[f"gw-{label}"] = Path(src).resolve()
+            raise ValueError(
+                f"--gateway-src {spec!r}: want LABEL=DIR with DIR/gateway/cli/main.py, "
+                "or LABEL=PYTHON (an interpreter)"
+            )
+        sources[f"gw-{label}"] = GatewaySource(path.resolve())
     return sources
 
 
@@ -400,25 +434,25 @@ def start_gateway(
     routes: dict[str, tuple[int, int]],
     extra: str = "",
     reuseport: bool = False,
-    src: Path | None = None,
+    src: GatewaySource = THIS_TREE,
 ) -> Child:
     """A real ``l4gw run -c FILE``.
 
     Args:
         reuseport: through the bench's SO_REUSEPORT wrapper, so that several
             processes can share the ports.
-        src: run the ``gateway`` and ``l4gw_plugins`` packages found in this
-            directory instead of the working tree's (A/B of a code change:
-            copy the tree before the change there).
+        src: run another tree's ``gateway`` and ``l4gw_plugins`` packages, or run
+            this tree by another interpreter (:func:`gateway_sources`).
     """
     cfg = children.workdir / f"{name}.toml"
     cfg.write_text(gateway_config(routes, extra))
     if reuseport:
-        argv = [sys.executable, str(Path(__file__).with_name("reuseport_gateway.py"))]
+        argv = [src.python, str(Path(__file__).with_name("reuseport_gateway.py"))]
     else:
-        argv = [sys.executable, "-m", "gateway.cli"]
-    env = {"PYTHONPATH": str(src)} if src else None
-    child = children.start(name, [*argv, "run", "-c", str(cfg)], cwd=src or ROOT, env=env)
+        argv = src.argv()
+    child = children.start(
+        name, [*argv, "run", "-c", str(cfg)], cwd=src.tree or ROOT, env=src.env()
+    )
     child.wait_listening([listen for listen, _ in routes.values()])
     return child
 

@@ -193,10 +193,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--gateway-src",
         action="append",
         default=[],
-        metavar="LABEL=DIR",
-        help="add a path gw-LABEL: l4gw run from DIR/gateway and DIR/l4gw_plugins\n"
-        '(A/B a code change in one interleaved run; repeatable; a LABEL with "copy" in it\n'
-        "runs with the relay plugin disabled, as gateway-copy)",
+        metavar="LABEL=DIR|PYTHON",
+        help="add a path gw-LABEL: l4gw run from DIR/gateway and DIR/l4gw_plugins (A/B a\n"
+        "code change), or this tree run by the interpreter PYTHON (A/B an interpreter), in\n"
+        'one interleaved run; repeatable; a LABEL with "copy" in it runs with the relay\n'
+        "plugin disabled, as gateway-copy)",
     )
     p.add_argument(
         "--same-processes",

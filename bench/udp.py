@@ -44,7 +44,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peers import LOOPBACK, ROOT, Child, Children, disabling_third_party, gateway_sources
+from peers import (
+    LOOPBACK,
+    ROOT,
+    THIS_TREE,
+    Child,
+    Children,
+    GatewaySource,
+    disabling_third_party,
+    gateway_sources,
+)
 
 PATHS = ("direct", "gateway", "nginx")
 #: nginx's stream module (Debian: libnginx-mod-stream), the reference UDP proxy.
@@ -194,16 +203,19 @@ endpoints = ["{LOOPBACK}:{backend}"]
 
 
 def start_gateway(
-    children: Children, listen: int, backend: int, name: str = "gateway", src: Path | None = None
+    children: Children,
+    listen: int,
+    backend: int,
+    name: str = "gateway",
+    src: GatewaySource = THIS_TREE,
 ) -> Child:
-    """``l4gw run`` from this tree, or from ``src`` (its ``gateway`` and ``l4gw_plugins``)."""
+    """``l4gw run`` from this tree, or as ``src`` says (another tree or interpreter)."""
     cfg = children.workdir / f"{name}.toml"
     cfg.write_text(gateway_config(listen, backend))
-    env = {"PYTHONUNBUFFERED": "1", **({"PYTHONPATH": str(src)} if src else {})}
+    env = {"PYTHONUNBUFFERED": "1", **(src.env() or {})}
     child = children.start(
-        name, [sys.executable, "-m", "gateway.cli", "run", "-c", str(cfg)], cwd=src or ROOT,
-        env=env,
-    )  # fmt: skip
+        name, [*src.argv(), "run", "-c", str(cfg)], cwd=src.tree or ROOT, env=env
+    )
     deadline = time.monotonic() + 15
     # log_level = "warning" hides "ready:": wait for the bound socket instead.
     while listen not in bound_udp_ports():
@@ -278,7 +290,7 @@ def bench(
     seconds: float,
     rounds: int,
     workdir: Path,
-    sources: dict[str, Path] | None = None,
+    sources: dict[str, GatewaySource] | None = None,
 ) -> dict[str, Any]:
     children = Children(workdir)
     try:
@@ -403,9 +415,10 @@ def main() -> int:
         "--gateway-src",
         action="append",
         default=[],
-        metavar="LABEL=DIR",
-        help="add a path gw-LABEL: l4gw run from DIR/gateway and DIR/l4gw_plugins, "
-        "in the same interleaved rounds (A/B a code change; repeatable)",
+        metavar="LABEL=DIR|PYTHON",
+        help="add a path gw-LABEL: l4gw run from DIR/gateway and DIR/l4gw_plugins (A/B a "
+        "code change), or this tree run by the interpreter PYTHON (A/B an interpreter), "
+        "in the same interleaved rounds; repeatable",
     )
     args = parser.parse_args()
     try:

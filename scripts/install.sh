@@ -67,8 +67,20 @@ if [ "$mode" = "--runtime" ] || [ "$mode" = "--build" ]; then
   exit 0
 fi
 
+# The venv runs on the distribution's python3, installed above: the interpreter the
+# container image runs (Containerfile), an optimized build (profile-guided, libpython
+# linked in). A python3 found first on PATH may be another build: pyenv's default
+# (shared libpython, no PGO) costs the gateway 9 % more instructions and more CPU per
+# new connection (bench/README.md, "The interpreter"). L4GW_PYTHON names another.
+python=${L4GW_PYTHON:-/usr/bin/python3}
+base() { "$1" -c 'import os, sys; print(os.path.realpath(sys._base_executable))'; }
+if [ -x "$venv/bin/python" ] && [ -f "$venv/pyvenv.cfg" ] \
+   && [ "$(base "$venv/bin/python")" != "$(base "$python")" ]; then
+  echo "install: $venv runs $(base "$venv/bin/python"), not $(base "$python"): made again"
+  "$python" -m venv --clear "$venv"
+fi
 if [ ! -x "$venv/bin/python" ]; then
-  python3 -m venv "$venv"
+  "$python" -m venv "$venv"
 fi
 "$venv/bin/pip" install -q --upgrade pip
 "$venv/bin/pip" install -q -e "$here[test]"

@@ -6,6 +6,7 @@ script, the reference proxies (uvloop, trio) and the 9,900-connection harness fr
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,31 @@ def test_reference_proxies_and_a_variant(tmp_path: Path) -> None:
     for name, cell in report["result"].items():
         assert cell["median"] > 0, name
         assert len(cell["samples"]) == 1, name  # --quick: one round
+
+
+@pytest.mark.timeout(90)
+def test_a_tree_copy_and_another_interpreter(tmp_path: Path) -> None:
+    """``--gateway-src LABEL=DIR`` runs a copy of a tree, ``LABEL=PYTHON`` this tree by
+    that interpreter (here the test's own: the path must start and serve); a spec that is
+    neither is refused with its name."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    root = Path(__file__).resolve().parents[2]
+    (tree / "gateway").symlink_to(root / "gateway")
+    (tree / "l4gw_plugins").symlink_to(root / "plugins")
+    _, report = run_quick(
+        "conn_cost.py",
+        ["cpu", "--paths", "gw-copy", "--gateway-src", f"copy={tree}",
+         "--gateway-src", f"py={sys.executable}"],
+        TOOLS,
+        tmp_path,
+        80,
+    )  # fmt: skip
+    assert set(report["result"]) == {"gw-copy", "gw-py"}
+    for name, cell in report["result"].items():
+        assert cell["median"] > 0, name
+    with pytest.raises(AssertionError, match=r"want LABEL=DIR .* or LABEL=PYTHON"):
+        run_quick("conn_cost.py", ["cpu", "--gateway-src", f"x={tmp_path}"], TOOLS, tmp_path, 30)
 
 
 @pytest.mark.timeout(60)
