@@ -22,6 +22,7 @@ sessions still get their replies.
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import signal
 import socket
@@ -287,6 +288,17 @@ class Gateway:
             self._reload_when_ready = True
             return False
         self._reload_when_ready = False
+        try:
+            return self._reload()
+        finally:
+            # A reload leaves reference cycles (the netlink messages of the shield's read
+            # of the local addresses: about 1,100 objects, 18 KB). Under tune_gc's
+            # thresholds they outlived the young collections: 400 reloads of an idle
+            # gateway grew it by 7.4 MB, and by 1.0 MB with this collection of the young
+            # generations (0.2 ms, where the reload itself takes 3-4 ms).
+            gc.collect(1)
+
+    def _reload(self) -> bool:
         self.reloads.begin()
         old = self.config
         try:
