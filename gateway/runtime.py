@@ -124,6 +124,8 @@ class Runtime:
     admit_hook: bool = field(init=False)
     routed_hook: bool = field(init=False)
     relay_hook: bool = field(init=False)
+    attempt_hook: bool = field(init=False)
+    closed_hook: bool = field(init=False)
     """Whether a plugin takes part in that hook under this config (none declared it
     idle, :meth:`Plugins.configure`): a hook nobody takes is not driven at all."""
 
@@ -137,6 +139,8 @@ class Runtime:
         self.admit_hook = self.plugins.implements("l4gw_admit")
         self.routed_hook = self.plugins.implements("l4gw_routed")
         self.relay_hook = self.plugins.implements("l4gw_relay")
+        self.attempt_hook = self.plugins.implements("l4gw_connect_attempt")
+        self.closed_hook = self.plugins.implements("l4gw_connection_closed")
 
 
 # --- the record of a closed flow ----------------------------------------------------------
@@ -151,7 +155,8 @@ def record_close(rt: Runtime, flow: Flow, dropped: int = 0) -> None:
         dropped: UDP: the session's datagrams dropped (shown in its log line).
     """
     flow.ended = time.time()
-    rt.plugins.closed(flow)
+    if rt.closed_hook or flow.span is not None:  # the span: Plugins.closed detaches it
+        rt.plugins.closed(flow)
     if flow.close_reason not in CloseReason.FAILURES and not rt.config.gateway.log_connections:
         return  # close_line's usual answer, without the call
     line = close_line(rt, flow)

@@ -301,6 +301,11 @@ class Maglev:
         return (*out, *_rest(candidates, *out))[:want]
 
 
+LOAD_AWARE: Final = frozenset({"least_conn", "random_two"})
+"""The ``balance`` algorithms whose order reads the active connections (``load``):
+only for them does the routing plugin count connections per endpoint."""
+
+
 def make_balancer(algorithm: str, endpoints: Sequence[Endpoint]) -> Balancer:
     """The balancer for a cluster's ``balance`` setting.
 

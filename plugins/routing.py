@@ -20,7 +20,12 @@ Rules kept here:
   the whole service down.
 * **Active connections are counted here**, per (cluster, endpoint), from a
   successful connect attempt to the connection's close, for least_conn and
-  random_two.
+  random_two. Under a configuration where no cluster balances by load, the two
+  counting hooks are declared idle (``l4gw_configure``): a connection that starts
+  then is not counted, and costs neither hook. A reload that brings a load-aware
+  cluster counts the connections that start after it; those opened before it
+  are not seen (a connection is counted from its connect to its close or not at
+  all, never half).
 * **A reload keeps balancer state** (round-robin position, Maglev table) for
   every cluster whose endpoints and algorithm did not change.
 * **Endpoint sets come from discovery** (``gateway.discovery``): names followed
@@ -42,14 +47,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from ipaddress import ip_address
+from typing import Final
 
 from gateway import ClusterConfig, Config, Endpoint, Flow, Route, RouteConfig, discovery, hookimpl
 
-from .balance import Balancer, SmoothWeighted, make_balancer
+from .balance import LOAD_AWARE, Balancer, SmoothWeighted, make_balancer
 from .health import Health
 from .health import plugin as health_plugin
 
 log = logging.getLogger("l4gw.routing")
+
+_COUNTING: Final = frozenset({"l4gw_connect_attempt", "l4gw_connection_closed"})
+"""The hooks that count active connections: idle where no balancer reads them."""
 
 # Parsing an address costs ~2 µs per connection; clients and service
 # addresses repeat, so a bounded cache takes that off the connection path.
@@ -320,8 +329,11 @@ class Routing:
     # -- hooks ---------------------------------------------------------------
 
     @hookimpl
-    def l4gw_configure(self, config: Config) -> None:
+    def l4gw_configure(self, config: Config) -> frozenset[str] | None:
         self.configure(config)
+        if any(c.balance in LOAD_AWARE for c in config.clusters.values()):
+            return None
+        return _COUNTING  # no balancer reads the counts: connections cost no count
 
 
 plugin = Routing(health_plugin)

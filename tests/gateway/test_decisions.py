@@ -352,6 +352,7 @@ async def test_connect_attempts_bound_the_endpoints_tried(live: socket.socket) -
 async def test_every_endpoint_failing_is_listed() -> None:
     first, second = Endpoint("127.0.0.1", free_port()), Endpoint("::1", free_port("::1"))
     rt = runtime(make_config(cluster="connect_attempts = 2"))
+    assert not rt.attempt_hook  # nobody observes the attempts: the loop skips the hook
     flow = new_flow()
     with trio.fail_after(10):
         result = await connect_upstream(rt, route_to(rt.config, first, second), flow, connect, None)

@@ -116,3 +116,40 @@ def test_log_budget_holds_back_past_the_budget_and_counts():
     assert budget.allow("k") == 0
     assert held_back(3) == " (3 more like it not logged)"
     assert held_back(0) == ""
+
+
+class Opener:
+    """Gives each flow a span in ``l4gw_connection_opened`` and has no closed hook."""
+
+    @hookimpl
+    def l4gw_connection_opened(self, flow: Flow) -> None:
+        flow.span = Span()
+
+
+class Span:
+    def __init__(self) -> None:
+        self.attached = False
+
+    def attach(self) -> None:
+        self.attached = True
+
+    def detach(self) -> None:
+        self.attached = False
+
+
+def test_without_a_closed_hook_the_close_still_detaches_the_flows_span():
+    """Nobody takes ``l4gw_connection_closed``: the record skips the hook call, except
+    for a flow with a span, which the closing call detaches (Plugins.closed)."""
+    rt, _ = runtime()
+    rt = Runtime(
+        rt.config,
+        plugin_manager.load(extra={"opener": Opener()}, installed=False),
+        rt.copy,
+        {},
+    )
+    assert not rt.closed_hook
+    f = flow("tcp", CloseReason.CLIENT_EOF)
+    rt.plugins.opened(f)
+    assert f.span.attached
+    record_close(rt, f)
+    assert f.ended is not None and not f.span.attached

@@ -56,6 +56,17 @@ def routing(extra: str = "") -> tuple[Routing, Health, Config]:
     return r, health, c
 
 
+def balanced(balance: str) -> tuple[Routing, Health, Config]:
+    """:func:`routing` with cluster ``next`` balanced by ``balance`` (the rest round robin)."""
+    raw = tomllib.loads(BASE)
+    raw["cluster"]["next"]["balance"] = balance
+    health = Health()
+    r = Routing(health)
+    c = from_dict(raw, "t", {})
+    r.configure(c)
+    return r, health, c
+
+
 def test_canary_split_is_exact() -> None:
     r, _, _ = routing()
     clusters = Counter()
@@ -146,7 +157,7 @@ def test_active_connections_steer_least_conn() -> None:
 def test_only_a_connected_attempt_counts_through_the_hook() -> None:
     """Driven as the core drives it (the hook table, every argument by name): a failed
     attempt counts nothing, the one that connected counts once, the close uncounts it."""
-    r, _, c = routing()
+    r, _, c = balanced("least_conn")
     hooks = load(extra={"routing": r}, installed=False).configure(c)
     f = flow(1)
     f.cluster = "api"
@@ -246,3 +257,50 @@ def test_a_non_ascii_alpn_name_matches_its_utf8_bytes() -> None:
     # goes on the wire as its UTF-8 bytes C3 A9.
     assert alpn_route(None, b"\xc3\xa9".decode("latin-1")) == "legacy"
     assert alpn_route(None, "é") is None  # the single byte E9 is another name
+
+
+def test_connections_are_counted_only_where_a_balancer_reads_the_counts() -> None:
+    """Round robin and maglev read no load: the counting hooks are idle under such a
+    configuration, so its connections cost neither hook. A cluster with least_conn or
+    random_two anywhere in the configuration keeps them."""
+    hooks = ("l4gw_connect_attempt", "l4gw_connection_closed")
+    for balance, counted in (
+        ("round_robin", False),
+        ("maglev", False),
+        ("least_conn", True),
+        ("random_two", True),
+    ):
+        r, _, c = balanced(balance)
+        table = load(extra={"routing": r}, installed=False).configure(c)
+        assert [table.implements(h) for h in hooks] == [counted, counted], balance
+
+
+def test_a_reload_never_counts_half_a_connection() -> None:
+    """A connection counted under a load-aware configuration is uncounted at its close
+    after a reload made the counting idle (it keeps the hooks it started with); one that
+    starts under the idle configuration is not counted at all, and a reload back counts
+    only the connections that start after it."""
+    r, _, counting = balanced("least_conn")
+    plugins = load(extra={"routing": r}, installed=False)
+    before = plugins.configure(counting)
+    a = Endpoint("10.0.1.1", 80)
+    old, new = flow(1), flow(2)
+    old.cluster = new.cluster = "api"
+    before.observe("l4gw_connect_attempt", flow=old, endpoint=a, error=None, seconds=0.1)
+    assert r.active == {("api", "10.0.1.1", 80): 1}
+
+    idle = plugins.configure(config())  # round robin everywhere
+    assert not idle.implements("l4gw_connect_attempt")
+    idle.observe("l4gw_connect_attempt", flow=new, endpoint=a, error=None, seconds=0.1)
+    assert r.active == {("api", "10.0.1.1", 80): 1}  # ``new`` is not counted
+    before.closed(old)
+    idle.closed(new)
+    assert r.active == {}
+
+    again = plugins.configure(counting)
+    later = flow(3)
+    later.cluster = "api"
+    again.observe("l4gw_connect_attempt", flow=later, endpoint=a, error=None, seconds=0.1)
+    assert r.load_of("api", a) == 1
+    again.closed(later)
+    assert r.active == {}
