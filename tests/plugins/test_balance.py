@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from gateway import Endpoint
 from l4gw_plugins.balance import (
+    LOAD_AWARE,
     LeastConn,
     Maglev,
     RandomTwo,
@@ -212,3 +213,32 @@ def test_an_endpoint_listed_twice_is_tried_twice(algorithm: str) -> None:
     balancer = make_balancer(algorithm, [e, e, e])
     assert balancer.order([e, e, e], lambda _: 0, CLIENT, 3) == (e, e, e)
     assert balancer.order([e, e, e], lambda _: 0, CLIENT, 2) == (e, e)
+
+
+def _schema_algorithms() -> list[str]:
+    """Every ``balance`` the config accepts, as its error message lists them."""
+    from gateway.config import CLUSTER
+    from gateway.schema import Invalid
+
+    with pytest.raises(Invalid) as refused:
+        CLUSTER["balance"].convert("?")
+    return [
+        part.strip(' "')
+        for part in str(refused.value).split("one of ")[1].split(", got")[0].split(",")
+    ]
+
+
+@pytest.mark.parametrize("algorithm", _schema_algorithms())
+def test_load_aware_names_exactly_the_balancers_that_read_the_load(algorithm: str) -> None:
+    """The routing plugin counts connections only for LOAD_AWARE (its hooks are idle
+    otherwise): an algorithm that reads the load and is missing there would always see
+    0, one listed that never reads it would cost every connection the count."""
+    endpoints = [Endpoint(f"10.0.0.{i}", 80) for i in range(1, 4)]
+    read: list[Endpoint] = []
+
+    def load(e: Endpoint) -> int:
+        read.append(e)
+        return 0
+
+    make_balancer(algorithm, endpoints).order(endpoints, load, CLIENT, 3)
+    assert bool(read) == (algorithm in LOAD_AWARE)
