@@ -41,10 +41,10 @@
  *   descriptors it does not own come back, in order (None when there are none);
  *   ``reschedule`` wakes a parked waiter that ``waiter.ready()`` did not serve.
  *   A parked waiter with a ``fast`` path (a copy pair's: serve() below) has an
- *   event that says "readable" or "end" served here (an end with one call to
- *   ``waiter.ended``); ``clock`` is the run clock's perf_counter, read when bytes
- *   moved and the pair has an idle timeout. An error met serving it becomes
- *   ``waiter.error`` and the waiter is woken.
+ *   event that says "readable" or "end" served here (an end too: end_direction()
+ *   below); ``clock`` is the run clock's perf_counter, read when bytes moved and
+ *   the pair has an idle timeout. An error met serving it becomes ``waiter.error``
+ *   and the waiter is woken.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -205,7 +205,11 @@ move(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
 /* Interned at import: the attributes the delivery reads and writes. */
 static PyObject *s_readable, *s_writable, *s_task, *s_fast, *s_ready, *s_deadline, *s_error,
-    *s_from_client, *s_to_client, *s_ended;
+    *s_from_client, *s_to_client, *s_c2u, *s_u2c, *s_done, *s_first_eof, *s_promoting,
+    *s_fastpath, *s_add_event, *s_half_closed, *s_client, *s_backend, *s_client_eof,
+    *s_backend_eof, *s_by_kwnames;
+
+#define FAST_SIZE 11 /* the items of a fast path (serve()) */
 
 #define EV_READ (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)
 #define EV_ENDS (EPOLLRDHUP | EPOLLHUP | EPOLLERR)
@@ -258,22 +262,88 @@ count_moved(PyObject *stats, long side, long long moved)
     return rc;
 }
 
+/* The end of the direction from ``side`` met on a parked pair's fast path (nothing
+ * held, no promotion stopping it), its bytes before it moved and counted: ended as
+ * copy.py's CopyRelay._eof ends it, here, where ``waiter.ended`` cost two Python frames
+ * per end (a short connection has two). 1: the pair stays parked; 0: both directions
+ * are over, wake its task; -1: an error.
+ *
+ * The direction is marked done. The first end of a pair (the other side's bit is not
+ * in ``ended``) is its ``first_eof``, an event "half_closed" on the flow's span (the
+ * fast path's ``flow``, None for stats that are not a flow), the promotion given up
+ * (a half-closed pair stays in this tier), the fast path told that this side is over,
+ * and the FIN passed on: shutdown(SHUT_WR) of the other socket. The second end needs
+ * none of that: the pair's task, woken, sees both directions over, and the caller's
+ * close sends the FIN. */
+static int
+end_direction(PyObject *waiter, PyObject *fast, long side, long ended, long dst)
+{
+    PyObject *d = PyObject_GetAttr(waiter, side == SIDE_CLIENT ? s_c2u : s_u2c);
+    if (d == NULL)
+        return -1;
+    int rc = PyObject_SetAttr(d, s_done, Py_True);
+    Py_DECREF(d);
+    if (rc < 0)
+        return -1;
+    if (ended & (1L << (1 - side)))
+        return 0;
+    if (PyObject_SetAttr(waiter, s_first_eof, side == SIDE_CLIENT ? s_client_eof : s_backend_eof) < 0)
+        return -1;
+    PyObject *flow = PyTuple_GET_ITEM(fast, 10);
+    if (flow != Py_None) {
+        PyObject *args[3] = {flow, s_half_closed, side == SIDE_CLIENT ? s_client : s_backend};
+        PyObject *result = PyObject_VectorcallMethod(
+            s_add_event, args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, s_by_kwnames);
+        if (result == NULL)
+            return -1;
+        Py_DECREF(result);
+    }
+    if (PyObject_SetAttr(waiter, s_promoting, Py_False) < 0)
+        return -1;
+    PyObject *next = PyTuple_New(FAST_SIZE);
+    if (next == NULL)
+        return -1;
+    for (Py_ssize_t i = 0; i < FAST_SIZE; i++) {
+        PyObject *item;
+        if (i == 7)
+            item = PyLong_FromLong(ended | 1L << side);
+        else if (i == 8)
+            item = PyLong_FromLong(-1);
+        else if (i == 9)
+            item = PyFloat_FromDouble(0.0);
+        else
+            item = Py_NewRef(PyTuple_GET_ITEM(fast, i));
+        if (item == NULL) {
+            Py_DECREF(next);
+            return -1;
+        }
+        PyTuple_SET_ITEM(next, i, item);
+    }
+    rc = PyObject_SetAttr(waiter, s_fastpath, next);
+    if (rc == 0)
+        rc = PyObject_SetAttr(waiter, s_fast, next);
+    Py_DECREF(next);
+    if (rc < 0)
+        return -1;
+    (void)shutdown((int)dst, SHUT_WR); /* as _eof: a peer already gone is no error here */
+    return 1;
+}
+
 /* A parked copy pair's event (no error), served without Python where it can be: its
  * fast path is the tuple copy.py keeps in ``waiter.fast`` while the pair holds
  * nothing and is not stopping for a promotion, (fd of side 0, fd of side 1, scratch
- * bytearray, stats, idle, clock offset, budget, ended, promote_bytes, promote_at):
- * ``ended`` the mask of the sides whose direction is over (1 << side); the promotion
- * due at ``promote_bytes`` bytes moved or at ``promote_at`` on the run clock (-1 and
- * 0.0: none to come). 1: served, the pair stays parked; 0: wake it; -1: an error.
+ * bytearray, stats, idle, clock offset, budget, ended, promote_bytes, promote_at,
+ * flow): ``ended`` the mask of the sides whose direction is over (1 << side); the
+ * promotion due at ``promote_bytes`` bytes moved or at ``promote_at`` on the run clock
+ * (-1 and 0.0: none to come); ``flow`` the stats when they are a flow (its span gets
+ * the "half_closed" event), else None. 1: served, the pair stays parked; 0: wake it;
+ * -1: an error.
  *
  * The bytes are moved as CopyRelay._step moves them (to the end, when the event says
- * the peer's FIN is queued) and counted. A move that met the end calls
- * ``waiter.ended(side)``, which ends that direction as _step would have (two Python
- * frames, where the hand-over to ready() ran six) and says whether the pair stays
- * parked. Whatever else
- * it stopped at (a held chunk, a full budget, a reset, an idle deadline due to move,
- * or a promotion due) goes to ``waiter.ready`` with the move's result, which handles
- * it as CopyRelay._step would have. */
+ * the peer's FIN is queued) and counted. A move that met the end ends that direction
+ * here (end_direction()). Whatever else it stopped at (a held chunk, a full budget, a
+ * reset, an idle deadline due to move, or a promotion due) goes to ``waiter.ready``
+ * with the move's result, which handles it as CopyRelay._step would have. */
 static int
 serve(PyObject *waiter, PyObject *fast, long side, long ev, PyObject *clock)
 {
@@ -284,7 +354,7 @@ serve(PyObject *waiter, PyObject *fast, long side, long ev, PyObject *clock)
     long long promote_bytes, total = 0, limit = 0;
     double idle, offset, promote_at;
     PyObject *scratch, *stats;
-    if (!PyTuple_Check(fast) || PyTuple_GET_SIZE(fast) != 10
+    if (!PyTuple_Check(fast) || PyTuple_GET_SIZE(fast) != FAST_SIZE
         || !PyByteArray_Check(scratch = PyTuple_GET_ITEM(fast, 2))
         || PyByteArray_GET_SIZE(scratch) == 0) {
         PyErr_SetString(PyExc_TypeError, "deliver(): a waiter's fast path is not its tuple");
@@ -350,19 +420,8 @@ serve(PyObject *waiter, PyObject *fast, long side, long ev, PyObject *clock)
     }
     if (r.moved > 0 && count_moved(stats, side, r.moved) < 0)
         return -1;
-    if (r.status == END) {
-        PyObject *args[2] = {waiter, PyLong_FromLong(side)};
-        if (args[1] == NULL)
-            return -1;
-        PyObject *result =
-            PyObject_VectorcallMethod(s_ended, args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-        Py_DECREF(args[1]);
-        if (result == NULL)
-            return -1;
-        int served = PyObject_IsTrue(result);
-        Py_DECREF(result);
-        return served;
-    }
+    if (r.status == END)
+        return end_direction(waiter, fast, side, ended, dst);
     PyObject *zero = PyLong_FromLong(0);
     int rc = set_flag(waiter, s_readable, side, zero);
     Py_DECREF(zero);
@@ -552,11 +611,21 @@ exec_module(PyObject *m)
         {&s_readable, "readable"}, {&s_writable, "writable"}, {&s_task, "task"},
         {&s_fast, "fast"},         {&s_ready, "ready"},       {&s_error, "error"},
         {&s_deadline, "deadline"}, {&s_from_client, "bytes_from_client"},
-        {&s_to_client, "bytes_to_client"}, {&s_ended, "ended"},
+        {&s_to_client, "bytes_to_client"}, {&s_c2u, "c2u"}, {&s_u2c, "u2c"},
+        {&s_done, "done"}, {&s_first_eof, "first_eof"}, {&s_promoting, "promoting"},
+        {&s_fastpath, "fastpath"}, {&s_add_event, "add_event"},
+        {&s_half_closed, "half_closed"}, {&s_client, "client"}, {&s_backend, "backend"},
+        {&s_client_eof, "client_eof"}, {&s_backend_eof, "backend_eof"},
     };
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
         if (*names[i].name == NULL && (*names[i].name = PyUnicode_InternFromString(names[i].text)) == NULL)
             return -1;
+    if (s_by_kwnames == NULL && (s_by_kwnames = Py_BuildValue("(s)", "by")) == NULL)
+        return -1;
+    /* copy.py checks that these are its CloseReason's values. */
+    if (PyModule_AddObjectRef(m, "CLIENT_EOF", s_client_eof) < 0
+        || PyModule_AddObjectRef(m, "BACKEND_EOF", s_backend_eof) < 0)
+        return -1;
     return 0;
 }
 

@@ -13,6 +13,8 @@ END: int
 HELD: int
 SRC_ERROR: int
 DST_ERROR: int
+CLIENT_EOF: str
+BACKEND_EOF: str
 
 def move(
     scratch: Buffer, src: int, dst: int, budget: int, stop_short: bool, limit: int, /

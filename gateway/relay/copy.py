@@ -46,12 +46,12 @@ Rules kept here:
    pair is parked holding nothing and not stopping for a promotion, its ``fast`` path
    (a tuple: the two descriptors, the scratch buffer, the stats, the idle timeout, the
    clock's offset, the budget, the sides whose direction ended, the promotion's byte
-   count and time) lets the compiled delivery (gateway/relay/poller.py rule 6) move
-   the bytes of an event that says "readable" or "end" and count them, as ``_step``
-   and ``_moved`` would. An end its move meets goes to :meth:`_Pair.ended`, which ends
-   that direction as ``_step`` would and says whether the pair stays parked: two
-   Python frames per end (``ended``, ``_eof``), where the hand-over to
-   ``ready`` ran six (a short connection has two ends). Anything else (a reset, a
+   count and time, the flow whose span hears of a half-close) lets the compiled
+   delivery (gateway/relay/poller.py rule 6) move the bytes of an event that says
+   "readable" or "end" and count them, as ``_step`` and ``_moved`` would, and end a
+   direction whose end its move meets, as ``_eof`` would (``end_direction`` in
+   _copystep.c: no Python frame, where the hand-over to ``ready`` ran six and a call
+   back into Python two; a short connection has two ends). Anything else (a reset, a
    held chunk, a full budget, an idle deadline due to move, a promotion due) it hands
    to :meth:`_Pair.ready` with what the move stopped at, to be handled here; an event
    that says "error" goes to :meth:`_Pair.ready` as before. The pair's task is woken
@@ -229,6 +229,7 @@ class CopyRelay:
                 0,
                 pair.promote_bytes if pair.promoting else -1,
                 pair.promote_at if pair.promoting else 0.0,
+                stats if isinstance(stats, Flow) else None,
             )
         if counters is not None:
             counters.flows_now += 1
@@ -478,7 +479,13 @@ class CopyRelay:
         if fastpath is not None:
             # Rule 8: the fast path serves the direction still open and skips this one,
             # with no promotion to come.
-            pair.fastpath = fastpath = (*fastpath[:7], fastpath[7] | 1 << d.sides[0], -1, 0.0)
+            pair.fastpath = fastpath = (
+                *fastpath[:7],
+                fastpath[7] | 1 << d.sides[0],
+                -1,
+                0.0,
+                fastpath[10],
+            )
             pair.fast = None if pair.holding else fastpath
         if first:
             try:
@@ -499,6 +506,11 @@ if _copystep is not None:
     _SRC_ERROR, _DST_ERROR = _copystep.SRC_ERROR, _copystep.DST_ERROR
     # CopyRelay._step reads "status <= _SHORT" as "the source has nothing more now".
     assert _copystep.DRAINED < _SHORT < min(_copystep.BUDGET, _copystep.LIMIT, _HELD, _END)
+    # The compiled delivery ends a direction as _eof does (rule 8), with these reasons.
+    assert (_copystep.CLIENT_EOF, _copystep.BACKEND_EOF) == (
+        CloseReason.CLIENT_EOF,
+        CloseReason.BACKEND_EOF,
+    )
 
 
 class _Direction:
@@ -652,14 +664,3 @@ class _Pair(Waiter):
             return False
         self.chunks = 0
         return True  # nothing else can move until an event (CopyRelay._step)
-
-    def ended(self, side: int) -> bool:
-        """The compiled delivery's fast path (rule 8) met the end of the direction from
-        ``side``, with the bytes before it moved and counted: end it as ``_step``
-        would have. Whether the pair stays parked (False: both directions are over,
-        wake its task)."""
-        relay = self.relay
-        if relay is None:
-            return False
-        relay._eof(self.c2u if side == _CLIENT else self.u2c, self.stats, self)
-        return not (self.c2u.done and self.u2c.done)

@@ -100,11 +100,13 @@ READABLE_TO_END: Final = 2
 read on to it, since no later edge will come for what is already there."""
 _WRITE: Final = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 
-FastPath = tuple[int, int, bytearray, object, float, float, int, int, int, float]
+FastPath = tuple[int, int, bytearray, object, float, float, int, int, int, float, object]
 """A copy pair's fast path (rule 6; gateway/relay/copy.py rule 8): the descriptors of
 side 0 and side 1, the scratch buffer, the stats, the idle timeout, the run clock's
 offset, the chunk budget, the sides whose direction ended (a mask of ``1 << side``),
-the promotion's byte count and time on the run clock (-1 and 0.0: none to come)."""
+the promotion's byte count and time on the run clock (-1 and 0.0: none to come), and
+the flow whose span gets a "half_closed" event (the stats when they are a flow, else
+None)."""
 
 
 class Waiter:

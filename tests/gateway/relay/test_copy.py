@@ -9,7 +9,7 @@ import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
-from gateway.flow import CloseReason
+from gateway.flow import CloseReason, Flow
 from gateway.relay import poller
 from gateway.relay.copy import CopyRelay, Promotion
 from gateway.relay.stats import RelayStats
@@ -314,8 +314,9 @@ async def test_backend_speaks_first_and_an_idle_pair_is_one_task():
 
 
 class _FailsInThePoller(CopyRelay):
-    """A relay whose step, or end of a direction, fails once the poller runs it for a
-    parked pair (the compiled delivery ends a direction without a step: rule 8)."""
+    """A relay whose step fails once the poller runs it for a parked pair; with the
+    compiled delivery, which ends a direction without a step (rule 8), its flow's span
+    event for the half-close fails there instead."""
 
     def __init__(self) -> None:
         super().__init__(65536)
@@ -332,9 +333,19 @@ class _FailsInThePoller(CopyRelay):
         self._fail_if_parked(pair)
         return super()._step(pair)
 
-    def _eof(self, d, stats, pair):  # type: ignore[no-untyped-def]
-        self._fail_if_parked(pair)
-        return super()._eof(d, stats, pair)
+
+class _FailingFlow(Flow):
+    """A flow whose half-close event fails where ``relay`` fails its steps."""
+
+    __slots__ = ("relay",)
+
+    def __init__(self, relay: _FailsInThePoller) -> None:
+        super().__init__(1, "test", "tcp", ("127.0.0.1", 1), ("127.0.0.1", 2))
+        self.relay = relay
+
+    def add_event(self, name: str, **attributes: object) -> None:
+        self.relay._fail_if_parked(self.relay.pair)
+        super().add_event(name, **attributes)
 
 
 async def test_an_error_in_the_pollers_step_is_the_pairs_and_the_poller_lives_on():
@@ -348,7 +359,7 @@ async def test_an_error_in_the_pollers_step_is_the_pairs_and_the_poller_lives_on
 
             async def run() -> None:
                 try:
-                    await relay.run(topo.gw_client, topo.gw_upstream, RelayStats(), 10)
+                    await relay.run(topo.gw_client, topo.gw_upstream, _FailingFlow(relay), 10)
                 except RuntimeError as exc:
                     outcome["error"] = exc
                 topo.close_gateway()
@@ -359,9 +370,10 @@ async def test_an_error_in_the_pollers_step_is_the_pairs_and_the_poller_lives_on
             if not relay.failed:
                 # Else the event of its registration was served at once, the task parked.
                 # With the compiled delivery the FIN's event fails (it moves the bytes
-                # itself and ends the direction with _eof: rule 8). With the Python
-                # delivery the bytes' event fails the step already, and the pair may be
-                # closed (and the backend's connection with it) before the FIN is sent.
+                # itself and ends the direction, with the flow's half-close event: rule
+                # 8). With the Python delivery the bytes' event fails the step already,
+                # and the pair may be closed (and the backend's connection with it)
+                # before the FIN is sent.
                 await send_all(topo.backend, b"hello")
                 try:
                     topo.backend.shutdown(trio.socket.SHUT_WR)
@@ -374,23 +386,29 @@ async def test_an_error_in_the_pollers_step_is_the_pairs_and_the_poller_lives_on
 
 
 class _CountsSteps(CopyRelay):
-    """A relay that counts its steps (each run by its task or by the Python poller)."""
+    """A relay that counts its steps (each run by its task or by the Python poller) and
+    the ends of directions it ran in Python."""
 
     def __init__(self) -> None:
         super().__init__(65536)
         self.steps = 0
+        self.ends = 0
 
     def _step(self, pair):  # type: ignore[no-untyped-def]
         self.steps += 1
         return super()._step(pair)
+
+    def _eof(self, d, stats, pair):  # type: ignore[no-untyped-def]
+        self.ends += 1
+        return super()._eof(d, stats, pair)
 
 
 async def test_a_parked_pairs_exchanges_and_ends_are_moved_without_a_step(copy_step):
     """Rule 8: with the compiled delivery, the bytes of a parked pair's plain requests
     and responses are moved and counted where the event comes, with no step in Python
     (steps run for the start and the end; the idle deadline, an hour here, need not
-    move). The end of each direction is one call (``_Pair.ended``), no step; the task,
-    woken once both are over, runs none.
+    move). The end of each direction is ended there too, with no step and no call into
+    Python; the task, woken once both are over, runs none.
     Each exchange's bytes are different and arrive exact, both ways. The deadline's
     moves (_kept_alive_by_bytes) and a held chunk (test_slow_reader_bounded_and_intact)
     go through the fast path's hand-over to Python in the tests above."""
@@ -422,6 +440,7 @@ async def test_a_parked_pairs_exchanges_and_ends_are_moved_without_a_step(copy_s
     if copy_step:
         assert steps < 5, steps
         assert relay.steps == steps, relay.steps - steps
+        assert relay.ends == 0
     else:
         assert steps >= 2 * exchanges, steps
         assert relay.steps - steps >= 2, relay.steps - steps  # one per end

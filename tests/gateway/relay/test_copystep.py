@@ -221,10 +221,28 @@ CLIENT, UPSTREAM = 1, 0
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
 
 
-class _Owner(Waiter):
-    """A waiter that records what the delivery asked of it."""
+class _Direction:
+    """A copy pair's direction as the delivery sees it: whether it is over."""
 
-    __slots__ = ("calls", "deadline", "error", "serves")
+    def __init__(self) -> None:
+        self.done = False
+
+
+class _Owner(Waiter):
+    """A waiter that records what the delivery asked of it, with the fields of a copy
+    pair that the fast path ends a direction in (copy.py ``_Pair``)."""
+
+    __slots__ = (
+        "c2u",
+        "calls",
+        "deadline",
+        "error",
+        "fastpath",
+        "first_eof",
+        "promoting",
+        "serves",
+        "u2c",
+    )
 
     def __init__(self, parked: bool, serves: bool = True) -> None:
         super().__init__()
@@ -233,14 +251,27 @@ class _Owner(Waiter):
         self.calls: list[tuple[object, ...]] = []
         self.serves = serves
         self.deadline = math.inf
+        self.c2u, self.u2c = _Direction(), _Direction()
+        self.first_eof: str | None = None
+        self.promoting = True
+        self.fastpath: object = None
 
     def ready(self, *moved: int) -> bool:
         self.calls.append(("ready", *moved))
         return self.serves
 
-    def ended(self, side: int) -> bool:
-        self.calls.append(("ended", side))
-        return self.serves
+
+class _Flow(RelayStats):
+    """Stats that are a flow: the events the fast path adds to its span."""
+
+    __slots__ = ("events",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[str, dict[str, object]]] = []
+
+    def add_event(self, name: str, **attributes: object) -> None:
+        self.events.append((name, attributes))
 
 
 def _deliver(owners, events):  # type: ignore[no-untyped-def]
@@ -250,7 +281,10 @@ def _deliver(owners, events):  # type: ignore[no-untyped-def]
 
 
 def _fast(src, dst, stats, idle=0.0, scratch=65536, ended=0):  # type: ignore[no-untyped-def]
-    return (dst.fileno(), src.fileno(), bytearray(scratch), stats, idle, 0.0, 16, ended, -1, 0.0)
+    flow = stats if isinstance(stats, _Flow) else None
+    return (
+        dst.fileno(), src.fileno(), bytearray(scratch), stats, idle, 0.0, 16, ended, -1, 0.0, flow
+    )  # fmt: skip
 
 
 def test_deliver_sets_flags_and_hands_back_what_it_does_not_own():
@@ -329,7 +363,7 @@ def test_a_promotion_to_come_is_checked_by_the_fast_path(pairs):
     owners = {src.fileno(): (owner, CLIENT)}
 
     def fast(promote_bytes: int, promote_at: float):  # type: ignore[no-untyped-def]
-        return (*_fast(src, dst, stats)[:8], promote_bytes, promote_at)
+        return (*_fast(src, dst, stats)[:8], promote_bytes, promote_at, None)
 
     owner.fast = fast(5000, math.inf)
     first = payload(3000, 14)
@@ -361,13 +395,16 @@ def test_a_promotion_to_come_is_checked_by_the_fast_path(pairs):
     [(IN, 0), (IN | select.EPOLLRDHUP, 0), (IN | select.EPOLLRDHUP, 3000),
      (IN | select.EPOLLRDHUP | select.EPOLLHUP, 3000)],
 )  # fmt: skip
-def test_the_fast_path_ends_a_direction_with_one_call(pairs, event, data_size):
-    """The bytes before the end are moved and counted, then ``ended(side)`` is the one
-    call, whatever the event said; a side whose direction ended is skipped after."""
+def test_the_fast_path_ends_a_direction_without_python(pairs, event, data_size):
+    """The bytes before the end are moved and counted, then the direction is ended as
+    copy.py's ``_eof`` ends it, whatever the event said, with no call into Python but
+    the flow's span event: the first end is the pair's ``first_eof``, a "half_closed"
+    event, no promotion to come, the side marked in the fast path and the FIN passed on;
+    a side whose direction ended is skipped after; the second end wakes the task."""
     src_peer, src, dst, dst_peer = pairs
-    stats = RelayStats()
+    stats = _Flow()
     owner = _Owner(parked=True)
-    owner.fast = _fast(src, dst, stats, idle=30.0)
+    fast = owner.fast = owner.fastpath = _fast(src, dst, stats, idle=30.0)
     owners = {src.fileno(): (owner, CLIENT)}
     data = payload(data_size, 13)
     if data:
@@ -375,18 +412,50 @@ def test_the_fast_path_ends_a_direction_with_one_call(pairs, event, data_size):
     src_peer.shutdown(socket.SHUT_WR)
     assert select.select([src], [], [], 5)[0], "the FIN did not arrive"
     theirs, woken = _deliver(owners, [(src.fileno(), event)])
-    assert (theirs, woken, owner.calls) == (None, [], [("ended", CLIENT)])
+    assert (theirs, woken, owner.calls, owner.task) == (None, [], [], "the task")
     assert (stats.bytes_from_client, stats.bytes_to_client) == (len(data), 0)
+    assert (owner.c2u.done, owner.u2c.done) == (True, False)
+    assert (owner.first_eof, owner.promoting) == (step.CLIENT_EOF, False)
+    assert stats.events == [("half_closed", {"by": "client"})]
+    assert owner.fast is owner.fastpath
+    assert owner.fast == (*fast[:7], 1 << CLIENT, -1, 0.0, stats)
     _settle(dst_peer, len(data))
-    assert _drain(dst_peer) == data
-    # copy.py marks the ended side in the fast path: its events ask nothing more.
-    owner.fast = _fast(src, dst, stats, idle=30.0, ended=1 << CLIENT)
-    owner.calls.clear()
+    assert dst_peer.recv(len(data) + 1) == data
+    assert dst_peer.recv(1) == b""  # the FIN passed on
+    # The ended side is skipped: its events ask nothing more.
     assert _deliver(owners, [(src.fileno(), IN | select.EPOLLRDHUP | OUT)])[1] == []
-    assert owner.calls == []
-    # Its owner's answer decides: False wakes the task (both directions are over).
-    owner.fast, owner.serves = _fast(src, dst, stats, idle=30.0), False
-    assert _deliver(owners, [(src.fileno(), event)])[1] == ["the task"]
+    assert owner.calls == [] and stats.events == [("half_closed", {"by": "client"})]
+
+
+def test_the_fast_paths_second_end_wakes_the_task(pairs):
+    """The other side's direction is over already: this end marks its direction done
+    and wakes the task, which finds both over; the first end's reason stays, no second
+    span event, no shutdown (the caller's close sends the FIN)."""
+    src_peer, src, dst, dst_peer = pairs
+    stats = _Flow()
+    owner = _Owner(parked=True)
+    owner.u2c.done, owner.first_eof, owner.promoting = True, step.BACKEND_EOF, False
+    owner.fast = owner.fastpath = _fast(src, dst, stats, idle=30.0, ended=1 << UPSTREAM)
+    src_peer.shutdown(socket.SHUT_WR)
+    assert select.select([src], [], [], 5)[0], "the FIN did not arrive"
+    theirs, woken = _deliver({src.fileno(): (owner, CLIENT)}, [(src.fileno(), IN)])
+    assert (theirs, woken, owner.task, owner.calls) == (None, ["the task"], None, [])
+    assert (owner.c2u.done, owner.u2c.done, owner.first_eof) == (True, True, step.BACKEND_EOF)
+    assert stats.events == []
+    dst_peer.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        dst_peer.recv(1)  # no FIN yet
+
+
+def test_stats_that_are_no_flow_hear_of_no_half_close(pairs):
+    src_peer, src, dst, dst_peer = pairs
+    owner = _Owner(parked=True)
+    owner.fast = owner.fastpath = _fast(src, dst, RelayStats(), idle=0.0)
+    src_peer.shutdown(socket.SHUT_WR)
+    assert select.select([src], [], [], 5)[0], "the FIN did not arrive"
+    assert _deliver({src.fileno(): (owner, CLIENT)}, [(src.fileno(), IN)])[1] == []
+    assert owner.c2u.done and owner.first_eof == step.CLIENT_EOF
+    assert owner.fast[7:] == (1 << CLIENT, -1, 0.0, None)
 
 
 @pytest.mark.parametrize(
