@@ -45,6 +45,14 @@
  *   below); ``clock`` is the run clock's perf_counter, read when bytes moved and
  *   the pair has an idle timeout. An error met serving it becomes ``waiter.error``
  *   and the waiter is woken.
+ *
+ * serve(waiter, side, events, clock) -> bool
+ *
+ *   What the delivery does for an event ``events`` of a parked pair's side ``side``
+ *   (serve() below), called by the pair's task itself for its first bytes (copy.py,
+ *   rule 8): True when it was served and the task can park; False when the task has
+ *   to look (as when the delivery would wake it), or when the pair has no fast path.
+ *   An error met is raised, not kept.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -580,10 +588,40 @@ fail:
     return NULL;
 }
 
+static PyObject *
+serve_first(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 4) {
+        PyErr_Format(PyExc_TypeError, "serve() takes 4 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *waiter = args[0];
+    long side, ev;
+    if (as_int(args[1], "side", 0, &side) < 0 || as_int(args[2], "events", 0, &ev) < 0)
+        return NULL;
+    if (side > 1) {
+        PyErr_Format(PyExc_ValueError, "serve(): side out of range: %ld", side);
+        return NULL;
+    }
+    PyObject *fast = PyObject_GetAttr(waiter, s_fast);
+    if (fast == NULL)
+        return NULL;
+    int served = fast == Py_None ? 0 : serve(waiter, fast, side, ev, args[3]);
+    Py_DECREF(fast);
+    if (served < 0)
+        return NULL;
+    return PyBool_FromLong(served);
+}
+
 static PyMethodDef methods[] = {
     {"move", (PyCFunction)(void (*)(void))move, METH_FASTCALL,
      "move(scratch, src, dst, budget, stop_short, limit) -> (status, moved, chunks, sent, held)\n"
      "Relay whole chunks from src to dst until a stop (see the module's constants)."},
+    {"serve", (PyCFunction)(void (*)(void))serve_first, METH_FASTCALL,
+     "serve(waiter, side, events, clock) -> bool\n"
+     "Serve the epoll ``events`` of the copy pair ``waiter``'s side as the delivery would\n"
+     "(False: its task has to look; without a fast path, at once)."},
     {"deliver", (PyCFunction)(void (*)(void))deliver, METH_FASTCALL,
      "deliver(owners, reschedule, clock, events) -> list | None\n"
      "gateway/relay/poller.py Poller.deliver, with a parked copy pair's plain event served here."},

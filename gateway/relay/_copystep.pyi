@@ -19,6 +19,7 @@ BACKEND_EOF: str
 def move(
     scratch: Buffer, src: int, dst: int, budget: int, stop_short: bool, limit: int, /
 ) -> tuple[int, int, int, int, int]: ...
+def serve(waiter: Any, side: int, events: int, clock: Callable[[], float], /) -> bool: ...
 def deliver(
     owners: dict[int, tuple[Any, int]],
     reschedule: Callable[[Any], object],

@@ -62,6 +62,7 @@ Rules kept here:
 from __future__ import annotations
 
 import math
+import select
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -240,6 +241,12 @@ class CopyRelay:
                 timer.set(pair, pair.deadline)
             poller.register(cfd, pair, _CLIENT)
             poller.register(ufd, pair, _UPSTREAM)
+            if pair.fast is not None and _serve(pair, _CLIENT, select.EPOLLIN, perf_counter):
+                # Rule 8: the client's first bytes (it has usually sent them by now)
+                # were moved as the compiled delivery moves a parked pair's, with no
+                # step in Python, and nothing else can move until an event says so.
+                pair.task = current_task()
+                await park(pair.abort)
             # Move bytes both ways until both ended, a reset (its reason is returned),
             # the pair idled or a promotion is due. While the task is parked, the
             # poller may move bytes for it (_Pair.ready); what it could not finish
@@ -501,7 +508,7 @@ _CLIENT: Final = 1
 _UPSTREAM: Final = 0
 
 if _copystep is not None:
-    _move = _copystep.move
+    _move, _serve = _copystep.move, _copystep.serve
     _SHORT, _HELD, _END = _copystep.SHORT, _copystep.HELD, _copystep.END
     _SRC_ERROR, _DST_ERROR = _copystep.SRC_ERROR, _copystep.DST_ERROR
     # CopyRelay._step reads "status <= _SHORT" as "the source has nothing more now".

@@ -489,3 +489,35 @@ def test_an_error_serving_a_fast_path_is_its_owners_and_the_delivery_goes_on(pai
     _settle(src, 1)
     _deliver({src.fileno(): (broken, CLIENT)}, [(src.fileno(), IN)])
     assert isinstance(broken.error, AttributeError) and broken.task is None
+
+
+def test_serve_is_the_delivery_for_one_event_called_by_the_pairs_task(pairs):
+    """``serve`` moves a side's bytes as the delivery would (copy.py rule 8: a pair's
+    first bytes), says whether the task can park, asks nothing of a pair without a fast
+    path, and raises an error where the delivery would keep it for the owner."""
+    src_peer, src, dst, dst_peer = pairs
+    stats = RelayStats()
+    owner = _Owner(parked=False)
+    assert step.serve(owner, CLIENT, IN, time.perf_counter) is False  # no fast path
+    owner.fast = _fast(src, dst, stats, idle=30.0)
+    assert step.serve(owner, CLIENT, IN, time.perf_counter) is True  # nothing there yet
+    data = payload(4000, 17)
+    _feed(src_peer, data)
+    _settle(src, len(data))
+    assert step.serve(owner, CLIENT, IN, time.perf_counter) is True
+    assert owner.calls == [] and owner.readable[CLIENT] == 0
+    assert stats.bytes_from_client == len(data)
+    _settle(dst_peer, len(data))
+    assert _drain(dst_peer) == data
+    owner.serves, owner.deadline = False, 0.0  # the deadline is Python's to move
+    _feed(src_peer, b"more")
+    _settle(src, 4)
+    assert step.serve(owner, CLIENT, IN, time.perf_counter) is False
+    assert owner.calls == [("ready", CLIENT, step.SHORT, 4, 1, 0, 0)]
+    owner.fast = _fast(src, dst, object(), idle=0.0)  # stats without counters
+    _feed(src_peer, b"x")
+    _settle(src, 1)
+    with pytest.raises(AttributeError):
+        step.serve(owner, CLIENT, IN, time.perf_counter)
+    with pytest.raises(ValueError):
+        step.serve(owner, 2, IN, time.perf_counter)
