@@ -68,7 +68,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from time import monotonic, perf_counter
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import trio
 from trio.lowlevel import checkpoint, current_task
@@ -212,8 +212,8 @@ class CopyRelay:
         timer = poller.timer
         pair = _Pair(idle_timeout, promotion, timer)
         cfd, ufd = client.fileno(), upstream.fileno()
-        c2u = _Direction(client, upstream, cfd, ufd, True)
-        u2c = _Direction(upstream, client, ufd, cfd, False)
+        c2u = _FromClient(client, upstream, cfd, ufd)
+        u2c = _FromUpstream(upstream, client, ufd, cfd)
         pair.relay, pair.c2u, pair.u2c, pair.stats = self, c2u, u2c, stats
         if self.compiled and timer.offset is not None:
             # Rule 8: what the compiled delivery needs to move an event's bytes,
@@ -521,38 +521,45 @@ if _copystep is not None:
 
 
 class _Direction:
-    """One direction of a pair: where from, where to, what it holds."""
+    """One direction of a pair: where from, where to, what it holds. What tells the two
+    directions apart is their class's (:class:`_FromClient`, :class:`_FromUpstream`),
+    not set per flow."""
 
-    __slots__ = (
-        "done",
-        "dst",
-        "dst_fd",
-        "dst_reset",
-        "from_client",
-        "held",
-        "pending",
-        "sides",
-        "src",
-        "src_fd",
-        "src_reset",
-    )
+    __slots__ = ("done", "dst", "dst_fd", "held", "pending", "src", "src_fd")
 
-    def __init__(
-        self, src: socket.socket, dst: socket.socket, src_fd: int, dst_fd: int, from_client: bool
-    ) -> None:
+    from_client: ClassVar[bool]
+    sides: ClassVar[tuple[int, int]]
+    """The pair's flags of its source's side and its destination's."""
+    src_reset: ClassVar[str]
+    """The close reason of a reset met reading the source."""
+    dst_reset: ClassVar[str]
+    """The close reason of a reset met writing to the destination."""
+
+    def __init__(self, src: socket.socket, dst: socket.socket, src_fd: int, dst_fd: int) -> None:
         self.src = src
         self.dst = dst
         self.src_fd = src_fd
         self.dst_fd = dst_fd
-        self.from_client = from_client
-        self.sides = (_CLIENT, _UPSTREAM) if from_client else (_UPSTREAM, _CLIENT)
-        """The pair's flags of its source's side and its destination's."""
         self.done = False
         self.pending: memoryview | None = None
         self.held = 0
         """Bytes of the chunk ``pending`` is the rest of (counted once all are sent)."""
-        self.src_reset = CloseReason.CLIENT_RESET if from_client else CloseReason.BACKEND_RESET
-        self.dst_reset = CloseReason.BACKEND_RESET if from_client else CloseReason.CLIENT_RESET
+
+
+class _FromClient(_Direction):
+    __slots__ = ()
+    from_client = True
+    sides = (_CLIENT, _UPSTREAM)
+    src_reset = CloseReason.CLIENT_RESET
+    dst_reset = CloseReason.BACKEND_RESET
+
+
+class _FromUpstream(_Direction):
+    __slots__ = ()
+    from_client = False
+    sides = (_UPSTREAM, _CLIENT)
+    src_reset = CloseReason.BACKEND_RESET
+    dst_reset = CloseReason.CLIENT_RESET
 
 
 class _Pair(Waiter):
