@@ -27,7 +27,8 @@ has no such message (another trio), :func:`park` is trio's own.
 ``Nursery.start_soon`` and ``trio.lowlevel.reschedule`` call, for the connection
 tasks (spawned when no kept one waits: gateway/taskpool.py) and the relay poller (a
 wakeup per short connection): a Python call less each. Where trio's are not the ones
-known here (or there is no run), they are the public functions.
+known here (or there is no run), they are the public functions. :func:`run_wake`, the
+poller's, also wakes every task parked in :func:`park` with one shared outcome.
 
 :func:`share_epoll` lets another owner of descriptors (the relay poller,
 gateway/relay/poller.py rule 4) register them in the epoll set trio's loop waits in
@@ -45,6 +46,7 @@ import logging
 import select
 import types
 from collections.abc import Awaitable, Callable, Generator
+from functools import partial
 from typing import Any, cast
 
 from outcome import Value
@@ -110,6 +112,25 @@ def _trap() -> Callable[[Callable[[Any], Abort]], Awaitable[Any]]:
 park = _trap()
 """``await park(abort_func)``: as ``trio.lowlevel.wait_task_rescheduled(abort_func)``,
 one frame lighter (the module's docstring)."""
+
+
+def run_wake() -> Callable[[Task], None]:
+    """Call inside ``trio.run``: :func:`run_reschedule` for tasks parked in :func:`park`
+    alone, which wakes each with the same ``Value(None)``, not one made per wakeup (an
+    attrs ``__init__``, a Python call, per short connection's relay).
+
+    Only :func:`park` may be woken so: it reads the value without ``unwrap()``, whose
+    flag would make the shared outcome fail its next wakeup. Where :func:`park` is
+    trio's own (it unwraps), each wakeup gets its own, as from :func:`run_reschedule`.
+    """
+    method = run_reschedule()
+    if park is wait_task_rescheduled or method is reschedule:
+        return method
+    runners: Any = method  # the runner's own, which takes next_send by name
+    return partial(runners, next_send=_WOKEN)
+
+
+_WOKEN = Value(None)
 
 
 def run_reschedule() -> Callable[[Task], None]:

@@ -54,8 +54,8 @@ Rules kept here:
 6. **The delivery is compiled where it can be.** Where gateway/relay/_copystep.c is
    built, :meth:`Poller.deliver` runs as its ``deliver``: the same loop, and for an
    owner that keeps a fast path (:attr:`Waiter.fast`: a parked copy pair holding
-   nothing) an event's bytes are moved there, with no Python call, or one to end a
-   direction (gateway/relay/copy.py rule 8). The interpreter's part of a kept-alive
+   nothing) an event's bytes are moved there, and a direction ended, with no Python
+   call (gateway/relay/copy.py rule 8). The interpreter's part of a kept-alive
    request through the copy tier was four calls and about a hundred bytecodes around
    one read and one write (bench/README.md, "The delivery compiled"). :data:`COMPILED`
    says which delivery a new poller takes.
@@ -81,7 +81,7 @@ from trio.lowlevel import (
 
 from gateway.relay.idletimer import IdleTimer
 from gateway.relay.pipes import PipePool
-from gateway.runloop import Events, run_reschedule, share_epoll, unshare_epoll
+from gateway.runloop import Events, run_wake, share_epoll, unshare_epoll
 
 try:
     from gateway.relay import _copystep
@@ -146,8 +146,9 @@ class Poller:
         self.compiled = compiled and _copystep is not None
         """Whether events are delivered by the compiled delivery (rule 6)."""
         # Both deliveries run in trio's loop or the poller's system task: protected
-        # from a KeyboardInterrupt already, so trio's reschedule without its wrapper.
-        self._reschedule = run_reschedule()
+        # from a KeyboardInterrupt already, so trio's reschedule without its wrapper;
+        # and every owner parks in runloop.park (rule 2), so one outcome for them all.
+        self._reschedule = run_wake()
         self._deliver: Callable[[Events], Events | None] = self.deliver
         if self.compiled:
             # Rule 6: the same delivery, in C, bound to this poller's owners.

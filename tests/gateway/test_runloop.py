@@ -14,7 +14,14 @@ from coroutines import awaited_through
 from trio._core._run import GLOBAL_RUN_CONTEXT
 from trio.testing import wait_all_tasks_blocked
 
-from gateway.runloop import fast_instrument_checks, park, run_reschedule, run_spawn, start_soon
+from gateway.runloop import (
+    fast_instrument_checks,
+    park,
+    run_reschedule,
+    run_spawn,
+    run_wake,
+    start_soon,
+)
 
 
 class Steps(trio.abc.Instrument):
@@ -93,6 +100,34 @@ def test_run_reschedule_is_the_runs_own_method_and_wakes_as_trios_does() -> None
         assert wake == GLOBAL_RUN_CONTEXT.runner.reschedule
         got, _ = await _woken_twice(wake)  # as the poller wakes a pair: with None
         assert got[0] is None and isinstance(got[1], KeyError)
+
+    trio.run(main)
+
+
+def test_run_wake_wakes_parked_tasks_with_one_outcome_time_after_time() -> None:
+    """The poller's wake: the run's own reschedule with one ``Value(None)`` for every
+    wakeup, which park never uses up; outside a run, trio's function."""
+    assert run_wake() is trio.lowlevel.reschedule
+
+    async def main() -> None:
+        wake = run_wake()
+        shared = wake.keywords["next_send"]  # type: ignore[attr-defined]
+        assert isinstance(shared, outcome.Value) and shared.value is None
+        got: list[object] = []
+        parked: list[trio.lowlevel.Task] = []
+
+        async def waiter() -> None:
+            for _ in range(3):
+                parked.append(trio.lowlevel.current_task())
+                got.append(await park(lambda _: trio.lowlevel.Abort.FAILED))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            for _ in range(3):
+                await wait_all_tasks_blocked()
+                wake(parked.pop())
+        assert got == [None, None, None]
+        assert wake.keywords["next_send"] is shared  # type: ignore[attr-defined]
 
     trio.run(main)
 
