@@ -56,7 +56,9 @@ Rules kept here:
    to :meth:`_Pair.ready` with what the move stopped at, to be handled here; an event
    that says "error" goes to :meth:`_Pair.ready` as before. The pair's task is woken
    for the same things as with the Python delivery (bench/README.md, "The delivery
-   compiled", "Ends in the compiled delivery").
+   compiled", "Ends in the compiled delivery"). The task itself has the client's first
+   bytes served that way as the relay starts (``_copystep.serve``), where it ran a
+   whole step in Python ("A pair's ends and first bytes in the compiled delivery").
 """
 
 from __future__ import annotations
@@ -99,6 +101,8 @@ def loop_report() -> str:
 
 
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
+_READABLE_EVENT: Final = select.EPOLLIN
+"""The event a relay's first step serves the client's side for (rule 8)."""
 _CHUNKS_PER_CHECKPOINT: Final = 16
 
 
@@ -241,7 +245,7 @@ class CopyRelay:
                 timer.set(pair, pair.deadline)
             poller.register(cfd, pair, _CLIENT)
             poller.register(ufd, pair, _UPSTREAM)
-            if pair.fast is not None and _serve(pair, _CLIENT, select.EPOLLIN, perf_counter):
+            if pair.fast is not None and _serve(pair, _CLIENT, _READABLE_EVENT, perf_counter):
                 # Rule 8: the client's first bytes (it has usually sent them by now)
                 # were moved as the compiled delivery moves a parked pair's, with no
                 # step in Python, and nothing else can move until an event says so.

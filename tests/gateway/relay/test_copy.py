@@ -314,23 +314,27 @@ async def test_backend_speaks_first_and_an_idle_pair_is_one_task():
 
 
 class _FailsInThePoller(CopyRelay):
-    """A relay whose step fails once the poller runs it for a parked pair; with the
-    compiled delivery, which ends a direction without a step (rule 8), its flow's span
-    event for the half-close fails there instead."""
+    """A relay whose step fails once the poller runs it for a parked pair (outside the
+    pair's own task); with the compiled delivery, which ends a direction without a step
+    (rule 8), its flow's span event for the half-close fails there instead."""
 
     def __init__(self) -> None:
         super().__init__(65536)
         self.failed = False
-        self.pair = None
+        self.task: trio.lowlevel.Task | None = None
+        """The pair's own task."""
 
-    def _fail_if_parked(self, pair):  # type: ignore[no-untyped-def]
-        self.pair = pair
-        if pair.task is not None and not self.failed:  # parked: the poller is calling
+    def fail_in_the_poller(self) -> None:
+        try:
+            task = trio.lowlevel.current_task()
+        except RuntimeError:  # trio's loop itself, delivering (poller rule 4)
+            task = None
+        if task is not self.task and not self.failed:
             self.failed = True
             raise RuntimeError("a bug in a step")
 
     def _step(self, pair):  # type: ignore[no-untyped-def]
-        self._fail_if_parked(pair)
+        self.fail_in_the_poller()
         return super()._step(pair)
 
 
@@ -344,7 +348,7 @@ class _FailingFlow(Flow):
         self.relay = relay
 
     def add_event(self, name: str, **attributes: object) -> None:
-        self.relay._fail_if_parked(self.relay.pair)
+        self.relay.fail_in_the_poller()
         super().add_event(name, **attributes)
 
 
@@ -358,6 +362,7 @@ async def test_an_error_in_the_pollers_step_is_the_pairs_and_the_poller_lives_on
             outcome: dict[str, BaseException] = {}
 
             async def run() -> None:
+                relay.task = trio.lowlevel.current_task()
                 try:
                     await relay.run(topo.gw_client, topo.gw_upstream, _FailingFlow(relay), 10)
                 except RuntimeError as exc:
@@ -373,7 +378,6 @@ async def test_an_error_in_the_pollers_step_is_the_pairs_and_the_poller_lives_on
                 # event: rule 8). With the Python delivery the bytes' event fails the
                 # step, and the pair may be closed (and the backend's connection with
                 # it) before the FIN is sent.
-                relay.pair = poller.current()._owners[topo.gw_client.fileno()][0]
                 await send_all(topo.backend, b"hello")
                 try:
                     topo.backend.shutdown(trio.socket.SHUT_WR)
