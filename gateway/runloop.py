@@ -35,7 +35,9 @@ gateway/relay/poller.py rule 4) register them in the epoll set trio's loop waits
 and have their events first, in the same pass of the loop: trio's I/O manager gets a
 class of its own whose ``process_events`` hands the owner the events and trio what the
 owner leaves, and whose ``get_events`` asks for a batch the size of the owner's too
-(trio sizes it by its own waits). :func:`unshare_epoll` gives the class back. Where
+(trio sizes it by its own waits), through the owner's own wait where it has one (the
+compiled delivery's returns the events packed, not a tuple each). :func:`unshare_epoll`
+gives the class back. Where
 trio's I/O manager is not trio 0.35's ``EpollIOManager``, nothing is shared.
 """
 
@@ -175,10 +177,20 @@ def run_spawn() -> Spawn:
     return cast(Spawn, method)
 
 
-def share_epoll(deliver: Callable[[Events], Events | None], batch: int) -> select.epoll | None:
+def share_epoll(
+    deliver: Callable[[Any], Events | None],
+    batch: int,
+    wait: Callable[[int, float, int], object] | None = None,
+) -> select.epoll | None:
     """Call inside ``trio.run``: trio's epoll set, whose events ``deliver`` gets first
     from now on (returning the ones it does not own, or None), with ``batch`` more
     events asked of each wait; None where trio's loop is not the one known here.
+
+    ``wait(epfd, timeout, maxevents)`` is trio's wait when given, in place of
+    ``epoll.poll(timeout, maxevents)``: what it returns goes to ``deliver`` as it is,
+    and is false when nothing came (trio reads that as "the wait timed out"). The
+    compiled delivery's (gateway/relay/_copystep.c ``wait``) returns the events packed,
+    not a tuple each.
     """
     io = getattr(getattr(_run.GLOBAL_RUN_CONTEXT, "runner", None), "io_manager", None)
     base: Any = _TrioEpoll
@@ -189,10 +201,18 @@ def share_epoll(deliver: Callable[[Events], Events | None], batch: int) -> selec
     if type(io) is not base or not isinstance(epoll, select.epoll):
         return None
 
-    def get_events(self: Any, timeout: float) -> Events:
-        return epoll.poll(timeout, batch + len(self._registered))
+    if wait is None:
 
-    def process_events(self: Any, events: Events) -> None:
+        def get_events(self: Any, timeout: float) -> Any:
+            return epoll.poll(timeout, batch + len(self._registered))
+
+    else:
+        epfd = epoll.fileno()
+
+        def get_events(self: Any, timeout: float) -> Any:
+            return wait(epfd, timeout, batch + len(self._registered))
+
+    def process_events(self: Any, events: Any) -> None:
         theirs = deliver(events)
         if theirs is not None:
             process(self, theirs)

@@ -37,7 +37,8 @@
  * deliver(owners, reschedule, clock, events) -> list | None
  *
  *   Poller.deliver (gateway/relay/poller.py) as it is, for trio's epoll events
- *   ``events``: ``owners`` maps a descriptor to (waiter, side); the events of
+ *   ``events`` ((fd, events) pairs, or wait()'s bytes): ``owners`` maps a descriptor
+ *   to (waiter, side); the events of
  *   descriptors it does not own come back, in order (None when there are none);
  *   ``reschedule`` wakes a parked waiter that ``waiter.ready()`` did not serve.
  *   A parked waiter with a ``fast`` path (a copy pair's: serve() below) has an
@@ -45,6 +46,16 @@
  *   below); ``clock`` is the run clock's perf_counter, read when bytes moved and
  *   the pair has an idle timeout. An error met serving it becomes ``waiter.error``
  *   and the waiter is woken.
+ *
+ * wait(epfd, timeout, maxevents) -> bytes
+ *
+ *   epoll.poll(timeout, maxevents) on the epoll set ``epfd`` (gateway/runloop.py
+ *   share_epoll: trio's own wait), its events packed as the kernel returns them
+ *   (struct epoll_event, ``data`` the descriptor) rather than a tuple each: deliver()
+ *   reads them as they are and makes tuples only of the ones it leaves to trio.
+ *   ``timeout`` in seconds (< 0: none), waited in full across signals as
+ *   epoll.poll does (a handler that raises ends it with its exception); empty bytes
+ *   when nothing came.
  *
  * serve(waiter, side, events, clock) -> bool
  *
@@ -56,10 +67,13 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 
 #include <errno.h>
+#include <math.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <time.h>
 
 enum {
     DRAINED = 0,   /* the read met EAGAIN */
@@ -211,11 +225,78 @@ move(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
 /* ---- The relays' event delivery (gateway/relay/poller.py, Poller.deliver) ---- */
 
-/* Interned at import: the attributes the delivery reads and writes. */
-static PyObject *s_readable, *s_writable, *s_task, *s_fast, *s_ready, *s_deadline, *s_error,
-    *s_from_client, *s_to_client, *s_c2u, *s_u2c, *s_done, *s_first_eof, *s_promoting,
-    *s_fastpath, *s_add_event, *s_half_closed, *s_client, *s_backend, *s_client_eof,
+/* Interned at import: the names the delivery calls and passes. */
+static PyObject *s_ready, *s_add_event, *s_half_closed, *s_client, *s_backend, *s_client_eof,
     *s_backend_eof, *s_by_kwnames;
+
+/* The waiters' attributes by slot. Each attribute the delivery reads or writes is a
+ * ``__slots__`` entry of copy.py's and poller.py's classes (and RelayStats'): read
+ * through PyObject_GetAttr each cost a type lookup and a descriptor call, about 125
+ * instructions, up to 14 of them per kept-alive request (bench/README.md, "Attributes
+ * by slot, events packed"). Here an attribute's slot, once found for a type, is read
+ * and written at once while the type is unchanged (its version tag, which Python
+ * resets when a class or a base changes); two types are remembered per attribute (a
+ * pair's two directions are of two classes). An attribute that is not a plain
+ * writable slot of its type (a property, an instance dict, a class with attribute
+ * hooks of its own: the tests' stand-ins) takes the generic path as before. */
+struct attr {
+    PyObject *name; /* interned at import */
+    struct {
+        PyTypeObject *type; /* a strong reference */
+        unsigned int version;
+        PyMemberDef *member; /* NULL: the generic path for this type */
+    } seen[2];
+    int last; /* the entry filled last */
+};
+
+static struct attr a_readable, a_writable, a_task, a_fast, a_deadline, a_error, a_from_client,
+    a_to_client, a_c2u, a_u2c, a_done, a_first_eof, a_promoting, a_fastpath;
+
+static PyMemberDef *
+slot_of(PyObject *obj, struct attr *a)
+{
+    PyTypeObject *type = Py_TYPE(obj);
+    for (int i = 0; i < 2; i++)
+        if (a->seen[i].type == type && a->seen[i].version != 0
+            && a->seen[i].version == type->tp_version_tag)
+            return a->seen[i].member;
+    PyMemberDef *member = NULL;
+    if (type->tp_getattro == PyObject_GenericGetAttr
+        && type->tp_setattro == PyObject_GenericSetAttr) {
+        /* Borrowed; sets no error; gives the type a valid version tag when it can. */
+        PyObject *descr = _PyType_Lookup(type, a->name);
+        if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type)) {
+            PyMemberDef *m = ((PyMemberDescrObject *)descr)->d_member;
+            if (m->type == T_OBJECT_EX && !(m->flags & READONLY))
+                member = m;
+        }
+    }
+    a->last ^= 1;
+    PyTypeObject *old = a->seen[a->last].type;
+    a->seen[a->last].type = (PyTypeObject *)Py_NewRef(type);
+    a->seen[a->last].version =
+        PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG) ? type->tp_version_tag : 0;
+    a->seen[a->last].member = member;
+    Py_XDECREF(old);
+    return member;
+}
+
+/* obj.<a>, a new reference (NULL: an error). */
+static PyObject *
+get_attr(PyObject *obj, struct attr *a)
+{
+    PyMemberDef *m = slot_of(obj, a);
+    return m != NULL ? PyMember_GetOne((const char *)obj, m) : PyObject_GetAttr(obj, a->name);
+}
+
+/* obj.<a> = value */
+static int
+set_attr(PyObject *obj, struct attr *a, PyObject *value)
+{
+    PyMemberDef *m = slot_of(obj, a);
+    return m != NULL ? PyMember_SetOne((char *)obj, m, value)
+                     : PyObject_SetAttr(obj, a->name, value);
+}
 
 #define FAST_SIZE 11 /* the items of a fast path (serve()) */
 
@@ -226,9 +307,9 @@ static PyObject *s_readable, *s_writable, *s_task, *s_fast, *s_ready, *s_deadlin
 
 /* waiter.<flags>[side] = value */
 static int
-set_flag(PyObject *waiter, PyObject *flags_name, long side, PyObject *value)
+set_flag(PyObject *waiter, struct attr *flags_name, long side, PyObject *value)
 {
-    PyObject *flags = PyObject_GetAttr(waiter, flags_name);
+    PyObject *flags = get_attr(waiter, flags_name);
     if (flags == NULL)
         return -1;
     Py_INCREF(value);
@@ -255,8 +336,8 @@ tuple_double(PyObject *t, Py_ssize_t i, double *out)
 static int
 count_moved(PyObject *stats, long side, long long moved)
 {
-    PyObject *name = side == SIDE_CLIENT ? s_from_client : s_to_client;
-    PyObject *count = PyObject_GetAttr(stats, name);
+    struct attr *name = side == SIDE_CLIENT ? &a_from_client : &a_to_client;
+    PyObject *count = get_attr(stats, name);
     if (count == NULL)
         return -1;
     PyObject *more = PyLong_FromLongLong(moved);
@@ -265,7 +346,7 @@ count_moved(PyObject *stats, long side, long long moved)
     Py_XDECREF(more);
     if (sum == NULL)
         return -1;
-    int rc = PyObject_SetAttr(stats, name, sum);
+    int rc = set_attr(stats, name, sum);
     Py_DECREF(sum);
     return rc;
 }
@@ -286,16 +367,16 @@ count_moved(PyObject *stats, long side, long long moved)
 static int
 end_direction(PyObject *waiter, PyObject *fast, long side, long ended, long dst)
 {
-    PyObject *d = PyObject_GetAttr(waiter, side == SIDE_CLIENT ? s_c2u : s_u2c);
+    PyObject *d = get_attr(waiter, side == SIDE_CLIENT ? &a_c2u : &a_u2c);
     if (d == NULL)
         return -1;
-    int rc = PyObject_SetAttr(d, s_done, Py_True);
+    int rc = set_attr(d, &a_done, Py_True);
     Py_DECREF(d);
     if (rc < 0)
         return -1;
     if (ended & (1L << (1 - side)))
         return 0;
-    if (PyObject_SetAttr(waiter, s_first_eof, side == SIDE_CLIENT ? s_client_eof : s_backend_eof) < 0)
+    if (set_attr(waiter, &a_first_eof, side == SIDE_CLIENT ? s_client_eof : s_backend_eof) < 0)
         return -1;
     PyObject *flow = PyTuple_GET_ITEM(fast, 10);
     if (flow != Py_None) {
@@ -306,7 +387,7 @@ end_direction(PyObject *waiter, PyObject *fast, long side, long ended, long dst)
             return -1;
         Py_DECREF(result);
     }
-    if (PyObject_SetAttr(waiter, s_promoting, Py_False) < 0)
+    if (set_attr(waiter, &a_promoting, Py_False) < 0)
         return -1;
     PyObject *next = PyTuple_New(FAST_SIZE);
     if (next == NULL)
@@ -327,9 +408,9 @@ end_direction(PyObject *waiter, PyObject *fast, long side, long ended, long dst)
         }
         PyTuple_SET_ITEM(next, i, item);
     }
-    rc = PyObject_SetAttr(waiter, s_fastpath, next);
+    rc = set_attr(waiter, &a_fastpath, next);
     if (rc == 0)
-        rc = PyObject_SetAttr(waiter, s_fast, next);
+        rc = set_attr(waiter, &a_fast, next);
     Py_DECREF(next);
     if (rc < 0)
         return -1;
@@ -383,9 +464,9 @@ serve(PyObject *waiter, PyObject *fast, long side, long ev, PyObject *clock)
     if (promoting) {
         /* As _step: stop at the chunk that reaches the promotion's byte count. */
         long long counts[2];
-        PyObject *names[2] = {s_from_client, s_to_client};
+        struct attr *names[2] = {&a_from_client, &a_to_client};
         for (int i = 0; i < 2; i++) {
-            PyObject *count = PyObject_GetAttr(stats, names[i]);
+            PyObject *count = get_attr(stats, names[i]);
             if (count == NULL)
                 return -1;
             counts[i] = PyLong_AsLongLong(count);
@@ -415,7 +496,7 @@ serve(PyObject *waiter, PyObject *fast, long side, long ev, PyObject *clock)
         if (promoting && (total + r.moved >= promote_bytes || t >= promote_at))
             goto to_python;
         if (idle > 0) {
-            PyObject *deadline = PyObject_GetAttr(waiter, s_deadline);
+            PyObject *deadline = get_attr(waiter, &a_deadline);
             if (deadline == NULL)
                 return -1;
             double d = PyFloat_AsDouble(deadline);
@@ -431,7 +512,7 @@ serve(PyObject *waiter, PyObject *fast, long side, long ev, PyObject *clock)
     if (r.status == END)
         return end_direction(waiter, fast, side, ended, dst);
     PyObject *zero = PyLong_FromLong(0);
-    int rc = set_flag(waiter, s_readable, side, zero);
+    int rc = set_flag(waiter, &a_readable, side, zero);
     Py_DECREF(zero);
     return rc < 0 ? -1 : 1;
 to_python:;
@@ -464,7 +545,7 @@ keep_for_owner(PyObject *waiter)
     PyErr_NormalizeException(&type, &value, &tb);
     if (tb != NULL && value != NULL)
         PyException_SetTraceback(value, tb);
-    int rc = value == NULL ? -1 : PyObject_SetAttr(waiter, s_error, value);
+    int rc = value == NULL ? -1 : set_attr(waiter, &a_error, value);
     Py_XDECREF(type);
     Py_XDECREF(value);
     Py_XDECREF(tb);
@@ -485,21 +566,21 @@ deliver_one(PyObject *owner, long ev, PyObject *reschedule, PyObject *clock)
         return -1;
     if (ev & EV_READ) {
         PyObject *flag = PyLong_FromLong(ev & EV_ENDS ? 2 : 1); /* READABLE[_TO_END] */
-        int rc = set_flag(waiter, s_readable, side, flag);
+        int rc = set_flag(waiter, &a_readable, side, flag);
         Py_DECREF(flag);
         if (rc < 0)
             return -1;
     }
-    if ((ev & EV_WRITE) && set_flag(waiter, s_writable, side, Py_True) < 0)
+    if ((ev & EV_WRITE) && set_flag(waiter, &a_writable, side, Py_True) < 0)
         return -1;
-    PyObject *task = PyObject_GetAttr(waiter, s_task);
+    PyObject *task = get_attr(waiter, &a_task);
     if (task == NULL)
         return -1;
     int served = 1;
     if (task != Py_None) {
         served = 2; /* not decided: waiter.ready() decides */
         if (!(ev & EPOLLERR)) {
-            PyObject *fast = PyObject_GetAttr(waiter, s_fast);
+            PyObject *fast = get_attr(waiter, &a_fast);
             if (fast == NULL)
                 goto fail;
             if (fast != Py_None) {
@@ -519,7 +600,7 @@ deliver_one(PyObject *owner, long ev, PyObject *reschedule, PyObject *clock)
         if (served < 0)
             goto fail;
         if (served == 0) {
-            if (PyObject_SetAttr(waiter, s_task, Py_None) < 0)
+            if (set_attr(waiter, &a_task, Py_None) < 0)
                 goto fail;
             PyObject *result = PyObject_CallOneArg(reschedule, task);
             if (result == NULL)
@@ -532,6 +613,34 @@ deliver_one(PyObject *owner, long ev, PyObject *reschedule, PyObject *clock)
 fail:
     Py_DECREF(task);
     return -1;
+}
+
+/* One event of a wait: to its owner, or into ``theirs`` (made when first needed) for
+ * trio, as ``item`` when it is a tuple already, else as a new (fd, events) one. */
+static int
+deliver_event(PyObject *owners, PyObject *fd, long ev, PyObject *item, PyObject **theirs,
+              PyObject *reschedule, PyObject *clock)
+{
+    PyObject *owner = PyDict_GetItemWithError(owners, fd);
+    if (owner == NULL) {
+        if (PyErr_Occurred())
+            return -1;
+        if (*theirs == NULL && (*theirs = PyList_New(0)) == NULL)
+            return -1;
+        if (item != NULL)
+            return PyList_Append(*theirs, item);
+        PyObject *flags = PyLong_FromLong(ev);
+        PyObject *pair = flags == NULL ? NULL : PyTuple_Pack(2, fd, flags);
+        Py_XDECREF(flags);
+        int rc = pair == NULL ? -1 : PyList_Append(*theirs, pair);
+        Py_XDECREF(pair);
+        return rc;
+    }
+    /* Held: what the waiter runs may forget its descriptor (and the owner). */
+    Py_INCREF(owner);
+    int rc = deliver_one(owner, ev, reschedule, clock);
+    Py_DECREF(owner);
+    return rc;
 }
 
 static PyObject *
@@ -547,45 +656,106 @@ deliver(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "deliver(): owners must be a dict");
         return NULL;
     }
-    PyObject *events = PySequence_Fast(args[3], "deliver(): events must be a sequence");
-    if (events == NULL)
-        return NULL;
     PyObject *theirs = NULL;
-    Py_ssize_t count = PySequence_Fast_GET_SIZE(events);
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *item = PySequence_Fast_GET_ITEM(events, i);
-        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) {
-            PyErr_SetString(PyExc_TypeError, "deliver(): an event is not (fd, events)");
-            goto fail;
+    if (PyBytes_Check(args[3])) {
+        /* wait()'s: packed as the kernel returned them. */
+        const struct epoll_event *evs = (const struct epoll_event *)PyBytes_AS_STRING(args[3]);
+        Py_ssize_t count = PyBytes_GET_SIZE(args[3]) / (Py_ssize_t)sizeof(struct epoll_event);
+        for (Py_ssize_t i = 0; i < count; i++) {
+            PyObject *fd = PyLong_FromLong(evs[i].data.fd);
+            if (fd == NULL)
+                goto fail;
+            int rc = deliver_event(owners, fd, (long)evs[i].events, NULL, &theirs, reschedule, clock);
+            Py_DECREF(fd);
+            if (rc < 0)
+                goto fail;
         }
-        long ev;
-        if (tuple_long(item, 1, &ev) < 0)
-            goto fail;
-        PyObject *owner = PyDict_GetItemWithError(owners, PyTuple_GET_ITEM(item, 0));
-        if (owner == NULL) {
-            if (PyErr_Occurred())
+    } else {
+        PyObject *events = PySequence_Fast(args[3], "deliver(): events must be a sequence");
+        if (events == NULL)
+            return NULL;
+        Py_ssize_t count = PySequence_Fast_GET_SIZE(events);
+        for (Py_ssize_t i = 0; i < count; i++) {
+            PyObject *item = PySequence_Fast_GET_ITEM(events, i);
+            long ev;
+            int rc = -1;
+            if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2)
+                PyErr_SetString(PyExc_TypeError, "deliver(): an event is not (fd, events)");
+            else if (tuple_long(item, 1, &ev) == 0)
+                rc = deliver_event(owners, PyTuple_GET_ITEM(item, 0), ev, item, &theirs, reschedule,
+                                   clock);
+            if (rc < 0) {
+                Py_DECREF(events);
                 goto fail;
-            if (theirs == NULL && (theirs = PyList_New(0)) == NULL)
-                goto fail;
-            if (PyList_Append(theirs, item) < 0)
-                goto fail;
-            continue;
+            }
         }
-        /* Held: what the waiter runs may forget its descriptor (and the owner). */
-        Py_INCREF(owner);
-        int rc = deliver_one(owner, ev, reschedule, clock);
-        Py_DECREF(owner);
-        if (rc < 0)
-            goto fail;
+        Py_DECREF(events);
     }
-    Py_DECREF(events);
     if (theirs == NULL)
         Py_RETURN_NONE;
     return theirs;
 fail:
-    Py_DECREF(events);
     Py_XDECREF(theirs);
     return NULL;
+}
+
+static long long
+monotonic_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static PyObject *
+wait(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "wait() takes 3 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    long epfd, maxevents;
+    if (as_int(args[0], "epfd", 0, &epfd) < 0 || as_int(args[2], "maxevents", 1, &maxevents) < 0)
+        return NULL;
+    double timeout = PyFloat_AsDouble(args[1]);
+    if (timeout == -1.0 && PyErr_Occurred())
+        return NULL;
+    if (isnan(timeout)) {
+        PyErr_SetString(PyExc_ValueError, "wait(): timeout is NaN");
+        return NULL;
+    }
+    /* Rounded up, as epoll.poll rounds it: a wait never ends before its deadline. */
+    long long ms = timeout < 0 ? -1 : timeout * 1e3 >= INT_MAX ? INT_MAX : (long long)ceil(timeout * 1e3);
+    long long deadline = ms > 0 ? monotonic_ms() + ms : 0;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, maxevents * (Py_ssize_t)sizeof(struct epoll_event));
+    if (out == NULL)
+        return NULL;
+    int n;
+    for (;;) {
+        Py_BEGIN_ALLOW_THREADS
+        n = epoll_wait((int)epfd, (struct epoll_event *)PyBytes_AS_STRING(out), (int)maxevents, (int)ms);
+        Py_END_ALLOW_THREADS
+        if (n >= 0 || errno != EINTR)
+            break;
+        /* A signal: its Python handler runs now; the wait goes on for what is left. */
+        if (PyErr_CheckSignals() < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        if (ms > 0) {
+            ms = deadline - monotonic_ms();
+            if (ms < 0)
+                ms = 0;
+        }
+    }
+    if (n < 0) {
+        Py_DECREF(out);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (_PyBytes_Resize(&out, n * (Py_ssize_t)sizeof(struct epoll_event)) < 0)
+        return NULL;
+    return out;
 }
 
 static PyObject *
@@ -604,7 +774,7 @@ serve_first(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_Format(PyExc_ValueError, "serve(): side out of range: %ld", side);
         return NULL;
     }
-    PyObject *fast = PyObject_GetAttr(waiter, s_fast);
+    PyObject *fast = get_attr(waiter, &a_fast);
     if (fast == NULL)
         return NULL;
     int served = fast == Py_None ? 0 : serve(waiter, fast, side, ev, args[3]);
@@ -622,6 +792,9 @@ static PyMethodDef methods[] = {
      "serve(waiter, side, events, clock) -> bool\n"
      "Serve the epoll ``events`` of the copy pair ``waiter``'s side as the delivery would\n"
      "(False: its task has to look; without a fast path, at once)."},
+    {"wait", (PyCFunction)(void (*)(void))wait, METH_FASTCALL,
+     "wait(epfd, timeout, maxevents) -> bytes\n"
+     "epoll.poll(timeout, maxevents) on epfd, the events packed (struct epoll_event) for deliver()."},
     {"deliver", (PyCFunction)(void (*)(void))deliver, METH_FASTCALL,
      "deliver(owners, reschedule, clock, events) -> list | None\n"
      "gateway/relay/poller.py Poller.deliver, with a parked copy pair's plain event served here."},
@@ -646,12 +819,12 @@ exec_module(PyObject *m)
         PyObject **name;
         const char *text;
     } names[] = {
-        {&s_readable, "readable"}, {&s_writable, "writable"}, {&s_task, "task"},
-        {&s_fast, "fast"},         {&s_ready, "ready"},       {&s_error, "error"},
-        {&s_deadline, "deadline"}, {&s_from_client, "bytes_from_client"},
-        {&s_to_client, "bytes_to_client"}, {&s_c2u, "c2u"}, {&s_u2c, "u2c"},
-        {&s_done, "done"}, {&s_first_eof, "first_eof"}, {&s_promoting, "promoting"},
-        {&s_fastpath, "fastpath"}, {&s_add_event, "add_event"},
+        {&a_readable.name, "readable"}, {&a_writable.name, "writable"}, {&a_task.name, "task"},
+        {&a_fast.name, "fast"},         {&s_ready, "ready"},       {&a_error.name, "error"},
+        {&a_deadline.name, "deadline"}, {&a_from_client.name, "bytes_from_client"},
+        {&a_to_client.name, "bytes_to_client"}, {&a_c2u.name, "c2u"}, {&a_u2c.name, "u2c"},
+        {&a_done.name, "done"}, {&a_first_eof.name, "first_eof"}, {&a_promoting.name, "promoting"},
+        {&a_fastpath.name, "fastpath"}, {&s_add_event, "add_event"},
         {&s_half_closed, "half_closed"}, {&s_client, "client"}, {&s_backend, "backend"},
         {&s_client_eof, "client_eof"}, {&s_backend_eof, "backend_eof"},
     };

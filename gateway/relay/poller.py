@@ -57,8 +57,12 @@ Rules kept here:
    nothing) an event's bytes are moved there, and a direction ended, with no Python
    call (gateway/relay/copy.py rule 8). The interpreter's part of a kept-alive
    request through the copy tier was four calls and about a hundred bytecodes around
-   one read and one write (bench/README.md, "The delivery compiled"). :data:`COMPILED`
-   says which delivery a new poller takes.
+   one read and one write (bench/README.md, "The delivery compiled"). There, trio's
+   wait (rule 4) is ``_copystep.wait``: the events come packed as the kernel returns
+   them, and only the ones left to trio become (fd, events) tuples; the owners'
+   attributes are read and written by slot ("Attributes by slot, events packed": a
+   fifth of a kept-alive request's instructions). :data:`COMPILED` says which
+   delivery a new poller takes.
 """
 
 from __future__ import annotations
@@ -153,7 +157,9 @@ class Poller:
         if self.compiled:
             # Rule 6: the same delivery, in C, bound to this poller's owners.
             self._deliver = partial(_copystep.deliver, self._owners, self._reschedule, perf_counter)
-        trios = share_epoll(self._deliver, _BATCH) if merge else None
+        # Compiled, trio's wait hands the events over packed (_copystep.wait).
+        wait = _copystep.wait if self.compiled else None
+        trios = share_epoll(self._deliver, _BATCH, wait) if merge else None
         self.merged = trios is not None
         """Whether the relays' sockets are in trio's own epoll set (rule 4)."""
         self._epoll = trios if trios is not None else select.epoll()

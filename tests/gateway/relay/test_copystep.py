@@ -1,7 +1,8 @@
 """The compiled copy loop (gateway/relay/_copystep.c) on real sockets: every way it
 stops, the bytes it moves and the ones it leaves, and its argument checks; and the
 compiled delivery: the owners' flags, who it wakes, what it hands back, and a copy
-pair's fast path (what it moves itself and what it hands to Python)."""
+pair's fast path (what it moves itself and what it hands to Python); the owners'
+attributes read by slot and the epoll wait whose events it takes packed."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import errno
 import fcntl
 import math
 import select
+import signal
 import socket
 import struct
 import termios
@@ -521,3 +523,111 @@ def test_serve_is_the_delivery_for_one_event_called_by_the_pairs_task(pairs):
         step.serve(owner, CLIENT, IN, time.perf_counter)
     with pytest.raises(ValueError):
         step.serve(owner, 2, IN, time.perf_counter)
+
+
+_EPOLL_EVENT = struct.Struct("=IQ")
+"""struct epoll_event as x86-64's kernel packs it: events, then the data (the fd)."""
+
+
+def _unpack(events: bytes) -> list[tuple[int, int]]:
+    return [(data & 0xFFFFFFFF, ev) for ev, data in _EPOLL_EVENT.iter_unpack(events)]
+
+
+def test_wait_returns_what_epoll_poll_would_packed_and_deliver_takes_it(pairs):
+    src_peer, src, dst, dst_peer = pairs
+    epoll = select.epoll()
+    try:
+        for sock in (src, dst):
+            epoll.register(sock.fileno(), IN | select.EPOLLET)
+        assert step.wait(epoll.fileno(), 0, 8) == b""  # nothing ready: false, as trio reads it
+        _feed(src_peer, b"ping")
+        _feed(dst_peer, b"pong")
+        _settle(src, 4)
+        _settle(dst, 4)
+        events = step.wait(epoll.fileno(), 5.0, 8)
+        assert sorted(_unpack(events)) == sorted([(src.fileno(), IN), (dst.fileno(), IN)])
+        owner = _Owner(parked=True)
+        theirs, woken = _deliver({src.fileno(): (owner, CLIENT)}, events)
+        assert theirs == [(dst.fileno(), IN)]  # as tuples, for trio
+        assert owner.readable[CLIENT] == 1 and owner.calls == [("ready",)] and woken == []
+        assert step.wait(epoll.fileno(), 0, 8) == b""  # edge-triggered: both taken
+    finally:
+        epoll.close()
+
+
+def test_wait_waits_its_whole_timeout_through_a_signal_and_raises_a_handlers_error():
+    """As epoll.poll: a signal runs its handler and the wait goes on for what is left (trio
+    reads an empty answer as "the wait timed out"); a handler that raises ends it."""
+    heard: list[int] = []
+    before = signal.signal(signal.SIGALRM, lambda signum, frame: heard.append(signum))
+    epoll = select.epoll()
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        start = time.monotonic()
+        assert step.wait(epoll.fileno(), 0.3, 4) == b""
+        assert heard == [signal.SIGALRM] and time.monotonic() - start >= 0.3
+
+        def fail(signum, frame):  # type: ignore[no-untyped-def]
+            raise KeyError("from the handler")
+
+        signal.signal(signal.SIGALRM, fail)
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(KeyError, match="from the handler"):
+            step.wait(epoll.fileno(), 5.0, 4)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+        epoll.close()
+
+
+@pytest.mark.parametrize(
+    ("timeout", "maxevents", "error"),
+    [(math.nan, 4, ValueError), (0.0, 0, ValueError), ("soon", 4, TypeError)],
+)
+def test_wait_bad_arguments_are_errors_not_crashes(timeout, maxevents, error):
+    epoll = select.epoll()
+    try:
+        with pytest.raises(error):
+            step.wait(epoll.fileno(), timeout, maxevents)
+    finally:
+        epoll.close()
+    with socket.socket() as not_epoll, pytest.raises(OSError) as raised:
+        step.wait(not_epoll.fileno(), 0.0, 4)
+    assert raised.value.errno == errno.EINVAL
+
+
+class _Counted(RelayStats):
+    __slots__ = ()
+
+
+def test_an_attribute_read_by_slot_follows_its_class_when_the_class_changes(pairs):
+    """The delivery reads and writes a waiter's slots directly once it found them for
+    its type; a class changed after that (here a property over the stats' count) is
+    looked at again, and an attribute that is no slot takes Python's own path."""
+    src_peer, src, dst, dst_peer = pairs
+    stats, owner = _Counted(), _Owner(parked=True)
+    owner.fast = _fast(src, dst, stats)
+    owners = {src.fileno(): (owner, CLIENT)}
+    for data in (b"first", b"second"):
+        _feed(src_peer, data)
+        _settle(src, len(data))
+        _deliver(owners, [(src.fileno(), IN)])
+    assert stats.bytes_from_client == len(b"firstsecond")
+    seen: list[int] = []
+    _Counted.bytes_from_client = property(  # type: ignore[assignment]
+        lambda self: sum(seen), lambda self, value: seen.append(value - sum(seen))
+    )
+    try:
+        _feed(src_peer, b"third")
+        _settle(src, 5)
+        _deliver(owners, [(src.fileno(), IN)])
+        assert seen == [5] and owner.calls == []
+    finally:
+        del _Counted.bytes_from_client
+    assert stats.bytes_from_client == len(b"firstsecond")  # the slot, untouched meanwhile
+    assert _drain_all(dst_peer, len(b"firstsecondthird")) == b"firstsecondthird"
+
+
+def _drain_all(sock: socket.socket, n: int) -> bytes:
+    _settle(sock, n)
+    return _drain(sock)
