@@ -35,8 +35,9 @@ gateway/relay/poller.py rule 4) register them in the epoll set trio's loop waits
 and have their events first, in the same pass of the loop: trio's I/O manager gets a
 class of its own whose ``process_events`` hands the owner the events and trio what the
 owner leaves, and whose ``get_events`` asks for a batch the size of the owner's too
-(trio sizes it by its own waits), through the owner's own wait where it has one (the
-compiled delivery's returns the events packed, not a tuple each). :func:`unshare_epoll`
+(trio sizes it by its own waits); or whose wait is the owner's, which delivers as it
+waits (the compiled delivery's: events taken packed, not a tuple each, and served
+without trio's loop coming round when no Python had to run). :func:`unshare_epoll`
 gives the class back. Where
 trio's I/O manager is not trio 0.35's ``EpollIOManager``, nothing is shared.
 """
@@ -178,21 +179,22 @@ def run_spawn() -> Spawn:
 
 
 def share_epoll(
-    deliver: Callable[[Any], Events | None],
+    deliver: Callable[[Events], Events | None],
     batch: int,
-    wait: Callable[[int, float, int], object] | None = None,
+    wait: Callable[[int, float, int], Events | bool] | None = None,
 ) -> select.epoll | None:
     """Call inside ``trio.run``: trio's epoll set, whose events ``deliver`` gets first
     from now on (returning the ones it does not own, or None), with ``batch`` more
     events asked of each wait; None where trio's loop is not the one known here.
 
-    ``wait(epfd, timeout, maxevents)`` is trio's wait when given, in place of
-    ``epoll.poll(timeout, maxevents)``: what it returns goes to ``deliver`` as it is,
-    and is false when nothing came (trio reads that as "the wait timed out"). The
-    compiled delivery's (gateway/relay/_copystep.c ``wait``) returns the events packed,
-    not a tuple each.
+    ``wait(epfd, timeout, maxevents)``, when given, is trio's wait and the delivery in
+    one (the compiled delivery's, gateway/relay/_copystep.c ``wait``): it returns
+    trio's events (empty: the timeout passed), or True when only the owner's came,
+    and ``deliver`` is not called. Not in guest mode, where trio waits in a thread of
+    its own and the delivery must run in the run's thread.
     """
-    io = getattr(getattr(_run.GLOBAL_RUN_CONTEXT, "runner", None), "io_manager", None)
+    runner = getattr(_run.GLOBAL_RUN_CONTEXT, "runner", None)
+    io = getattr(runner, "io_manager", None)
     base: Any = _TrioEpoll
     if base is None:
         return None
@@ -201,10 +203,15 @@ def share_epoll(
     if type(io) is not base or not isinstance(epoll, select.epoll):
         return None
 
-    if wait is None:
+    if wait is None or getattr(runner, "is_guest", True):
 
         def get_events(self: Any, timeout: float) -> Any:
             return epoll.poll(timeout, batch + len(self._registered))
+
+        def process_events(self: Any, events: Any) -> None:
+            theirs = deliver(events)
+            if theirs is not None:
+                process(self, theirs)
 
     else:
         epfd = epoll.fileno()
@@ -212,10 +219,9 @@ def share_epoll(
         def get_events(self: Any, timeout: float) -> Any:
             return wait(epfd, timeout, batch + len(self._registered))
 
-    def process_events(self: Any, events: Any) -> None:
-        theirs = deliver(events)
-        if theirs is not None:
-            process(self, theirs)
+        def process_events(self: Any, events: Any) -> None:
+            if events is not True:
+                process(self, events)
 
     io.__class__ = type(
         "EpollIOManager",

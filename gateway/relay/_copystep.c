@@ -37,8 +37,7 @@
  * deliver(owners, reschedule, clock, events) -> list | None
  *
  *   Poller.deliver (gateway/relay/poller.py) as it is, for trio's epoll events
- *   ``events`` ((fd, events) pairs, or wait()'s bytes): ``owners`` maps a descriptor
- *   to (waiter, side); the events of
+ *   ``events``: ``owners`` maps a descriptor to (waiter, side); the events of
  *   descriptors it does not own come back, in order (None when there are none);
  *   ``reschedule`` wakes a parked waiter that ``waiter.ready()`` did not serve.
  *   A parked waiter with a ``fast`` path (a copy pair's: serve() below) has an
@@ -47,15 +46,17 @@
  *   the pair has an idle timeout. An error met serving it becomes ``waiter.error``
  *   and the waiter is woken.
  *
- * wait(epfd, timeout, maxevents) -> bytes
+ * wait(owners, reschedule, clock, epfd, timeout, maxevents) -> list | True
  *
- *   epoll.poll(timeout, maxevents) on the epoll set ``epfd`` (gateway/runloop.py
- *   share_epoll: trio's own wait), its events packed as the kernel returns them
- *   (struct epoll_event, ``data`` the descriptor) rather than a tuple each: deliver()
- *   reads them as they are and makes tuples only of the ones it leaves to trio.
- *   ``timeout`` in seconds (< 0: none), waited in full across signals as
- *   epoll.poll does (a handler that raises ends it with its exception); empty bytes
- *   when nothing came.
+ *   trio's wait on its epoll set ``epfd`` and deliver() in one (gateway/runloop.py
+ *   share_epoll): epoll.poll(timeout, maxevents) with the events of the descriptors
+ *   in ``owners`` delivered as they come, packed as the kernel returns them (no tuple
+ *   each). Returns trio's events ((fd, events) pairs; empty when the whole timeout
+ *   passed), or True when only owned events came and trio's loop has to look anyway
+ *   (a task woken, Python code run, a signal's handler run, or a timeout of 0). Owned
+ *   events served with no call into Python leave nothing for trio's loop to do: it
+ *   waits on for the rest of the timeout itself, where trio's loop would have come
+ *   round (about 120 bytecodes a time) to wait again.
  *
  * serve(waiter, side, events, clock) -> bool
  *
@@ -229,11 +230,16 @@ move(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *s_ready, *s_add_event, *s_half_closed, *s_client, *s_backend, *s_client_eof,
     *s_backend_eof, *s_by_kwnames;
 
+/* Set where the delivery calls back into Python (a waiter's ready(), a wakeup, a span
+ * event, an error kept): wait() goes on waiting in place of trio's loop only after
+ * events served with none of that, which cannot have changed what trio waits for. */
+static int python_ran;
+
 /* The waiters' attributes by slot. Each attribute the delivery reads or writes is a
  * ``__slots__`` entry of copy.py's and poller.py's classes (and RelayStats'): read
  * through PyObject_GetAttr each cost a type lookup and a descriptor call, about 125
  * instructions, up to 14 of them per kept-alive request (bench/README.md, "Attributes
- * by slot, events packed"). Here an attribute's slot, once found for a type, is read
+ * by slot, trio's wait compiled"). Here an attribute's slot, once found for a type, is read
  * and written at once while the type is unchanged (its version tag, which Python
  * resets when a class or a base changes); two types are remembered per attribute (a
  * pair's two directions are of two classes). An attribute that is not a plain
@@ -380,6 +386,7 @@ end_direction(PyObject *waiter, PyObject *fast, long side, long ended, long dst)
         return -1;
     PyObject *flow = PyTuple_GET_ITEM(fast, 10);
     if (flow != Py_None) {
+        python_ran = 1;
         PyObject *args[3] = {flow, s_half_closed, side == SIDE_CLIENT ? s_client : s_backend};
         PyObject *result = PyObject_VectorcallMethod(
             s_add_event, args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, s_by_kwnames);
@@ -523,6 +530,7 @@ to_python:;
         if ((args[i + 1] = PyLong_FromLongLong(values[i])) == NULL)
             ok = 0;
     PyObject *result = NULL;
+    python_ran = 1;
     if (ok)
         result = PyObject_VectorcallMethod(s_ready, args, 7 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
     for (int i = 1; i < 7; i++)
@@ -541,6 +549,7 @@ static int
 keep_for_owner(PyObject *waiter)
 {
     PyObject *type, *value, *tb;
+    python_ran = 1;
     PyErr_Fetch(&type, &value, &tb);
     PyErr_NormalizeException(&type, &value, &tb);
     if (tb != NULL && value != NULL)
@@ -591,6 +600,7 @@ deliver_one(PyObject *owner, long ev, PyObject *reschedule, PyObject *clock)
             Py_DECREF(fast);
         }
         if (served == 2) {
+            python_ran = 1;
             PyObject *result = PyObject_CallMethodNoArgs(waiter, s_ready);
             if (result == NULL)
                 goto fail;
@@ -600,6 +610,7 @@ deliver_one(PyObject *owner, long ev, PyObject *reschedule, PyObject *clock)
         if (served < 0)
             goto fail;
         if (served == 0) {
+            python_ran = 1;
             if (set_attr(waiter, &a_task, Py_None) < 0)
                 goto fail;
             PyObject *result = PyObject_CallOneArg(reschedule, task);
@@ -657,40 +668,25 @@ deliver(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *theirs = NULL;
-    if (PyBytes_Check(args[3])) {
-        /* wait()'s: packed as the kernel returned them. */
-        const struct epoll_event *evs = (const struct epoll_event *)PyBytes_AS_STRING(args[3]);
-        Py_ssize_t count = PyBytes_GET_SIZE(args[3]) / (Py_ssize_t)sizeof(struct epoll_event);
-        for (Py_ssize_t i = 0; i < count; i++) {
-            PyObject *fd = PyLong_FromLong(evs[i].data.fd);
-            if (fd == NULL)
-                goto fail;
-            int rc = deliver_event(owners, fd, (long)evs[i].events, NULL, &theirs, reschedule, clock);
-            Py_DECREF(fd);
-            if (rc < 0)
-                goto fail;
+    PyObject *events = PySequence_Fast(args[3], "deliver(): events must be a sequence");
+    if (events == NULL)
+        return NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(events);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(events, i);
+        long ev;
+        int rc = -1;
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2)
+            PyErr_SetString(PyExc_TypeError, "deliver(): an event is not (fd, events)");
+        else if (tuple_long(item, 1, &ev) == 0)
+            rc = deliver_event(owners, PyTuple_GET_ITEM(item, 0), ev, item, &theirs, reschedule,
+                               clock);
+        if (rc < 0) {
+            Py_DECREF(events);
+            goto fail;
         }
-    } else {
-        PyObject *events = PySequence_Fast(args[3], "deliver(): events must be a sequence");
-        if (events == NULL)
-            return NULL;
-        Py_ssize_t count = PySequence_Fast_GET_SIZE(events);
-        for (Py_ssize_t i = 0; i < count; i++) {
-            PyObject *item = PySequence_Fast_GET_ITEM(events, i);
-            long ev;
-            int rc = -1;
-            if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2)
-                PyErr_SetString(PyExc_TypeError, "deliver(): an event is not (fd, events)");
-            else if (tuple_long(item, 1, &ev) == 0)
-                rc = deliver_event(owners, PyTuple_GET_ITEM(item, 0), ev, item, &theirs, reschedule,
-                                   clock);
-            if (rc < 0) {
-                Py_DECREF(events);
-                goto fail;
-            }
-        }
-        Py_DECREF(events);
     }
+    Py_DECREF(events);
     if (theirs == NULL)
         Py_RETURN_NONE;
     return theirs;
@@ -711,14 +707,19 @@ static PyObject *
 wait(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 3) {
-        PyErr_Format(PyExc_TypeError, "wait() takes 3 arguments (%zd given)", nargs);
+    if (nargs != 6) {
+        PyErr_Format(PyExc_TypeError, "wait() takes 6 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *owners = args[0], *reschedule = args[1], *clock = args[2];
+    if (!PyDict_Check(owners)) {
+        PyErr_SetString(PyExc_TypeError, "wait(): owners must be a dict");
         return NULL;
     }
     long epfd, maxevents;
-    if (as_int(args[0], "epfd", 0, &epfd) < 0 || as_int(args[2], "maxevents", 1, &maxevents) < 0)
+    if (as_int(args[3], "epfd", 0, &epfd) < 0 || as_int(args[5], "maxevents", 1, &maxevents) < 0)
         return NULL;
-    double timeout = PyFloat_AsDouble(args[1]);
+    double timeout = PyFloat_AsDouble(args[4]);
     if (timeout == -1.0 && PyErr_Occurred())
         return NULL;
     if (isnan(timeout)) {
@@ -726,35 +727,70 @@ wait(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     /* Rounded up, as epoll.poll rounds it: a wait never ends before its deadline. */
-    long long ms = timeout < 0 ? -1 : timeout * 1e3 >= INT_MAX ? INT_MAX : (long long)ceil(timeout * 1e3);
+    long long ms = timeout < 0                 ? -1
+                   : timeout * 1e3 >= INT_MAX ? INT_MAX
+                                               : (long long)ceil(timeout * 1e3);
     long long deadline = ms > 0 ? monotonic_ms() + ms : 0;
-    PyObject *out = PyBytes_FromStringAndSize(NULL, maxevents * (Py_ssize_t)sizeof(struct epoll_event));
-    if (out == NULL)
-        return NULL;
-    int n;
+    struct epoll_event *evs = PyMem_New(struct epoll_event, (size_t)maxevents);
+    if (evs == NULL)
+        return PyErr_NoMemory();
+    PyObject *out = NULL;
     for (;;) {
+        int n;
         Py_BEGIN_ALLOW_THREADS
-        n = epoll_wait((int)epfd, (struct epoll_event *)PyBytes_AS_STRING(out), (int)maxevents, (int)ms);
+        n = epoll_wait((int)epfd, evs, (int)maxevents, (int)ms);
         Py_END_ALLOW_THREADS
-        if (n >= 0 || errno != EINTR)
+        if (n < 0) {
+            if (errno != EINTR) {
+                PyErr_SetFromErrno(PyExc_OSError);
+                break;
+            }
+            /* A signal: its Python handler runs now, and trio's loop looks again. */
+            if (PyErr_CheckSignals() == 0)
+                out = Py_NewRef(Py_True);
             break;
-        /* A signal: its Python handler runs now; the wait goes on for what is left. */
-        if (PyErr_CheckSignals() < 0) {
-            Py_DECREF(out);
-            return NULL;
         }
+        if (n == 0) {
+            out = PyList_New(0); /* the whole timeout passed */
+            break;
+        }
+        PyObject *theirs = NULL;
+        python_ran = 0;
+        int rc = 0;
+        for (int i = 0; i < n && rc == 0; i++) {
+            PyObject *fd = PyLong_FromLong(evs[i].data.fd);
+            rc = fd == NULL ? -1
+                            : deliver_event(owners, fd, (long)evs[i].events, NULL, &theirs,
+                                            reschedule, clock);
+            Py_XDECREF(fd);
+        }
+        if (rc < 0) {
+            Py_XDECREF(theirs);
+            break;
+        }
+        if (theirs != NULL) {
+            out = theirs;
+            break;
+        }
+        if (python_ran || ms == 0) {
+            /* Served, nothing of trio's, but trio's loop has to look (a task woken, or
+             * code run that may have changed its deadlines; or it only asked for a
+             * poll): "events came", not "the wait timed out". */
+            out = Py_NewRef(Py_True);
+            break;
+        }
+        /* Every event was a relay's and served here with no Python: nothing trio
+         * waits for changed, so wait on for the rest of its timeout, where its loop
+         * would have come round to wait again. */
         if (ms > 0) {
             ms = deadline - monotonic_ms();
-            if (ms < 0)
-                ms = 0;
+            if (ms <= 0) {
+                out = PyList_New(0);
+                break;
+            }
         }
     }
-    if (n < 0) {
-        Py_DECREF(out);
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    if (_PyBytes_Resize(&out, n * (Py_ssize_t)sizeof(struct epoll_event)) < 0)
-        return NULL;
+    PyMem_Free(evs);
     return out;
 }
 
@@ -793,8 +829,9 @@ static PyMethodDef methods[] = {
      "Serve the epoll ``events`` of the copy pair ``waiter``'s side as the delivery would\n"
      "(False: its task has to look; without a fast path, at once)."},
     {"wait", (PyCFunction)(void (*)(void))wait, METH_FASTCALL,
-     "wait(epfd, timeout, maxevents) -> bytes\n"
-     "epoll.poll(timeout, maxevents) on epfd, the events packed (struct epoll_event) for deliver()."},
+     "wait(owners, reschedule, clock, epfd, timeout, maxevents) -> list | True\n"
+     "epoll.poll(timeout, maxevents) on epfd with deliver() of the owned events; trio's events,\n"
+     "or True when only owned ones came and trio's loop has to look."},
     {"deliver", (PyCFunction)(void (*)(void))deliver, METH_FASTCALL,
      "deliver(owners, reschedule, clock, events) -> list | None\n"
      "gateway/relay/poller.py Poller.deliver, with a parked copy pair's plain event served here."},

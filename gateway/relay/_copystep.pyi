@@ -20,11 +20,19 @@ def move(
     scratch: Buffer, src: int, dst: int, budget: int, stop_short: bool, limit: int, /
 ) -> tuple[int, int, int, int, int]: ...
 def serve(waiter: Any, side: int, events: int, clock: Callable[[], float], /) -> bool: ...
-def wait(epfd: int, timeout: float, maxevents: int, /) -> bytes: ...
+def wait(
+    owners: dict[int, tuple[Any, int]],
+    reschedule: Callable[[Any], object],
+    clock: Callable[[], float],
+    epfd: int,
+    timeout: float,
+    maxevents: int,
+    /,
+) -> list[tuple[int, int]] | bool: ...
 def deliver(
     owners: dict[int, tuple[Any, int]],
     reschedule: Callable[[Any], object],
     clock: Callable[[], float],
-    events: Sequence[tuple[int, int]] | bytes,
+    events: Sequence[tuple[int, int]],
     /,
 ) -> list[tuple[int, int]] | None: ...

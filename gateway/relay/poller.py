@@ -58,11 +58,13 @@ Rules kept here:
    call (gateway/relay/copy.py rule 8). The interpreter's part of a kept-alive
    request through the copy tier was four calls and about a hundred bytecodes around
    one read and one write (bench/README.md, "The delivery compiled"). There, trio's
-   wait (rule 4) is ``_copystep.wait``: the events come packed as the kernel returns
-   them, and only the ones left to trio become (fd, events) tuples; the owners'
-   attributes are read and written by slot ("Attributes by slot, events packed": a
-   fifth of a kept-alive request's instructions). :data:`COMPILED` says which
-   delivery a new poller takes.
+   wait (rule 4) is ``_copystep.wait``, which delivers as it waits: the events come
+   packed as the kernel returns them, only the ones left to trio become (fd, events)
+   tuples, and when every event was served with no call into Python it waits again
+   itself for the rest of trio's timeout, where trio's loop would have come round to
+   do it (nothing it waits for can have changed). The owners' attributes are read and
+   written by slot (bench/README.md, "Attributes by slot, trio's wait compiled").
+   :data:`COMPILED` says which delivery a new poller takes.
 """
 
 from __future__ import annotations
@@ -157,8 +159,12 @@ class Poller:
         if self.compiled:
             # Rule 6: the same delivery, in C, bound to this poller's owners.
             self._deliver = partial(_copystep.deliver, self._owners, self._reschedule, perf_counter)
-        # Compiled, trio's wait hands the events over packed (_copystep.wait).
-        wait = _copystep.wait if self.compiled else None
+        # Compiled, trio's wait is the delivery's too (rule 6: _copystep.wait).
+        wait = (
+            partial(_copystep.wait, self._owners, self._reschedule, perf_counter)
+            if self.compiled
+            else None
+        )
         trios = share_epoll(self._deliver, _BATCH, wait) if merge else None
         self.merged = trios is not None
         """Whether the relays' sockets are in trio's own epoll set (rule 4)."""

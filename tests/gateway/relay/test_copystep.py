@@ -2,7 +2,7 @@
 stops, the bytes it moves and the ones it leaves, and its argument checks; and the
 compiled delivery: the owners' flags, who it wakes, what it hands back, and a copy
 pair's fast path (what it moves itself and what it hands to Python); the owners'
-attributes read by slot and the epoll wait whose events it takes packed."""
+attributes read by slot, and trio's wait that delivers as it waits."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import signal
 import socket
 import struct
 import termios
+import threading
 import time
 
 import pytest
@@ -525,47 +526,87 @@ def test_serve_is_the_delivery_for_one_event_called_by_the_pairs_task(pairs):
         step.serve(owner, 2, IN, time.perf_counter)
 
 
-_EPOLL_EVENT = struct.Struct("=IQ")
-"""struct epoll_event as x86-64's kernel packs it: events, then the data (the fd)."""
+def _wait(owners, epoll, timeout, woken=None):  # type: ignore[no-untyped-def]
+    woken = [] if woken is None else woken
+    return step.wait(owners, woken.append, time.perf_counter, epoll.fileno(), timeout, 8)
 
 
-def _unpack(events: bytes) -> list[tuple[int, int]]:
-    return [(data & 0xFFFFFFFF, ev) for ev, data in _EPOLL_EVENT.iter_unpack(events)]
+@pytest.fixture
+def epoll():
+    ep = select.epoll()
+    yield ep
+    ep.close()
 
 
-def test_wait_returns_what_epoll_poll_would_packed_and_deliver_takes_it(pairs):
+def test_wait_delivers_the_owned_events_and_returns_trios(pairs, epoll):
     src_peer, src, dst, dst_peer = pairs
-    epoll = select.epoll()
-    try:
-        for sock in (src, dst):
-            epoll.register(sock.fileno(), IN | select.EPOLLET)
-        assert step.wait(epoll.fileno(), 0, 8) == b""  # nothing ready: false, as trio reads it
-        _feed(src_peer, b"ping")
-        _feed(dst_peer, b"pong")
-        _settle(src, 4)
-        _settle(dst, 4)
-        events = step.wait(epoll.fileno(), 5.0, 8)
-        assert sorted(_unpack(events)) == sorted([(src.fileno(), IN), (dst.fileno(), IN)])
-        owner = _Owner(parked=True)
-        theirs, woken = _deliver({src.fileno(): (owner, CLIENT)}, events)
-        assert theirs == [(dst.fileno(), IN)]  # as tuples, for trio
-        assert owner.readable[CLIENT] == 1 and owner.calls == [("ready",)] and woken == []
-        assert step.wait(epoll.fileno(), 0, 8) == b""  # edge-triggered: both taken
-    finally:
-        epoll.close()
+    for sock in (src, dst):
+        epoll.register(sock.fileno(), IN | select.EPOLLET)
+    owner = _Owner(parked=True)
+    owners = {src.fileno(): (owner, CLIENT)}
+    assert _wait(owners, epoll, 0) == []  # nothing came: false, as trio reads it
+    _feed(src_peer, b"ping")
+    _feed(dst_peer, b"pong")
+    _settle(src, 4)
+    _settle(dst, 4)
+    woken: list[object] = []
+    assert _wait(owners, epoll, 5.0, woken) == [(dst.fileno(), IN)]  # trio's, as a tuple
+    assert owner.readable[CLIENT] == 1 and owner.calls == [("ready",)] and woken == []
+    # Owned events only, and Python ran (ready): trio's loop has to look.
+    _feed(src_peer, b"again")
+    _settle(src, 5)
+    assert _wait(owners, epoll, 5.0) is True
+    assert owner.calls == [("ready",), ("ready",)]
 
 
-def test_wait_waits_its_whole_timeout_through_a_signal_and_raises_a_handlers_error():
-    """As epoll.poll: a signal runs its handler and the wait goes on for what is left (trio
-    reads an empty answer as "the wait timed out"); a handler that raises ends it."""
+def test_wait_serves_a_fast_pair_and_waits_on_for_trios_events(pairs, epoll):
+    """Events served with no call into Python change nothing trio waits for: the wait
+    goes on for the rest of its timeout, and ends with trio's first event, or empty
+    once the timeout passed; a poll (timeout 0) returns True after serving."""
+    src_peer, src, dst, dst_peer = pairs
+    trios_peer, trios = socket.socketpair()
+    with trios_peer, trios:
+        for fd in (src.fileno(), trios.fileno()):
+            epoll.register(fd, IN | select.EPOLLET)
+        stats, owner = RelayStats(), _Owner(parked=True)
+        owner.fast = _fast(src, dst, stats, idle=30.0)
+        owners = {src.fileno(): (owner, CLIENT)}
+        sent = bytearray()
+
+        def feed_then_trio() -> None:
+            for i in range(3):
+                chunk = payload(1000, i)
+                sent.extend(chunk)
+                _feed(src_peer, chunk)
+                time.sleep(0.05)
+            trios_peer.send(b"t")
+
+        feeder = threading.Thread(target=feed_then_trio)
+        feeder.start()
+        try:
+            assert _wait(owners, epoll, 10.0) == [(trios.fileno(), IN)]
+        finally:
+            feeder.join()
+        assert owner.calls == [] and stats.bytes_from_client == len(sent) == 3000
+        assert _drain_all(dst_peer, len(sent)) == bytes(sent)
+        _feed(src_peer, b"x")
+        _settle(src, 1)
+        start = time.monotonic()
+        assert _wait(owners, epoll, 0.2) == []  # served, then the timeout passed
+        assert time.monotonic() - start >= 0.2 and stats.bytes_from_client == 3001
+        _feed(src_peer, b"y")
+        _settle(src, 1)
+        assert _wait(owners, epoll, 0) is True and stats.bytes_from_client == 3002
+
+
+def test_wait_ends_at_a_signal_and_raises_a_handlers_error(epoll):
+    """A signal runs its Python handler, and trio's loop looks again (True); a handler
+    that raises ends the wait with its error."""
     heard: list[int] = []
     before = signal.signal(signal.SIGALRM, lambda signum, frame: heard.append(signum))
-    epoll = select.epoll()
     try:
         signal.setitimer(signal.ITIMER_REAL, 0.05)
-        start = time.monotonic()
-        assert step.wait(epoll.fileno(), 0.3, 4) == b""
-        assert heard == [signal.SIGALRM] and time.monotonic() - start >= 0.3
+        assert _wait({}, epoll, 5.0) is True and heard == [signal.SIGALRM]
 
         def fail(signum, frame):  # type: ignore[no-untyped-def]
             raise KeyError("from the handler")
@@ -573,26 +614,23 @@ def test_wait_waits_its_whole_timeout_through_a_signal_and_raises_a_handlers_err
         signal.signal(signal.SIGALRM, fail)
         signal.setitimer(signal.ITIMER_REAL, 0.05)
         with pytest.raises(KeyError, match="from the handler"):
-            step.wait(epoll.fileno(), 5.0, 4)
+            _wait({}, epoll, 5.0)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, before)
-        epoll.close()
 
 
 @pytest.mark.parametrize(
     ("timeout", "maxevents", "error"),
     [(math.nan, 4, ValueError), (0.0, 0, ValueError), ("soon", 4, TypeError)],
 )
-def test_wait_bad_arguments_are_errors_not_crashes(timeout, maxevents, error):
-    epoll = select.epoll()
-    try:
-        with pytest.raises(error):
-            step.wait(epoll.fileno(), timeout, maxevents)
-    finally:
-        epoll.close()
+def test_wait_bad_arguments_are_errors_not_crashes(timeout, maxevents, error, epoll):
+    with pytest.raises(error):
+        step.wait({}, print, time.perf_counter, epoll.fileno(), timeout, maxevents)
+    with pytest.raises(TypeError):
+        step.wait([], print, time.perf_counter, epoll.fileno(), 0.0, 4)  # owners not a dict
     with socket.socket() as not_epoll, pytest.raises(OSError) as raised:
-        step.wait(not_epoll.fileno(), 0.0, 4)
+        step.wait({}, print, time.perf_counter, not_epoll.fileno(), 0.0, 4)
     assert raised.value.errno == errno.EINVAL
 
 
