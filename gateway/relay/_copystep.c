@@ -781,7 +781,11 @@ wait(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         /* Every event was a relay's and served here with no Python: nothing trio
          * waits for changed, so wait on for the rest of its timeout, where its loop
-         * would have come round to wait again. */
+         * would have come round to wait again. A signal that came meanwhile has its
+         * handler run first, as the loop would have (what a handler asks of trio's
+         * loop comes through its wakeup socket, an event of trio's). */
+        if (PyErr_CheckSignals() < 0)
+            break;
         if (ms > 0) {
             ms = deadline - monotonic_ms();
             if (ms <= 0) {
