@@ -29,6 +29,11 @@ from trio.lowlevel import checkpoint, wait_readable
 from gateway.config import ListenerConfig
 from gateway.linux import IP_TRANSPARENT, IPV6_TRANSPARENT
 
+try:
+    from gateway.relay import _copystep
+except ImportError:  # not built (L4GW_NO_EXT=1): the socket module's accept
+    _copystep = None  # type: ignore[assignment]
+
 log = logging.getLogger("l4gw.listener")
 
 _BACKOFF_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -101,6 +106,28 @@ def _fixed_local_address(config: ListenerConfig, sock: socket.socket) -> tuple[s
     return host, port
 
 
+COMPILED_ACCEPT = _copystep is not None
+"""Whether accept loops started from now on accept with ``_copystep.accept`` (an
+IPv4 or IPv6 listener, the module built); the tests set it False to run the socket
+module's."""
+
+
+def _python_accept(lsock: socket.socket) -> tuple[int, Any] | None:
+    try:
+        fd_peer: tuple[int, Any] = lsock._accept()  # type: ignore[attr-defined]
+    except BlockingIOError:
+        return None
+    return fd_peer
+
+
+def _accepter(family: int) -> tuple[Callable[[socket.socket], tuple[int, Any] | None], int]:
+    """``accept(lsock)``: a waiting connection's (fd, peer), or None when none waits;
+    and the socket type that wraps its fd (with SOCK_NONBLOCK: non-blocking already)."""
+    if COMPILED_ACCEPT and _copystep is not None and family in (socket.AF_INET, socket.AF_INET6):
+        return _copystep.accept, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+    return _python_accept, socket.SOCK_STREAM
+
+
 class Listener:
     """One open listener: its socket, its accept loop, its connection count."""
 
@@ -147,9 +174,14 @@ class Listener:
         resets and records one accepted past ``max_connections``."""
         lsock = self.sock
         # socket.accept() converts the listener's family and type to enums for every
-        # connection it wraps (~1.5 µs); the raw accept and the plain constructor, with
-        # the family read once, make the same syscalls without that.
-        family, raw_accept = int(lsock.family), lsock._accept  # type: ignore[attr-defined]
+        # connection it wraps (~1.5 µs); a raw accept and the plain constructor, with
+        # the family read once, do without that. The compiled one (_copystep.accept)
+        # also makes the connection non-blocking in accept4 itself, where the socket
+        # module's needs an ioctl, writes an IPv4 peer without inet_ntop's sprintf,
+        # and says "none waits" without an exception.
+        family = int(lsock.family)
+        accept, kind = _accepter(family)
+        made_nonblocking = kind != socket.SOCK_STREAM
         accepted = 0
         with self.scope:
             try:
@@ -160,13 +192,7 @@ class Listener:
                         self._slot = slot = trio.Event()
                         await slot.wait()
                     try:
-                        fd, peer = raw_accept()
-                    except BlockingIOError:
-                        try:
-                            await wait_readable(lsock)
-                        except trio.ClosedResourceError:
-                            return
-                        continue
+                        got = accept(lsock)
                     except OSError as exc:
                         if lsock.fileno() == -1:
                             return
@@ -177,8 +203,15 @@ class Listener:
                             await trio.sleep(0.1)
                             continue
                         raise
+                    if got is None:
+                        try:
+                            await wait_readable(lsock)
+                        except trio.ClosedResourceError:
+                            return
+                        continue
+                    fd, peer = got
                     try:
-                        conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+                        conn = socket.socket(family, kind, 0, fd)
                     except OSError:
                         # Wrapping it validates it (getsockname); one that fails has
                         # nothing to serve, and the loop goes on.
@@ -188,7 +221,8 @@ class Listener:
                         refuse(self, conn, peer)
                         continue
                     # TCP_NODELAY comes from the listening socket (open_socket).
-                    conn.setblocking(False)
+                    if not made_nonblocking:
+                        conn.setblocking(False)
                     self.active += 1
                     spawn(self, conn, peer)
                     accepted += 1

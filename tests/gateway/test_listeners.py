@@ -14,6 +14,7 @@ import pytest
 import trio
 import trio.testing
 
+from gateway import listeners
 from gateway.config import ListenerConfig, from_dict
 from gateway.listeners import Listener, open_socket
 
@@ -158,7 +159,8 @@ class Loop:
 
     def connect(self) -> socket.socket:
         # On loopback the handshake completes in the kernel, accepted or not.
-        client = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        host = self.listener.sock.getsockname()[0]
+        client = socket.create_connection((host, self.port), timeout=5)
         self.clients.append(client)
         return client
 
@@ -175,6 +177,17 @@ class Loop:
             self.listener.close()
 
 
+@pytest.fixture(params=["compiled", "python"])
+def accept(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The accept loop's accept both ways: ``_copystep.accept`` and the socket module's."""
+    if request.param == "compiled":
+        if not listeners.COMPILED_ACCEPT:
+            pytest.skip("gateway.relay._copystep is not built")
+    else:
+        monkeypatch.setattr(listeners, "COMPILED_ACCEPT", False)
+    return str(request.param)
+
+
 @pytest.fixture
 async def loops() -> AsyncIterator[list[Loop]]:
     made: list[Loop] = []
@@ -183,9 +196,12 @@ async def loops() -> AsyncIterator[list[Loop]]:
         loop.close()
 
 
-@pytest.mark.parametrize("policy", ["wait", "refuse"])
-async def test_under_the_cap_every_connection_is_spawned(loops: list[Loop], policy: str) -> None:
-    loop = Loop(listener_config(max_connections=3, on_max_connections=policy))
+@pytest.mark.usefixtures(accept.__name__)
+@pytest.mark.parametrize(("policy", "bind"), [("wait", "127.0.0.1:0"), ("refuse", "[::1]:0")])
+async def test_under_the_cap_every_connection_is_spawned(
+    loops: list[Loop], policy: str, bind: str
+) -> None:
+    loop = Loop(listener_config(max_connections=3, on_max_connections=policy, bind=bind))
     loops.append(loop)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:

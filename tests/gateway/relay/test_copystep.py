@@ -2,13 +2,15 @@
 stops, the bytes it moves and the ones it leaves, and its argument checks; and the
 compiled delivery: the owners' flags, who it wakes, what it hands back, and a copy
 pair's fast path (what it moves itself and what it hands to Python); the owners'
-attributes read by slot, and trio's wait that delivers as it waits."""
+attributes read by slot, and trio's wait that delivers as it waits; the accept loop's
+accept."""
 
 from __future__ import annotations
 
 import errno
 import fcntl
 import math
+import os
 import select
 import signal
 import socket
@@ -669,3 +671,29 @@ def test_an_attribute_read_by_slot_follows_its_class_when_the_class_changes(pair
 def _drain_all(sock: socket.socket, n: int) -> bytes:
     _settle(sock, n)
     return _drain(sock)
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_accept_takes_a_connection_non_blocking_with_its_peer_as_the_socket_module_gives_it(
+    family: socket.AddressFamily,
+) -> None:
+    host = "127.0.0.1" if family == socket.AF_INET else "::1"
+    with socket.create_server((host, 0), family=family) as listener:
+        listener.setblocking(False)
+        assert step.accept(listener) is None  # none waits: no exception
+        client = socket.create_connection(listener.getsockname()[:2], timeout=5)
+        with client:
+            assert select.select([listener], [], [], 5)[0]
+            fd, peer = step.accept(listener)
+            with socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK, 0, fd) as conn:
+                assert peer == client.getsockname() == conn.getpeername()
+                assert os.get_blocking(fd) is False and os.get_inheritable(fd) is False
+                assert conn.getblocking() is False and conn.type == socket.SOCK_STREAM
+                client.sendall(b"hello")
+                _settle(conn, 5)
+                assert conn.recv(5) == b"hello"
+    with pytest.raises(OSError) as raised:
+        step.accept(listener)  # closed
+    assert raised.value.errno == errno.EBADF
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, pytest.raises(OSError):
+        step.accept(udp)  # no listener
