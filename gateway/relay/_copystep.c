@@ -711,11 +711,11 @@ fail:
 }
 
 static long long
-monotonic_ms(void)
+monotonic_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    return (long long)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
 static PyObject *
@@ -745,7 +745,7 @@ wait(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     long long ms = timeout < 0                 ? -1
                    : timeout * 1e3 >= INT_MAX ? INT_MAX
                                                : (long long)ceil(timeout * 1e3);
-    long long deadline = ms > 0 ? monotonic_ms() + ms : 0;
+    long long deadline = ms > 0 ? monotonic_ns() + ms * 1000000 : 0;
     struct epoll_event *evs = PyMem_New(struct epoll_event, (size_t)maxevents);
     if (evs == NULL)
         return PyErr_NoMemory();
@@ -802,11 +802,12 @@ wait(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (PyErr_CheckSignals() < 0)
             break;
         if (ms > 0) {
-            ms = deadline - monotonic_ms();
-            if (ms <= 0) {
+            long long left = deadline - monotonic_ns();
+            if (left <= 0) {
                 out = PyList_New(0);
                 break;
             }
+            ms = (left + 999999) / 1000000; /* rounded up: never before the deadline */
         }
     }
     PyMem_Free(evs);
