@@ -38,8 +38,8 @@ owner leaves, and whose ``get_events`` asks for a batch the size of the owner's 
 (trio sizes it by its own waits); or whose wait is the owner's, which delivers as it
 waits (the compiled delivery's: events taken packed, not a tuple each, and served
 without trio's loop coming round when no Python had to run). :func:`unshare_epoll`
-gives the class back. Where
-trio's I/O manager is not trio 0.35's ``EpollIOManager``, nothing is shared.
+gives the class back. Where trio's I/O manager is not trio 0.35's ``EpollIOManager``,
+nothing is shared.
 """
 
 from __future__ import annotations
